@@ -1,0 +1,103 @@
+"""``orch``: arguments in, calls out. No logic lives here.
+
+Script arguments: everything after ``--`` goes to the script, and so do
+arguments after the script path that ``orch`` does not know. So both
+``orch run train.py -n 2 -- --lr 3e-4`` and ``orch run -n 2 train.py --lr 3e-4``
+work the way a user means them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, never a traceback
+        self.exit(EXIT_USAGE, f"orch: error: {message} (see 'orch {self.prog.split()[-1]} --help')\n")
+
+
+def _run_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="start a script on every rank and supervise it", description="Start SCRIPT on every rank.")
+    p.add_argument("script", help="the Python file every rank runs")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-n", "--nproc", dest="n", type=int, help="number of local ranks (no hostfile)")
+    where.add_argument("--hostfile", help="JSON hostfile (mlx.launch's format or {\"hosts\": [...]})")
+    p.add_argument("--backend", choices=["ring", "mpi"], help="communication backend (default: hostfile's, else ring)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable on every rank")
+    p.add_argument("--cwd", help="working directory of every rank")
+    p.add_argument("--python", help="python interpreter for the ranks (default: this one, or the hostfile's)")
+    p.add_argument("--run-dir", help="where logs, events, checkpoints and summary.json go (default: runs/<time>-<script>)")
+    p.add_argument("--init-timeout", type=float, default=60.0, help="seconds for all ranks to join once one calls init (default 60)")
+    p.add_argument("--grace", type=float, default=1.0, help="seconds between SIGTERM and SIGKILL when stopping ranks (default 1)")
+    p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
+    p.add_argument("--starting-port", type=int, help="first ring port (default: a free random range)")
+    p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orch", description="Launch and supervise distributed MLX training.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _run_parser(sub)
+    return parser
+
+
+def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    from orchestrator.job import RunRequest, run_job
+
+    req = RunRequest(
+        script=args.script,
+        script_args=script_args,
+        n=args.n,
+        hostfile=args.hostfile,
+        backend=args.backend,
+        env=args.env,
+        cwd=args.cwd,
+        python=args.python,
+        run_dir=args.run_dir,
+        init_timeout=args.init_timeout,
+        grace=args.grace,
+        connections_per_ip=args.connections_per_ip,
+        starting_port=args.starting_port,
+        echo=not args.quiet,
+    )
+    return run_job(req).exit_code
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, after = _split_script_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(own)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if unknown and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    from orchestrator.hostfile import ConfigError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args, unknown + after)
+    except ConfigError as e:
+        sys.stderr.write(f"orch: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

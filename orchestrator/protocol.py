@@ -1,0 +1,159 @@
+"""The one contract between the controller and the rank runtime.
+
+A rank talks to its controller with *event lines* on its own stdout::
+
+    \\x1eORCH {"kind": "step", "rank": 0, "t": 1732240000.1, "step": 12, "loss": 0.25}\\n
+
+* The line starts with ``MARKER`` (ASCII record separator + ``ORCH ``) so it can
+  never be confused with user output, and the controller strips it from what
+  the user sees and from ``logs/rank-<r>.log``.
+* The payload is one JSON object on one line with at least ``kind``, ``rank``
+  and ``t`` (UNIX time at the rank). The other fields per kind are the
+  ``TypedDict`` s below.
+* Stdout is the only channel that exists on every transport we use (a local
+  pipe, an SSH channel, mpirun's forwarded output), so the same framing works
+  everywhere. If user output without a trailing newline precedes an event, the
+  controller splits the line at the marker.
+
+The controller sends *control lines* the other way, on the rank guard's stdin
+(see ``runtime/guard.py``): ``go`` opens the start gate of a rank that waits
+for its ring neighbours to listen; end of file means "stop now".
+
+Why TypedDicts and not pydantic models here: this module is imported by every
+rank at start-up, and defining pydantic models costs ~0.2 s of import time per
+process. The controller validates these same shapes with pydantic's
+``TypeAdapter`` (``orchestrator/events.py``), so there is still one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal, Optional, Union
+
+try:  # pydantic validates TypedDicts from typing_extensions on Python < 3.12
+    from typing_extensions import TypedDict
+except ImportError:  # pragma: no cover - a rank without typing_extensions still emits fine
+    from typing import TypedDict
+
+MARKER = "\x1eORCH "
+PROTOCOL_VERSION = 1
+
+# Control lines (controller -> guard stdin)
+CONTROL_GO = "go"
+
+
+class _Base(TypedDict):
+    rank: int
+    t: float
+
+
+class SpawnedEvent(_Base):
+    """The guard started the rank process (its pid is the trainer's pid)."""
+
+    kind: Literal["spawned"]
+    pid: int
+    host: str
+
+
+class InitStartEvent(_Base):
+    """The rank called ``mx.distributed.init``."""
+
+    kind: Literal["init_start"]
+    backend: str
+
+
+class ListeningEvent(_Base):
+    """The rank's ring socket is bound and listening (used to open start gates)."""
+
+    kind: Literal["listening"]
+    address: str
+
+
+class ReadyEvent(_Base):
+    """``mx.distributed.init`` returned: the rank is part of the group."""
+
+    kind: Literal["ready"]
+    size: int
+    init_s: float
+
+
+class StepEvent(_Base):
+    kind: Literal["step"]
+    step: int
+    epoch: int
+    loss: float
+    samples_per_s: float
+    tokens_per_s: Optional[float]
+    step_time_s: float
+    total_steps: Optional[int]
+
+
+class MemoryEvent(_Base):
+    kind: Literal["memory"]
+    step: int
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    mlx_cache_bytes: int
+    rss_bytes: int
+    system_available_bytes: int
+    metal_memory_size: Optional[int]
+    metal_max_recommended_working_set_size: Optional[int]
+
+
+class CheckpointEvent(_Base):
+    kind: Literal["checkpoint"]
+    step: int
+    path: str
+
+
+class MetricEvent(_Base):
+    """Free-form scalar metrics a recipe reports (accuracy, perplexity...)."""
+
+    kind: Literal["metric"]
+    step: int
+    values: dict
+
+
+class FinishedEvent(_Base):
+    kind: Literal["finished"]
+    step: int
+
+
+Event = Union[
+    SpawnedEvent,
+    InitStartEvent,
+    ListeningEvent,
+    ReadyEvent,
+    StepEvent,
+    MemoryEvent,
+    CheckpointEvent,
+    MetricEvent,
+    FinishedEvent,
+]
+
+
+def encode(kind: str, rank: int, **fields) -> str:
+    """One event as a complete line (with the newline), ready to write."""
+    payload = {"kind": kind, "rank": rank, "t": time.time(), **fields}
+    return MARKER + json.dumps(payload, separators=(",", ":")) + "\n"
+
+
+def split_line(line: str) -> tuple[str | None, dict | None]:
+    """Split one output line into (user text, event payload).
+
+    Either part may be None. A malformed payload is returned as user text so
+    nothing a rank printed is ever silently dropped.
+    """
+    idx = line.find(MARKER)
+    if idx < 0:
+        return line, None
+    text = line[:idx] or None
+    raw = line[idx + len(MARKER):].strip()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return line, None
+    if not isinstance(payload, dict) or "kind" not in payload:
+        return line, None
+    return text, payload

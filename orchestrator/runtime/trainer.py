@@ -1,0 +1,377 @@
+"""The training loop every rank runs: ``run(Recipe(...))``.
+
+A recipe says *what* to train (model, optimizer, loss, data, hyper-parameters);
+this module does the rest the same way for every recipe:
+
+* joins the distributed group (``mx.distributed.init``) and checks it has the
+  size the launcher planned, so a misconfigured ring fails loudly instead of
+  training N independent copies;
+* seeds everything from ``--seed`` so all ranks build identical models, and
+  reseeds MLX's generator from ``(seed, step, rank)`` before every step: MLX
+  cannot save/restore its random state, so this is what makes a resumed run
+  bit-identical to an uninterrupted one;
+* shards data by rank (``data.ShardedSampler``), so N ranks x batch b == 1
+  rank x batch N*b;
+* per step: ``nn.value_and_grad`` (over ``--grad-accum`` micro-batches),
+  ``nn.average_gradients``, optimizer update, then exactly one ``mx.eval`` for
+  parameters, optimizer state and the loss averaged over ranks;
+* writes atomic checkpoints (rank 0), samples memory, emits protocol events
+  and prints a short progress line (rank 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from orchestrator.runtime import checkpoint as ckpt
+from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
+from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
+from orchestrator.runtime.events import emit
+from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
+
+BACKEND_ENV = "ORCH_BACKEND"
+
+
+@dataclass
+class Recipe:
+    """What to train. Only ``build``, ``loss`` and ``data`` are required.
+
+    * ``build(hp) -> (model, optimizer)``; use :func:`optimizer_from` to honour ``--optimizer``/``--lr``.
+    * ``loss(model, *batch) -> scalar``: the *mean* loss over the batch (``batch`` is what ``data`` yields per sample).
+    * ``data(hp) -> (X, Y, ...)`` arrays sharing their first dimension, or any object with
+      ``__len__`` and ``__getitem__(index_array) -> tuple of arrays`` (see ``data.Dataset``).
+    * ``hparams``: a :class:`Hparams` subclass; its fields are the command-line flags.
+    * ``evaluate(model, hp) -> {name: float}``: optional, run on rank 0 at the end (and every ``--eval-every``).
+    * ``tokens_per_sample``: an int or ``hp -> int`` if samples are token sequences (enables tokens/s).
+    """
+
+    build: Callable[[Any], tuple[nn.Module, optim.Optimizer]]
+    loss: Callable[..., mx.array]
+    data: Callable[[Any], Any]
+    hparams: type[Hparams] = Hparams
+    evaluate: Optional[Callable[[nn.Module, Any], dict]] = None
+    tokens_per_sample: Union[int, Callable[[Any], int], None] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class RunResult:
+    step: int
+    loss: Optional[float]
+    metrics: dict = field(default_factory=dict)
+    checkpoint: Optional[Path] = None
+
+
+def optimizer_from(hp: Hparams) -> optim.Optimizer:
+    """The optimizer named by ``--optimizer`` with learning rate ``--lr``."""
+    name = hp.optimizer.lower()
+    if name == "sgd":
+        return optim.SGD(learning_rate=hp.lr)
+    if name == "adam":
+        return optim.Adam(learning_rate=hp.lr)
+    if name == "adamw":
+        return optim.AdamW(learning_rate=hp.lr)
+    raise SystemExit(f"unknown --optimizer {hp.optimizer!r} (sgd, adam, adamw)")
+
+
+# ----------------------------------------------------------------------------- distributed group
+
+
+def _expected_world_size() -> Optional[int]:
+    """The size the launcher planned, from the ring hostfile or the MPI environment."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile:
+        try:
+            with open(hostfile) as fh:
+                return len(json.load(fh))
+        except (OSError, ValueError, TypeError):
+            return None
+    return None
+
+
+def init_group() -> mx.distributed.Group:
+    """``mx.distributed.init`` with the backend the launcher chose (``$ORCH_BACKEND``, default any).
+
+    Without any launcher environment this is a group of size 1.
+    """
+    backend = os.environ.get(BACKEND_ENV) or "any"
+    expected = _expected_world_size()
+    emit("init_start", backend=backend)
+    started = time.perf_counter()
+    group = mx.distributed.init(strict=backend != "any" and (expected or 1) > 1, backend=backend)
+    if expected is not None and group.size() != expected:
+        raise RuntimeError(
+            f"distributed group has {group.size()} rank(s) but the launcher planned {expected} "
+            f"(backend {backend!r}); MLX fell back to a singleton group: check MLX_HOSTFILE / the MPI setup"
+        )
+    emit("ready", size=group.size(), init_s=round(time.perf_counter() - started, 4))
+    return group
+
+
+def broadcast_from_rank0(arrays: list[mx.array], group: mx.distributed.Group) -> list[mx.array]:
+    """Every rank gets rank 0's values: an ``all_sum`` where the other ranks contribute zeros.
+
+    ``x + 0 + ... + 0 == x`` exactly, so this is bit-exact (up to the sign of zero).
+    """
+    if group.size() == 1:
+        return arrays
+    if group.rank() != 0:
+        arrays = [mx.zeros_like(a) for a in arrays]
+    out = [mx.distributed.all_sum(a, group=group) for a in arrays]
+    mx.eval(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 32-bit seed for MLX's generator at ``step`` on ``rank`` (stable across runs and resumes)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _tokens_per_sample(recipe: Recipe, hp: Hparams) -> Optional[int]:
+    tps = recipe.tokens_per_sample
+    return tps(hp) if callable(tps) else tps
+
+
+def _default_log_every(steps: int) -> int:
+    return max(1, steps // 10)
+
+
+class _Say:
+    """Human progress lines, printed by rank 0 only."""
+
+    def __init__(self, rank: int, name: str) -> None:
+        self.enabled = rank == 0
+        self.name = name
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[{self.name}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One rank's training state and loop. ``run()`` is the usual entry point."""
+
+    def __init__(self, recipe: Recipe, hp: Hparams, group: mx.distributed.Group, name: str) -> None:
+        self.recipe, self.hp, self.group = recipe, hp, group
+        self.rank, self.world = group.rank(), group.size()
+        self.say = _Say(self.rank, name)
+        self.ckpt_root = ckpt.checkpoints_dir()
+
+        mx.random.seed(hp.seed)
+        np.random.seed(hp.seed % 2**32)
+        self.model, self.optimizer = recipe.build(hp)
+        self.dataset = as_dataset(recipe.data(hp))
+        self.loss_and_grad = nn.value_and_grad(self.model, recipe.loss)
+
+        self.step = 0
+        self.position = DataPosition()  # handed to the sampler, which advances it
+        self.resumed_from: Optional[Path] = None
+        if hp.resume is not None and self.rank == 0:
+            self._load_resume_checkpoint()
+        # Adam & co. create their state lazily; make it exist now so it can be broadcast.
+        self.optimizer.init(self.model.trainable_parameters())
+        self._sync_from_rank0()
+
+        self.sampler = ShardedSampler(
+            len(self.dataset), rank=self.rank, world=self.world, batch_size=hp.batch_size,
+            grad_accum=hp.grad_accum, seed=hp.seed, position=self.position,
+        )
+        self.throughput = Throughput(self.sampler.samples_per_step, _tokens_per_sample(recipe, hp))
+        self.memory = MemorySampler()
+        self.last_checkpoint: Optional[Path] = None
+        # A resumed run must not rewrite the checkpoint it started from.
+        self.last_checkpoint_step = self.step if self.step > 0 else -1
+        self.metrics: dict = {}
+        if self.rank == 0:
+            ckpt.clean_stale(self.ckpt_root)
+
+    # -- resume -------------------------------------------------------------
+
+    def _load_resume_checkpoint(self) -> None:
+        candidates = ckpt.resolve_resume(self.hp.resume)
+        if not candidates:
+            self.say(f"--resume: no checkpoint in {self.ckpt_root}; starting from scratch")
+            return
+        errors = []
+        for cand in candidates:
+            try:
+                model_arrays, opt_arrays = ckpt.load(cand)
+                self.model.load_weights(list(model_arrays.items()), strict=True)
+                self.optimizer.state = tree_unflatten(list(opt_arrays.items()))
+            except (ckpt.CheckpointError, ValueError) as e:
+                errors.append(str(e))
+                continue
+            state = cand.state
+            self.step = int(state["step"])
+            self.position = DataPosition(epoch=int(state["epoch"]), offset=int(state["offset"]))
+            self.resumed_from = cand.path
+            self.say(f"resumed from {cand.path} (step {self.step})" + (f"; skipped: {errors}" if errors else ""))
+            return
+        raise ckpt.CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+
+    def _sync_from_rank0(self) -> None:
+        """Make every rank start from rank 0's weights, optimizer state and data position.
+
+        Only rank 0 reads checkpoints (it is the only one guaranteed to have them
+        when ranks live on different hosts), and this also guards against ranks
+        whose initial weights differ (e.g. different MLX versions).
+        """
+        if self.world == 1:
+            return
+        params = tree_flatten(self.model.parameters())
+        opt_state = tree_flatten(self.optimizer.state)
+        counters = mx.array([self.step, self.position.epoch, self.position.offset], dtype=mx.int64)
+        synced = broadcast_from_rank0([a for _, a in params] + [a for _, a in opt_state] + [counters], self.group)
+        n_params = len(params)
+        self.model.update(tree_unflatten([(k, a) for (k, _), a in zip(params, synced[:n_params])]))
+        self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced[n_params:-1])])
+        step, epoch, offset = (int(v) for v in synced[-1].tolist())
+        self.step, self.position = step, DataPosition(epoch=epoch, offset=offset)
+
+    # -- one step -----------------------------------------------------------
+
+    def _batch(self, indices: np.ndarray) -> list[mx.array]:
+        return [mx.array(a) for a in self.dataset[indices]]
+
+    def train_step(self) -> tuple[mx.array, int]:
+        """One optimizer step; returns (loss averaged over ranks and micro-batches, epoch)."""
+        epoch, micro_batches = self.sampler.next_step()
+        mx.random.seed(step_seed(self.hp.seed, self.step, self.rank))
+
+        k = len(micro_batches)
+        loss_sum, grad_sum = None, None
+        for j, indices in enumerate(micro_batches):
+            loss, grads = self.loss_and_grad(self.model, *self._batch(indices))
+            if grad_sum is None:
+                loss_sum, grad_sum = loss, grads
+            else:
+                loss_sum = loss_sum + loss
+                grad_sum = tree_map(mx.add, grad_sum, grads)
+            if j < k - 1:
+                # Bound memory to one micro-batch's graph: the point of accumulating.
+                mx.eval(loss_sum, grad_sum)
+        if k > 1:
+            grad_sum = tree_map(lambda g: g / k, grad_sum)
+            loss_sum = loss_sum / k
+        grads = nn.average_gradients(grad_sum)  # identity for a group of size 1
+        self.optimizer.update(self.model, grads)
+        loss = loss_sum
+        if self.world > 1:
+            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
+        mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        self.step += 1
+        return loss, epoch
+
+    # -- side work ----------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        if self.step == self.last_checkpoint_step:
+            return
+        self.last_checkpoint_step = self.step
+        if self.rank != 0:
+            return
+        started = time.perf_counter()
+        meta = {
+            "epoch": self.position.epoch,
+            "offset": self.position.offset,
+            "seed": self.hp.seed,
+            "world_size": self.world,
+            "recipe": self.say.name,
+            "hparams": to_dict(self.hp),
+        }
+        path = ckpt.save(
+            self.ckpt_root, self.step,
+            dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state)),
+            meta, keep=self.hp.keep_checkpoints,
+        )
+        self.last_checkpoint = path
+        emit("checkpoint", step=self.step, path=str(path))
+        self.say(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - started:.2f} s)")
+
+    def sample_memory(self) -> dict:
+        sample = self.memory.sample(self.step)
+        emit("memory", **sample)
+        return sample
+
+    def evaluate(self) -> None:
+        if self.recipe.evaluate is None or self.rank != 0:
+            return
+        values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
+        self.metrics = values
+        emit("metric", step=self.step, values=values)
+        self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    # -- the loop -----------------------------------------------------------
+
+    def fit(self) -> RunResult:
+        hp = self.hp
+        log_every = hp.log_every or _default_log_every(hp.steps)
+        self.say(
+            f"{self.world} rank(s), batch {hp.batch_size}/rank x {hp.grad_accum} accum = "
+            f"{self.sampler.samples_per_step} samples/step, {len(self.dataset)} samples, "
+            f"steps {self.step}->{hp.steps}"
+        )
+        last_loss: Optional[float] = None
+        first_step = self.step + 1
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < hp.steps:
+            started = time.perf_counter()
+            loss, epoch = self.train_step()
+            step_time = time.perf_counter() - started
+            last_loss = loss.item()
+            samples_per_s, tokens_per_s = self.throughput.rates(step_time)
+            emit("step", step=self.step, epoch=epoch, loss=last_loss, samples_per_s=samples_per_s,
+                 tokens_per_s=tokens_per_s, step_time_s=step_time, total_steps=hp.steps)
+            window_steps += 1
+            if self.step % log_every == 0 or self.step in (first_step, hp.steps):
+                elapsed = time.perf_counter() - window_start
+                rate, tok_rate = self.throughput.rates(elapsed / window_steps)
+                tokens = f" | {tok_rate:,.0f} tok/s" if tok_rate else ""
+                self.say(f"step {self.step}/{hp.steps} | epoch {epoch} | loss {last_loss:.4f} | "
+                         f"{rate:,.0f} samples/s{tokens} | {1000 * elapsed / window_steps:.1f} ms/step")
+                window_start, window_steps = time.perf_counter(), 0
+            if hp.stats_every and self.step % hp.stats_every == 0:
+                self.sample_memory()
+            if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
+                self.save_checkpoint()
+            if hp.eval_every and self.step % hp.eval_every == 0 and self.step < hp.steps:
+                self.evaluate()
+
+        self.save_checkpoint()
+        self.evaluate()
+        mem = self.sample_memory()
+        self.say(f"done at step {self.step}; peak MLX memory {format_bytes(mem['mlx_peak_bytes'])}, "
+                 f"RSS {format_bytes(mem['rss_bytes'])}")
+        emit("finished", step=self.step)
+        return RunResult(step=self.step, loss=last_loss, metrics=self.metrics, checkpoint=self.last_checkpoint)
+
+
+def run(recipe: Recipe, argv: Optional[list[str]] = None) -> RunResult:
+    """Parse hyper-parameters from ``argv`` (default ``sys.argv``), join the group, train."""
+    name = recipe.name or Path(sys.argv[0]).stem or "recipe"
+    hp = parse_hparams(recipe.hparams, argv, prog=name)
+    group = init_group()
+    return Trainer(recipe, hp, group, name).fit()

@@ -1,0 +1,351 @@
+"""The run loop: start every rank, route output and events, end the job well.
+
+Shaped after torch elastic's agent (start, monitor, stop; failures are typed
+results with a root cause) and horovod's runner (``[rank]`` prefixes; terminate
+gracefully, then kill). Everything is asyncio: one reader task per output
+stream, one waiter per rank, and a main loop that sleeps on a single event
+until something changes — the controller uses no CPU while ranks train.
+
+Policy, in one place:
+
+* the first rank to exit non-zero (or by a signal) is the root cause: every
+  other rank is stopped (the guard sends SIGTERM to its process group and
+  SIGKILL after the grace period) and ``orch`` exits with that rank's code;
+* SIGINT / SIGTERM to ``orch`` stop every rank the same way (exit 130 / 143);
+* once any rank calls ``mx.distributed.init``, all must be ready within
+  ``init_timeout`` or the run fails naming the ranks that never joined;
+* the rank that connects first waits at its gate until all others listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable, Optional
+
+from orchestrator import events as event_validation
+from orchestrator import protocol
+from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+from orchestrator.plan import JobPlan
+from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
+
+TAIL_LINES = 15
+
+
+@dataclass
+class SupervisorOptions:
+    init_timeout: float = 60.0
+    stop_timeout: float = 3.0
+    echo: bool = True
+    handle_signals: bool = True
+
+
+@dataclass
+class RankState:
+    spec: RankSpec
+    gated: bool = False
+    handle: Optional[RankHandle] = None
+    pid: Optional[int] = None
+    status: Optional[ExitStatus] = None
+    init_started: bool = False
+    listening: bool = False
+    ready: bool = False
+    steps: Optional[int] = None
+    total_steps: Optional[int] = None
+    last_loss: Optional[float] = None
+    samples_per_s: Optional[float] = None
+    memory: Optional[MemorySummary] = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+
+@dataclass
+class Failure:
+    rank: Optional[int]
+    exit_code: int
+    reason: str
+
+
+class Supervisor:
+    def __init__(
+        self,
+        plan: JobPlan,
+        specs: list[RankSpec],
+        launcher: Launcher,
+        rundir: RunDir,
+        script: str,
+        options: Optional[SupervisorOptions] = None,
+        out: IO[str] = sys.stdout,
+        err: IO[str] = sys.stderr,
+        on_event: Optional[Callable[[RankState, dict], None]] = None,
+    ):
+        self.plan = plan
+        self.launcher = launcher
+        self.rundir = rundir
+        self.script = script
+        self.opts = options or SupervisorOptions()
+        self.out = out
+        self.err = err
+        self.on_event = on_event
+        self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated) for s in specs]
+        self.metrics: dict = {}
+        self.failure: Optional[Failure] = None
+        self.interrupted: Optional[int] = None
+        self.init_deadline: Optional[float] = None
+        self._wake = asyncio.Event()
+        self._gate_open = False
+
+    # ---- the run -------------------------------------------------------
+    async def run(self) -> RunSummary:
+        t0 = time.monotonic()
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        loop = asyncio.get_running_loop()
+        if self.opts.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._interrupt, sig)
+        tasks: list[asyncio.Task] = []
+        try:
+            await self._start_all(tasks)
+            await self._monitor()
+        finally:
+            await self._stop_all()
+            await self._drain(tasks)
+            await self.launcher.aclose()
+            if self.opts.handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        summary = self._summary(time.monotonic() - t0, started_at)
+        self.rundir.write_summary(summary)
+        self.rundir.close()
+        self._report(summary)
+        return summary
+
+    def _interrupt(self, sig: int) -> None:
+        if self.interrupted is None:
+            self.interrupted = sig
+            self.err.write(f"\norch: {signal.Signals(sig).name} received; stopping all ranks\n")
+        self._wake.set()
+
+    async def _start_all(self, tasks: list[asyncio.Task]) -> None:
+        async def start(state: RankState) -> None:
+            try:
+                state.handle = await self.launcher.start(state.spec)
+            except Exception as e:  # a launcher error is a run failure, reported once
+                state.status = ExitStatus(code=127, signal=None)
+                state.exited.set()
+                self._fail(state.rank, 127, f"could not start rank {state.rank} on {state.spec.host}: {e}")
+                return
+            tasks.append(asyncio.create_task(self._pump(state, state.handle.stdout, self.out)))
+            tasks.append(asyncio.create_task(self._pump(state, state.handle.stderr, self.err)))
+            tasks.append(asyncio.create_task(self._watch(state)))
+
+        await asyncio.gather(*(start(s) for s in self.states))
+
+    async def _monitor(self) -> None:
+        while True:
+            if self.failure or self.interrupted or all(s.exited.is_set() for s in self.states):
+                return
+            timeout = None
+            if self.init_deadline is not None and not all(s.ready or s.exited.is_set() for s in self.states):
+                timeout = max(0.0, self.init_deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                self._init_timed_out()
+            self._wake.clear()
+
+    def _init_timed_out(self) -> None:
+        waiting = [s for s in self.states if not s.ready and not s.exited.is_set()]
+        if not waiting:
+            return
+        names = ", ".join(f"{s.rank} ({s.spec.host}{', never called init' if not s.init_started else ''})" for s in waiting)
+        listens = "; ".join(f"rank {s.rank} listens on {','.join(self.plan.ranks[s.rank].listen)}" for s in waiting if self.plan.ranks[s.rank].listen)
+        self._fail(
+            waiting[0].rank,
+            1,
+            f"ranks never became ready within --init-timeout {self.opts.init_timeout:g}s: {names}"
+            + (f". Check that each address is reachable from the previous rank: {listens}" if listens else ""),
+        )
+
+    def _fail(self, rank: Optional[int], code: int, reason: str) -> None:
+        if self.failure is None and self.interrupted is None:
+            self.failure = Failure(rank=rank, exit_code=code, reason=reason)
+        self._wake.set()
+
+    async def _watch(self, state: RankState) -> None:
+        status = await state.handle.wait()
+        state.status = status
+        state.exited.set()
+        if not status.ok:
+            how = f"was killed by {signal.Signals(status.signal).name}" if status.signal else f"exited with code {status.code}"
+            self._fail(state.rank, status.shell_code, f"rank {state.rank} ({state.spec.host}) {how}")
+        self._maybe_open_gate()
+        self._wake.set()
+
+    async def _stop_all(self) -> None:
+        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
+        if not running:
+            return
+        for s in running:
+            s.handle.stop()
+        waits = [asyncio.create_task(s.exited.wait()) for s in running]
+        done, pending = await asyncio.wait(waits, timeout=self.opts.stop_timeout)
+        if pending:
+            for s in running:
+                if not s.exited.is_set():
+                    s.handle.kill()
+            await asyncio.wait(pending, timeout=2.0)
+        for t in waits:
+            t.cancel()
+
+    async def _drain(self, tasks: list[asyncio.Task]) -> None:
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=2.0)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    # ---- output and events ---------------------------------------------
+    async def _pump(self, state: RankState, stream, echo_to: IO[str]) -> None:
+        log = self.rundir.log(state.rank)
+        prefix = f"[{state.rank}] "
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the reader's limit
+                raw = await stream.read(1 << 20)
+            except (ConnectionError, OSError):
+                return
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            text, payload = protocol.split_line(line)
+            if payload is not None:
+                try:
+                    self._on_event(state, payload)
+                except Exception as e:  # a bad event must never stop the output of a rank
+                    self.err.write(f"orch: ignoring an event from rank {state.rank} that could not be handled: {e!r}\n")
+            if text is None:
+                continue
+            if not text.endswith("\n"):
+                text += "\n"
+            log.write(text)
+            state.tail.append(text.rstrip("\n"))
+            if self.opts.echo:
+                echo_to.write(prefix + text)
+                echo_to.flush()
+
+    def _on_event(self, state: RankState, payload: dict) -> None:
+        payload = {**payload, "recv_t": time.time(), "from_rank": state.rank}
+        if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank")}) is None:
+            payload["kind"] = f"unknown:{payload.get('kind')}"
+            self.rundir.event(payload)
+            return
+        self.rundir.event(payload)
+        kind = payload["kind"]
+        if kind == "spawned":
+            state.pid = payload["pid"]
+            if state.handle is not None:
+                state.handle.rank_pid = payload["pid"]
+        elif kind == "init_start":
+            state.init_started = True
+            if self.init_deadline is None:
+                self.init_deadline = time.monotonic() + self.opts.init_timeout
+                self._wake.set()
+        elif kind == "listening":
+            state.listening = True
+            self._maybe_open_gate()
+        elif kind == "ready":
+            state.ready = True
+            self._wake.set()
+        elif kind == "step":
+            state.steps = payload["step"]
+            state.total_steps = payload.get("total_steps")
+            state.last_loss = payload["loss"]
+            state.samples_per_s = payload["samples_per_s"]
+        elif kind == "memory":
+            m = state.memory or MemorySummary()
+            m.mlx_peak_bytes = max(m.mlx_peak_bytes, payload["mlx_peak_bytes"])
+            m.mlx_active_bytes = payload["mlx_active_bytes"]
+            m.mlx_cache_bytes = payload["mlx_cache_bytes"]
+            m.rss_peak_bytes = max(m.rss_peak_bytes, payload["rss_bytes"])
+            avail = payload["system_available_bytes"]
+            m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
+            m.metal_max_recommended_working_set_size = payload.get("metal_max_recommended_working_set_size")
+            state.memory = m
+        elif kind == "metric":
+            self.metrics.update(payload.get("values", {}))
+        if self.on_event is not None:
+            self.on_event(state, payload)
+
+    def _maybe_open_gate(self) -> None:
+        if self._gate_open:
+            return
+        gated = [s for s in self.states if s.gated]
+        if not gated:
+            return
+        if all(s.listening or s.exited.is_set() for s in self.states if not s.gated):
+            self._gate_open = True
+            for s in gated:
+                if s.handle is not None and not s.exited.is_set():
+                    s.handle.send(protocol.CONTROL_GO)
+
+    # ---- the end ---------------------------------------------------------
+    def _summary(self, duration: float, started_at: str) -> RunSummary:
+        if self.interrupted is not None:
+            status, code = "interrupted", 128 + self.interrupted
+        elif self.failure is not None:
+            status, code = "failed", self.failure.exit_code
+        else:
+            status, code = "succeeded", 0
+        ranks = [
+            RankSummary(
+                rank=s.rank,
+                host=s.spec.host,
+                pid=s.pid,
+                exit_code=s.status.code if s.status else None,
+                signal=s.status.signal if s.status else None,
+                steps=s.steps,
+                last_loss=s.last_loss,
+                samples_per_s=s.samples_per_s,
+                memory=s.memory,
+            )
+            for s in self.states
+        ]
+        return RunSummary(
+            status=status,
+            exit_code=code,
+            failed_rank=self.failure.rank if self.failure and status == "failed" else None,
+            reason=self.failure.reason if self.failure and status == "failed" else None,
+            duration_s=round(duration, 3),
+            started_at=started_at,
+            script=self.script,
+            backend=self.plan.backend,
+            world_size=self.plan.world_size,
+            run_dir=str(self.rundir.path),
+            ranks=ranks,
+            metrics=self.metrics,
+        )
+
+    def _report(self, summary: RunSummary) -> None:
+        if summary.status == "failed" and self.failure is not None:
+            self.err.write(f"orch: run failed: {self.failure.reason}\n")
+            if self.failure.rank is not None:
+                tail = list(self.states[self.failure.rank].tail)
+                if tail:
+                    self.err.write(f"orch: last lines of rank {self.failure.rank}:\n")
+                    for line in tail:
+                        self.err.write(f"    {line}\n")
+        elif summary.status == "interrupted":
+            self.err.write("orch: run interrupted; all ranks stopped\n")
+        self.err.write(f"orch: {summary.status} in {summary.duration_s:.2f}s; run directory {summary.run_dir}\n")
+        self.err.flush()
