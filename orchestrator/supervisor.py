@@ -34,6 +34,17 @@ from orchestrator.plan import JobPlan
 from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
 
 TAIL_LINES = 15
+# How long to keep collecting rank exits after the first failure before naming
+# the root cause: when one rank dies its ring neighbours fail within
+# milliseconds ("connection to a peer was lost"), and asyncio may report theirs first.
+SETTLE_S = 0.3
+# Output that marks a rank as a casualty of another rank's failure, not the cause.
+SECONDARY_MARKERS = (
+    "connection to a peer was lost",
+    "was closed by the peer",
+    "Too many send/recv errors",
+    "Connection reset by peer",
+)
 
 
 @dataclass
@@ -61,6 +72,12 @@ class RankState:
     memory: Optional[MemorySummary] = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_t: Optional[float] = None
+
+    @property
+    def secondary(self) -> bool:
+        """Its output says it failed because a peer went away."""
+        return any(m in line for line in self.tail for m in SECONDARY_MARKERS)
 
     @property
     def rank(self) -> int:
@@ -102,6 +119,8 @@ class Supervisor:
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
         self._gate_open = False
+        self._failed: list[RankState] = []
+        self._settle_deadline: Optional[float] = None
 
     # ---- the run -------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -151,16 +170,34 @@ class Supervisor:
 
     async def _monitor(self) -> None:
         while True:
-            if self.failure or self.interrupted or all(s.exited.is_set() for s in self.states):
+            all_exited = all(s.exited.is_set() for s in self.states)
+            if self._failed and self.failure is None:
+                if self._settle_deadline is None:
+                    self._settle_deadline = time.monotonic() + SETTLE_S
+                if all_exited or time.monotonic() >= self._settle_deadline:
+                    self._name_root_cause()
+            if self.failure or self.interrupted or all_exited:
                 return
-            timeout = None
+            deadlines = [d for d in (self._settle_deadline,) if d is not None]
             if self.init_deadline is not None and not all(s.ready or s.exited.is_set() for s in self.states):
-                timeout = max(0.0, self.init_deadline - time.monotonic())
+                deadlines.append(self.init_deadline)
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
-                self._init_timed_out()
+                if self.init_deadline is not None and time.monotonic() >= self.init_deadline:
+                    self._init_timed_out()
             self._wake.clear()
+
+    def _name_root_cause(self) -> None:
+        """The first failed rank that did not merely lose a peer; else the first failed rank."""
+        primary = [s for s in self._failed if not s.secondary] or self._failed
+        root = min(primary, key=lambda s: s.exit_t or 0.0)
+        st = root.status
+        how = f"was killed by {signal.Signals(st.signal).name}" if st.signal else f"exited with code {st.code}"
+        others = [s.rank for s in self._failed if s is not root]
+        note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} lost their peer)" if others else ""
+        self._fail(root.rank, st.shell_code, f"rank {root.rank} ({root.spec.host}) {how}{note}")
 
     def _init_timed_out(self) -> None:
         waiting = [s for s in self.states if not s.ready and not s.exited.is_set()]
@@ -183,10 +220,12 @@ class Supervisor:
     async def _watch(self, state: RankState) -> None:
         status = await state.handle.wait()
         state.status = status
+        state.exit_t = time.monotonic()
+        # Let the output readers finish so the tail (used to tell cause from casualty) is complete.
+        await asyncio.sleep(0)
         state.exited.set()
-        if not status.ok:
-            how = f"was killed by {signal.Signals(status.signal).name}" if status.signal else f"exited with code {status.code}"
-            self._fail(state.rank, status.shell_code, f"rank {state.rank} ({state.spec.host}) {how}")
+        if not status.ok and self.failure is None and self.interrupted is None:
+            self._failed.append(state)
         self._maybe_open_gate()
         self._wake.set()
 

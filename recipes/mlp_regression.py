@@ -19,22 +19,24 @@ class Config(Hparams):
     batch_size: int = 32
     lr: float = 3e-3
     hidden: int = 32
+    dropout: float = 0.0
     samples: int = 4096
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, dropout: float):
         super().__init__()
         self.layers = [nn.Linear(4, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)]
+        self.dropout = nn.Dropout(dropout)
 
     def __call__(self, x):
         for layer in self.layers[:-1]:
-            x = nn.relu(layer(x))
+            x = self.dropout(nn.relu(layer(x)))
         return self.layers[-1](x)
 
 
 def build(hp: Config):
-    return MLP(hp.hidden), optimizer_from(hp)
+    return MLP(hp.hidden, hp.dropout), optimizer_from(hp)
 
 
 def loss_fn(model, x, y):

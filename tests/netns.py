@@ -69,7 +69,6 @@ path (e.g. ``sys.executable``) for Python.  The hosts share the root filesystem 
 from __future__ import annotations
 
 import atexit
-import errno
 import fcntl
 import json
 import os
@@ -80,7 +79,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -96,6 +95,7 @@ RING_IFACE_RIGHT = "ring_r"
 MGMT_IFACE = "mgmt0"
 
 _LIVE: set["NetnsCluster"] = set()
+_STALE_CHECKED = False
 
 
 class NetnsError(RuntimeError):
@@ -402,6 +402,10 @@ class NetnsCluster:
         if self.with_sshd and not os.access(SSHD, os.X_OK):
             raise NetnsError(f"{SSHD} not found: install openssh-server (apt-get install "
                              "openssh-server) to run the netns cluster tests")
+        global _STALE_CHECKED
+        if not _STALE_CHECKED:  # once per process: leftovers of runs that were SIGKILLed
+            _STALE_CHECKED = True
+            cleanup_stale()
         _LIVE.add(self)
         try:
             self._slot = _Slot()

@@ -116,9 +116,8 @@ def test_cluster_comes_up(c4: NetnsCluster) -> None:
         # addresses on the right interfaces
         addrs = c4.exec(h.index, ["ip", "-o", "-4", "addr", "show"]).stdout
         assert f"{c4.hosts[h.index].mgmt_ip}/24" in addrs
-        assert f"ring_l    inet {h.left_ip}/30" in " ".join(addrs.split("\n")) or \
-            any(line.split()[1] == "ring_l" and f"{h.left_ip}/30" in line
-                for line in addrs.splitlines())
+        assert any(line.split()[1] == "ring_l" and f"{h.left_ip}/30" in line
+                   for line in addrs.splitlines())
         assert any(line.split()[1] == "ring_r" and f"{h.right_ip}/30" in line
                    for line in addrs.splitlines())
         # no default route anywhere inside
@@ -364,7 +363,7 @@ def test_owner_killed_with_sigkill_is_cleaned_up_later() -> None:
     left = json.loads(p.stdout)
     assert all(Path(f"/run/netns/{ns}").exists() for ns in left["namespaces"])
     assert not any(_pid_gone(pid) for pid in left["sshd_pids"])  # orphans still running
-    assert cleanup_stale() >= 1
+    cleanup_stale()  # (a parallel run may already have cleaned it: that is fine too)
     assert not any(Path(f"/run/netns/{ns}").exists() for ns in left["namespaces"])
     assert not any(Path(f"/sys/class/net/{d}").exists() for d in left["links"])
     assert not Path(left["tmpdir"]).exists()

@@ -202,9 +202,14 @@ def main(argv: list[str]) -> int:
         _killpg(pgid, signal.SIGKILL)
     if status is not None and status < 0:
         sig = -status
-        signal.signal(sig, signal.SIG_DFL)
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # SIGKILL/SIGSTOP cannot be caught anyway
+            pass
+        signal.set_wakeup_fd(-1)
         sys.stdout.flush()
         os.kill(os.getpid(), sig)
+        time.sleep(1)  # the signal is delivered before this returns
         return 128 + sig
     return status or 0
 

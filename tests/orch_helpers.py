@@ -1,0 +1,99 @@
+"""Helpers for tests that run the real `orch` command: bounded, and they clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "scripts"
+RECIPES = ROOT / "recipes"
+
+
+def orch_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", *args]
+
+
+def start_orch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(orch_argv(*args), cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def run_orch(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = start_orch(*args, cwd=cwd, env=env)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(p.pid)
+        out, err = p.communicate(timeout=10)
+        raise AssertionError(f"orch did not finish in {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process we started and everything below it (by PID, never by name)."""
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    return [r["pid"] for r in summary(run_dir)["ranks"] if r["pid"]]
+
+
+def alive(pids, timeout: float = 0.0) -> list[int]:
+    """The pids still running (zombies count as gone) after waiting up to timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: float = 60) -> list[str]:
+    """Read proc.stdout until `needle` has appeared `count` times (bounded)."""
+    import selectors
+
+    seen: list[str] = []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while sum(needle in l for l in seen) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} x{count} not seen in {timeout}s; got {seen}")
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                raise AssertionError(f"orch exited {proc.returncode} before {needle!r}; got {seen}")
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"orch closed stdout before {needle!r}; got {seen}")
+        seen.append(line)
+    return seen

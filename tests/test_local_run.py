@@ -1,0 +1,140 @@
+"""Real multi-process runs of `orch run` on this machine: results, failures, signals, hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from tests.orch_helpers import RECIPES, SCRIPTS, alive, kill_tree, rank_pids, run_orch, start_orch, summary, wait_for_line
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_rank_allsum_is_correct_and_recorded(tmp_path):
+    rd = tmp_path / "run"
+    r = run_orch("run", str(RECIPES / "allsum_check.py"), "-n", "3", "--run-dir", str(rd), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rank in range(3):
+        assert re.search(rf"^\[{rank}\] rank {rank}/3: all_sum = 6 \(expected 6\) OK$", r.stdout, re.M), r.stdout
+        log = (rd / "logs" / f"rank-{rank}.log").read_text()
+        assert f"rank {rank}/3: all_sum = 6" in log and "\x1e" not in log
+    s = summary(rd)
+    assert s["status"] == "succeeded" and s["exit_code"] == 0 and s["failed_rank"] is None
+    assert [x["rank"] for x in s["ranks"]] == [0, 1, 2]
+    assert all(x["exit_code"] == 0 and x["signal"] is None and x["pid"] for x in s["ranks"])
+    assert s["duration_s"] > 0
+    kinds = [json.loads(l)["kind"] for l in (rd / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("ready") == 3 and kinds.count("spawned") == 3
+    assert not alive(rank_pids(rd), timeout=2)
+
+
+def test_failing_rank_stops_everyone_with_its_exit_code(tmp_path):
+    rd = tmp_path / "run"
+    t0 = time.monotonic()
+    r = run_orch("run", str(SCRIPTS / "fail_one.py"), "-n", "3", "--run-dir", str(rd), cwd=tmp_path,
+                 env={"FAIL_RANK": "1", "FAIL_CODE": "3", "FAIL_AFTER": "0.5", "SPAWN_CHILD": "1"})
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr
+    assert elapsed < 15
+    assert "rank 1 (localhost) exited with code 3" in r.stderr
+    assert "failing on purpose" in r.stderr.split("last lines of rank 1")[1]
+    s = summary(rd)
+    assert s["status"] == "failed" and s["failed_rank"] == 1 and s["exit_code"] == 3
+    children = [int(m) for m in re.findall(r"child (\d+)", r.stdout)]
+    assert len(children) == 3
+    assert not alive(rank_pids(rd) + children, timeout=3), "a rank or its child outlived the run"
+
+
+def test_rank_killed_by_signal_maps_to_128_plus_signal(tmp_path):
+    rd = tmp_path / "run"
+    r = run_orch("run", str(SCRIPTS / "fail_one.py"), "-n", "2", "--run-dir", str(rd), cwd=tmp_path,
+                 env={"FAIL_RANK": "0", "FAIL_SIGNAL": str(int(signal.SIGKILL)), "FAIL_AFTER": "0.2"})
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr
+    s = summary(rd)
+    assert s["ranks"][0]["signal"] == signal.SIGKILL and s["failed_rank"] == 0
+    assert "killed by SIGKILL" in r.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_orch_stops_every_rank(tmp_path, sig, code):
+    rd = tmp_path / "run"
+    p = start_orch("run", str(SCRIPTS / "sleeper.py"), "-n", "3", "--run-dir", str(rd), "--", "120", cwd=tmp_path)
+    try:
+        lines = wait_for_line(p, "sleeping", count=3, timeout=60)
+        pids = [int(m) for m in re.findall(r"pid (\d+) sleeping", "".join(lines))]
+        p.send_signal(sig)
+        p.communicate(timeout=15)
+        assert p.returncode == code
+        assert summary(rd)["status"] == "interrupted"
+        assert not alive(pids, timeout=3), "a rank outlived the controller"
+    finally:
+        kill_tree(p.pid)
+
+
+def test_controller_sigkill_leaves_no_rank(tmp_path):
+    rd = tmp_path / "run"
+    p = start_orch("run", str(SCRIPTS / "sleeper.py"), "-n", "2", "--run-dir", str(rd), "--", "120", cwd=tmp_path)
+    try:
+        lines = wait_for_line(p, "sleeping", count=2, timeout=60)
+        pids = [int(m) for m in re.findall(r"pid (\d+) sleeping", "".join(lines))]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        assert not alive(pids, timeout=5), "ranks survived a SIGKILLed controller"
+    finally:
+        kill_tree(p.pid)
+
+
+def test_single_rank_works(tmp_path):
+    r = run_orch("run", str(RECIPES / "allsum_check.py"), "-n", "1", "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[0] rank 0/1: all_sum = 1 (expected 1) OK" in r.stdout
+
+
+def test_script_that_never_inits_and_exits_zero_is_fine(tmp_path):
+    r = run_orch("run", str(SCRIPTS / "no_init.py"), "-n", "2", "--run-dir", str(tmp_path / "r"),
+                 "--init-timeout", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[0] no init here, rank 0" in r.stdout and "[1] no init here, rank 1" in r.stdout
+
+
+def test_init_timeout_names_the_rank_that_never_joined(tmp_path):
+    rd = tmp_path / "run"
+    t0 = time.monotonic()
+    r = run_orch("run", str(SCRIPTS / "partial_init.py"), "-n", "3", "--run-dir", str(rd),
+                 "--init-timeout", "3", cwd=tmp_path, env={"LATE_RANK": "2"})
+    assert time.monotonic() - t0 < 20
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"never became ready within --init-timeout 3s: .*2 \(localhost, never called init\)", r.stderr), r.stderr
+    assert not alive(rank_pids(rd), timeout=3)
+
+
+def test_env_cwd_args_and_hostfile_envs_reach_ranks(tmp_path):
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"envs": ["FROM_HOSTFILE=hf"], "hosts": [
+        {"ssh": "localhost", "ips": ["127.0.0.1"], "slots": 2, "env": {"FROM_HOST": "h"}}]}))
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_orch("run", str(SCRIPTS / "env_report.py"), "--hostfile", str(hf), "--env", "FROM_CLI=c d",
+                 "--cwd", str(work), "--run-dir", str(tmp_path / "r"), "--", "--lr", "3e-4", "x y", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    reports = {int(m.group(1)): json.loads(m.group(2)) for m in re.finditer(r"^\[(\d)\] REPORT (.*)$", r.stdout, re.M)}
+    assert set(reports) == {0, 1}
+    for rank, rep in reports.items():
+        assert rep["argv"] == ["--lr", "3e-4", "x y"]
+        assert rep["cwd"] == str(work)
+        assert rep["env"]["MLX_RANK"] == str(rank)
+        assert rep["env"]["FROM_CLI"] == "c d" and rep["env"]["FROM_HOSTFILE"] == "hf" and rep["env"]["FROM_HOST"] == "h"
+        assert json.loads(open(rep["env"]["MLX_HOSTFILE"]).read())[rank][0].startswith("127.0.0.1:")
+
+
+def test_default_run_dir_is_under_runs(tmp_path):
+    r = run_orch("run", str(SCRIPTS / "no_init.py"), "-n", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    dirs = list((tmp_path / "runs").iterdir())
+    assert len(dirs) == 1 and dirs[0].name.endswith("-no_init")
+    assert summary(dirs[0])["status"] == "succeeded"

@@ -1,0 +1,85 @@
+"""Ring planning: listen addresses, the Thunderbolt left-neighbour rule, ports, the gate."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from orchestrator.hostfile import ConfigError, load_hostfile, local_hostfile, parse_hostfile
+from orchestrator.plan import choose_ports, plan_job
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_thunderbolt_ring_each_rank_listens_on_link_to_left_neighbour():
+    hf = load_hostfile(ROOT / "hostfiles" / "thunderbolt-ring-4mac.json")
+    plan = plan_job(hf, "ring", starting_port=40000)
+    ips = [r.listen[0].rsplit(":", 1)[0] for r in plan.ranks]
+    # mac0's left neighbour is mac3 (cable .12/30), mac1's is mac0 (.0/30), ...
+    assert ips == ["192.168.0.14", "192.168.0.2", "192.168.0.6", "192.168.0.10"]
+    # and the rule itself: rank i's address shares a /30 with an address of rank i-1's host
+    import ipaddress
+    for r in plan.ranks:
+        left = hf.hosts[(r.host_index - 1) % 4]
+        mine = ipaddress.ip_interface(next(i for i in hf.hosts[r.host_index].ips if i.startswith(ips[r.rank] + "/")))
+        assert any(ipaddress.ip_interface(i).network == mine.network for i in left.ips)
+
+
+def test_reordered_hosts_without_a_shared_link_is_a_clear_error():
+    hf = load_hostfile(ROOT / "hostfiles" / "thunderbolt-ring-4mac.json")
+    hf.hosts[1], hf.hosts[2] = hf.hosts[2], hf.hosts[1]  # mac0 -> mac2 has no cable
+    with pytest.raises(ConfigError, match="left neighbour mac0.local"):
+        plan_job(hf, "ring", starting_port=40000)
+
+
+def test_mlx_hostfile_json_and_connections_per_ip():
+    hf = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]})
+    plan = plan_job(hf, "ring", connections_per_ip=2, starting_port=41000)
+    nodes = json.loads(plan.mlx_hostfile_json())
+    assert [len(n) for n in nodes] == [2, 2]
+    assert all(a.startswith("10.0.0.1:") for a in nodes[0]) and all(a.startswith("10.0.0.2:") for a in nodes[1])
+    ports = [int(a.rsplit(":", 1)[1]) for n in nodes for a in n]
+    assert len(set(ports)) == 4
+
+
+def test_local_slots_get_distinct_free_ports_and_last_rank_is_gated():
+    plan = plan_job(local_hostfile(4), "ring")
+    assert plan.world_size == 4
+    addrs = [r.listen[0] for r in plan.ranks]
+    assert len(set(addrs)) == 4 and all(a.startswith("127.0.0.1:") for a in addrs)
+    assert [r.gated for r in plan.ranks] == [False, False, False, True]
+
+
+def test_single_rank_has_no_ring_and_no_gate():
+    plan = plan_job(local_hostfile(1), "ring")
+    assert plan.ranks[0].listen == [] and not plan.ranks[0].gated
+
+
+def test_choose_ports_skips_a_port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        ports = choose_ports(3, "127.0.0.1", start=busy)
+    assert busy not in ports and len(set(ports)) == 3
+
+
+def test_two_plans_do_not_collide():
+    a = {p for r in plan_job(local_hostfile(8), "ring").ranks for p in r.listen}
+    b = {p for r in plan_job(local_hostfile(8), "ring").ranks for p in r.listen}
+    # random bases: overlapping ranges are possible but identical plans are not expected
+    assert a != b
+
+
+def test_remote_host_without_ips_is_a_config_error():
+    hf = parse_hostfile({"hosts": [{"ssh": "far1"}, {"ssh": "far2"}]})
+    with pytest.raises(ConfigError, match="needs the address this rank listens on"):
+        plan_job(hf, "ring")
+
+
+def test_mpi_plan_has_no_ring_addresses():
+    hf = load_hostfile(ROOT / "hostfiles" / "mpi-cluster.json")
+    plan = plan_job(hf, "mpi")
+    assert plan.world_size == 6 and all(r.listen == [] and not r.gated for r in plan.ranks)
+    assert [r.host for r in plan.ranks] == ["node1", "node1", "node2", "node2", "node3", "node3"]
