@@ -36,6 +36,13 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
     p.add_argument("--starting-port", type=int, help="first ring port (default: a free random range)")
     p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
+    ssh = p.add_argument_group("remote hosts (SSH)")
+    ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
+    ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
+    ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
+    ssh.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them (like OpenSSH's accept-new); changed keys are still refused")
+    ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach each host (default 10)")
+    ssh.add_argument("--stage", action="append", default=[], metavar="PATH", help="also upload PATH to every host (the script's directory always is)")
     return p
 
 
@@ -71,6 +78,12 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         connections_per_ip=args.connections_per_ip,
         starting_port=args.starting_port,
         echo=not args.quiet,
+        ssh_config=args.ssh_config,
+        known_hosts=args.known_hosts,
+        identity=args.identity,
+        ssh_accept_new=args.ssh_accept_new,
+        connect_timeout=args.connect_timeout,
+        stage=args.stage,
     )
     return run_job(req).exit_code
 

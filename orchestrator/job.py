@@ -7,7 +7,6 @@ decide lives here, so tests and other front-ends can call ``run_job`` directly.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,14 +14,11 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 from orchestrator.hostfile import ConfigError, Hostfile, load_hostfile, local_hostfile, parse_env_assignment
-from orchestrator.launch.base import Launcher, RankSpec
+from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job
-from orchestrator.rundir import RunDir, RunSummary, default_run_dir
+from orchestrator.rundir import RankSummary, RunDir, RunSummary, default_run_dir
 from orchestrator.supervisor import Supervisor, SupervisorOptions
-
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
 
 class RunRequest(BaseModel):
     script: str
@@ -39,6 +35,14 @@ class RunRequest(BaseModel):
     connections_per_ip: int = 1
     starting_port: Optional[int] = None
     echo: bool = True
+    # SSH (remote hosts)
+    ssh_config: Optional[str] = None
+    known_hosts: Optional[str] = None
+    identity: list[str] = Field(default_factory=list)
+    ssh_accept_new: bool = False
+    connect_timeout: float = 10.0
+    keepalive_s: float = 1.0
+    stage: list[str] = Field(default_factory=list)
 
 
 def _load_cluster(req: RunRequest) -> Hostfile:
@@ -57,21 +61,16 @@ def _check_script(req: RunRequest) -> str:
 
 
 def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir, script: str) -> list[RankSpec]:
-    """Per rank: the guarded command line and the environment MLX expects."""
+    """Per rank: what to run, and the environment MLX expects (launchers add the rest)."""
     extra_env = dict(parse_env_assignment(e) for e in req.env) if req.env else {}
-    mlx_hostfile_path = None
+    mlx_json = None
     if plan.backend == "ring" and plan.world_size > 1:
-        mlx_hostfile_path = rundir.path / "mlx-hostfile.json"
-        mlx_hostfile_path.write_text(plan.mlx_hostfile_json() + "\n")
+        mlx_json = plan.mlx_hostfile_json()
+        (rundir.path / "mlx-hostfile.json").write_text(mlx_json + "\n")
     specs = []
     for r in plan.ranks:
         host = hostfile.hosts[r.host_index]
-        python = req.python or host.python or sys.executable
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        env.update(hostfile.env)
-        env.update(host.env)
-        env.update(extra_env)
+        env = {**hostfile.env, **host.env, **extra_env}
         env.update(
             PYTHONUNBUFFERED="1",
             MLX_RANK=str(r.rank),
@@ -81,27 +80,28 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             ORCH_WORLD_SIZE=str(plan.world_size),
             ORCH_GRACE_S=str(req.grace),
         )
-        if mlx_hostfile_path is not None:
-            env["MLX_HOSTFILE"] = str(mlx_hostfile_path)
-        else:
-            env.pop("MLX_HOSTFILE", None)
+        if mlx_json is not None:
+            env["MLX_HOSTFILE"] = str(rundir.path / "mlx-hostfile.json")
         if r.gated:
             env["ORCH_GATED"] = "1"
-        elif plan.backend == "ring" and plan.world_size > 1 and r.listen:
+        elif mlx_json is not None and r.listen:
             env["ORCH_LISTEN"] = r.listen[0]
-        argv = [python, "-m", "orchestrator.runtime.guard", "--", python, "-m", "orchestrator.runtime.bootstrap", script, *req.script_args]
-        specs.append(RankSpec(rank=r.rank, host=r.host, argv=argv, env=env, cwd=req.cwd or host.cwd))
+        specs.append(RankSpec(
+            rank=r.rank, host=r.host, host_index=r.host_index, script=script, script_args=list(req.script_args),
+            python=req.python or host.python, env=env, cwd=req.cwd or host.cwd, mlx_hostfile_json=mlx_json,
+        ))
     return specs
 
 
-def _launcher_for(hostfile: Hostfile) -> Launcher:
-    remote = [h.name for h in hostfile.hosts if not h.is_local]
-    if remote:
-        raise ConfigError(
-            f"{hostfile.path}: hosts {', '.join(remote)} are remote; this build runs local hosts only "
-            "(127.0.0.1 / localhost)"
-        )
-    return LocalLauncher()
+def _launcher_for(hostfile: Hostfile, req: RunRequest) -> Launcher:
+    """Local ranks need no SSH; any remote host means every host goes over SSH."""
+    if all(h.is_local for h in hostfile.hosts):
+        return LocalLauncher()
+    try:
+        from orchestrator.launch.ssh import SSHLauncher
+    except ImportError as e:  # pragma: no cover - asyncssh is a hard dependency
+        raise ConfigError(f"remote hosts need asyncssh ({e}); pip install asyncssh") from None
+    return SSHLauncher(hostfile, req)
 
 
 def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
@@ -112,7 +112,7 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
         raise ConfigError(f"--backend {backend}: unknown backend; use ring or mpi")
     if backend == "mpi":
         raise ConfigError("--backend mpi is not available in this build yet; use --backend ring")
-    launcher = _launcher_for(hostfile)
+    launcher = _launcher_for(hostfile, req)
     if req.cwd and not Path(req.cwd).is_dir():
         raise ConfigError(f"--cwd {req.cwd}: no such directory")
     script = _check_script(req)
@@ -130,8 +130,29 @@ async def run_job_async(req: RunRequest) -> RunSummary:
     hostfile, plan, launcher, rundir, script = prepare(req)
     specs = build_specs(req, hostfile, plan, rundir, script)
     rundir.write_json("plan.json", plan.model_dump(mode="json"))
+    try:
+        await launcher.prepare(specs)
+    except LaunchError as e:
+        await launcher.aclose()
+        return _failed_before_start(req, plan, rundir, script, str(e))
     sup = Supervisor(plan, specs, launcher, rundir, script, SupervisorOptions(init_timeout=req.init_timeout, echo=req.echo))
     return await sup.run()
+
+
+def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script: str, reason: str) -> RunSummary:
+    """Nothing started: say why, leave a summary, exit 1."""
+    import time
+
+    summary = RunSummary(
+        status="failed", exit_code=1, failed_rank=None, reason=reason, duration_s=0.0,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=script, backend=plan.backend,
+        world_size=plan.world_size, run_dir=str(rundir.path),
+        ranks=[RankSummary(rank=r.rank, host=r.host) for r in plan.ranks],
+    )
+    rundir.write_summary(summary)
+    rundir.close()
+    sys.stderr.write(f"orch: could not start the run: {reason}\norch: failed; run directory {rundir.path}\n")
+    return summary
 
 
 def run_job(req: RunRequest) -> RunSummary:

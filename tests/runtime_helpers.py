@@ -49,7 +49,8 @@ class RankOutput:
 
 def parse_output(rank: int, returncode: Optional[int], stdout: str, stderr: str) -> RankOutput:
     events, text = [], []
-    for line in stdout.splitlines():
+    # Not str.splitlines(): it also splits at "\x1e", the first character of protocol.MARKER.
+    for line in stdout.split("\n"):
         user, event = protocol.split_line(line)
         if user:
             text.append(user)

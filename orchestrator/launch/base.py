@@ -17,13 +17,28 @@ from typing import Optional, Protocol
 
 @dataclass
 class RankSpec:
-    """What to run for one rank, after planning."""
+    """What to run for one rank, after planning; each launcher turns it into a command.
+
+    ``env`` holds only what orch adds (MLX_RANK, ORCH_*, hostfile and --env
+    values): a local launcher layers it over this process's environment, a
+    remote one sends exactly these. ``mlx_hostfile_json`` is the content
+    behind ``env["MLX_HOSTFILE"]`` for launchers that cannot share the file.
+    """
 
     rank: int
     host: str
-    argv: list[str]
+    script: str
+    script_args: list[str] = field(default_factory=list)
+    python: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)
     cwd: Optional[str] = None
+    host_index: int = 0
+    mlx_hostfile_json: Optional[str] = None
+
+    def rank_argv(self, python: str, script: Optional[str] = None) -> list[str]:
+        """The guarded command line of this rank."""
+        return [python, "-m", "orchestrator.runtime.guard", "--",
+                python, "-m", "orchestrator.runtime.bootstrap", script or self.script, *self.script_args]
 
 
 @dataclass
@@ -70,8 +85,19 @@ class RankHandle(abc.ABC):
     async def wait(self) -> ExitStatus: ...
 
 
+class LaunchError(Exception):
+    """Ranks could not be started (hosts unreachable, staging failed); the message says which and why."""
+
+
 class Launcher(abc.ABC):
     name: str = "base"
+
+    async def prepare(self, specs: list[RankSpec]) -> None:
+        """Reach the hosts and stage what the ranks need, before any rank starts.
+
+        Raises ``LaunchError`` naming every host that failed and why.
+        """
+        return None
 
     @abc.abstractmethod
     async def start(self, spec: RankSpec) -> RankHandle: ...

@@ -11,8 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+from pathlib import Path
 
 from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+
+# Ranks import orchestrator.runtime from this checkout even under another --python.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class LocalRank(RankHandle):
@@ -51,12 +56,16 @@ class LocalLauncher(Launcher):
     name = "local"
 
     async def start(self, spec: RankSpec) -> RankHandle:
+        env = dict(os.environ)
+        env.pop("MLX_HOSTFILE", None)
+        env.update(spec.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv,
+            *spec.rank_argv(spec.python or sys.executable),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=spec.env,
+            env=env,
             cwd=spec.cwd,
             start_new_session=True,
             limit=1 << 20,
