@@ -195,6 +195,8 @@ class Supervisor:
         root = min(primary, key=lambda s: s.exit_t or 0.0)
         st = root.status
         how = f"was killed by {signal.Signals(st.signal).name}" if st.signal else f"exited with code {st.code}"
+        if st.reason:
+            how += f": {st.reason}"
         others = [s.rank for s in self._failed if s is not root]
         note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} lost their peer)" if others else ""
         self._fail(root.rank, st.shell_code, f"rank {root.rank} ({root.spec.host}) {how}{note}")

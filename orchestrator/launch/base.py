@@ -45,6 +45,7 @@ class RankSpec:
 class ExitStatus:
     code: Optional[int]
     signal: Optional[int]
+    reason: Optional[str] = None  # set by a launcher that knows more, e.g. "SSH connection to mac2 lost"
 
     @property
     def ok(self) -> bool:
