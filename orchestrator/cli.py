@@ -43,6 +43,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     ssh.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them (like OpenSSH's accept-new); changed keys are still refused")
     ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach each host (default 10)")
     ssh.add_argument("--stage", action="append", default=[], metavar="PATH", help="also upload PATH to every host (the script's directory always is)")
+    mpi = p.add_argument_group("MPI (--backend mpi)")
+    mpi.add_argument("--mpirun", help="the Open MPI mpirun to use (default: this environment's, then PATH)")
+    mpi.add_argument("--mpi-arg", action="append", default=[], dest="mpi_args", metavar="ARGS", help="extra arguments for mpirun (repeatable)")
     return p
 
 
@@ -84,6 +87,8 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         ssh_accept_new=args.ssh_accept_new,
         connect_timeout=args.connect_timeout,
         stage=args.stage,
+        mpirun=args.mpirun,
+        mpi_args=args.mpi_args,
     )
     return run_job(req).exit_code
 

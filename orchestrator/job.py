@@ -43,6 +43,9 @@ class RunRequest(BaseModel):
     connect_timeout: float = 10.0
     keepalive_s: float = 1.0
     stage: list[str] = Field(default_factory=list)
+    # MPI
+    mpirun: Optional[str] = None
+    mpi_args: list[str] = Field(default_factory=list)
 
 
 def _load_cluster(req: RunRequest) -> Hostfile:
@@ -71,9 +74,10 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
     for r in plan.ranks:
         host = hostfile.hosts[r.host_index]
         env = {**hostfile.env, **host.env, **extra_env}
+        if plan.backend != "mpi":  # under mpirun each rank knows its rank from Open MPI
+            env["MLX_RANK"] = str(r.rank)
         env.update(
             PYTHONUNBUFFERED="1",
-            MLX_RANK=str(r.rank),
             ORCH_EVENTS="1",
             ORCH_RUN_DIR=str(rundir.path),
             ORCH_BACKEND=plan.backend,
@@ -110,12 +114,15 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
     backend = req.backend or hostfile.backend or "ring"
     if backend not in ("ring", "mpi"):
         raise ConfigError(f"--backend {backend}: unknown backend; use ring or mpi")
+    script = _check_script(req)
     if backend == "mpi":
-        raise ConfigError("--backend mpi is not available in this build yet; use --backend ring")
-    launcher = _launcher_for(hostfile, req)
+        from orchestrator.launch.mpi import find_mpi
+
+        mpi = find_mpi(req.mpirun)  # fail early, naming what was searched
+    else:
+        launcher = _launcher_for(hostfile, req)
     if req.cwd and not Path(req.cwd).is_dir():
         raise ConfigError(f"--cwd {req.cwd}: no such directory")
-    script = _check_script(req)
     for e in req.env:
         try:
             parse_env_assignment(e)
@@ -123,6 +130,10 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
             raise ConfigError(f"--env: {err}") from None
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
     rundir = RunDir(req.run_dir or default_run_dir(script))
+    if backend == "mpi":
+        from orchestrator.launch.mpi import MPILauncher
+
+        launcher = MPILauncher(hostfile, req, rundir.path, mpi)
     return hostfile, plan, launcher, rundir, script
 
 

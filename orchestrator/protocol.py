@@ -56,6 +56,14 @@ class SpawnedEvent(_Base):
     host: str
 
 
+class ExitedEvent(_Base):
+    """The guard's last word: how the rank ended (for launchers that cannot see it, like mpirun)."""
+
+    kind: Literal["exited"]
+    code: Optional[int]
+    signal: Optional[int]
+
+
 class InitStartEvent(_Base):
     """The rank called ``mx.distributed.init``."""
 
@@ -122,6 +130,7 @@ class FinishedEvent(_Base):
 
 Event = Union[
     SpawnedEvent,
+    ExitedEvent,
     InitStartEvent,
     ListeningEvent,
     ReadyEvent,

@@ -21,11 +21,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from orchestrator import protocol
+
+Args = Union[list[str], Callable[[int], list[str]]]  # the same for every rank, or per rank
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -95,7 +97,7 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def start(script: Path, n: int, run_dir: Path, args: list[str], extra_env: Optional[dict] = None
+def start(script: Path, n: int, run_dir: Path, args: Args, extra_env: Optional[dict] = None
           ) -> tuple[list[subprocess.Popen], list[tuple[Path, Path]]]:
     """Start ``n`` ranks; their output goes to files in ``run_dir/test-logs`` (no pipe can fill up)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,9 +111,10 @@ def start(script: Path, n: int, run_dir: Path, args: list[str], extra_env: Optio
     try:
         for rank in range(n):
             out, err = logs / f"rank-{rank}.out", logs / f"rank-{rank}.err"
+            argv = [sys.executable, str(script), *(args(rank) if callable(args) else args)]
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(script), *args], cwd=run_dir, env=rank_env(rank, run_dir, hostfile, extra_env),
+                    argv, cwd=run_dir, env=rank_env(rank, run_dir, hostfile, extra_env),
                     stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, start_new_session=True,
                 ))
             files.append((out, err))
@@ -124,10 +127,10 @@ def start(script: Path, n: int, run_dir: Path, args: list[str], extra_env: Optio
 
 def collect(procs: list[subprocess.Popen], files: list[tuple[Path, Path]]) -> list[RankOutput]:
     return [parse_output(r, p.poll(), out.read_text(errors="replace"), err.read_text(errors="replace"))
-            for r, (p, (out, err)) in enumerate(zip(procs, files))]
+            for r, (p, (out, err)) in enumerate(zip(procs, files, strict=True))]
 
 
-def launch(script: Path, n: int, run_dir: Path, args: list[str], timeout: float = 60,
+def launch(script: Path, n: int, run_dir: Path, args: Args, timeout: float = 60,
            extra_env: Optional[dict] = None, check: bool = True) -> list[RankOutput]:
     """Run ``n`` ranks to completion within ``timeout`` seconds; kill them all otherwise.
 
@@ -150,8 +153,10 @@ def launch(script: Path, n: int, run_dir: Path, args: list[str], timeout: float 
     results = collect(procs, files)
     if check and (timed_out or any(r.returncode != 0 for r in results)):
         why = f"timed out after {timeout} s" if timed_out else "a rank failed"
-        detail = "\n".join(f"--- rank {r.rank} rc={r.returncode}\n{r.text[-3000:]}\n{r.stderr[-3000:]}" for r in results)
-        raise AssertionError(f"{script.name} x{n} {' '.join(args)}: {why}\n{detail}")
+        detail = "\n".join(f"--- rank {r.rank} rc={r.returncode}\n{r.text[-3000:]}\n{r.stderr[-3000:]}"
+                           for r in results)
+        shown = args(0) if callable(args) else args
+        raise AssertionError(f"{script.name} x{n} {' '.join(shown)}: {why}\n{detail}")
     return results
 
 

@@ -5,10 +5,16 @@ Ranks are started by ``tests.runtime_helpers.launch`` (ring backend on 127.0.0.1
 
 from __future__ import annotations
 
+import random
+import time
+
 import numpy as np
 import pytest
 
-from tests.runtime_helpers import RECIPES, latest_checkpoint, launch, load_arrays, max_abs_diff
+from orchestrator.runtime import checkpoint as ckpt
+from tests.runtime_helpers import (
+    RECIPES, collect, kill_group, latest_checkpoint, launch, load_arrays, max_abs_diff, start,
+)
 
 MLP = RECIPES / "mlp_regression.py"
 SMALL = ["--samples", "512", "--hidden", "16", "--stats-every", "0"]
@@ -58,3 +64,51 @@ def test_resume_is_bit_exact_with_adam_and_dropout(tmp_path, n):
     assert sorted(a) == sorted(b) and any(k.endswith(".v") for k in a)  # Adam's state is in there
     for key in a:
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+
+
+def test_ranks_that_built_different_models_stop_with_a_diagnosis(tmp_path):
+    results = launch(MLP, 2, tmp_path / "run", lambda rank: SMALL + ["--steps", "3", "--hidden", str(16 + 8 * rank)],
+                     timeout=60, check=False)
+    assert all(r.returncode not in (0, None) for r in results), [r.returncode for r in results]
+    assert "rank 1 built a model/optimizer that differs from rank 0's" in results[1].stderr
+    assert "other rank(s) failed to start" in results[0].stderr
+
+
+def test_a_run_killed_at_random_moments_resumes_from_a_complete_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = SMALL + ["--steps", "100000", "--checkpoint-every", "1", "--batch-size", "8"]
+    rng = random.Random(7)
+    for round_ in range(3):
+        procs, files = start(MLP, 1, run_dir, args + (["--resume"] if round_ else []))
+        try:
+            deadline = time.monotonic() + 60
+            while '"kind":"checkpoint"' not in files[0][0].read_text() and procs[0].poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint written"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+            assert procs[0].poll() is None, collect(procs, files)[0].stderr
+        finally:
+            for p in procs:
+                kill_group(p)
+        chosen = ckpt.resolve_resume("latest", base=run_dir)[0]
+        ckpt.load(chosen)
+    (rank0,) = launch(MLP, 1, run_dir, SMALL + ["--steps", str(chosen.step + 3), "--resume"], timeout=60)
+    steps = [e["step"] for e in rank0.of_kind("step")]
+    assert steps == [chosen.step + 1, chosen.step + 2, chosen.step + 3]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
+    launch(MLP, 1, tmp_path, SMALL + ["--steps", "6", "--checkpoint-every", "3"], timeout=60)
+    newest = tmp_path / "checkpoints" / "step-00000006" / "model.safetensors"
+    newest.write_bytes(b"\0" * newest.stat().st_size)  # right size, wrong bytes: passes validation, fails to load
+    (rank0,) = launch(MLP, 1, tmp_path, SMALL + ["--steps", "8", "--resume"], timeout=60)
+    assert "resumed from" in rank0.text and "step-00000003" in rank0.text
+    assert [e["step"] for e in rank0.of_kind("step")] == [4, 5, 6, 7, 8]
+
+
+def test_a_resume_that_fails_on_rank_0_stops_every_rank(tmp_path):
+    results = launch(MLP, 2, tmp_path, SMALL + ["--steps", "3", "--resume", str(tmp_path / "nowhere")],
+                     timeout=60, check=False)
+    assert "no such file or directory" in results[0].stderr
+    assert "other rank(s) failed to start" in results[1].stderr
+    assert all(r.returncode not in (0, None) for r in results)

@@ -29,7 +29,11 @@ _EXPORTS = {
     "emit": "events",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ArrayDataset", "Dataset", "Hparams", "Recipe", "RunResult", "Trainer",
+    "emit", "init_group", "optimizer_from", "parse_hparams", "run", "train_test_split",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from orchestrator.runtime.config import Hparams, parse_hparams

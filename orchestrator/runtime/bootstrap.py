@@ -22,6 +22,7 @@ import select
 import sys
 import tempfile
 import time
+import traceback
 
 from orchestrator.runtime import events
 
@@ -71,6 +72,26 @@ def _install_init_hook() -> None:
     mx.distributed.init = init
 
 
+def _prepare_mpi() -> None:
+    """Under mpirun: let MLX initialise MPI first, and tell mpi4py not to.
+
+    Importing mpi4py.MPI before MLX's init makes Open MPI abort ("initialize MPI
+    more than once"). With ``mpi4py.rc.initialize = False`` mpi4py uses the MPI
+    that MLX initialised, and we initialise the group here, before the script
+    runs, so a recipe may import mpi4py.MPI at any point.
+    """
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+    except ImportError:
+        pass
+    import mlx.core as mx
+
+    mx.distributed.init(backend="mpi", strict=True)
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         print("usage: python -m orchestrator.runtime.bootstrap SCRIPT [ARGS...]", file=sys.stderr)
@@ -80,8 +101,35 @@ def main() -> None:
     _materialise_hostfile()
     if events.enabled():
         _install_init_hook()
+    if os.environ.get("ORCH_BACKEND") == "mpi":
+        _prepare_mpi()
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    if os.environ.get("ORCH_BACKEND") != "mpi":
+        runpy.run_path(script, run_name="__main__")
+        return
+    # Under MPI a rank that fails must not reach MPI_Finalize at exit: it is
+    # collective, so the failed rank would wait there forever for peers that
+    # are themselves blocked in a collective waiting for it.
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        _hard_exit(e.code if isinstance(e.code, int) else 1)
+    except BaseException:
+        traceback.print_exc()
+        _hard_exit(1)
+
+
+def _hard_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -32,19 +32,28 @@ class Hparams:
     steps: int = field(default=100, metadata={"help": "total optimizer steps (a resumed run continues up to this)"})
     batch_size: int = field(default=32, metadata={"help": "samples per rank per micro-batch"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    optimizer: str = field(default="adam", metadata={"help": "sgd | adam | adamw (used by optimizer_from)", "choices": OPTIMIZERS})
+    optimizer: str = field(
+        default="adam", metadata={"help": "sgd | adam | adamw (used by optimizer_from)", "choices": OPTIMIZERS}
+    )
     seed: int = field(default=0, metadata={"help": "seeds model init, data order and per-step randomness"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
     checkpoint_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "complete checkpoints kept (0: keep all)"})
     stats_every: int = field(default=50, metadata={"help": "memory sample every N steps (0: only at the end)"})
-    log_every: int = field(default=0, metadata={"help": "human progress line every N steps (0: about 10 lines per run)"})
-    eval_every: int = field(default=0, metadata={"help": "run the recipe's evaluate every N steps (0: only at the end)"})
+    log_every: int = field(
+        default=0, metadata={"help": "human progress line every N steps (0: about 10 lines per run)"}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "run the recipe's evaluate every N steps (0: only at the end)"}
+    )
     resume: Optional[str] = field(
         default=None,
-        metadata={"help": "resume from a checkpoint; without a value: the newest complete one in the run dir", "nargs": "?", "const": RESUME_LATEST},
+        metadata={
+            "help": "resume from a checkpoint; without a value: the newest complete one in the run dir",
+            "nargs": "?",
+            "const": RESUME_LATEST,
+        },
     )
-
 
 H = TypeVar("H", bound=Hparams)
 

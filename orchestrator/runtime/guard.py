@@ -23,7 +23,8 @@ cannot clean up at all. So the guard
   controller sees the rank's own status.
 
 ``--no-stdin`` is for launchers that give ranks no stdin (mpirun forwards
-stdin to rank 0 only): then only signals stop the rank.
+stdin to rank 0 only): then signals stop the rank, and so does the death of
+the guard's parent (checked every 0.5 s), so a SIGKILLed mpirun leaves no rank.
 
 Only the standard library: this starts before every rank and must be fast.
 """
@@ -144,6 +145,7 @@ def main(argv: list[str]) -> int:
     listen = os.environ.get("ORCH_LISTEN")
     listen_port = int(listen.rpartition(":")[2]) if listen else None
     listen_deadline = time.monotonic() + 120.0
+    parent = os.getppid()
 
     while True:
         status = child.poll()
@@ -152,7 +154,10 @@ def main(argv: list[str]) -> int:
         if stop_signal and stopping_since is None:
             stopping_since = time.monotonic()
             _killpg(pgid, signal.SIGTERM)
-        timeout = None
+        timeout = None if watch_stdin else 0.5
+        if not watch_stdin and os.getppid() != parent and stopping_since is None:
+            stop_signal.append(0)
+            continue
         if listen_port is not None:
             if is_listening(child.pid, listen_port):
                 if os.environ.get("ORCH_EVENTS") == "1":
@@ -200,6 +205,12 @@ def main(argv: list[str]) -> int:
     # The rank is gone; nothing it started may outlive it.
     if _group_alive(pgid):
         _killpg(pgid, signal.SIGKILL)
+    if os.environ.get("ORCH_EVENTS") == "1":
+        code, sig = (None, -status) if status is not None and status < 0 else (status, None)
+        try:
+            os.write(1, protocol.encode("exited", rank, code=code, signal=sig).encode())
+        except OSError:
+            pass
     if status is not None and status < 0:
         sig = -status
         try:

@@ -108,19 +108,19 @@ def _expected_world_size() -> Optional[int]:
 def init_group() -> mx.distributed.Group:
     """``mx.distributed.init`` with the backend the launcher chose (``$ORCH_BACKEND``, default any).
 
-    Without any launcher environment this is a group of size 1.
+    Without any launcher environment this is a group of size 1. The
+    ``init_start``/``ready`` events are not sent here: under ``orch`` the rank
+    bootstrap (``runtime/bootstrap.py``) wraps ``mx.distributed.init`` and
+    sends them for every script, recipe or not.
     """
     backend = os.environ.get(BACKEND_ENV) or "any"
     expected = _expected_world_size()
-    emit("init_start", backend=backend)
-    started = time.perf_counter()
     group = mx.distributed.init(strict=backend != "any" and (expected or 1) > 1, backend=backend)
     if expected is not None and group.size() != expected:
         raise RuntimeError(
             f"distributed group has {group.size()} rank(s) but the launcher planned {expected} "
             f"(backend {backend!r}); MLX fell back to a singleton group: check MLX_HOSTFILE / the MPI setup"
         )
-    emit("ready", size=group.size(), init_s=round(time.perf_counter() - started, 4))
     return group
 
 
@@ -189,8 +189,13 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()  # handed to the sampler, which advances it
         self.resumed_from: Optional[Path] = None
+        resume_problem = None
         if hp.resume is not None and self.rank == 0:
-            self._load_resume_checkpoint()
+            try:
+                self._load_resume_checkpoint()
+            except ckpt.CheckpointError as e:
+                resume_problem = str(e)
+        self._stop_together(resume_problem)
         # Adam & co. create their state lazily; make it exist now so it can be broadcast.
         self.optimizer.init(self.model.trainable_parameters())
         self._sync_from_rank0()
@@ -204,6 +209,7 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         # A resumed run must not rewrite the checkpoint it started from.
         self.last_checkpoint_step = self.step if self.step > 0 else -1
+        self.last_memory_step = -1
         self.metrics: dict = {}
         if self.rank == 0:
             ckpt.clean_stale(self.ckpt_root)
@@ -237,19 +243,47 @@ class Trainer:
 
         Only rank 0 reads checkpoints (it is the only one guaranteed to have them
         when ranks live on different hosts), and this also guards against ranks
-        whose initial weights differ (e.g. different MLX versions).
+        whose initial weights differ (e.g. different MLX versions). Arrays are
+        paired by sorted name: a restored optimizer state need not iterate in
+        the same order as a freshly initialised one.
         """
         if self.world == 1:
             return
-        params = tree_flatten(self.model.parameters())
-        opt_state = tree_flatten(self.optimizer.state)
+        params = sorted(tree_flatten(self.model.parameters()), key=lambda kv: kv[0])
+        opt_state = sorted(tree_flatten(self.optimizer.state), key=lambda kv: kv[0])
+        self._check_same_structure(params + [("optimizer." + k, v) for k, v in opt_state])
         counters = mx.array([self.step, self.position.epoch, self.position.offset], dtype=mx.int64)
         synced = broadcast_from_rank0([a for _, a in params] + [a for _, a in opt_state] + [counters], self.group)
         n_params = len(params)
-        self.model.update(tree_unflatten([(k, a) for (k, _), a in zip(params, synced[:n_params])]))
-        self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced[n_params:-1])])
+        synced_params, synced_state = synced[:n_params], synced[n_params:-1]
+        self.model.update(tree_unflatten([(k, a) for (k, _), a in zip(params, synced_params, strict=True)]))
+        self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced_state, strict=True)])
         step, epoch, offset = (int(v) for v in synced[-1].tolist())
         self.step, self.position = step, DataPosition(epoch=epoch, offset=offset)
+
+    def _check_same_structure(self, named: list[tuple[str, mx.array]]) -> None:
+        """Fail clearly, instead of hanging in a mismatched all_sum, if ranks built different models."""
+        signature = ";".join(f"{k}:{a.shape}:{a.dtype}" for k, a in named)
+        digest = hashlib.blake2b(signature.encode(), digest_size=4).digest()
+        mine = mx.array(int.from_bytes(digest, "little"), dtype=mx.int64)
+        (rank0,) = broadcast_from_rank0([mine], self.group)
+        differs = rank0.item() != mine.item()
+        self._stop_together(
+            f"rank {self.rank} built a model/optimizer that differs from rank 0's "
+            "(a different recipe version or hyper-parameters on this host?)" if differs else None
+        )
+
+    def _stop_together(self, problem: Optional[str]) -> None:
+        """Raise on *every* rank if any rank has a problem, so none is left waiting in a collective."""
+        if self.world == 1:
+            if problem:
+                raise RuntimeError(problem)
+            return
+        failed = mx.distributed.all_sum(mx.array(int(problem is not None)), group=self.group).item()
+        if problem:
+            raise RuntimeError(problem)
+        if failed:
+            raise RuntimeError(f"stopping: {failed} other rank(s) failed to start (see their output)")
 
     # -- one step -----------------------------------------------------------
 
@@ -276,14 +310,29 @@ class Trainer:
         if k > 1:
             grad_sum = tree_map(lambda g: g / k, grad_sum)
             loss_sum = loss_sum / k
-        grads = nn.average_gradients(grad_sum)  # identity for a group of size 1
+        grads, loss = self._average(grad_sum, loss_sum)
         self.optimizer.update(self.model, grads)
-        loss = loss_sum
-        if self.world > 1:
-            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
         mx.eval(loss, self.model.parameters(), self.optimizer.state)
         self.step += 1
         return loss, epoch
+
+    def _average(self, grads: Any, loss: mx.array) -> tuple[Any, mx.array]:
+        """Average gradients and loss over ranks, in one all-reduce when their dtypes allow.
+
+        Every collective costs a round trip around the ring, so the scalar loss
+        rides along in ``nn.average_gradients``'s concatenated buffer. That
+        helper falls back to one all_sum per array for mixed dtypes, hence the
+        check. Only the tree and group are passed: the other parameters differ
+        across MLX versions (0.32 dropped ``communication_type``; its signature
+        is ``(gradients, group=None, all_reduce_size=32 MiB, communication_stream=None)``).
+        """
+        if self.world == 1:
+            return grads, loss
+        if {g.dtype for _, g in tree_flatten(grads)} == {loss.dtype}:
+            averaged = nn.average_gradients({"grads": grads, "loss": loss}, group=self.group)
+            return averaged["grads"], averaged["loss"]
+        grads = nn.average_gradients(grads, group=self.group)
+        return grads, mx.distributed.all_sum(loss, group=self.group) / self.world
 
     # -- side work ----------------------------------------------------------
 
@@ -313,7 +362,9 @@ class Trainer:
 
     def sample_memory(self) -> dict:
         sample = self.memory.sample(self.step)
-        emit("memory", **sample)
+        if sample["step"] != self.last_memory_step:
+            emit("memory", **sample)
+            self.last_memory_step = sample["step"]
         return sample
 
     def evaluate(self) -> None:

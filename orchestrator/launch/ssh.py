@@ -1,0 +1,606 @@
+"""Ranks on remote hosts, over one asyncssh connection per host.
+
+``prepare`` reaches every host at once (a failure names every host that could
+not be reached, and why, in one line), then stages the runtime and the
+script's directory over SFTP (``staging.py``: content-addressed, so an
+unchanged second run uploads nothing). ``start`` opens one SSH session per
+rank on its host's connection and runs::
+
+    cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard -- PYTHON -m orchestrator.runtime.bootstrap SCRIPT ARGS
+
+built only from ``shlex.quote``'d pieces. No pty: the guard is what stops a
+rank, because sshd does not signal a command when its session ends. The guard
+stops the rank's process group when its stdin reaches end-of-file, which
+happens when ``stop()`` sends EOF, when ``kill()`` closes the session, when
+this controller dies (the kernel closes its TCP connection and sshd closes
+the sessions), and when the controller's host vanishes (sshd's
+``ClientAliveInterval`` notices).
+
+In the other direction, keepalives (``keepalive_s`` x 3) notice a host that
+vanished; every rank on it then ends with exit code 255 and a reason naming
+the host. ``aclose`` collects results (``collect.py``) from every host still
+reachable, removes the run's remote directory, and closes the connections.
+
+Host keys are always verified against known_hosts; ``ssh_accept_new`` is
+OpenSSH's ``StrictHostKeyChecking=accept-new``: unknown keys are trusted and
+recorded, changed keys are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import asyncssh
+
+from orchestrator import collect, staging
+from orchestrator.launch.base import ExitStatus, LaunchError, Launcher, RankHandle, RankSpec
+
+REMOTE_BASE = ".cache/mlx-orch"  # under the remote user's home
+DEFAULT_PYTHON = "python3"
+KEEPALIVE_COUNT_MAX = 3
+LOST_EXIT_CODE = 255  # what ssh(1) exits with when the connection fails
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def remote_env(spec: RankSpec, *, run_dir: str, pythonpath: str) -> dict[str, str]:
+    """Exactly what the rank gets on top of the remote login environment: ``spec.env``, adapted to the host."""
+    env = dict(spec.env)
+    env.pop("MLX_HOSTFILE", None)  # a local path; the bootstrap writes the remote copy
+    if spec.mlx_hostfile_json is not None:
+        env["ORCH_MLX_HOSTFILE_JSON"] = spec.mlx_hostfile_json
+    env["ORCH_RUN_DIR"] = run_dir
+    env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def build_command(argv: list[str], env: dict[str, str], cwd: str) -> str:
+    """The remote shell line: ``cd CWD && exec env K=V ... ARGV``, every piece ``shlex.quote``'d."""
+    for key in env:
+        if not _ENV_KEY.match(key):
+            raise LaunchError(f"environment variable name {key!r} cannot be passed to a remote host")
+    parts = ["cd", shlex.quote(cwd), "&&", "exec", "env"]
+    parts += [shlex.quote(f"{k}={v}") for k, v in env.items()]
+    parts += [shlex.quote(a) for a in argv]
+    return " ".join(parts)
+
+
+def signal_number(name: str) -> int:
+    """SSH exit-signal name ("KILL", "TERM", ...) to this platform's number."""
+    try:
+        return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+    except KeyError:
+        return {"ABRT": 6, "ALRM": 14, "FPE": 8, "HUP": 1, "ILL": 4, "INT": 2, "KILL": 9, "PIPE": 13,
+                "QUIT": 3, "SEGV": 11, "TERM": 15, "USR1": 10, "USR2": 12}.get(name.upper(), 99)
+
+
+def _address_in(text: str) -> Optional[str]:
+    m = re.search(r"\('([^']+)', (\d+)\)", text)
+    return f"{m.group(1)}:{m.group(2)}" if m else None
+
+
+def describe_connect_error(exc: BaseException, *, timeout: float, known_hosts: Optional[str] = None,
+                           key_problem: Optional[str] = None, user: Optional[str] = None,
+                           accept_new: bool = False) -> str:
+    """Why a host could not be reached, in words a person can act on (no traceback, no class names if avoidable)."""
+    kh = known_hosts or "~/.ssh/known_hosts"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within {timeout:g}s (host down, wrong address, or a firewall dropping SSH; see --connect-timeout)"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve the host name (not in DNS or /etc/hosts, and no HostName for it in the SSH config)"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        if key_problem == "changed":
+            return (f"host key CHANGED: the key it presented is not the one recorded in {kh} (possible "
+                    "man-in-the-middle; if the host was reinstalled, remove the old entry with ssh-keygen -R)")
+        if key_problem == "revoked" or "revoked" in str(exc).lower():
+            return f"host key is marked @revoked in {kh}"
+        return (f"host key not verifiable: the host is not in {kh}; check its fingerprint and add it "
+                "(ssh-keyscan), or pass --ssh-accept-new to trust it on first use")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        who = f" as {user}" if user else ""
+        return f"authentication failed{who}: the server accepted none of the keys offered (give one with -i, or IdentityFile in the SSH config)"
+    if isinstance(exc, ConnectionRefusedError):
+        where = _address_in(str(exc))
+        return f"connection refused{' at ' + where if where else ''} (is sshd running there, on that port?)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "no route to the host (network unreachable from here)"
+    if isinstance(exc, OSError) and "Multiple exceptions" in str(exc):
+        if "Connect call failed" in str(exc) and "refused" in str(exc).lower():
+            return "connection refused on every address (is sshd running there?)"
+    if isinstance(exc, (ConnectionResetError, asyncssh.ConnectionLost, BrokenPipeError)):
+        return "the host closed the connection during the SSH handshake"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"SSH handshake failed: {exc.reason}"
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file (a known_hosts, config or key file)"
+    if isinstance(exc, asyncssh.KeyImportError):
+        return f"cannot load a private key: {exc}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_lost(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "the host closed it"
+    text = str(exc)
+    if "keepalive" in text.lower():
+        return "no answer to keepalives"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "connection reset"
+    return text or type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- one connection per host
+
+
+@dataclass
+class _Link:
+    """The one SSH connection to one machine (all its ranks, staging and collection share it)."""
+
+    name: str
+    user: Optional[str]
+    port: Optional[int]
+    conn: Optional[asyncssh.SSHClientConnection] = None
+    sftp: Optional[asyncssh.SFTPClient] = None
+    home: Optional[str] = None
+    stager: Optional[staging.RemoteStager] = None
+    runtime_dir: Optional[str] = None
+    lost_exc: Optional[BaseException] = None
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+    key_problem: Optional[str] = None
+    new_key: Optional[tuple] = None
+    stats: staging.StageStats = field(default_factory=staging.StageStats)
+
+    @property
+    def alive(self) -> bool:
+        return self.conn is not None and not self.lost.is_set()
+
+    @property
+    def lost_reason(self) -> str:
+        return f"lost the SSH connection to {self.name} ({describe_lost(self.lost_exc)})"
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self, link: _Link, accept_new: bool):
+        self._link = link
+        self._accept_new = accept_new
+        self._conn = None
+
+    def connection_made(self, conn) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        link = self._link
+        if link.conn is not None and not link.closing and not link.lost.is_set():
+            link.lost_exc = exc
+            link.lost.set()
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key) -> bool:
+        # Called only when the key is not among those known_hosts trusts for this host.
+        trusted = getattr(self._conn, "_trusted_host_keys", None)
+        if trusted:  # the host is known, with another key
+            self._link.key_problem = "changed"
+            return False
+        self._link.key_problem = "unknown"
+        if self._accept_new:
+            self._link.new_key = (host, addr, port, key)
+            return True
+        return False
+
+
+@dataclass
+class _Site:
+    """One hostfile entry (host index) on a link: its own run directory, even on a shared filesystem."""
+
+    index: int
+    link: _Link
+    label: str                      # safe local name for hosts/<label>/
+    stage_code: bool
+    run_root: Optional[str] = None  # BASE/runs/<run-id>/h<i>
+    code_dir: Optional[str] = None
+    run_dir: Optional[str] = None
+
+
+class _Lines:
+    """An SSH stream with ``readline``/``read`` that end (b"") instead of raising when the connection goes."""
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    async def readline(self) -> bytes:
+        try:
+            return await self._reader.readline()
+        except (asyncssh.Error, OSError, asyncio.IncompleteReadError, EOFError):
+            return b""
+
+    async def read(self, n: int = -1) -> bytes:
+        try:
+            return await self._reader.read(n)
+        except (asyncssh.Error, OSError, asyncio.IncompleteReadError, EOFError):
+            return b""
+
+
+class SSHRank(RankHandle):
+    def __init__(self, spec: RankSpec, link: _Link, proc: asyncssh.SSHClientProcess, launcher: "SSHLauncher"):
+        self.rank = spec.rank
+        self.host = spec.host
+        self.link = link
+        self.proc = proc
+        self._launcher = launcher
+        self.stdout = _Lines(proc.stdout)
+        self.stderr = _Lines(proc.stderr)
+        self.rank_pid = None
+
+    def send(self, line: str) -> None:
+        try:
+            if not self.proc.stdin.is_closing():
+                self.proc.stdin.write((line + "\n").encode())
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
+    def stop(self) -> None:
+        """EOF on the guard's stdin: it stops the rank's process group (SIGTERM, SIGKILL after the grace)."""
+        try:
+            self.proc.stdin.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
+    def kill(self) -> None:
+        """Close the session (the guard sees EOF) and SIGKILL the rank's group through the connection."""
+        try:
+            self.proc.close()
+        except (asyncssh.Error, OSError):
+            pass
+        if self.rank_pid and self.link.alive:
+            self._launcher._background(self.link.conn.run(f"kill -KILL -- -{int(self.rank_pid)} 2>/dev/null", check=False))
+
+    async def wait(self) -> ExitStatus:
+        closed = asyncio.ensure_future(self.proc.wait_closed())
+        lost = asyncio.ensure_future(self.link.lost.wait())
+        try:
+            await asyncio.wait({closed, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (closed, lost):
+                if not t.done():
+                    t.cancel()
+        sig = self.proc.exit_signal
+        if sig:
+            return ExitStatus(code=None, signal=signal_number(sig[0]))
+        code = self.proc.exit_status
+        if code is not None and code >= 0:
+            return ExitStatus(code=code, signal=None)
+        if self.link.lost.is_set():
+            return ExitStatus(code=LOST_EXIT_CODE, signal=None, reason=self.link.lost_reason)
+        return ExitStatus(code=LOST_EXIT_CODE, signal=None,
+                          reason=f"the SSH session on {self.link.name} closed without an exit status")
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+class SSHLauncher(Launcher):
+    name = "ssh"
+
+    def __init__(self, hostfile, req):
+        self.hostfile = hostfile
+        self.req = req
+        self._links: dict[tuple, _Link] = {}
+        self._sites: dict[int, _Site] = {}
+        self._specs: list[RankSpec] = []
+        self._local_run_dir: Optional[Path] = None
+        self._script_rel: Optional[str] = None
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self._closed = False
+        self._known_hosts_lock = asyncio.Lock()
+        self._keep_remote: set[int] = set()
+        self.run_id: Optional[str] = None
+        self.stats: dict[str, Any] = {}
+        self.err = sys.stderr
+
+    # -- helpers --------------------------------------------------------------
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _known_hosts_path(self) -> str:
+        return os.path.expanduser(self.req.known_hosts or "~/.ssh/known_hosts")
+
+    def _connect_options(self, link: _Link) -> dict:
+        req = self.req
+        opts: dict[str, Any] = dict(
+            keepalive_interval=req.keepalive_s,
+            keepalive_count_max=KEEPALIVE_COUNT_MAX,
+        )
+        if req.ssh_config:
+            opts["config"] = [os.path.expanduser(req.ssh_config)]
+        if req.known_hosts:
+            opts["known_hosts"] = os.path.expanduser(req.known_hosts)
+        if req.identity:
+            opts["client_keys"] = [os.path.expanduser(p) for p in req.identity]
+        if link.user:
+            opts["username"] = link.user
+        if link.port:
+            opts["port"] = link.port
+        return opts
+
+    async def _connect(self, link: _Link) -> None:
+        req = self.req
+        if req.ssh_accept_new:
+            kh = Path(self._known_hosts_path())
+            if not kh.exists():
+                kh.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                kh.touch(mode=0o600)
+        conn = await asyncio.wait_for(
+            asyncssh.connect(link.name, client_factory=lambda: _Client(link, req.ssh_accept_new),
+                             **self._connect_options(link)),
+            timeout=req.connect_timeout,
+        )
+        link.conn = conn
+        if link.new_key is not None:
+            await self._record_host_key(*link.new_key)
+
+    async def _record_host_key(self, host: str, addr: str, port: int, key) -> None:
+        """accept-new: append the key to known_hosts the way OpenSSH does (host name and address)."""
+        names = [host] + ([addr] if addr and addr != host else [])
+        if port and port != 22:
+            names = [f"[{n}]:{port}" for n in names]
+        line = ",".join(names) + " " + " ".join(key.export_public_key("openssh").decode().split()[:2]) + "\n"
+        path = Path(self._known_hosts_path())
+        async with self._known_hosts_lock:
+            existing = path.read_text() if path.exists() else ""
+            if line in existing:
+                return
+            with open(path, "a") as f:
+                if existing and not existing.endswith("\n"):
+                    f.write("\n")
+                f.write(line)
+        self.err.write(f"orch: {host}: trusted a new host key on first use and recorded it in {path}\n")
+
+    def _site_label(self, index: int) -> str:
+        name = self.hostfile.hosts[index].name
+        dupes = sum(1 for i in self._sites if self.hostfile.hosts[i].name == name)
+        label = name if dupes <= 1 else f"{name}-{index}"
+        try:
+            return collect.safe_name(label)
+        except collect.UnsafePath:
+            return f"h{index}"
+
+    # -- prepare ----------------------------------------------------------------
+
+    async def prepare(self, specs: list[RankSpec]) -> None:
+        t0 = time.monotonic()
+        self._specs = specs
+        self._local_run_dir = Path(specs[0].env["ORCH_RUN_DIR"])
+        self.run_id = f"{self._local_run_dir.name}-{secrets.token_hex(3)}"
+        script = Path(specs[0].script)
+        self._script_rel = script.name
+
+        for spec in specs:
+            host = self.hostfile.hosts[spec.host_index]
+            key = (host.name, host.user, host.port)
+            link = self._links.get(key)
+            if link is None:
+                link = self._links[key] = _Link(name=host.name, user=host.user, port=host.port)
+            site = self._sites.get(spec.host_index)
+            if site is None:
+                site = self._sites[spec.host_index] = _Site(index=spec.host_index, link=link, label="", stage_code=False)
+            if not spec.cwd:
+                site.stage_code = True
+        for i, site in self._sites.items():
+            site.label = self._site_label(i)
+
+        # Hash the local trees while the connections are being made.
+        need_code = any(s.stage_code for s in self._sites.values())
+        trees = asyncio.ensure_future(asyncio.to_thread(self._local_trees, script.parent, need_code))
+        links = list(self._links.values())
+        results = await asyncio.gather(*(self._connect(l) for l in links), return_exceptions=True)
+        failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
+        if failed:
+            trees.cancel()
+            parts = []
+            for link, exc in failed:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise exc
+                why = describe_connect_error(exc, timeout=self.req.connect_timeout, known_hosts=self.req.known_hosts,
+                                             key_problem=link.key_problem, user=link.user, accept_new=self.req.ssh_accept_new)
+                parts.append(f"{link.name}: {why}")
+            raise LaunchError(f"cannot reach {len(failed)} of {len(links)} host{'s' if len(links) > 1 else ''}: " + "; ".join(parts))
+
+        try:
+            runtime_tree, code_tree = await trees
+        except staging.StagingError as e:
+            raise LaunchError(str(e)) from None
+        t1 = time.monotonic()
+        results = await asyncio.gather(*(self._stage_link(l, runtime_tree, code_tree) for l in links), return_exceptions=True)
+        failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
+        if failed:
+            for _, exc in failed:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                    raise exc
+            raise LaunchError("staging failed on " + "; ".join(f"{l.name}: {staging.describe_sftp_error(e)}" for l, e in failed))
+        t2 = time.monotonic()
+        self.stats = {
+            "run_id": self.run_id,
+            "connect_s": round(t1 - t0, 4),
+            "stage_s": round(t2 - t1, 4),
+            "uploaded_files": sum(l.stats.uploaded_files for l in links),
+            "uploaded_bytes": sum(l.stats.uploaded_bytes for l in links),
+            "hosts": {l.name: l.stats.as_dict() for l in links},
+            "remote_dirs": {s.label: s.run_root for s in self._sites.values()},
+        }
+        self._write_stats()
+
+    def _local_trees(self, script_dir: Path, need_code: bool) -> tuple[staging.Tree, Optional[staging.Tree]]:
+        cache = staging._HashCache()
+        rt = staging.runtime_tree(cache)
+        code = staging.code_tree(script_dir, self.req.stage, cache) if need_code else None
+        return rt, code
+
+    async def _stage_link(self, link: _Link, runtime_tree: staging.Tree, code_tree: Optional[staging.Tree]) -> None:
+        t0 = time.monotonic()
+        link.sftp = await link.conn.start_sftp_client()
+        link.home = await link.sftp.realpath(".")
+        base = f"{link.home.rstrip('/')}/{REMOTE_BASE}"
+        link.stager = staging.RemoteStager(link.sftp, base, link.stats)
+        sites = [s for s in self._sites.values() if s.link is link]
+
+        async def site_dirs(site: _Site) -> None:
+            st = link.stager
+            site.run_root = f"{base}/runs/{self.run_id}/h{site.index}"
+            site.run_dir = f"{site.run_root}/run"
+            await st.makedirs(f"{base}/runs/{self.run_id}")
+            await st.mkdir_ok(site.run_root)
+            dirs = [site.run_dir]
+            if site.stage_code:
+                site.code_dir = f"{site.run_root}/code"
+                dirs.append(site.code_dir)
+            await asyncio.gather(*(link.sftp.mkdir(d) for d in dirs))
+            if site.stage_code and code_tree is not None:
+                await st.makedirs(st.objects)
+                await st.materialise(code_tree, site.code_dir)
+
+        async def runtime() -> None:
+            link.runtime_dir = await link.stager.shared_tree(runtime_tree, "runtime")
+
+        await asyncio.gather(runtime(), *(site_dirs(s) for s in sites))
+        link.stats.seconds = round(time.monotonic() - t0, 4)
+
+    def _write_stats(self) -> None:
+        if self._local_run_dir is None or not self._local_run_dir.is_dir():
+            return
+        path = self._local_run_dir / "staging.json"
+        tmp = path.with_name(".staging.json.tmp")
+        tmp.write_text(json.dumps(self.stats, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    # -- start ------------------------------------------------------------------
+
+    def command_for(self, spec: RankSpec) -> str:
+        site = self._sites[spec.host_index]
+        python = spec.python or DEFAULT_PYTHON
+        if spec.cwd or not site.stage_code:
+            cwd, script = spec.cwd or site.link.home, spec.script
+        else:
+            cwd, script = site.code_dir, f"{site.code_dir}/{self._script_rel}"
+        env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir)
+        return build_command(spec.rank_argv(python, script), env, cwd)
+
+    async def start(self, spec: RankSpec) -> RankHandle:
+        site = self._sites.get(spec.host_index)
+        if site is None or site.link.conn is None:
+            raise LaunchError(f"{spec.host}: not prepared (prepare() must succeed before start())")
+        link = site.link
+        if not link.alive:
+            raise LaunchError(link.lost_reason)
+        self._started = True
+        proc = await link.conn.create_process(self.command_for(spec), encoding=None)
+        return SSHRank(spec, link, proc, self)
+
+    # -- the end ----------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=3.0)
+            if self._started:
+                await self._collect()
+            await self._cleanup_remote()
+        finally:
+            for link in self._links.values():
+                link.closing = True
+                if link.conn is not None:
+                    link.conn.close()
+            await asyncio.gather(*(asyncio.wait_for(l.conn.wait_closed(), 3.0) for l in self._links.values() if l.conn is not None),
+                                 return_exceptions=True)
+
+    async def _collect(self) -> None:
+        """Checkpoint and files home; a site whose collection failed keeps its remote directory (and says where)."""
+        if self._local_run_dir is None:
+            return
+        live = [s for s in self._sites.values() if s.link.alive and s.link.sftp is not None and s.run_dir]
+        reports = {s.index: collect.CollectReport() for s in self._sites.values()}
+        rank0_index = next((s.host_index for s in self._specs if s.rank == 0), None)
+        # The newest complete checkpoint on any host (normally only rank 0's has one).
+        found = await asyncio.gather(*(collect.find_checkpoint(s.link.sftp, s.label, s.run_dir) for s in live),
+                                     return_exceptions=True)
+        best = None
+        for site, cp in zip(live, found):
+            if isinstance(cp, collect.RemoteCheckpoint) and (best is None or cp.step > best[1].step):
+                best = (site, cp)
+        if best is not None:
+            site, cp = best
+            try:
+                await collect.pull_checkpoint(site.link.sftp, cp, self._local_run_dir, reports[site.index])
+            except Exception as e:  # unsafe local path, transfer error, or damaged in transit (CheckpointError)
+                reports[site.index].errors.append(f"checkpoint {cp.name} from {site.label}: {e}")
+        # Everything else: rank 0's host into the run dir itself, the others under hosts/<name>/.
+        first = [s for s in live if s.index == rank0_index]
+        rest = [s for s in live if s.index != rank0_index]
+        for site in first:
+            await collect.pull_files(site.link.sftp, site.run_dir, self._local_run_dir, [], reports[site.index],
+                                     fallback_prefix=["hosts", site.label])
+        results = await asyncio.gather(*(collect.pull_files(s.link.sftp, s.run_dir, self._local_run_dir, ["hosts", s.label],
+                                                            reports[s.index]) for s in rest), return_exceptions=True)
+        for site, r in zip(rest, results):
+            if isinstance(r, BaseException):
+                reports[site.index].errors.append(f"{site.label}: {r}")
+        for site in self._sites.values():
+            if site.run_root and site not in live:
+                reports[site.index].errors.append(f"{site.label}: not collected ({site.link.lost_reason})")
+            if reports[site.index].errors and site.run_root:
+                self._keep_remote.add(site.index)
+                reports[site.index].errors.append(f"{site.label}: its files stay in {site.run_root}")
+        total = collect.CollectReport()
+        for r in reports.values():
+            total.files += r.files
+            total.bytes += r.bytes
+            total.checkpoint = total.checkpoint or r.checkpoint
+            total.skipped += r.skipped
+            total.errors += r.errors
+        self.stats["collected"] = {"files": total.files, "bytes": total.bytes, "checkpoint": total.checkpoint,
+                                   "skipped": total.skipped, "errors": total.errors}
+        self._write_stats()
+        for line in total.errors:
+            self.err.write(f"orch: collect: {line}\n")
+        if total.skipped:
+            self.err.write(f"orch: collect: skipped {len(total.skipped)} remote name(s): {', '.join(total.skipped[:5])}\n")
+
+    async def _cleanup_remote(self) -> None:
+        """Remove this run's remote directories (the object and runtime caches stay) where collection worked."""
+        async def clean(link: _Link) -> None:
+            # Over SFTP, not a shell command: a remote session pays for the login shell's rc files.
+            roots = [s.run_root for s in self._sites.values()
+                     if s.link is link and s.run_root and s.index not in self._keep_remote]
+            if not roots or link.sftp is None:
+                return
+            for root in roots:
+                await asyncio.wait_for(link.sftp.rmtree(root, ignore_errors=True), 30.0)
+            try:
+                await link.sftp.rmdir(roots[0].rsplit("/", 1)[0])  # runs/<run-id>, once every host is done with it
+            except (asyncssh.SFTPError, OSError):
+                pass
+
+        await asyncio.gather(*(clean(l) for l in self._links.values() if l.alive), return_exceptions=True)
