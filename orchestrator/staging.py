@@ -106,6 +106,8 @@ class StageStats:
     bytes: int = 0             # their total size
     uploaded_files: int = 0    # objects actually sent
     uploaded_bytes: int = 0
+    placed: dict = field(default_factory=dict)    # tree ("runtime", "code") -> files placed
+    uploaded: dict = field(default_factory=dict)  # tree -> objects sent for it
     runtime_reused: bool = False
     seconds: float = 0.0
 
@@ -312,7 +314,12 @@ class RemoteStager:
         except asyncssh.SFTPError:
             await self.sftp.makedirs(path, exist_ok=True)
 
-    async def _upload(self, f: FileEntry) -> None:
+    def _count_upload(self, f: FileEntry, kind: str) -> None:
+        self.stats.uploaded_files += 1
+        self.stats.uploaded_bytes += f.size
+        self.stats.uploaded[kind] = self.stats.uploaded.get(kind, 0) + 1
+
+    async def _upload(self, f: FileEntry, kind: str) -> None:
         """Put one object in place (temp name, then an atomic rename)."""
         import asyncssh
 
@@ -334,16 +341,15 @@ class RemoteStager:
                 await self.sftp.remove(tmp)
             except asyncssh.SFTPError:
                 pass
-        self.stats.uploaded_files += 1
-        self.stats.uploaded_bytes += f.size
+        self._count_upload(f, kind)
 
-    async def ensure_object(self, f: FileEntry) -> None:
+    async def ensure_object(self, f: FileEntry, kind: str = "code") -> None:
         task = self._uploads.get(f.object_name)
         if task is None:
-            task = self._uploads[f.object_name] = asyncio.ensure_future(self._upload(f))
+            task = self._uploads[f.object_name] = asyncio.ensure_future(self._upload(f, kind))
         await asyncio.shield(task)
 
-    async def _place(self, f: FileEntry, dest: str) -> None:
+    async def _place(self, f: FileEntry, dest: str, kind: str) -> None:
         """Hard-link the object to ``dest``, uploading it first if the host does not have it."""
         import asyncssh
 
@@ -356,20 +362,20 @@ class RemoteStager:
                 # No hard links on this server: copy the content straight into place.
                 await self.sftp.put(f.src, dest)
                 await self.sftp.chmod(dest, 0o755 if f.executable else 0o644)
-                self.stats.uploaded_files += 1
-                self.stats.uploaded_bytes += f.size
+                self._count_upload(f, kind)
                 break
             except asyncssh.SFTPError as e:
                 if attempt == 0:
                     # Usually: the object is not there yet (or another host on this filesystem is just renaming it in).
                     if not await self.sftp.exists(obj):
-                        await self.ensure_object(f)
+                        await self.ensure_object(f, kind)
                     continue
                 raise StagingError(f"cannot place {f.rel} at {dest}: {e.reason or e}") from None
         self.stats.files += 1
         self.stats.bytes += f.size
+        self.stats.placed[kind] = self.stats.placed.get(kind, 0) + 1
 
-    async def materialise(self, tree: Tree, dest: str) -> None:
+    async def materialise(self, tree: Tree, dest: str, kind: str = "code") -> None:
         """Build ``tree`` under ``dest`` (which must exist and be empty)."""
         # Directories level by level (parents first), each level in one batch.
         by_depth: dict[int, list[str]] = {}
@@ -377,7 +383,7 @@ class RemoteStager:
             by_depth.setdefault(d.count("/"), []).append(d)
         for depth in sorted(by_depth):
             await self._gather(self.sftp.mkdir(f"{dest}/{d}") for d in by_depth[depth])
-        await self._gather(self._place(f, f"{dest}/{f.rel}") for f in tree.files)
+        await self._gather(self._place(f, f"{dest}/{f.rel}", kind) for f in tree.files)
 
     async def shared_tree(self, tree: Tree, kind: str) -> str:
         """A content-addressed tree shared by all runs: ``BASE/<kind>/<digest>``. Built once, atomically."""
@@ -393,7 +399,7 @@ class RemoteStager:
         tmp = f"{self.base}/{kind}/.tmp-{tree.digest[:12]}-{secrets.token_hex(4)}"
         await self.sftp.mkdir(tmp)
         try:
-            await self.materialise(tree, tmp)
+            await self.materialise(tree, tmp, kind)
             try:
                 await self.sftp.posix_rename(tmp, final)
             except asyncssh.SFTPError:

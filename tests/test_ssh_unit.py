@@ -287,7 +287,8 @@ def test_staging_uploads_once_then_nothing(tmp_path, project):
     s1, s2, staged, cmd = asyncio.run(go())
     assert s1["uploaded_files"] >= 2 and not s1["hosts"]["127.0.0.1"]["runtime_reused"]
     assert s2["uploaded_files"] == 0 and s2["uploaded_bytes"] == 0
-    assert s2["hosts"]["127.0.0.1"]["runtime_reused"] and s2["hosts"]["127.0.0.1"]["files"] == 2
+    assert s2["hosts"]["127.0.0.1"]["runtime_reused"] and s2["hosts"]["127.0.0.1"]["placed"] == {"code": 2}
+    assert s1["hosts"]["127.0.0.1"]["uploaded"]["code"] == 2 and s1["hosts"]["127.0.0.1"]["uploaded"]["runtime"] >= 5
     assert staged == ["data/x.txt", "train.py"]  # caches are not shipped
     assert "/.cache/mlx-orch/runtime/" in cmd and "/.cache/mlx-orch/runs/one-" in cmd
     assert json.loads((tmp_path / "runs" / "two" / "staging.json").read_text())["uploaded_files"] == 0

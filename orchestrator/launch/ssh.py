@@ -417,13 +417,14 @@ class SSHLauncher(Launcher):
         failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
         if failed:
             trees.cancel()
-            parts = []
+            reasons: dict[str, list[str]] = {}  # hosts failing the same way are named together
             for link, exc in failed:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                     raise exc
                 why = describe_connect_error(exc, timeout=self.req.connect_timeout, known_hosts=self.req.known_hosts,
                                              key_problem=link.key_problem, user=link.user, accept_new=self.req.ssh_accept_new)
-                parts.append(f"{link.name}: {why}")
+                reasons.setdefault(why, []).append(link.name)
+            parts = [f"{', '.join(names)}: {why}" for why, names in reasons.items()]
             raise LaunchError(f"cannot reach {len(failed)} of {len(links)} host{'s' if len(links) > 1 else ''}: " + "; ".join(parts))
 
         try:
@@ -477,7 +478,7 @@ class SSHLauncher(Launcher):
             await asyncio.gather(*(link.sftp.mkdir(d) for d in dirs))
             if site.stage_code and code_tree is not None:
                 await st.makedirs(st.objects)
-                await st.materialise(code_tree, site.code_dir)
+                await st.materialise(code_tree, site.code_dir, "code")
 
         async def runtime() -> None:
             link.runtime_dir = await link.stager.shared_tree(runtime_tree, "runtime")

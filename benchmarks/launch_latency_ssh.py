@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Launch latency over SSH: ``orch run`` vs ``mlx.launch`` on four network-namespace hosts.
+
+    sudo python benchmarks/launch_latency_ssh.py [--runs 7]
+
+Builds its own 4-host ring (tests/netns.py: network namespaces, real sshd, a
+/30 per ring link) and tears it down at the end. Both launchers start the same
+trivial script (recipes/allsum_check.py: init the ring, one all_sum, exit) on
+the four hosts over SSH, alternately, after one warm-up each (so both find
+warm OS caches, and orch finds its staged files on the hosts). The time is the
+wall clock of the whole command, from exec to exit, as a user experiences it.
+
+* orch: ``python -m orchestrator run SCRIPT --hostfile H --ssh-config C --known-hosts K``
+  (one asyncssh connection per host, content-addressed staging, start gate).
+* mlx.launch: ``mlx.launch --hostfile F --backend ring --python PY -- SCRIPT``.
+  It runs plain ``ssh HOST``, so a wrapper ``ssh`` first on its PATH adds
+  ``-F <cluster ssh_config>``. It needs the script at the same path on every
+  host: the namespace hosts share this filesystem. Its hostfile lists, per
+  host, the address on the link to the previous host (what orch's planner
+  picks from the /30s). It gets an open, idle stdin, as from a terminal.
+
+Prints the median of each and the ratio orch / mlx.launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.netns import NetnsCluster, netns_available  # noqa: E402
+
+TARGET = 0.6
+
+
+def mlx_launch_argv() -> list[str]:
+    exe = Path(sys.executable).with_name("mlx.launch")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+
+
+def timed(argv: list[str], *, env: dict, cwd: Path, log: Path, timeout: float) -> tuple[float, int, str]:
+    """Run argv with an open (idle) stdin; returns (seconds, exit code, output)."""
+    with open(log, "w+b") as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            rc = p.wait()
+        elapsed = time.perf_counter() - t0
+        p.stdin.close()
+        out.seek(0)
+        return elapsed, rc, out.read().decode(errors="replace")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7, help="timed runs of each launcher (default 7, at least 5)")
+    ap.add_argument("--script", default=str(ROOT / "recipes" / "allsum_check.py"))
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per run")
+    args = ap.parse_args()
+    if args.runs < 5:
+        ap.error("--runs must be at least 5")
+    ok, why = netns_available()
+    if not ok:
+        print(f"launch_latency_ssh: {why}", file=sys.stderr)
+        return 2
+    script = str(Path(args.script).resolve())
+
+    with NetnsCluster(4) as c, tempfile.TemporaryDirectory(prefix="orch-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        orch_hosts = tmp / "orch-hosts.json"
+        orch_hosts.write_text(json.dumps({"backend": "ring", "hosts": [
+            {"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c.hosts]}))
+        mlx_hosts = tmp / "mlx-hosts.json"
+        mlx_hosts.write_text(json.dumps({"backend": "ring", "hosts": [
+            {"ssh": h.name, "ips": [h.left_ip]} for h in c.hosts]}))
+        bindir = tmp / "bin"
+        bindir.mkdir()
+        wrapper = bindir / "ssh"
+        wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {c.ssh_config_path} \"$@\"\n")
+        wrapper.chmod(0o755)
+        env = dict(os.environ)
+        mlx_env = {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}"}
+
+        def orch(i: int) -> tuple[float, int, str]:
+            rd = tmp / f"orch-run-{i}"
+            t, rc, out = timed([sys.executable, "-m", "orchestrator", "run", script, "--hostfile", str(orch_hosts),
+                                "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
+                                "--python", sys.executable, "--run-dir", str(rd), "--quiet"],
+                               env=env, cwd=ROOT, log=tmp / f"orch-{i}.log", timeout=args.timeout)
+            try:
+                ok_run = json.loads((rd / "summary.json").read_text())["status"] == "succeeded"
+            except (OSError, ValueError, KeyError):
+                ok_run = False
+            return t, (rc if ok_run or rc else 1), out
+
+        def mlx(i: int) -> tuple[float, int, str]:
+            port = random.randrange(20000, 60000)
+            t, rc, out = timed([*mlx_launch_argv(), "--hostfile", str(mlx_hosts), "--backend", "ring",
+                                "--python", sys.executable, "--starting-port", str(port), "--", script],
+                               env=mlx_env, cwd=ROOT, log=tmp / f"mlx-{i}.log", timeout=args.timeout)
+            return t, (rc if rc or out.count("OK") == 4 else 1), out
+
+        times: dict[str, list[float]] = {"orch": [], "mlx.launch": []}
+        failures = []
+        for i in range(args.runs + 1):  # run 0 is the warm-up of each
+            for name, fn in (("orch", orch), ("mlx.launch", mlx)):
+                t, rc, out = fn(i)
+                if rc != 0:
+                    failures.append(f"{name} run {i} exited {rc}:\n{out[-2000:]}")
+                    continue
+                if i > 0:
+                    times[name].append(t)
+                print(f"  {'warm-up' if i == 0 else f'run {i}':>8}  {name:<10} {t:6.3f} s", flush=True)
+        if failures:
+            print("\n".join(failures), file=sys.stderr)
+            if not times["orch"] or not times["mlx.launch"]:
+                return 1
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["orch"] / med["mlx.launch"]
+    print()
+    print(f"launch latency over SSH, 4 namespace hosts, {Path(script).name}, {args.runs} runs each, alternating")
+    for name, v in times.items():
+        print(f"  {name:<10} median {med[name]:6.3f} s   min {min(v):6.3f}   max {max(v):6.3f}")
+    print(f"  ratio orch / mlx.launch = {ratio:.2f}  (target <= {TARGET})")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
