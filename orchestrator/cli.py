@@ -36,6 +36,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
     p.add_argument("--starting-port", type=int, help="first ring port (default: a free random range)")
     p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
+    p.add_argument("--bind", action="store_true", help="pin each rank to its own block of CPU cores (Linux; no-op on macOS)")
     ssh = p.add_argument_group("remote hosts (SSH)")
     ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
     ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
@@ -81,6 +82,7 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         connections_per_ip=args.connections_per_ip,
         starting_port=args.starting_port,
         echo=not args.quiet,
+        bind=args.bind,
         ssh_config=args.ssh_config,
         known_hosts=args.known_hosts,
         identity=args.identity,

@@ -35,6 +35,7 @@ class RunRequest(BaseModel):
     connections_per_ip: int = 1
     starting_port: Optional[int] = None
     echo: bool = True
+    bind: bool = False
     # SSH (remote hosts)
     ssh_config: Optional[str] = None
     known_hosts: Optional[str] = None
@@ -71,8 +72,10 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
         mlx_json = plan.mlx_hostfile_json()
         (rundir.path / "mlx-hostfile.json").write_text(mlx_json + "\n")
     specs = []
+    local_index: dict[int, int] = {}
     for r in plan.ranks:
         host = hostfile.hosts[r.host_index]
+        i = local_index[r.host_index] = local_index.get(r.host_index, -1) + 1
         env = {**hostfile.env, **host.env, **extra_env}
         if plan.backend != "mpi":  # under mpirun each rank knows its rank from Open MPI
             env["MLX_RANK"] = str(r.rank)
@@ -86,6 +89,8 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
         )
         if mlx_json is not None:
             env["MLX_HOSTFILE"] = str(rundir.path / "mlx-hostfile.json")
+        if req.bind:
+            env["ORCH_BIND"] = f"{i}/{host.slots}"
         if r.gated:
             env["ORCH_GATED"] = "1"
         elif mlx_json is not None and r.listen:

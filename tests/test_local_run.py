@@ -138,3 +138,12 @@ def test_default_run_dir_is_under_runs(tmp_path):
     dirs = list((tmp_path / "runs").iterdir())
     assert len(dirs) == 1 and dirs[0].name.endswith("-no_init")
     assert summary(dirs[0])["status"] == "succeeded"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs and Linux")
+def test_bind_gives_each_rank_its_own_cpus(tmp_path):
+    rd = tmp_path / "run"
+    r = run_orch("run", str(SCRIPTS / "affinity_report.py"), "-n", "2", "--bind", "--run-dir", str(rd), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    sets = [set(json.loads(re.search(r"CPUS (\[.*\])", (rd / "logs" / f"rank-{i}.log").read_text()).group(1))) for i in range(2)]
+    assert sets[0] and sets[1] and not sets[0] & sets[1]

@@ -81,6 +81,24 @@ def is_listening(pid: int, port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
+def bind_cpus(pid: int, spec: str) -> None:
+    """Pin ``pid`` to its share of this host's CPUs; ``spec`` is "i/n" (local rank i of n).
+
+    Contiguous blocks keep a rank's threads on neighbouring cores. Linux only:
+    macOS has no CPU affinity API, so there ``--bind`` is a no-op.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    i, n = (int(x) for x in spec.split("/"))
+    cpus = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cpus) // n)
+    mine = cpus[i * per:(i + 1) * per] or [cpus[i % len(cpus)]]
+    try:
+        os.sched_setaffinity(pid, mine)
+    except OSError:
+        pass
+
+
 def main(argv: list[str]) -> int:
     watch_stdin = True
     if argv and argv[0] == "--no-stdin":
@@ -127,6 +145,8 @@ def main(argv: list[str]) -> int:
         return 127
     if gate_r is not None:
         os.close(gate_r)
+    if os.environ.get("ORCH_BIND"):
+        bind_cpus(child.pid, os.environ["ORCH_BIND"])
     pgid = child.pid
     if os.environ.get("ORCH_EVENTS") == "1":
         line = protocol.encode("spawned", rank, pid=child.pid, host=socket.gethostname())
