@@ -30,6 +30,7 @@ from typing import IO, Callable, Optional
 from orchestrator import events as event_validation
 from orchestrator import protocol
 from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
 from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
 
@@ -53,6 +54,7 @@ class SupervisorOptions:
     stop_timeout: float = 3.0
     echo: bool = True
     handle_signals: bool = True
+    live: Optional[bool] = None  # None: a live block when stderr is a terminal
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Supervisor:
         self._gate_open = False
         self._failed: list[RankState] = []
         self._settle_deadline: Optional[float] = None
+        self.live = LiveView(self.states, err=err, tty=self.opts.live)
 
     # ---- the run -------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -282,8 +285,9 @@ class Supervisor:
             log.write(text)
             state.tail.append(text.rstrip("\n"))
             if self.opts.echo:
-                echo_to.write(prefix + text)
-                echo_to.flush()
+                with self.live.around_output():
+                    echo_to.write(prefix + text)
+                    echo_to.flush()
 
     def _on_event(self, state: RankState, payload: dict) -> None:
         payload = {**payload, "recv_t": time.time(), "from_rank": state.rank}
@@ -325,6 +329,7 @@ class Supervisor:
             state.memory = m
         elif kind == "metric":
             self.metrics.update(payload.get("values", {}))
+        self.live.on_event(state, payload)
         if self.on_event is not None:
             self.on_event(state, payload)
 
@@ -378,6 +383,10 @@ class Supervisor:
         )
 
     def _report(self, summary: RunSummary) -> None:
+        self.live.clear()
+        table = self.live.final_table()
+        if table:
+            self.err.write(table)
         if summary.status == "failed" and self.failure is not None:
             self.err.write(f"orch: run failed: {self.failure.reason}\n")
             if self.failure.rank is not None:
