@@ -47,6 +47,7 @@ class RunSummary(BaseModel):
     exit_code: int
     failed_rank: Optional[int] = None
     reason: Optional[str] = None
+    diagnosis: Optional[str] = None
     duration_s: float
     started_at: str
     script: str

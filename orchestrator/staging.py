@@ -385,11 +385,14 @@ class RemoteStager:
             await self._gather(self.sftp.mkdir(f"{dest}/{d}") for d in by_depth[depth])
         await self._gather(self._place(f, f"{dest}/{f.rel}", kind) for f in tree.files)
 
+    def shared_tree_path(self, tree: Tree, kind: str) -> str:
+        return f"{self.base}/{kind}/{tree.digest[:24]}"
+
     async def shared_tree(self, tree: Tree, kind: str) -> str:
         """A content-addressed tree shared by all runs: ``BASE/<kind>/<digest>``. Built once, atomically."""
         import asyncssh
 
-        final = f"{self.base}/{kind}/{tree.digest[:24]}"
+        final = self.shared_tree_path(tree, kind)
         if await self.sftp.isdir(final):
             self.stats.runtime_reused = True
             return final

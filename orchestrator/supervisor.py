@@ -29,23 +29,18 @@ from typing import IO, Callable, Optional
 
 from orchestrator import events as event_validation
 from orchestrator import protocol
+from orchestrator.diagnose import Diagnosis, classify
 from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
 from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
 
-TAIL_LINES = 15
+TAIL_LINES = 40  # kept per rank for diagnoses; the last SHOW_LINES are shown on failure
+SHOW_LINES = 15
 # How long to keep collecting rank exits after the first failure before naming
 # the root cause: when one rank dies its ring neighbours fail within
 # milliseconds ("connection to a peer was lost"), and asyncio may report theirs first.
 SETTLE_S = 0.3
-# Output that marks a rank as a casualty of another rank's failure, not the cause.
-SECONDARY_MARKERS = (
-    "connection to a peer was lost",
-    "was closed by the peer",
-    "Too many send/recv errors",
-    "Connection reset by peer",
-)
 
 
 @dataclass
@@ -76,10 +71,8 @@ class RankState:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_t: Optional[float] = None
 
-    @property
-    def secondary(self) -> bool:
-        """Its output says it failed because a peer went away."""
-        return any(m in line for line in self.tail for m in SECONDARY_MARKERS)
+    def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
+        return classify(self.tail, self.rank, plan)
 
     @property
     def rank(self) -> int:
@@ -116,6 +109,7 @@ class Supervisor:
         self.on_event = on_event
         self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated) for s in specs]
         self.metrics: dict = {}
+        self.diagnosis: Optional[Diagnosis] = None
         self.failure: Optional[Failure] = None
         self.interrupted: Optional[int] = None
         self.init_deadline: Optional[float] = None
@@ -194,15 +188,20 @@ class Supervisor:
 
     def _name_root_cause(self) -> None:
         """The first failed rank that did not merely lose a peer; else the first failed rank."""
-        primary = [s for s in self._failed if not s.secondary] or self._failed
+        def secondary(s: RankState) -> bool:
+            d = s.diagnosis(self.plan)
+            return d is not None and d.secondary
+
+        primary = [s for s in self._failed if not secondary(s)] or self._failed
         root = min(primary, key=lambda s: s.exit_t or 0.0)
         st = root.status
         how = f"was killed by {signal.Signals(st.signal).name}" if st.signal else f"exited with code {st.code}"
         if st.reason:
             how += f": {st.reason}"
         others = [s.rank for s in self._failed if s is not root]
-        note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} lost their peer)" if others else ""
+        note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too)" if others else ""
         self._fail(root.rank, st.shell_code, f"rank {root.rank} ({root.spec.host}) {how}{note}")
+        self.diagnosis = root.diagnosis(self.plan)
 
     def _init_timed_out(self) -> None:
         waiting = [s for s in self.states if not s.ready and not s.exited.is_set()]
@@ -372,6 +371,7 @@ class Supervisor:
             exit_code=code,
             failed_rank=self.failure.rank if self.failure and status == "failed" else None,
             reason=self.failure.reason if self.failure and status == "failed" else None,
+            diagnosis=self.diagnosis.message if self.diagnosis and status == "failed" else None,
             duration_s=round(duration, 3),
             started_at=started_at,
             script=self.script,
@@ -389,8 +389,10 @@ class Supervisor:
             self.err.write(table)
         if summary.status == "failed" and self.failure is not None:
             self.err.write(f"orch: run failed: {self.failure.reason}\n")
+            if self.diagnosis is not None:
+                self.err.write(f"orch: diagnosis: {self.diagnosis.message}\n")
             if self.failure.rank is not None:
-                tail = list(self.states[self.failure.rank].tail)
+                tail = list(self.states[self.failure.rank].tail)[-SHOW_LINES:]
                 if tail:
                     self.err.write(f"orch: last lines of rank {self.failure.rank}:\n")
                     for line in tail:

@@ -90,11 +90,13 @@ def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypa
     cmd = launcher.command_for(spec)
 
     assert "ORCH_TEST_LOCAL_ONLY" not in cmd and "/local/only/hostfile.json" not in cmd
-    assert cmd.startswith("cd ") and " && exec env " in cmd
+    assert cmd.startswith("read -r orch_go && cd ") and " && exec env " in cmd
     # stdin stays open while the rank runs, as an SSH session's does (EOF would tell the guard to stop it).
     p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=tmp_path)
     try:
+        p.stdin.write("start\n")  # the release line start() sends; the rank must not see it
+        p.stdin.flush()
         stdout, stderr = p.stdout.read(), p.stderr.read()
         assert p.wait(timeout=30) == 0, stderr
     finally:
@@ -130,7 +132,7 @@ def test_command_for_cwd_runs_the_script_in_place(tmp_path):
     launcher = _launcher_with_site(tmp_path, tmp_path / "code", tmp_path / "run")
     spec = RankSpec(rank=0, host="remote1", script="/shared/code/train.py", cwd="/shared/code", env={})
     cmd = launcher.command_for(spec)
-    assert cmd.startswith("cd /shared/code && exec env ")
+    assert cmd.startswith("read -r orch_go && cd /shared/code && exec env ")
     assert cmd.endswith("python3 -m orchestrator.runtime.bootstrap /shared/code/train.py")
 
 
@@ -222,6 +224,7 @@ class _Server:
         self.ssh_config.write_text("")
         self.server = None
         self.port = None
+        self.commands: list[str] = []
 
     async def __aenter__(self):
         root = str(self.root)
@@ -229,9 +232,19 @@ class _Server:
             "127.0.0.1", 0, server_host_keys=[self.host_key],
             authorized_client_keys=asyncssh.import_authorized_keys(self.client_key.export_public_key().decode()),
             sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=root),
+            process_factory=self._session,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
+
+    async def _session(self, process) -> None:
+        """A rank session: remember the command, wait for its release line or EOF (nothing is executed)."""
+        self.commands.append(process.command)
+        try:
+            await process.stdin.readline()
+        except (asyncssh.Error, OSError):
+            pass
+        process.exit(0)
 
     async def __aexit__(self, *exc):
         self.server.close()
@@ -282,6 +295,7 @@ def test_staging_uploads_once_then_nothing(tmp_path, project):
             staged = sorted(p.relative_to(srv.root / site.code_dir.lstrip("/")).as_posix()
                             for p in (srv.root / site.code_dir.lstrip("/")).rglob("*") if p.is_file())
             await second.aclose()
+            assert len(srv.commands) == 2 and all(c.startswith("read -r orch_go && cd ") for c in srv.commands)
             return first.stats, second.stats, staged, cmd
 
     s1, s2, staged, cmd = asyncio.run(go())

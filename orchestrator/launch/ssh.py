@@ -52,6 +52,7 @@ REMOTE_BASE = ".cache/mlx-orch"  # under the remote user's home
 DEFAULT_PYTHON = "python3"
 KEEPALIVE_COUNT_MAX = 3
 LOST_EXIT_CODE = 255  # what ssh(1) exits with when the connection fails
+RELEASE = b"start\n"  # the line a pre-opened session waits for before it execs the guard
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -167,6 +168,7 @@ class _Link:
     key_problem: Optional[str] = None
     new_key: Optional[tuple] = None
     stats: staging.StageStats = field(default_factory=staging.StageStats)
+    pending: dict = field(default_factory=dict)  # rank -> session opened in prepare, not yet released
 
     @property
     def alive(self) -> bool:
@@ -175,6 +177,12 @@ class _Link:
     @property
     def lost_reason(self) -> str:
         return f"lost the SSH connection to {self.name} ({describe_lost(self.lost_exc)})"
+
+
+class _ConnectFailed(Exception):
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 class _Client(asyncssh.SSHClient):
@@ -388,6 +396,9 @@ class SSHLauncher(Launcher):
     # -- prepare ----------------------------------------------------------------
 
     async def prepare(self, specs: list[RankSpec]) -> None:
+        """Per host, as a pipeline: connect, open the ranks' sessions (their login shells start
+        while we stage, then wait for a release line), stage. Any host that cannot be reached
+        fails the whole launch before a rank runs."""
         t0 = time.monotonic()
         self._specs = specs
         self._local_run_dir = Path(specs[0].env["ORCH_RUN_DIR"])
@@ -413,37 +424,46 @@ class SSHLauncher(Launcher):
         need_code = any(s.stage_code for s in self._sites.values())
         trees = asyncio.ensure_future(asyncio.to_thread(self._local_trees, script.parent, need_code))
         links = list(self._links.values())
-        results = await asyncio.gather(*(self._connect(l) for l in links), return_exceptions=True)
-        failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
-        if failed:
+
+        async def bring_up(link: _Link) -> None:
+            try:
+                await self._connect(link)
+            except Exception as e:
+                raise _ConnectFailed(e) from None
+            runtime_tree, code_tree = await trees
+            await self._open_sftp(link, runtime_tree)
+            await self._open_sessions(link)
+            await self._stage_link(link, runtime_tree, code_tree)
+
+        results = await asyncio.gather(*(bring_up(l) for l in links), return_exceptions=True)
+        if not trees.done():
             trees.cancel()
+        elif not trees.cancelled():
+            trees.exception()  # retrieved: reported through the hosts' results
+        for r in results:
+            if isinstance(r, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise r
+        failed = [(l, r.exc) for l, r in zip(links, results) if isinstance(r, _ConnectFailed)]
+        if failed:
+            self._close_pending()
             reasons: dict[str, list[str]] = {}  # hosts failing the same way are named together
             for link, exc in failed:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
-                    raise exc
                 why = describe_connect_error(exc, timeout=self.req.connect_timeout, known_hosts=self.req.known_hosts,
                                              key_problem=link.key_problem, user=link.user, accept_new=self.req.ssh_accept_new)
                 reasons.setdefault(why, []).append(link.name)
             parts = [f"{', '.join(names)}: {why}" for why, names in reasons.items()]
             raise LaunchError(f"cannot reach {len(failed)} of {len(links)} host{'s' if len(links) > 1 else ''}: " + "; ".join(parts))
-
-        try:
-            runtime_tree, code_tree = await trees
-        except staging.StagingError as e:
-            raise LaunchError(str(e)) from None
-        t1 = time.monotonic()
-        results = await asyncio.gather(*(self._stage_link(l, runtime_tree, code_tree) for l in links), return_exceptions=True)
         failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
         if failed:
-            for _, exc in failed:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
-                    raise exc
+            self._close_pending()
+            if all(isinstance(e, staging.StagingError) for _, e in failed):
+                msgs = sorted({str(e) for _, e in failed})
+                if len(msgs) == 1 and not str(msgs[0]).startswith("cannot place"):
+                    raise LaunchError(msgs[0])  # a local problem (e.g. a huge script directory): say it once
             raise LaunchError("staging failed on " + "; ".join(f"{l.name}: {staging.describe_sftp_error(e)}" for l, e in failed))
-        t2 = time.monotonic()
         self.stats = {
             "run_id": self.run_id,
-            "connect_s": round(t1 - t0, 4),
-            "stage_s": round(t2 - t1, 4),
+            "prepare_s": round(time.monotonic() - t0, 4),
             "uploaded_files": sum(l.stats.uploaded_files for l in links),
             "uploaded_bytes": sum(l.stats.uploaded_bytes for l in links),
             "hosts": {l.name: l.stats.as_dict() for l in links},
@@ -457,31 +477,49 @@ class SSHLauncher(Launcher):
         code = staging.code_tree(script_dir, self.req.stage, cache) if need_code else None
         return rt, code
 
-    async def _stage_link(self, link: _Link, runtime_tree: staging.Tree, code_tree: Optional[staging.Tree]) -> None:
-        t0 = time.monotonic()
+    async def _open_sftp(self, link: _Link, runtime_tree: staging.Tree) -> None:
+        """The host's SFTP session and every remote path of this run (nothing is created yet)."""
         link.sftp = await link.conn.start_sftp_client()
         link.home = await link.sftp.realpath(".")
         base = f"{link.home.rstrip('/')}/{REMOTE_BASE}"
         link.stager = staging.RemoteStager(link.sftp, base, link.stats)
+        link.runtime_dir = link.stager.shared_tree_path(runtime_tree, "runtime")
+        for site in self._sites.values():
+            if site.link is link:
+                site.run_root = f"{base}/runs/{self.run_id}/h{site.index}"
+                site.run_dir = f"{site.run_root}/run"
+                site.code_dir = f"{site.run_root}/code" if site.stage_code else None
+
+    async def _open_sessions(self, link: _Link) -> None:
+        """Start each rank's session now: its login shell runs while we stage, then waits at ``read``."""
+        for spec in self._specs:
+            if self._sites[spec.host_index].link is link:
+                link.pending[spec.rank] = await link.conn.create_process(self.command_for(spec), encoding=None)
+
+    def _close_pending(self) -> None:
+        for link in self._links.values():
+            for proc in link.pending.values():
+                try:
+                    proc.close()  # EOF at the shell's read: it exits without starting anything
+                except (asyncssh.Error, OSError):
+                    pass
+            link.pending.clear()
+
+    async def _stage_link(self, link: _Link, runtime_tree: staging.Tree, code_tree: Optional[staging.Tree]) -> None:
+        t0 = time.monotonic()
+        st = link.stager
         sites = [s for s in self._sites.values() if s.link is link]
 
         async def site_dirs(site: _Site) -> None:
-            st = link.stager
-            site.run_root = f"{base}/runs/{self.run_id}/h{site.index}"
-            site.run_dir = f"{site.run_root}/run"
-            await st.makedirs(f"{base}/runs/{self.run_id}")
+            await st.makedirs(site.run_root.rsplit("/", 1)[0])
             await st.mkdir_ok(site.run_root)
-            dirs = [site.run_dir]
-            if site.stage_code:
-                site.code_dir = f"{site.run_root}/code"
-                dirs.append(site.code_dir)
-            await asyncio.gather(*(link.sftp.mkdir(d) for d in dirs))
-            if site.stage_code and code_tree is not None:
+            await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d))
+            if site.code_dir and code_tree is not None:
                 await st.makedirs(st.objects)
                 await st.materialise(code_tree, site.code_dir, "code")
 
         async def runtime() -> None:
-            link.runtime_dir = await link.stager.shared_tree(runtime_tree, "runtime")
+            await st.shared_tree(runtime_tree, "runtime")
 
         await asyncio.gather(runtime(), *(site_dirs(s) for s in sites))
         link.stats.seconds = round(time.monotonic() - t0, 4)
@@ -497,6 +535,7 @@ class SSHLauncher(Launcher):
     # -- start ------------------------------------------------------------------
 
     def command_for(self, spec: RankSpec) -> str:
+        """``read -r orch_go && cd DIR && exec env ... guard -- bootstrap SCRIPT ARGS``: waits for one release line."""
         site = self._sites[spec.host_index]
         python = spec.python or DEFAULT_PYTHON
         if spec.cwd or not site.stage_code:
@@ -504,7 +543,7 @@ class SSHLauncher(Launcher):
         else:
             cwd, script = site.code_dir, f"{site.code_dir}/{self._script_rel}"
         env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir)
-        return build_command(spec.rank_argv(python, script), env, cwd)
+        return "read -r orch_go && " + build_command(spec.rank_argv(python, script), env, cwd)
 
     async def start(self, spec: RankSpec) -> RankHandle:
         site = self._sites.get(spec.host_index)
@@ -514,7 +553,10 @@ class SSHLauncher(Launcher):
         if not link.alive:
             raise LaunchError(link.lost_reason)
         self._started = True
-        proc = await link.conn.create_process(self.command_for(spec), encoding=None)
+        proc = link.pending.pop(spec.rank, None)
+        if proc is None or proc.is_closing():  # a restart, or the session went away: a new one
+            proc = await link.conn.create_process(self.command_for(spec), encoding=None)
+        proc.stdin.write(RELEASE)
         return SSHRank(spec, link, proc, self)
 
     # -- the end ----------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""The benchmark recipe: a compute-bound MLP trained by ``orchestrator.runtime``.
+
+Used by ``benchmarks/scaling.py`` (and ``telemetry_overhead.py``); the
+hand-written ``mlx.launch`` baseline (``benchmarks/mlx_launch_dp_loop.py``)
+builds exactly the same model, data and optimizer.
+
+    orch run benchmarks/bench_mlp.py -n 2 -- --steps 60 --profile-steps 20 --noreduce-steps 20
+
+The normal steps are the runtime's own loop (``Trainer.fit``), so their step
+events are what a user's run emits. After ``fit`` returns, two optional
+measuring phases run in the same processes (their steps do not appear as step
+events; each rank prints one ``BENCH_JSON {...}`` line instead):
+
+* ``--profile-steps K``: K steps with an ``mx.eval`` after each phase, timing
+  forward+backward, ``average_gradients`` (the trainer's ``_average``, with the
+  wait for the slowest rank included: that wait is part of its cost) and the
+  optimizer update separately;
+* ``--noreduce-steps K``: K steps of ``Trainer.train_step`` with the gradient
+  all-reduce switched off: what N ranks compute when they never communicate.
+  ``throughput(noreduce, N) / (N x throughput(1))`` is the contention part of
+  the efficiency (memory bandwidth, SMT siblings, the controller), and
+  ``throughput(N) / throughput(noreduce, N)`` the communication part.
+
+Knobs for what the runtime could do differently (the runtime itself is not
+changed; this subclass overrides ``Trainer._average``):
+
+* ``--all-reduce-size BYTES``: ``nn.average_gradients``' bucket size (-1: the
+  runtime's own call, 0: one all_sum per array);
+* ``--comm-stream``: run the all-reduces on their own CPU stream (another
+  thread), so bucket k's reduction can overlap the rest of the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from orchestrator.runtime import Hparams, Recipe, optimizer_from
+from orchestrator.runtime.config import parse_hparams
+from orchestrator.runtime.trainer import Trainer, init_group
+
+
+@dataclass
+class Config(Hparams):
+    steps: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    in_dim: int = 64
+    hidden: int = 256
+    depth: int = 3
+    samples: int = 16384
+    log_every: int = 1000
+    # benchmark-only knobs
+    all_reduce_size: int = -1
+    comm_stream: bool = False
+    profile_steps: int = 0
+    noreduce_steps: int = 0
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of width ``hidden`` with ReLU, then a scalar output."""
+
+    def __init__(self, in_dim: int, hidden: int, depth: int):
+        super().__init__()
+        dims = [in_dim] + [hidden] * depth
+        self.layers = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])] + [nn.Linear(hidden, 1)]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def build(hp):
+    return MLP(hp.in_dim, hp.hidden, hp.depth), optimizer_from(hp)
+
+
+def loss_fn(model, x, y):
+    return nn.losses.mse_loss(model(x), y, reduction="mean")
+
+
+def dataset(hp):
+    """A fixed random teacher network; identical on every rank (seeded)."""
+    rng = np.random.default_rng(hp.seed)
+    x = rng.standard_normal((hp.samples, hp.in_dim), dtype=np.float32)
+    w1 = rng.standard_normal((hp.in_dim, 32), dtype=np.float32) / np.sqrt(hp.in_dim)
+    w2 = rng.standard_normal((32, 1), dtype=np.float32) / np.sqrt(32)
+    y = np.tanh(x @ w1) @ w2 + 0.01 * rng.standard_normal((hp.samples, 1), dtype=np.float32)
+    return x, y.astype(np.float32)
+
+
+recipe = Recipe(hparams=Config, build=build, loss=loss_fn, data=dataset, name="bench_mlp")
+
+
+class BenchTrainer(Trainer):
+    """The runtime's trainer with the all-reduce made switchable and tunable."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reduce = True
+        self.comm_stream = mx.new_stream(mx.cpu) if self.hp.comm_stream else None
+
+    def _average(self, grads: Any, loss: mx.array):
+        if not self.reduce:
+            return grads, loss
+        if self.hp.all_reduce_size < 0 and self.comm_stream is None:
+            return super()._average(grads, loss)
+        if self.world == 1:
+            return grads, loss
+        size = self.hp.all_reduce_size if self.hp.all_reduce_size >= 0 else 32 * 1024**2
+        averaged = nn.average_gradients({"grads": grads, "loss": loss}, group=self.group,
+                                        all_reduce_size=size, communication_stream=self.comm_stream)
+        return averaged["grads"], averaged["loss"]
+
+
+def _barrier(group) -> None:
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
+def profile(tr: BenchTrainer, steps: int) -> dict:
+    """Per-phase times of ``steps`` steps (an eval after each phase)."""
+    comp, avg, upd, total = [], [], [], []
+    _barrier(tr.group)
+    for _ in range(steps):
+        _, micro = tr.sampler.next_step()
+        t0 = time.perf_counter()
+        loss_sum, grad_sum = None, None
+        for indices in micro:
+            loss, grads = tr.loss_and_grad(tr.model, *tr._batch(indices))
+            if grad_sum is None:
+                loss_sum, grad_sum = loss, grads
+            else:
+                loss_sum = loss_sum + loss
+                grad_sum = tree_map(mx.add, grad_sum, grads)
+            mx.eval(loss_sum, grad_sum)
+        t1 = time.perf_counter()
+        grads, loss = tr._average(grad_sum, loss_sum)
+        mx.eval(grads, loss)
+        t2 = time.perf_counter()
+        tr.optimizer.update(tr.model, grads)
+        mx.eval(tr.model.parameters(), tr.optimizer.state)
+        t3 = time.perf_counter()
+        loss.item()
+        comp.append(t1 - t0)
+        avg.append(t2 - t1)
+        upd.append(t3 - t2)
+        total.append(time.perf_counter() - t0)
+    return {"compute_s": median(comp), "allreduce_s": median(avg), "update_s": median(upd),
+            "total_s": median(total), "allreduce_share": sum(avg) / sum(total)}
+
+
+def noreduce(tr: BenchTrainer, steps: int) -> dict:
+    """Wall time per step of the real train_step with the all-reduce switched off."""
+    tr.reduce = False
+    _barrier(tr.group)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = tr.train_step()
+        loss.item()
+    dt = (time.perf_counter() - t0) / steps
+    tr.reduce = True
+    _barrier(tr.group)
+    return {"step_s": dt}
+
+
+def main() -> None:
+    hp = parse_hparams(Config, prog="bench_mlp")
+    group = init_group()
+    tr = BenchTrainer(recipe, hp, group, "bench_mlp")
+    tr.fit()
+    out: dict = {"rank": tr.rank, "world": tr.world, "pid": os.getpid(),
+                 "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                 "params": sum(v.size for _, v in tree_flatten(tr.model.parameters())),
+                 "samples_per_step": tr.sampler.samples_per_step}
+    if hp.profile_steps:
+        out["profile"] = profile(tr, hp.profile_steps)
+    if hp.noreduce_steps:
+        out["noreduce"] = noreduce(tr, hp.noreduce_steps)
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Turn what a failed rank printed into a cause a person can act on (after exo's diagnostics).
+
+Users of MLX's ring backend mostly see "Couldn't connect" and a hang; the
+message alone names no address, no neighbour and no likely fix. The plan
+knows which address each rank connects to, so a diagnosis can say
+"rank 1 could not connect to rank 2 at 10.0.1.2:5001 (nobody listening)".
+
+``classify(lines, rank, plan)`` returns the first matching ``Diagnosis`` (the
+most specific patterns come first) or None.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+ERRNO = {
+    98: "address already in use",
+    101: "network unreachable",
+    104: "connection reset",
+    110: "timed out",
+    111: "connection refused: nobody listening there",
+    113: "no route to host",
+    # macOS numbering
+    48: "address already in use",
+    51: "network unreachable",
+    54: "connection reset",
+    60: "timed out",
+    61: "connection refused: nobody listening there",
+    65: "no route to host",
+}
+
+
+@dataclass
+class Diagnosis:
+    cause: str  # short machine-friendly key
+    message: str  # one line for a person
+    secondary: bool = False  # a consequence of another rank's failure
+
+
+def _neighbour(rank: int, plan) -> tuple[Optional[int], str]:
+    if plan is None or not getattr(plan, "ranks", None):
+        return None, "its right neighbour"
+    right = (rank + 1) % len(plan.ranks)
+    addrs = ",".join(plan.ranks[right].listen) or "?"
+    return right, f"rank {right} at {addrs} (host {plan.ranks[right].host})"
+
+
+def _own_address(rank: int, plan) -> str:
+    if plan is None or not getattr(plan, "ranks", None) or rank >= len(plan.ranks):
+        return "its listen address"
+    return ",".join(plan.ranks[rank].listen) or "its listen address"
+
+
+def classify(lines: Iterable[str], rank: int = 0, plan=None) -> Optional[Diagnosis]:
+    text = "\n".join(lines)
+
+    m = re.search(r"\[ring\] Couldn't connect \(error: (\d+)\)", text)
+    if m:
+        err = int(m.group(1))
+        _, who = _neighbour(rank, plan)
+        return Diagnosis(
+            "ring_connect",
+            f"ring: rank {rank} could not connect to {who} ({ERRNO.get(err, f'errno {err}')}) after MLX's 31 s of retries; "
+            "check that rank is running and listens on that address, and that the address is reachable from this host "
+            "(orch check tests every link)",
+        )
+    m = re.search(r"\[ring\] Couldn't bind socket \(error: (\d+)\)", text)
+    if m:
+        err = int(m.group(1))
+        return Diagnosis(
+            "ring_bind",
+            f"ring: rank {rank} could not listen on {_own_address(rank, plan)} ({ERRNO.get(err, f'errno {err}')}); "
+            "another process holds the port or the address is not on this host",
+        )
+    if re.search(r"\[ring\] (connection to a peer was lost|Socket \d+ was closed by the peer|Too many send/recv errors)", text):
+        return Diagnosis(
+            "ring_peer_lost",
+            f"ring: rank {rank} lost the connection to a neighbour (a peer rank died or a link went down)",
+            secondary=True,
+        )
+    m = re.search(r"\[METAL\] Command buffer execution failed: ([^(\n]+)\(([0-9a-f]+):(\w+)\)", text)
+    if m:
+        what, code = m.group(1).strip(), m.group(3)
+        if "OutOfMemory" in code or "Insufficient Memory" in what:
+            return Diagnosis("metal_oom", f"Metal: rank {rank} ran out of GPU memory ({code}); lower the batch size or the model size")
+        if "Timeout" in code or "Timeout" in what:
+            return Diagnosis(
+                "metal_timeout",
+                f"Metal: a GPU command buffer on rank {rank} ran too long and was killed ({code}); "
+                "split large evaluations or reduce per-step work",
+            )
+        return Diagnosis("metal_error", f"Metal: command buffer failed on rank {rank}: {what} ({code})")
+    if re.search(r"\[metal::malloc\]|std::bad_alloc|MemoryError", text):
+        return Diagnosis("oom", f"rank {rank} ran out of memory; lower the batch size or the model size")
+    m = re.search(r"ModuleNotFoundError: No module named '([^']+)'", text)
+    if m:
+        mod = m.group(1)
+        return Diagnosis(
+            "import_error",
+            f"rank {rank}'s python has no module '{mod}'; install it there (pip install {mod.split('.')[0]}) "
+            "or point --python / the hostfile's \"python\" at an environment that has it",
+        )
+    if re.search(r"attempted to initialize\s+MPI .*more than once", text, re.S):
+        return Diagnosis(
+            "mpi_double_init",
+            f"MPI: rank {rank} initialised MPI twice (mpi4py imported before MLX's init); "
+            "run through orch --backend mpi, or set mpi4py.rc.initialize = False",
+        )
+    if re.search(r"Cannot initialize MPI|\[mpi\] Couldn't load|libmpi", text):
+        return Diagnosis(
+            "mpi_init",
+            f"MPI: rank {rank} could not initialise MPI; check that Open MPI is installed on every host "
+            "and MLX_MPI_LIBNAME names its libmpi",
+        )
+    return None
