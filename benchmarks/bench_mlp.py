@@ -64,6 +64,7 @@ class Config(Hparams):
     comm_stream: bool = False
     profile_steps: int = 0
     noreduce_steps: int = 0
+    stats_toggle: int = 0
 
 
 class MLP(nn.Module):
@@ -108,6 +109,23 @@ class BenchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.reduce = True
         self.comm_stream = mx.new_stream(mx.cpu) if self.hp.comm_stream else None
+        # --stats-toggle K: memory stats every step for K steps, then none for K steps, ...;
+        # (stats on for the step, wall time from this step's start to the next one's)
+        self.intervals: list[tuple[bool, float]] = []
+        self._last_start: float | None = None
+        self._stats_on = False
+
+    def train_step(self):
+        now = time.perf_counter()
+        if self._last_start is not None and self.hp.stats_toggle:
+            self.intervals.append((self._stats_on, now - self._last_start))
+        self._last_start = now
+        out = super().train_step()
+        if self.hp.stats_toggle:
+            # fit() samples after this returns when hp.stats_every divides the step just done
+            self._stats_on = (self.step // self.hp.stats_toggle) % 2 == 1
+            self.hp.stats_every = 1 if self._stats_on else 0
+        return out
 
     def _average(self, grads: Any, loss: mx.array):
         if not self.reduce:
@@ -173,15 +191,32 @@ def noreduce(tr: BenchTrainer, steps: int) -> dict:
     return {"step_s": dt}
 
 
+def _threads() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
 def main() -> None:
     hp = parse_hparams(Config, prog="bench_mlp")
     group = init_group()
     tr = BenchTrainer(recipe, hp, group, "bench_mlp")
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     tr.fit()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     out: dict = {"rank": tr.rank, "world": tr.world, "pid": os.getpid(),
+                 "fit_cpu_per_wall": cpu / wall, "threads": _threads(),
                  "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                  "params": sum(v.size for _, v in tree_flatten(tr.model.parameters())),
                  "samples_per_step": tr.sampler.samples_per_step}
+    if hp.stats_toggle:
+        warm = 2 * hp.stats_toggle  # the first on/off pair is warm-up
+        on = [dt for (flag, dt) in tr.intervals[warm:] if flag]
+        off = [dt for (flag, dt) in tr.intervals[warm:] if not flag]
+        out["toggle"] = {"on_median_s": median(on), "off_median_s": median(off),
+                         "on_mean_s": sum(on) / len(on), "off_mean_s": sum(off) / len(off),
+                         "n_on": len(on), "n_off": len(off)}
     if hp.profile_steps:
         out["profile"] = profile(tr, hp.profile_steps)
     if hp.noreduce_steps:

@@ -31,11 +31,11 @@ def pin_self(rank: int, world: int) -> None:
 
 
 def world_from_env() -> int:
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if hostfile:
-        with open(hostfile) as f:
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
             return len(json.load(f))
-    return 1
+    except (KeyError, OSError, ValueError):
+        return 1
 
 
 def main() -> None:
@@ -91,6 +91,7 @@ def main() -> None:
     perm, offset, epoch = np.random.default_rng(a.seed).permutation(a.samples), 0, 0
     ends = []
     loss = None
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         if offset + global_batch > a.samples:
             epoch, offset = epoch + 1, 0
@@ -106,6 +107,7 @@ def main() -> None:
         "rank": rank, "world": world, "pid": os.getpid(), "ends": ends, "loss": loss.item(),
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "samples_per_step": global_batch,
+        "cpu_per_wall": (time.process_time() - cpu0) / (time.perf_counter() - wall0),
     }), flush=True)
 
 

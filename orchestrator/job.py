@@ -17,7 +17,7 @@ from orchestrator.hostfile import ConfigError, Hostfile, load_hostfile, local_ho
 from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job
-from orchestrator.rundir import RankSummary, RunDir, RunSummary, default_run_dir
+from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 
 class RunRequest(BaseModel):
@@ -32,6 +32,10 @@ class RunRequest(BaseModel):
     run_dir: Optional[str] = None
     init_timeout: float = 60.0
     grace: float = 1.0
+    hang_timeout: float = 300.0
+    first_step_timeout: float = 120.0
+    max_restarts: int = 0
+    restart_backoff: float = 1.0
     connections_per_ip: int = 1
     starting_port: Optional[int] = None
     echo: bool = True
@@ -113,19 +117,20 @@ def _launcher_for(hostfile: Hostfile, req: RunRequest) -> Launcher:
     return SSHLauncher(hostfile, req)
 
 
-def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
+def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, object]:
     """Everything that can fail on bad input, before anything is created or started."""
     hostfile = _load_cluster(req)
     backend = req.backend or hostfile.backend or "ring"
     if backend not in ("ring", "mpi"):
         raise ConfigError(f"--backend {backend}: unknown backend; use ring or mpi")
     script = _check_script(req)
+    mpi = None
     if backend == "mpi":
         from orchestrator.launch.mpi import find_mpi
 
         mpi = find_mpi(req.mpirun)  # fail early, naming what was searched
     else:
-        launcher = _launcher_for(hostfile, req)
+        _launcher_for(hostfile, req)
     if req.cwd and not Path(req.cwd).is_dir():
         raise ConfigError(f"--cwd {req.cwd}: no such directory")
     for e in req.env:
@@ -133,42 +138,103 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, Launcher, RunDir, str]:
             parse_env_assignment(e)
         except ValueError as err:
             raise ConfigError(f"--env: {err}") from None
+    if req.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
     rundir = RunDir(req.run_dir or default_run_dir(script))
-    if backend == "mpi":
+    return hostfile, plan, rundir, script, mpi
+
+
+def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: RunDir, mpi) -> Launcher:
+    if plan.backend == "mpi":
         from orchestrator.launch.mpi import MPILauncher
 
-        launcher = MPILauncher(hostfile, req, rundir.path, mpi)
-    return hostfile, plan, launcher, rundir, script
+        return MPILauncher(hostfile, req, rundir.path, mpi)
+    return _launcher_for(hostfile, req)
+
+
+def _resume_args(req: RunRequest, rundir: RunDir) -> list[str]:
+    """Restarts continue from the latest complete checkpoint when the script wrote one."""
+    if "--resume" in req.script_args or not (rundir.checkpoints / "latest.json").exists():
+        return list(req.script_args)
+    return [*req.script_args, "--resume"]
+
+
+async def _backoff(seconds: float) -> bool:
+    """Sleep before a restart; False if the user interrupted meanwhile."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return False
+    except asyncio.TimeoutError:
+        return True
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def run_job_async(req: RunRequest) -> RunSummary:
-    hostfile, plan, launcher, rundir, script = prepare(req)
-    specs = build_specs(req, hostfile, plan, rundir, script)
-    rundir.write_json("plan.json", plan.model_dump(mode="json"))
-    try:
-        await launcher.prepare(specs)
-    except LaunchError as e:
-        await launcher.aclose()
-        return _failed_before_start(req, plan, rundir, script, str(e))
-    sup = Supervisor(plan, specs, launcher, rundir, script, SupervisorOptions(init_timeout=req.init_timeout, echo=req.echo))
-    return await sup.run()
+    """Run the job; with --max-restarts, start it again from the last checkpoint after a failure."""
+    import time
+
+    hostfile, plan, rundir, script, mpi = prepare(req)
+    t0 = time.monotonic()
+    attempts: list[AttemptSummary] = []
+    summary: Optional[RunSummary] = None
+    for attempt in range(req.max_restarts + 1):
+        if attempt > 0:
+            plan = plan_job(hostfile, plan.backend, req.connections_per_ip, None)
+            rundir.start_attempt(attempt)
+        attempt_req = req.model_copy(update={"script_args": _resume_args(req, rundir) if attempt else list(req.script_args)})
+        launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
+        specs = build_specs(attempt_req, hostfile, plan, rundir, script)
+        rundir.write_json("plan.json", plan.model_dump(mode="json"))
+        try:
+            await launcher.prepare(specs)
+        except LaunchError as e:
+            await launcher.aclose()
+            summary = _failed_before_start(req, plan, rundir, script, str(e))
+        else:
+            sup = Supervisor(plan, specs, launcher, rundir, script, SupervisorOptions(
+                init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
+                first_step_timeout=req.first_step_timeout, attempt=attempt))
+            summary = await sup.run()
+        attempts.append(AttemptSummary(
+            attempt=attempt, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
+            reason=summary.reason, diagnosis=summary.diagnosis, started_at=summary.started_at,
+            duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0))
+        if summary.status != "failed" or attempt == req.max_restarts:
+            break
+        delay = min(30.0, req.restart_backoff * 2 ** attempt)
+        sys.stderr.write(f"orch: restart {attempt + 1}/{req.max_restarts} in {delay:g}s"
+                         f"{' from the latest checkpoint' if (rundir.checkpoints / 'latest.json').exists() else ''}\n")
+        if not await _backoff(delay):
+            summary = summary.model_copy(update={"status": "interrupted", "exit_code": 130})
+            break
+    summary = summary.model_copy(update={
+        "attempts": attempts if req.max_restarts else [], "restarts": len(attempts) - 1,
+        "duration_s": round(time.monotonic() - t0, 3)})
+    rundir.write_summary(summary)
+    rundir.close()
+    return summary
 
 
 def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script: str, reason: str) -> RunSummary:
-    """Nothing started: say why, leave a summary, exit 1."""
+    """Nothing started: say why, exit 1."""
     import time
 
-    summary = RunSummary(
+    sys.stderr.write(f"orch: could not start the run: {reason}\norch: failed; run directory {rundir.path}\n")
+    return RunSummary(
         status="failed", exit_code=1, failed_rank=None, reason=reason, duration_s=0.0,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=script, backend=plan.backend,
         world_size=plan.world_size, run_dir=str(rundir.path),
         ranks=[RankSummary(rank=r.rank, host=r.host) for r in plan.ranks],
     )
-    rundir.write_summary(summary)
-    rundir.close()
-    sys.stderr.write(f"orch: could not start the run: {reason}\norch: failed; run directory {rundir.path}\n")
-    return summary
 
 
 def run_job(req: RunRequest) -> RunSummary:

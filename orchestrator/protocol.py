@@ -86,6 +86,14 @@ class ReadyEvent(_Base):
     init_s: float
 
 
+class TrainStartEvent(_Base):
+    """A runtime trainer begins its loop (arms the controller's hang watchdog)."""
+
+    kind: Literal["train_start"]
+    step: int
+    total_steps: Optional[int]
+
+
 class StepEvent(_Base):
     kind: Literal["step"]
     step: int
@@ -134,6 +142,7 @@ Event = Union[
     InitStartEvent,
     ListeningEvent,
     ReadyEvent,
+    TrainStartEvent,
     StepEvent,
     MemoryEvent,
     CheckpointEvent,

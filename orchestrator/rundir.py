@@ -6,6 +6,7 @@
       summary.json        written when the run ends, whatever the outcome
       events.jsonl        every event from every rank, time-stamped, in arrival order
       logs/rank-<r>.log   each rank's complete output (stdout and stderr)
+      logs/attempt-<n>/   the same for restart n (--max-restarts)
       mlx-hostfile.json   the MLX_HOSTFILE the ranks used (ring backend)
       checkpoints/        complete checkpoints only (written by the runtime)
 """
@@ -42,6 +43,18 @@ class RankSummary(BaseModel):
     memory: Optional[MemorySummary] = None
 
 
+class AttemptSummary(BaseModel):
+    attempt: int
+    status: str
+    exit_code: int
+    failed_rank: Optional[int] = None
+    reason: Optional[str] = None
+    diagnosis: Optional[str] = None
+    started_at: str
+    duration_s: float
+    resumed: bool = False
+
+
 class RunSummary(BaseModel):
     status: Literal["succeeded", "failed", "interrupted"]
     exit_code: int
@@ -56,6 +69,8 @@ class RunSummary(BaseModel):
     run_dir: str
     ranks: list[RankSummary] = Field(default_factory=list)
     metrics: dict = Field(default_factory=dict)
+    restarts: int = 0
+    attempts: list[AttemptSummary] = Field(default_factory=list)
 
 
 def default_run_dir(script: str, root: str | os.PathLike = "runs") -> Path:
@@ -81,6 +96,14 @@ class RunDir:
         self.logs.mkdir(parents=True, exist_ok=True)
         self._events: Optional[IO[str]] = None
         self._logs: dict[int, IO[str]] = {}
+
+    def start_attempt(self, attempt: int) -> None:
+        """Logs of a restarted attempt go to logs/attempt-<n>/ so no attempt overwrites another."""
+        for f in self._logs.values():
+            f.close()
+        self._logs.clear()
+        self.logs = self.path / "logs" / f"attempt-{attempt}"
+        self.logs.mkdir(parents=True, exist_ok=True)
 
     def log(self, rank: int) -> IO[str]:
         f = self._logs.get(rank)

@@ -6,11 +6,14 @@ What goes where on a host (``BASE`` is ``~/.cache/mlx-orch``)::
     BASE/runtime/<tree digest>/        the rank runtime (orchestrator/__init__.py, protocol.py, runtime/**),
                                        shared by every run of the same orch version: built once, then
                                        found with one ``stat`` (and Python's bytecode cache stays warm)
-    BASE/runs/<run-id>/h<i>/code/      the script's directory (+ ``--stage`` paths), hard links into objects/
-    BASE/runs/<run-id>/h<i>/run/       the rank's ``ORCH_RUN_DIR`` (checkpoints, stats), collected at the end
+    BASE/runs/<run-id>-h<i>/code/      the script's directory (+ ``--stage`` paths), hard links into objects/
+    BASE/runs/<run-id>-h<i>/run/       the rank's ``ORCH_RUN_DIR`` (checkpoints, stats), collected at the end
 
-``h<i>`` is the host's index in the hostfile: hosts that share a filesystem
-(an NFS home, or the namespace test cluster) get separate run directories.
+``<run-id>`` is the local run directory's name plus a random suffix; ``h<i>``
+the host's index in the hostfile, so hosts that share a filesystem (an NFS
+home, or the namespace test cluster) get separate run directories. After a
+run whose results were collected, the launcher removes ``runs/<run-id>-h<i>``;
+the object and runtime caches stay.
 
 Uploads go through the host's one SFTP session, many requests in flight at
 once. An object is uploaded under a temporary name and renamed into place, so
@@ -284,6 +287,7 @@ class RemoteStager:
         self.stats = stats or StageStats()
         self._sem = asyncio.Semaphore(IN_FLIGHT)
         self._uploads: dict[str, asyncio.Task] = {}
+        self._objects_dir: Optional[asyncio.Future] = None
 
     async def _gather(self, coros) -> None:
         async def one(c):
@@ -325,6 +329,9 @@ class RemoteStager:
 
         final = f"{self.objects}/{f.object_name}"
         tmp = f"{self.objects}/.tmp-{f.sha256[:16]}-{secrets.token_hex(4)}"
+        if self._objects_dir is None:
+            self._objects_dir = asyncio.ensure_future(self.makedirs(self.objects))
+        await asyncio.shield(self._objects_dir)
         try:
             await self.sftp.put(f.src, tmp)
             await self.sftp.chmod(tmp, 0o755 if f.executable else 0o644)
@@ -398,7 +405,6 @@ class RemoteStager:
             return final
         self.stats.runtime_reused = False
         await self.makedirs(f"{self.base}/{kind}")
-        await self.makedirs(self.objects)
         tmp = f"{self.base}/{kind}/.tmp-{tree.digest[:12]}-{secrets.token_hex(4)}"
         await self.sftp.mkdir(tmp)
         try:

@@ -50,6 +50,9 @@ class SupervisorOptions:
     echo: bool = True
     handle_signals: bool = True
     live: Optional[bool] = None  # None: a live block when stderr is a terminal
+    hang_timeout: float = 300.0  # no step from any rank for this long, once training started
+    first_step_timeout: float = 120.0  # from a trainer's start to its first step
+    attempt: int = 0
 
 
 @dataclass
@@ -70,6 +73,9 @@ class RankState:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_t: Optional[float] = None
+    training: bool = False
+    finished: bool = False
+    last_step_wall: Optional[float] = None
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
         return classify(self.tail, self.rank, plan)
@@ -117,6 +123,8 @@ class Supervisor:
         self._gate_open = False
         self._failed: list[RankState] = []
         self._settle_deadline: Optional[float] = None
+        self._last_progress: Optional[float] = None
+        self._any_step = False
         self.live = LiveView(self.states, err=err, tty=self.opts.live)
 
     # ---- the run -------------------------------------------------------
@@ -139,8 +147,6 @@ class Supervisor:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         summary = self._summary(time.monotonic() - t0, started_at)
-        self.rundir.write_summary(summary)
-        self.rundir.close()
         self._report(summary)
         return summary
 
@@ -178,13 +184,71 @@ class Supervisor:
             deadlines = [d for d in (self._settle_deadline,) if d is not None]
             if self.init_deadline is not None and not all(s.ready or s.exited.is_set() for s in self.states):
                 deadlines.append(self.init_deadline)
+            hang = self._hang_deadline()
+            if hang is not None:
+                deadlines.append(hang)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
-                if self.init_deadline is not None and time.monotonic() >= self.init_deadline:
+                now = time.monotonic()
+                if self.init_deadline is not None and now >= self.init_deadline:
                     self._init_timed_out()
+                hang = self._hang_deadline()
+                if hang is not None and now >= hang:
+                    self._hang_detected()
             self._wake.clear()
+
+    def _hang_deadline(self) -> Optional[float]:
+        """When the watchdog fires: armed once a trainer starts, until every trainer finished."""
+        if self._last_progress is None:
+            return None
+        active = [s for s in self.states if s.training and not s.finished and not s.exited.is_set()]
+        if not active:
+            return None
+        return self._last_progress + (self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout)
+
+    def _hang_detected(self) -> None:
+        limit = self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout
+        running = [s for s in self.states if not s.exited.is_set()]
+        by_step: dict = {}
+        for s in running:
+            by_step.setdefault(s.steps, []).append(s)
+        known = sorted((k for k in by_step if k is not None))
+        parts = []
+        suspect = None
+        order = ([None] if None in by_step else []) + known
+        for k in order:
+            group = by_step[k]
+            ranks = ",".join(str(s.rank) for s in group)
+            label = f"rank{'s' if len(group) > 1 else ''} {ranks}"
+            if k is None:
+                parts.append(f"{label} never reported a step")
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(group[0].last_step_wall)) if group[0].last_step_wall else "?"
+                parts.append(f"{label} last reported step {k} at {when}")
+            for st in group:
+                stopped = self._stopped_note(st)
+                if stopped:
+                    parts[-1] += f" (rank {st.rank} {stopped})"
+        lowest = (by_step.get(None) or (by_step[known[0]] if known else []))
+        if len(lowest) == 1 and len(running) > 1:
+            suspect = lowest[0]
+            parts.append(f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
+        self._fail(suspect.rank if suspect else None, 1,
+                   f"hang: no rank made progress for {limit:g}s (--hang-timeout): " + "; ".join(parts))
+
+    def _stopped_note(self, state: RankState) -> str:
+        """For ranks on this machine, what the OS says about a silent rank."""
+        if not state.pid or self.launcher.name != "local":
+            return ""
+        try:
+            import psutil
+
+            st = psutil.Process(state.pid).status()
+        except Exception:
+            return ""
+        return "is stopped (SIGSTOP/SIGTSTP)" if st == psutil.STATUS_STOPPED else ""
 
     def _name_root_cause(self) -> None:
         """The first failed rank that did not merely lose a peer; else the first failed rank."""
@@ -289,8 +353,8 @@ class Supervisor:
                     echo_to.flush()
 
     def _on_event(self, state: RankState, payload: dict) -> None:
-        payload = {**payload, "recv_t": time.time(), "from_rank": state.rank}
-        if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank")}) is None:
+        payload = {**payload, "recv_t": time.time(), "from_rank": state.rank, "attempt": self.opts.attempt}
+        if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank", "attempt")}) is None:
             payload["kind"] = f"unknown:{payload.get('kind')}"
             self.rundir.event(payload)
             return
@@ -311,7 +375,21 @@ class Supervisor:
         elif kind == "ready":
             state.ready = True
             self._wake.set()
+        elif kind == "train_start":
+            state.training = True
+            if self._last_progress is None:
+                self._last_progress = time.monotonic()
+                self._wake.set()
+        elif kind == "finished":
+            state.finished = True
+            self._wake.set()
         elif kind == "step":
+            state.training = True
+            self._last_progress = time.monotonic()
+            if not self._any_step:  # the watchdog switches from the first-step to the hang timeout
+                self._any_step = True
+                self._wake.set()
+            state.last_step_wall = payload.get("t")
             state.steps = payload["step"]
             state.total_steps = payload.get("total_steps")
             state.last_loss = payload["loss"]

@@ -243,7 +243,7 @@ def test_controller_killed_with_sigkill_leaves_no_rank_behind(c4, tmp_path):
         p.communicate(timeout=10)
     assert took < 5
     # What the dead controller left on the hosts' disk is the only trace (nobody could collect it).
-    for d in {Path(x).parent for x in remote_dirs_of(rd).values()}:
+    for d in remote_dirs_of(rd).values():
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -308,9 +308,10 @@ def test_a_host_that_vanishes_mid_run_is_detected_within_seconds(c4, tmp_path):
     c = c4
     rd = tmp_path / "run"
     p = start_orch(*orch_run_args(c, tmp_path, RECIPES / "mlp_regression.py", rd,
-                                  script_args=["--steps", "100000", "--log-every", "5"]), cwd=tmp_path)
+                                  script_args=["--steps", "100000", "--log-every", "5", "--checkpoint-every", "5"]),
+                   cwd=tmp_path)
     try:
-        wait_for_line(p, "step 5/", timeout=60)
+        wait_for_line(p, "step 10/", timeout=60)
         set_link(c, 3, "mgmt0", "down")  # host3 drops off the management network (the ring stays up)
         t0 = time.monotonic()
         out, err = p.communicate(timeout=30)
@@ -326,9 +327,24 @@ def test_a_host_that_vanishes_mid_run_is_detected_within_seconds(c4, tmp_path):
     assert detected < 10
     s = summary(rd)
     assert s["failed_rank"] == 3 and s["ranks"][3]["exit_code"] == 255
+    # A failed run still brings home the newest complete checkpoint (rank 0's host was reachable).
+    cp = ckpt.latest_complete(rd / "checkpoints")
+    assert cp is not None and cp.step >= 5
     # sshd on host3 gave up on us too (ClientAliveInterval), which stopped its rank through the guard.
     assert_hosts_clean(c, timeout=8)
     # host3's files could not be collected; the launcher said where they stay.
     kept = remote_dirs_of(rd)["host3"]
     assert f"its files stay in {kept}" in err
-    shutil.rmtree(Path(kept).parent, ignore_errors=True)
+    shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_with_cwd_the_code_is_not_staged_but_the_runtime_is(c4, tmp_path):
+    """mlx.launch's only mode: the script is already at the same path on every host (they share a filesystem here)."""
+    c = c4
+    rd = tmp_path / "run"
+    r = run_orch(*orch_run_args(c, tmp_path, RECIPES / "allsum_check.py", rd, extra=["--cwd", str(RECIPES)]),
+                 cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("OK") == 4
+    for host in json.loads((rd / "staging.json").read_text())["hosts"].values():
+        assert "code" not in host["placed"]

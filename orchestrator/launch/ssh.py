@@ -96,8 +96,7 @@ def _address_in(text: str) -> Optional[str]:
 
 
 def describe_connect_error(exc: BaseException, *, timeout: float, known_hosts: Optional[str] = None,
-                           key_problem: Optional[str] = None, user: Optional[str] = None,
-                           accept_new: bool = False) -> str:
+                           key_problem: Optional[str] = None, user: Optional[str] = None) -> str:
     """Why a host could not be reached, in words a person can act on (no traceback, no class names if avoidable)."""
     kh = known_hosts or "~/.ssh/known_hosts"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -221,7 +220,7 @@ class _Site:
     link: _Link
     label: str                      # safe local name for hosts/<label>/
     stage_code: bool
-    run_root: Optional[str] = None  # BASE/runs/<run-id>/h<i>
+    run_root: Optional[str] = None  # BASE/runs/<run-id>-h<i>
     code_dir: Optional[str] = None
     run_dir: Optional[str] = None
 
@@ -432,8 +431,7 @@ class SSHLauncher(Launcher):
                 raise _ConnectFailed(e) from None
             runtime_tree, code_tree = await trees
             await self._open_sftp(link, runtime_tree)
-            await self._open_sessions(link)
-            await self._stage_link(link, runtime_tree, code_tree)
+            await asyncio.gather(self._open_sessions(link), self._stage_link(link, runtime_tree, code_tree))
 
         results = await asyncio.gather(*(bring_up(l) for l in links), return_exceptions=True)
         if not trees.done():
@@ -449,7 +447,7 @@ class SSHLauncher(Launcher):
             reasons: dict[str, list[str]] = {}  # hosts failing the same way are named together
             for link, exc in failed:
                 why = describe_connect_error(exc, timeout=self.req.connect_timeout, known_hosts=self.req.known_hosts,
-                                             key_problem=link.key_problem, user=link.user, accept_new=self.req.ssh_accept_new)
+                                             key_problem=link.key_problem, user=link.user)
                 reasons.setdefault(why, []).append(link.name)
             parts = [f"{', '.join(names)}: {why}" for why, names in reasons.items()]
             raise LaunchError(f"cannot reach {len(failed)} of {len(links)} host{'s' if len(links) > 1 else ''}: " + "; ".join(parts))
@@ -486,7 +484,7 @@ class SSHLauncher(Launcher):
         link.runtime_dir = link.stager.shared_tree_path(runtime_tree, "runtime")
         for site in self._sites.values():
             if site.link is link:
-                site.run_root = f"{base}/runs/{self.run_id}/h{site.index}"
+                site.run_root = f"{base}/runs/{self.run_id}-h{site.index}"
                 site.run_dir = f"{site.run_root}/run"
                 site.code_dir = f"{site.run_root}/code" if site.stage_code else None
 
@@ -511,11 +509,9 @@ class SSHLauncher(Launcher):
         sites = [s for s in self._sites.values() if s.link is link]
 
         async def site_dirs(site: _Site) -> None:
-            await st.makedirs(site.run_root.rsplit("/", 1)[0])
-            await st.mkdir_ok(site.run_root)
+            await st.makedirs(site.run_root)
             await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d))
             if site.code_dir and code_tree is not None:
-                await st.makedirs(st.objects)
                 await st.materialise(code_tree, site.code_dir, "code")
 
         async def runtime() -> None:
@@ -639,11 +635,6 @@ class SSHLauncher(Launcher):
                      if s.link is link and s.run_root and s.index not in self._keep_remote]
             if not roots or link.sftp is None:
                 return
-            for root in roots:
-                await asyncio.wait_for(link.sftp.rmtree(root, ignore_errors=True), 30.0)
-            try:
-                await link.sftp.rmdir(roots[0].rsplit("/", 1)[0])  # runs/<run-id>, once every host is done with it
-            except (asyncssh.SFTPError, OSError):
-                pass
+            await asyncio.gather(*(asyncio.wait_for(link.sftp.rmtree(root, ignore_errors=True), 30.0) for root in roots))
 
         await asyncio.gather(*(clean(l) for l in self._links.values() if l.alive), return_exceptions=True)

@@ -174,6 +174,7 @@ def main(argv: list[str]) -> int:
         if stop_signal and stopping_since is None:
             stopping_since = time.monotonic()
             _killpg(pgid, signal.SIGTERM)
+            _killpg(pgid, signal.SIGCONT)  # a stopped rank must run to act on TERM
         timeout = None if watch_stdin else 0.5
         if not watch_stdin and os.getppid() != parent and stopping_since is None:
             stop_signal.append(0)

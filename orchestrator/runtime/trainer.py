@@ -385,6 +385,7 @@ class Trainer:
             f"{self.sampler.samples_per_step} samples/step, {len(self.dataset)} samples, "
             f"steps {self.step}->{hp.steps}"
         )
+        emit("train_start", step=self.step, total_steps=hp.steps)
         last_loss: Optional[float] = None
         first_step = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
