@@ -100,28 +100,31 @@ def run_measured(cmd: list[str], timeout: float, env: dict | None = None) -> tup
     deadline = time.monotonic() + timeout
     out_chunks: list[bytes] = []
     err_chunks: list[bytes] = []
-    # communicate() in small slices so the launcher's own CPU time can be read before it exits
-    while True:
-        try:
-            out, err = p.communicate(timeout=0.25)
-            out_chunks.append(out)
-            err_chunks.append(err)
-            break
-        except subprocess.TimeoutExpired:
+    try:
+        # communicate() in small slices so the launcher's own CPU time can be read before it exits
+        while True:
             try:
-                t = proc.cpu_times()
-                cpu = t.user + t.system
-            except psutil.Error:
-                pass
-            if time.monotonic() > deadline:
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    time.sleep(1)
-                out, err = p.communicate()
-                raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}\n{err.decode()[-2000:]}")
+                out, err = p.communicate(timeout=0.25)
+                out_chunks.append(out)
+                err_chunks.append(err)
+                break
+            except subprocess.TimeoutExpired:
+                try:
+                    t = proc.cpu_times()
+                    cpu = t.user + t.system
+                except psutil.Error:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}")
+    finally:
+        if p.poll() is None:  # timed out, or we were interrupted: leave no launcher or rank behind
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                time.sleep(1)
+            p.wait()
     wall = time.perf_counter() - t0
     r = subprocess.CompletedProcess(cmd, p.returncode, b"".join(out_chunks), b"".join(err_chunks))
     return r, wall, cpu
@@ -254,22 +257,22 @@ def fmt(x, spec: str) -> str:
 
 
 def table(rows: dict[int, dict], ranks: list[int], baseline: bool) -> str:
-    t1_orch = med(rows[1]["orch"]["samples_per_s"]) if 1 in rows else None
-    t1_mlx = med(rows[1]["mlx"]["samples_per_s"]) if 1 in rows and baseline else None
+    t1_orch = med(rows[1]["orch"].get("samples_per_s", [])) if 1 in rows else None
+    t1_mlx = med(rows[1]["mlx"].get("samples_per_s", [])) if 1 in rows and baseline else None
     head = ("| N | orch samples/s | orch eff | grad-avg share | no-allreduce eff | "
             "mlx.launch samples/s | mlx.launch eff | orch/mlx.launch | anchor eff | orch ctl CPU % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in ranks:
         o = rows[n]["orch"]
-        ot = med(o["samples_per_s"])
+        ot = med(o.get("samples_per_s", []))
         oeff = ot / (n * t1_orch) if ot and t1_orch else None
         share = med(o.get("allreduce_share", []))
         nr = med(o.get("noreduce_samples_per_s", []))
         nreff = nr / (n * t1_orch) if nr and t1_orch else None
-        ctl = med([c / w * 100 for c, w in zip(o["controller_cpu_s"], o["wall_s"])])
+        ctl = med([c / w * 100 for c, w in zip(o.get("controller_cpu_s", []), o.get("wall_s", []))])
         if baseline:
             m = rows[n]["mlx"]
-            mt = med(m["samples_per_s"])
+            mt = med(m.get("samples_per_s", []))
             meff = mt / (n * t1_mlx) if mt and t1_mlx else None
             ratio = ot / mt if ot and mt else None
         else:
@@ -282,7 +285,16 @@ def table(rows: dict[int, dict], ranks: list[int], baseline: bool) -> str:
     return "\n".join(lines)
 
 
+def exit_on_sigterm() -> None:
+    """`timeout` sends SIGTERM: unwind (so run_measured stops the launch in flight) instead of dying."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", default="1,2,4,8", help="comma-separated rank counts (1 is added: efficiency needs it)")
     ap.add_argument("--bind", action=argparse.BooleanOptionalAction, default=False,
@@ -315,6 +327,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-scaling-"))
     started = time.time()
+    failures: list[str] = []
     try:
         for rep in range(a.repeats):
             for n in ranks:
@@ -339,19 +352,24 @@ def main() -> None:
                 if rep % 2:
                     order.reverse()
                 for f in order:
-                    f()
+                    try:
+                        f()
+                    except BenchError as e:  # keep going: one failed launch must not lose the sweep
+                        failures.append(f"N={n} rep {rep}: {e}")
+                        print(f"  FAILED N={n} rep {rep}: {e}", flush=True)
         text = table(rows, ranks, a.baseline)
         print()
         print(text)
         for n in ranks:
-            if n in ANCHOR_EFF and a.baseline and rows[1]["mlx"]:
-                t1 = med(rows[1]["mlx"]["samples_per_s"])
-                eff = med(rows[n]["mlx"]["samples_per_s"]) / (n * t1)
+            t1 = med(rows[1]["mlx"].get("samples_per_s", []))
+            tn = med(rows[n]["mlx"].get("samples_per_s", []))
+            if n in ANCHOR_EFF and a.baseline and t1 and tn:
+                eff = tn / (n * t1)
                 print(f"N={n}: hand-written loop efficiency here {eff:.3f} vs the issue's anchor {ANCHOR_EFF[n]} "
                       f"(ratio {eff / ANCHOR_EFF[n]:.2f})")
         command = "python benchmarks/scaling.py " + shlex.join(sys.argv[1:])
         if a.json:
-            Path(a.json).write_text(json.dumps({"command": command, "machine": info, "rows": rows,
+            Path(a.json).write_text(json.dumps({"command": command, "machine": info, "rows": rows, "failures": failures,
                                                 "elapsed_s": time.time() - started}, indent=1))
         if a.markdown:
             with open(a.markdown, "a") as f:
@@ -359,7 +377,8 @@ def main() -> None:
                         f"machine: {info.get('cpus')} CPUs ({info.get('cpu_model', '?')}), cpu0 siblings "
                         f"{info.get('cpu0_thread_siblings', '?')}, MLX {info.get('mlx', '?')}, Python {info['python']}, "
                         f"load average at start {info['loadavg'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
-                        f"{a.repeats} repeats, medians; elapsed {time.time() - started:.0f} s\n\n{text}\n")
+                        f"{a.repeats} repeats, medians; elapsed {time.time() - started:.0f} s\n\n{text}\n"
+                        + "".join(f"\nFAILED {x[:300]}\n" for x in failures))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -97,7 +97,9 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             env["ORCH_BIND"] = f"{i}/{host.slots}"
         if r.gated:
             env["ORCH_GATED"] = "1"
-        elif mlx_json is not None and r.listen:
+        if r.held:
+            env["ORCH_HOLD"] = "1"
+        if mlx_json is not None and r.listen:
             env["ORCH_LISTEN"] = r.listen[0]
         specs.append(RankSpec(
             rank=r.rank, host=r.host, host_index=r.host_index, script=script, script_args=list(req.script_args),

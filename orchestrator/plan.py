@@ -18,6 +18,15 @@ first, rank N-1 *connects first* (to rank 0). If rank N-1 connects before
 rank 0 listens, MLX sleeps a whole second before retrying. The plan therefore
 marks rank N-1 as ``gated``: it waits for a "go" that the supervisor sends
 once every other rank reports its socket is listening.
+
+That leaves a second race: the moment rank N-1's connect succeeds, rank 0
+accepts and the ring forms hop by hop (0 connects to 1, 1 to 2, ...) until
+rank N-2 connects to rank N-1 — which only now binds its own socket. With two
+ranks (or a fast chain) the connect wins ~25% of the time on a busy machine
+and costs another second. So rank 0 is also ``held``: its guard SIGSTOPs it
+as soon as it listens (it is blocked in accept(); the kernel still completes
+rank N-1's handshake into the listen backlog), and the supervisor releases it
+once rank N-1 listens too. Then every connect in the chain finds a listener.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class RankPlan(BaseModel):
     local: bool
     listen: list[str]
     gated: bool = False
+    held: bool = False
 
 
 class JobPlan(BaseModel):
@@ -160,6 +170,7 @@ def plan_job(
                 local=host.is_local,
                 listen=listen,
                 gated=backend == "ring" and n > 1 and r == n - 1,
+                held=backend == "ring" and n > 1 and r == 0,
             )
         )
     return JobPlan(backend=backend, world_size=n, ranks=ranks)

@@ -17,7 +17,8 @@ A rank talks to its controller with *event lines* on its own stdout::
 
 The controller sends *control lines* the other way, on the rank guard's stdin
 (see ``runtime/guard.py``): ``go`` opens the start gate of a rank that waits
-for its ring neighbours to listen; end of file means "stop now".
+for its ring neighbours to listen; ``release`` lets a rank held after it
+started listening run on; end of file means "stop now".
 
 Why TypedDicts and not pydantic models here: this module is imported by every
 rank at start-up, and defining pydantic models costs ~0.2 s of import time per
@@ -41,6 +42,7 @@ PROTOCOL_VERSION = 1
 
 # Control lines (controller -> guard stdin)
 CONTROL_GO = "go"
+CONTROL_RELEASE = "release"
 
 
 class _Base(TypedDict):

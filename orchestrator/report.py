@@ -366,7 +366,7 @@ def _mark_restarts(ax, restarts: list[Restart], t0: Optional[float], by_step: bo
         x = r.step if by_step else (r.t - t0 if r.t is not None and t0 is not None else None)
         if x is None:
             continue
-        ax.axvline(x, color="white", linestyle="--", linewidth=1)
+        ax.axvline(x, color="red", linestyle="--", linewidth=1)
         label = f"restart {r.attempt}" + (f": {r.cause}" if r.cause else "")
         ax.annotate(label[:60], (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
                     textcoords="offset points", va="top", fontsize=7, color="red")
@@ -388,7 +388,7 @@ def _step_plot(Figure, data: RunData, field_: str, ylabel: str, title: str, with
             pts = [(e["step"], e[field_]) for e in evs if _nums([e.get(field_)])]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=f"C{rank % 10}", linewidth=1, alpha=0.7 if with_mean else 1,
+                ax.plot(xs, ys, color=f"C{rank % 10}", linewidth=1.2, zorder=2,
                         label=f"rank {rank}" if i == 0 else None)
     if with_mean and len(data.steps) > 1:
         groups: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -398,8 +398,9 @@ def _step_plot(Figure, data: RunData, field_: str, ylabel: str, title: str, with
                     groups[e["attempt"]][e["step"]].append(float(e[field_]))
         for i, (_, by_step) in enumerate(sorted(groups.items())):
             xs = sorted(by_step)
-            ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], color="black", linewidth=2,
-                    label="mean" if i == 0 else None)
+            # a wide grey band under the ranks' lines: when ranks agree (an all-reduced loss) they stay visible
+            ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], color="0.4", linewidth=4, alpha=0.45,
+                    zorder=1, label="mean" if i == 0 else None)
     ys = [float(e[field_]) for evs in data.steps.values() for e in evs if _nums([e.get(field_)])]
     if log_ok and ys and min(ys) > 0 and max(ys) / min(ys) >= 20:
         ax.set_yscale("log")  # losses fall by orders of magnitude; a linear axis hides the tail

@@ -59,6 +59,7 @@ class SupervisorOptions:
 class RankState:
     spec: RankSpec
     gated: bool = False
+    held: bool = False
     handle: Optional[RankHandle] = None
     pid: Optional[int] = None
     status: Optional[ExitStatus] = None
@@ -113,7 +114,7 @@ class Supervisor:
         self.out = out
         self.err = err
         self.on_event = on_event
-        self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated) for s in specs]
+        self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated, held=plan.ranks[s.rank].held) for s in specs]
         self.metrics: dict = {}
         self.diagnosis: Optional[Diagnosis] = None
         self.failure: Optional[Failure] = None
@@ -121,6 +122,7 @@ class Supervisor:
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
         self._gate_open = False
+        self._released = False
         self._failed: list[RankState] = []
         self._settle_deadline: Optional[float] = None
         self._last_progress: Optional[float] = None
@@ -410,7 +412,19 @@ class Supervisor:
         if self.on_event is not None:
             self.on_event(state, payload)
 
+    def _maybe_release(self) -> None:
+        """Let the held rank accept once the gated rank listens (or is gone)."""
+        if self._released:
+            return
+        gated = [s for s in self.states if s.gated]
+        if gated and all(s.listening or s.exited.is_set() for s in gated):
+            self._released = True
+            for s in self.states:
+                if s.held and s.handle is not None and not s.exited.is_set():
+                    s.handle.send(protocol.CONTROL_RELEASE)
+
     def _maybe_open_gate(self) -> None:
+        self._maybe_release()
         if self._gate_open:
             return
         gated = [s for s in self.states if s.gated]

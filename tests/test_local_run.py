@@ -147,3 +147,21 @@ def test_bind_gives_each_rank_its_own_cpus(tmp_path):
     assert r.returncode == 0, r.stderr
     sets = [set(json.loads(re.search(r"CPUS (\[.*\])", (rd / "logs" / f"rank-{i}.log").read_text()).group(1))) for i in range(2)]
     assert sets[0] and sets[1] and not sets[0] & sets[1]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_ring_forms_without_mlx_connect_retries(tmp_path, n):
+    """The gate + hold sequencing means no rank ever connects before its peer listens.
+
+    MLX_RING_VERBOSE makes MLX print "Attempt k waiting ..." for every retry, so a
+    retry-free start is visible in the logs (no timing involved).
+    """
+    for i in range(4):
+        rd = tmp_path / f"run{i}"
+        r = run_orch("run", str(RECIPES / "allsum_check.py"), "-n", str(n), "--run-dir", str(rd),
+                     "--env", "MLX_RING_VERBOSE=1", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        logs = "".join((rd / "logs" / f"rank-{k}.log").read_text() for k in range(n))
+        assert "Attempt" not in logs, f"run {i}: a rank had to retry its connect:\n{logs}"
+        kinds = [(e["kind"], e["rank"]) for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1])]
+        assert ("listening", 0) in kinds and ("listening", n - 1) in kinds

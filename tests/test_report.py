@@ -46,6 +46,18 @@ def assert_not_blank(raw: bytes, min_size=(400, 200)) -> None:
     assert std > 10 and ink > 0.005, f"looks blank: grey std {std:.1f}, non-white fraction {ink:.4f}"
 
 
+def colour_pixels(raw: bytes) -> int:
+    """Pixels that are clearly coloured: data lines (axes, text and grid are grey)."""
+    rgb = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16)
+    return int((rgb.max(-1) - rgb.min(-1) > 60).sum())
+
+
+def assert_plotted(raw: bytes) -> None:
+    """Not blank, and with data drawn on it, not just empty axes (a legend alone is ~100 coloured pixels)."""
+    assert_not_blank(raw)
+    assert colour_pixels(raw) > 500, colour_pixels(raw)
+
+
 def red_pixels(path: Path) -> int:
     rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).sum())
@@ -155,7 +167,7 @@ def test_report_html_is_self_contained_with_the_plots_inline(real_run):
     assert sorted(base64.b64decode(b) for b in imgs) == sorted(files.values())
     for name, raw in files.items():
         assert len(raw) > 10_000, name
-        assert_not_blank(raw)
+        assert_plotted(raw)
 
 
 @pytest.mark.slow
@@ -284,7 +296,7 @@ def test_restarts_are_found_and_marked(tmp_path, explicit):
     # the restart is drawn: a red dashed line in every plot, and none in a run without restarts
     for name in report.PLOT_NAMES:
         assert red_pixels(rd / "report" / name) > 100, name
-        assert_not_blank((rd / "report" / name).read_bytes())
+        assert_plotted((rd / "report" / name).read_bytes())
     plain = write_run(tmp_path / "plain", summary_doc("succeeded", "2026-01-01T00:00:00Z", [rank_row(0, 20, 0.1, 1000.0)]),
                       events=[spawned(0, t0)] + step_events(0, range(1, 21), t0))
     report.write_report(plain)

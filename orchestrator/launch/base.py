@@ -35,9 +35,14 @@ class RankSpec:
     host_index: int = 0
     mlx_hostfile_json: Optional[str] = None
 
-    def rank_argv(self, python: str, script: Optional[str] = None) -> list[str]:
-        """The guarded command line of this rank."""
-        return [python, "-m", "orchestrator.runtime.guard", "--",
+    def rank_argv(self, python: str, script: Optional[str] = None, guard_flags: tuple[str, ...] = ()) -> list[str]:
+        """The guarded command line of this rank.
+
+        The guard runs with ``-S`` (no site-packages: it needs only the standard
+        library and ``orchestrator`` from PYTHONPATH), which saves every rank the
+        cost of site's .pth hooks before the rank itself can start.
+        """
+        return [python, "-S", "-m", "orchestrator.runtime.guard", *guard_flags, "--",
                 python, "-m", "orchestrator.runtime.bootstrap", script or self.script, *self.script_args]
 
 

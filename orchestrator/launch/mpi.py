@@ -193,9 +193,8 @@ def mpirun_command(
     for k in sorted(env):
         cmd += ["-x", f"{k}={env[k]}"]
     cmd += list(extra_args)
-    guard_argv = specs[0].rank_argv(python)
-    guard_argv.insert(3, "--no-stdin")  # mpirun gives stdin to rank 0 only
-    return cmd + guard_argv
+    # mpirun gives stdin to rank 0 only, so guards watch their parent instead.
+    return cmd + specs[0].rank_argv(python, guard_flags=("--no-stdin",))
 
 
 def write_mpi_hostfile(hostfile: Hostfile, directory: Path) -> Path:

@@ -42,6 +42,9 @@ import time
 from orchestrator import protocol
 
 
+HOLD_MAX_S = 10.0
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -166,6 +169,10 @@ def main(argv: list[str]) -> int:
     listen_port = int(listen.rpartition(":")[2]) if listen else None
     listen_deadline = time.monotonic() + 120.0
     parent = os.getppid()
+    # Rank 0 is *held* (SIGSTOPped inside accept) once it listens, until the
+    # rank that connects first is itself listening: see orchestrator/plan.py.
+    hold = os.environ.get("ORCH_HOLD") == "1"
+    held_since = None
 
     while True:
         status = child.poll()
@@ -179,8 +186,18 @@ def main(argv: list[str]) -> int:
         if not watch_stdin and os.getppid() != parent and stopping_since is None:
             stop_signal.append(0)
             continue
+        if held_since is not None:
+            left = held_since + HOLD_MAX_S - time.monotonic()
+            if left <= 0:  # the release never came: let MLX's own retries take over
+                os.kill(child.pid, signal.SIGCONT)
+                held_since = None
+            else:
+                timeout = left if timeout is None else min(timeout, left)
         if listen_port is not None:
             if is_listening(child.pid, listen_port):
+                if hold:
+                    os.kill(child.pid, signal.SIGSTOP)
+                    held_since = time.monotonic()
                 if os.environ.get("ORCH_EVENTS") == "1":
                     os.write(1, protocol.encode("listening", rank, address=listen).encode())
                 listen_port = None
@@ -195,6 +212,8 @@ def main(argv: list[str]) -> int:
                 child.wait()
                 break
             timeout = left if timeout is None else min(timeout, left)
+        if listen_port is not None:
+            timeout = 0.005 if timeout is None else min(timeout, 0.005)
         for key, _ in sel.select(timeout):
             if key.fileobj is wake_r:
                 try:
@@ -214,7 +233,11 @@ def main(argv: list[str]) -> int:
             buf += chunk
             while b"\n" in buf:
                 cmd, buf = buf.split(b"\n", 1)
-                if cmd.strip().decode() == protocol.CONTROL_GO and gate_w is not None:
+                word = cmd.strip().decode()
+                if word == protocol.CONTROL_RELEASE and held_since is not None:
+                    os.kill(child.pid, signal.SIGCONT)
+                    held_since = None
+                if word == protocol.CONTROL_GO and gate_w is not None:
                     try:
                         os.write(gate_w, b"go\n")
                         os.close(gate_w)
