@@ -5,8 +5,8 @@
 1. Median wall time of a trivial all_sum script (recipes/allsum_check.py) under
    `orch run -n N` and `mlx.launch -n N`, alternating in the same run so both
    see the same machine load. Prints the ratio orch / mlx.launch.
-2. CPU time (user+sys) the controller itself uses while N ranks sleep 10 s,
-   for both launchers (psutil on the launcher process only, not its children).
+2. CPU time (user+sys) the launcher process itself uses during 10 s in which
+   its N ranks sleep (start-up excluded; psutil on the launcher alone).
 """
 
 from __future__ import annotations
@@ -50,20 +50,43 @@ def timed(cmd: list[str], ranks: int) -> float:
     return dt
 
 
-def controller_cpu(cmd: list[str]) -> float:
-    """CPU seconds of the launcher process alone over its whole life."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    proc = psutil.Process(p.pid)
-    cpu = 0.0
-    while p.poll() is None:
+def controller_cpu(cmd: list[str], ranks: int, idle: float) -> float:
+    """CPU seconds the launcher process alone uses while its ranks sleep (start-up excluded)."""
+    import selectors
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True)
+    try:
+        proc = psutil.Process(p.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        seen, deadline = 0, time.monotonic() + 60
+        while seen < ranks and time.monotonic() < deadline:
+            if sel.select(1.0):
+                line = p.stdout.readline()
+                if not line:
+                    break
+                seen += "sleeping" in line
+        if seen < ranks:
+            raise SystemExit(f"{cmd[0]}: ranks never started sleeping")
+        t = proc.cpu_times()
+        before = t.user + t.system
+        time.sleep(idle)
+        t = proc.cpu_times()
+        return t.user + t.system - before
+    finally:
+        # mlx.launch orphans its ranks when killed: collect them first, then end them by PID.
         try:
-            t = proc.cpu_times()
-            cpu = t.user + t.system
+            descendants = psutil.Process(p.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            break
-        time.sleep(0.2)
-    p.wait(timeout=60)
-    return cpu
+            descendants = []
+        p.kill()
+        p.wait(timeout=30)
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(descendants, timeout=10)
 
 
 def main() -> None:
@@ -85,9 +108,9 @@ def main() -> None:
         print(f"  orch run    median {mo:.3f} s  (min {min(orch_t):.3f}, max {max(orch_t):.3f})")
         print(f"  mlx.launch  median {mm:.3f} s  (min {min(mlx_t):.3f}, max {max(mlx_t):.3f})")
         print(f"  ratio orch / mlx.launch = {mo / mm:.2f}  (target <= 0.5)")
-        oc = controller_cpu(orch_cmd(SLEEPER, a.ranks, f"{tmp}/idle", str(a.idle)))
-        mc = controller_cpu(mlx_cmd(SLEEPER, a.ranks, str(a.idle)))
-        print(f"controller CPU while {a.ranks} ranks sleep {a.idle:g} s")
+        oc = controller_cpu(orch_cmd(SLEEPER, a.ranks, f"{tmp}/idle", str(a.idle + 30)), a.ranks, a.idle)
+        mc = controller_cpu(mlx_cmd(SLEEPER, a.ranks, str(a.idle + 30)), a.ranks, a.idle)
+        print(f"controller CPU during {a.idle:g} s while {a.ranks} ranks sleep")
         print(f"  orch run    {oc:.3f} s   (target < 0.1 s)")
         print(f"  mlx.launch  {mc:.3f} s")
     finally:

@@ -40,6 +40,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
     p.add_argument("--starting-port", type=int, help="first ring port (default: a free random range)")
     p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout (rank output goes to stderr)")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own block of CPU cores (Linux; no-op on macOS)")
     ssh = p.add_argument_group("remote hosts (SSH)")
     ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
@@ -91,6 +92,7 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         starting_port=args.starting_port,
         echo=not args.quiet,
         bind=args.bind,
+        json_output=args.json,
         ssh_config=args.ssh_config,
         known_hosts=args.known_hosts,
         identity=args.identity,
@@ -100,7 +102,10 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         mpirun=args.mpirun,
         mpi_args=args.mpi_args,
     )
-    return run_job(req).exit_code
+    summary = run_job(req)
+    if args.json:
+        sys.stdout.write(summary.model_dump_json() + "\n")
+    return summary.exit_code
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -40,6 +40,7 @@ class RunRequest(BaseModel):
     starting_port: Optional[int] = None
     echo: bool = True
     bind: bool = False
+    json_output: bool = False
     # SSH (remote hosts)
     ssh_config: Optional[str] = None
     known_hosts: Optional[str] = None
@@ -202,7 +203,7 @@ async def run_job_async(req: RunRequest) -> RunSummary:
             await launcher.aclose()
             summary = _failed_before_start(req, plan, rundir, script, str(e))
         else:
-            sup = Supervisor(plan, specs, launcher, rundir, script, SupervisorOptions(
+            sup = Supervisor(plan, specs, launcher, rundir, script, out=sys.stderr if req.json_output else sys.stdout, options=SupervisorOptions(
                 init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
                 first_step_timeout=req.first_step_timeout, attempt=attempt))
             summary = await sup.run()

@@ -407,7 +407,8 @@ def _step_plot(Figure, data: RunData, field_: str, ylabel: str, title: str, with
     _mark_restarts(ax, data.restarts, data.t0, by_step=True)
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     return fig
 
 
@@ -441,7 +442,8 @@ def _memory_plot(Figure, data: RunData):
         # from 0: people read memory against a limit, and a zoomed axis makes noise look like a leak
         ax.set_ylim(0, peak / div * 1.12 if peak else 1)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
     ax_rss.set_xlabel("seconds since the first event")
     return fig
 

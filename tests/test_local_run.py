@@ -165,3 +165,11 @@ def test_ring_forms_without_mlx_connect_retries(tmp_path, n):
         assert "Attempt" not in logs, f"run {i}: a rank had to retry its connect:\n{logs}"
         kinds = [(e["kind"], e["rank"]) for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1])]
         assert ("listening", 0) in kinds and ("listening", n - 1) in kinds
+
+
+def test_json_flag_prints_only_the_summary_on_stdout(tmp_path):
+    r = run_orch("run", str(RECIPES / "allsum_check.py"), "-n", "2", "--json", "--run-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["status"] == "succeeded" and [x["rank"] for x in data["ranks"]] == [0, 1]
+    assert "[0] rank 0/2" in r.stderr  # rank output moved to stderr
