@@ -584,13 +584,11 @@ def read_row(run_dir: Path) -> Optional[RunRow]:
     if summary is None:
         if not events_path.is_file():
             return None
-        status = _unfinished_status(events_path)
-        summary = summary_from_events(read_events(events_path, TAIL_BYTES), _read_json(run_dir / "plan.json"), status)
+        tail = read_events(events_path, TAIL_BYTES)
+        summary = summary_from_events(tail, _read_json(run_dir / "plan.json"), _unfinished_status(events_path))
         first = _first_event_time(events_path)
-        if first is not None:  # the tail alone underestimates how long it has been going
-            last = first + (summary["duration_s"] or 0)
-            tail_times = [_t(e) for e in read_events(events_path, 4096)]
-            last = max([last, *[t for t in tail_times if t is not None]])
+        last = max((t for t in map(_t, tail) if t is not None), default=None)
+        if first is not None and last is not None:  # the tail alone underestimates how long it has been going
             summary["duration_s"], summary["started_at"] = round(last - first, 3), _iso(first)
     d = derived(summary)
     started = _parse_started(summary.get("started_at")) or _first_event_time(events_path)
@@ -608,8 +606,10 @@ def read_row(run_dir: Path) -> Optional[RunRow]:
 def list_runs(root: str | Path = "runs") -> list[RunRow]:
     """Every run directory directly under ``root`` (or ``root`` itself if it is one), newest first."""
     root = Path(root)
-    dirs = [root] if (root / "summary.json").is_file() or (root / "events.jsonl").is_file() else \
-        [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if (root / "summary.json").is_file() or (root / "events.jsonl").is_file():
+        dirs = [root]
+    else:
+        dirs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     rows = [r for r in map(read_row, dirs) if r is not None]
     return sorted(rows, key=lambda r: r.started or 0.0, reverse=True)
 

@@ -186,6 +186,9 @@ def mpirun_command(
         cmd += ["--mca", "btl_tcp_if_include", net, "--mca", "oob_tcp_if_include", net]
     if ssh_args:
         cmd += ["--mca", "plm_rsh_args", ssh_args]
+    if mpi.libdir and not all(h.is_local for h in hostfile.hosts):
+        # A non-interactive ssh session has a bare PATH: tell the remote daemons where Open MPI lives.
+        cmd += ["--prefix", str(Path(mpi.libdir).parent)]
     env = dict(specs[0].env)
     env.pop("MLX_RANK", None)
     env.update(mpi.env)
