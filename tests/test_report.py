@@ -388,3 +388,14 @@ def test_the_controller_side_does_not_import_matplotlib_or_mlx():
             "sys.exit(str(bad) if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_runs_reads_only_the_tail_of_a_long_unfinished_run(tmp_path, monkeypatch):
+    t0 = 1_700_000_000.0
+    events = [spawned(0, t0)] + step_events(0, range(1, 200), t0 + 1)
+    rd = write_run(tmp_path / "long", events=events)
+    monkeypatch.setattr(report, "TAIL_BYTES", 2000)  # a few events, starting mid-line
+    row = report.read_row(rd)
+    assert row.steps == 199 and row.final_loss == pytest.approx(2.0 / 199)
+    assert row.duration_s == pytest.approx(1 + 19.9, abs=0.02)  # from the file's first line, not the tail's
+    assert row.started == pytest.approx(t0, abs=1e-3) and row.status == "running?"  # just written
