@@ -103,7 +103,6 @@ def main() -> None:
             say(f"| {spec} | {n_elems - 1:,} | {nbytes / 2**20:.2f} | {name} | {m * 1e3:.3f} | "
                 f"{nbytes / m / 1e9:.2f} | {raw / m:.3f} |")
         verdicts.append((spec, raw / statistics.median(times["trainer"])))
-        del tr
     for spec, ratio in verdicts:
         say(f"{spec}: raw all_sum / trainer's average_gradients = {ratio:.3f} "
             f"(target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")

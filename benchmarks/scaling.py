@@ -222,6 +222,55 @@ def mlx_once(n: int, *, bind: bool, steps: int, warmup: int, common: list[str], 
     }
 
 
+# ----------------------------------------------------------------------------- the same loop, no launcher
+
+
+def bare_once(n: int, *, bind: bool, steps: int, warmup: int, common: list[str], tmp: Path, timeout: float) -> dict:
+    """The hand-written loop started by plain subprocess.Popen with the ring environment, no launcher.
+
+    Separates what a launcher costs from what the runtime costs: mlx.launch
+    0.32.4's I/O threads select() on each rank's always-writable stdin pipe
+    with a zero timeout, so its launcher process spins a whole core.
+    """
+    env = dict(os.environ)
+    if n > 1:
+        base = free_port_range(n)
+        hostfile = tmp / f"bare-hosts-{n}.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{base + i}"] for i in range(n)]))
+        env["MLX_HOSTFILE"] = str(hostfile)
+    cmd = [sys.executable, str(LOOP), "--steps", str(steps), *common] + (["--bind"] if bind else [])
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) for r in range(n)]
+    results, errors = {}, []
+    try:
+        for r, p in enumerate(procs):
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+            for line in out.decode(errors="replace").splitlines():
+                if "RESULT_JSON " in line:
+                    d = json.loads(line.split("RESULT_JSON ", 1)[1])
+                    results[d["rank"]] = d
+            if p.returncode != 0:
+                errors.append(f"rank {r} exited {p.returncode}: {err.decode()[-500:]}")
+    except subprocess.TimeoutExpired:
+        errors.append("timed out")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    if errors or sorted(results) != list(range(n)):
+        raise BenchError(f"bare launch: {errors}, results from ranks {sorted(results)} of {n}")
+    ends = results[0]["ends"]
+    return {
+        "samples_per_s": results[0]["samples_per_step"] * (steps - warmup) / (ends[steps - 1] - ends[warmup - 1]),
+        "wall_s": time.perf_counter() - t0,
+        "load_before": load0,
+        "rank_cpu_per_wall": statistics.mean(results[k]["cpu_per_wall"] for k in range(n)),
+    }
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -256,11 +305,14 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: dict[int, dict], ranks: list[int], baseline: bool) -> str:
+def table(rows: dict[int, dict], ranks: list[int], baseline: bool, bare: bool = False) -> str:
     t1_orch = med(rows[1]["orch"].get("samples_per_s", [])) if 1 in rows else None
     t1_mlx = med(rows[1]["mlx"].get("samples_per_s", [])) if 1 in rows and baseline else None
     head = ("| N | orch samples/s | orch eff | grad-avg share | no-allreduce eff | "
             "mlx.launch samples/s | mlx.launch eff | orch/mlx.launch | anchor eff | orch ctl CPU % |")
+    t1_bare = med(rows[1]["bare"].get("samples_per_s", [])) if bare and 1 in rows else None
+    if bare:
+        head += " bare-Popen loop samples/s | bare eff | orch/bare |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in ranks:
         o = rows[n]["orch"]
@@ -282,6 +334,10 @@ def table(rows: dict[int, dict], ranks: list[int], baseline: bool) -> str:
             f"{fmt(mt, ',.0f')} | {fmt(meff, '.3f')} | {fmt(ratio, '.3f')} | {ANCHOR_EFF.get(n, '-') if n > 1 else '1'} | "
             f"{fmt(ctl, '.1f')} |"
         )
+        if bare:
+            bt = med(rows[n]["bare"].get("samples_per_s", []))
+            beff = bt / (n * t1_bare) if bt and t1_bare else None
+            lines[-1] += f" {fmt(bt, ',.0f')} | {fmt(beff, '.3f')} | {fmt(ot / bt if ot and bt else None, '.3f')} |"
     return "\n".join(lines)
 
 
@@ -307,6 +363,8 @@ def main() -> None:
     ap.add_argument("--model-args", default="", help="recipe flags given to both loops, e.g. '--hidden 256 --batch-size 128'")
     ap.add_argument("--orch-args", default="", help="extra bench_mlp flags for orch only, e.g. '--all-reduce-size 0'")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the mlx.launch loop")
+    ap.add_argument("--bare", action="store_true",
+                    help="also run the hand-written loop started by bare Popen (no launcher process)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per launch")
     ap.add_argument("--json", help="write all raw measurements here")
     ap.add_argument("--markdown", help="append the table (with the command and machine) to this file")
@@ -319,69 +377,70 @@ def main() -> None:
     common, extra = shlex.split(a.model_args), shlex.split(a.orch_args)
     info = machine_info()
     print(f"# machine: {info}", flush=True)
-    rows: dict[int, dict] = {n: {"orch": {}, "mlx": {}} for n in ranks}
-
-    def add(where: dict, res: dict) -> None:
-        for k, v in res.items():
-            where.setdefault(k, []).append(v)
+    rows: dict[int, dict] = {n: {"orch": {}, "mlx": {}, "bare": {}} for n in ranks}
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-scaling-"))
     started = time.time()
     failures: list[str] = []
+
+    def one(rep: int, n: int, which: str) -> None:
+        if which == "orch":
+            res = orch_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, profile_steps=a.profile_steps,
+                            noreduce_steps=a.noreduce_steps, common=common, extra=extra, tmp=tmp,
+                            tag=f"n{n}-r{rep}", timeout=a.timeout)
+            note = (f"share {res.get('allreduce_share', 0):.1%}  noreduce {res.get('noreduce_samples_per_s', 0):,.0f}  "
+                    f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s  threads {res['rank_threads']}")
+        elif which == "mlx":
+            res = mlx_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, common=common, timeout=a.timeout)
+            note = f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s"
+        else:
+            res = bare_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, common=common, tmp=tmp, timeout=a.timeout)
+            note = ""
+        for k, v in res.items():
+            rows[n][which].setdefault(k, []).append(v)
+        print(f"  rep {rep} N={n} {which:<5} {res['samples_per_s']:>10,.0f} samples/s  {note}  "
+              f"rank cpu/wall {res['rank_cpu_per_wall']:.2f}  load {res['load_before']:.2f}", flush=True)
+
     try:
         for rep in range(a.repeats):
             for n in ranks:
-                def do_orch():
-                    res = orch_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, profile_steps=a.profile_steps,
-                                    noreduce_steps=a.noreduce_steps, common=common, extra=extra, tmp=tmp,
-                                    tag=f"n{n}-r{rep}", timeout=a.timeout)
-                    add(rows[n]["orch"], res)
-                    print(f"  rep {rep} N={n} orch       {res['samples_per_s']:>10,.0f} samples/s  "
-                          f"share {res.get('allreduce_share', 0):.1%}  noreduce {res.get('noreduce_samples_per_s', 0):,.0f}  "
-                          f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s  rank cpu/wall {res['rank_cpu_per_wall']:.2f}  "
-                          f"threads {res['rank_threads']}  load {res['load_before']:.2f}", flush=True)
-
-                def do_mlx():
-                    res = mlx_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, common=common, timeout=a.timeout)
-                    add(rows[n]["mlx"], res)
-                    print(f"  rep {rep} N={n} mlx.launch {res['samples_per_s']:>10,.0f} samples/s  "
-                          f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s  rank cpu/wall {res['rank_cpu_per_wall']:.2f}  "
-                          f"load {res['load_before']:.2f}", flush=True)
-
-                order = [do_orch, do_mlx] if a.baseline else [do_orch]
-                if rep % 2:
+                order = ["orch"] + (["mlx"] if a.baseline else []) + (["bare"] if a.bare else [])
+                if rep % 2:  # alternate who goes first, so drifting load hits both alike
                     order.reverse()
-                for f in order:
+                for which in order:
                     try:
-                        f()
+                        one(rep, n, which)
                     except BenchError as e:  # keep going: one failed launch must not lose the sweep
-                        failures.append(f"N={n} rep {rep}: {e}")
-                        print(f"  FAILED N={n} rep {rep}: {e}", flush=True)
-        text = table(rows, ranks, a.baseline)
-        print()
-        print(text)
-        for n in ranks:
-            t1 = med(rows[1]["mlx"].get("samples_per_s", []))
-            tn = med(rows[n]["mlx"].get("samples_per_s", []))
-            if n in ANCHOR_EFF and a.baseline and t1 and tn:
-                eff = tn / (n * t1)
-                print(f"N={n}: hand-written loop efficiency here {eff:.3f} vs the issue's anchor {ANCHOR_EFF[n]} "
-                      f"(ratio {eff / ANCHOR_EFF[n]:.2f})")
-        command = "python benchmarks/scaling.py " + shlex.join(sys.argv[1:])
-        if a.json:
-            Path(a.json).write_text(json.dumps({"command": command, "machine": info, "rows": rows, "failures": failures,
-                                                "elapsed_s": time.time() - started}, indent=1))
-        if a.markdown:
-            with open(a.markdown, "a") as f:
-                f.write(f"\n### {a.label or 'scaling'}\n\n`{command}`\n\n"
-                        f"machine: {info.get('cpus')} CPUs ({info.get('cpu_model', '?')}), cpu0 siblings "
-                        f"{info.get('cpu0_thread_siblings', '?')}, MLX {info.get('mlx', '?')}, Python {info['python']}, "
-                        f"load average at start {info['loadavg'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
-                        f"{a.repeats} repeats, medians; elapsed {time.time() - started:.0f} s\n\n{text}\n"
-                        + "".join(f"\nFAILED {x[:300]}\n" for x in failures))
+                        failures.append(f"N={n} rep {rep} {which}: {e}")
+                        print(f"  FAILED N={n} rep {rep} {which}: {e}", flush=True)
+    except SystemExit:  # SIGTERM, e.g. from `timeout`: report what was measured
+        failures.append("interrupted: later runs are missing")
+        print("  INTERRUPTED; reporting what was measured", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    text = table(rows, ranks, a.baseline, a.bare)
+    print()
+    print(text)
+    for n in ranks:
+        t1 = med(rows[1]["mlx"].get("samples_per_s", []))
+        tn = med(rows[n]["mlx"].get("samples_per_s", []))
+        if n in ANCHOR_EFF and a.baseline and t1 and tn:
+            eff = tn / (n * t1)
+            print(f"N={n}: hand-written loop efficiency here {eff:.3f} vs the issue's anchor {ANCHOR_EFF[n]} "
+                  f"(ratio {eff / ANCHOR_EFF[n]:.2f})")
+    command = "python benchmarks/scaling.py " + shlex.join(sys.argv[1:])
+    if a.json:
+        Path(a.json).write_text(json.dumps({"command": command, "machine": info, "rows": rows, "failures": failures,
+                                            "elapsed_s": time.time() - started}, indent=1))
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write(f"\n### {a.label or 'scaling'}\n\n`{command}`\n\n"
+                    f"machine: {info.get('cpus')} CPUs ({info.get('cpu_model', '?')}), cpu0 siblings "
+                    f"{info.get('cpu0_thread_siblings', '?')}, MLX {info.get('mlx', '?')}, Python {info['python']}, "
+                    f"load average at start {info['loadavg'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+                    f"{a.repeats} repeats, medians; elapsed {time.time() - started:.0f} s\n\n{text}\n"
+                    + "".join(f"\nFAILED {x[:300]}\n" for x in failures))
 
 if __name__ == "__main__":
     main()

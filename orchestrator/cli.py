@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 EXIT_USAGE = 2
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="orch", description="Launch and supervise distributed MLX training.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _run_parser(sub)
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html and plots; print the summary",
+                         description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report/*.png.")
+    rep.add_argument("run_dir", help="a run directory (with summary.json or events.jsonl)")
+    runs = sub.add_parser("runs", help="list recent runs, newest first", description="List the runs under ROOT.")
+    runs.add_argument("root", nargs="?", default="runs", help="directory of run directories (default: runs)")
+    runs.add_argument("-n", "--limit", type=int, default=20, help="how many to show (default 20; 0: all)")
     return parser
 
 
@@ -104,7 +111,9 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     )
     summary = run_job(req)
     if args.json:
-        sys.stdout.write(summary.model_dump_json() + "\n")
+        from orchestrator.report import final_json
+
+        sys.stdout.write(final_json(Path(summary.run_dir) / "summary.json") + "\n")
     return summary.exit_code
 
 
@@ -124,6 +133,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, unknown + after)
+        if args.command == "report":
+            from orchestrator.report import cmd_report
+
+            return cmd_report(args.run_dir)
+        if args.command == "runs":
+            from orchestrator.report import cmd_runs
+
+            return cmd_runs(args.root, args.limit)
     except ConfigError as e:
         sys.stderr.write(f"orch: error: {e}\n")
         return EXIT_USAGE

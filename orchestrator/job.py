@@ -207,8 +207,9 @@ async def run_job_async(req: RunRequest) -> RunSummary:
                 init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
                 first_step_timeout=req.first_step_timeout, attempt=attempt))
             summary = await sup.run()
+        cause = (attempts[-1].diagnosis or attempts[-1].reason) if attempts else None
         attempts.append(AttemptSummary(
-            attempt=attempt, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
+            attempt=attempt, cause=cause, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
             reason=summary.reason, diagnosis=summary.diagnosis, started_at=summary.started_at,
             duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0))
         if summary.status != "failed" or attempt == req.max_restarts:

@@ -45,6 +45,7 @@ class RankSummary(BaseModel):
 
 class AttemptSummary(BaseModel):
     attempt: int
+    cause: Optional[str] = None  # why this attempt was started (the previous one's failure)
     status: str
     exit_code: int
     failed_rank: Optional[int] = None
