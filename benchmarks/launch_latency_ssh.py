@@ -133,6 +133,9 @@ def main() -> int:
             if not times["orch"] or not times["mlx.launch"]:
                 return 1
 
+    # orch retires each run's remote directory for a later run to delete; delete the last ones here.
+    for d in (Path.home() / ".cache" / "mlx-orch" / "runs").glob(".trash-orch-run-*"):
+        shutil.rmtree(d, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["orch"] / med["mlx.launch"]
     print()

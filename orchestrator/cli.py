@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="orch", description="Launch and supervise distributed MLX training.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _run_parser(sub)
+    gen = sub.add_parser("hostfile", help="write a hostfile from a host list (Ethernet or Thunderbolt ring)",
+                         description="Write a hostfile that orch run and mlx.launch both accept.")
+    gen.add_argument("--hosts", required=True, help="comma-separated SSH names, e.g. mac1,mac2,mac3")
+    gen.add_argument("--over", choices=["ethernet", "thunderbolt"], default="ethernet")
+    gen.add_argument("-o", "--output", help="file to write (default: stdout)")
+    gen.add_argument("--ips", help="ethernet: the addresses, in host order (default: resolve the names)")
+    gen.add_argument("--from-dir", help="thunderbolt: read <host>.sp_thunderbolt.json and <host>.networksetup.txt from here instead of SSH")
+    gen.add_argument("--base", default="192.168.0.0", help="thunderbolt: first address of the /30s (default 192.168.0.0)")
+    gen.add_argument("--apply", action="store_true", help="thunderbolt: run the ifconfig/route commands over SSH with sudo -n")
+    gen.add_argument("--ssh-config", help="OpenSSH client config to honour")
+    gen.add_argument("--known-hosts", help="known_hosts file")
+    gen.add_argument("--connect-timeout", type=float, default=10.0)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html and plots; print the summary",
                          description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report/*.png.")
     rep.add_argument("run_dir", help="a run directory (with summary.json or events.jsonl)")
@@ -133,6 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, unknown + after)
+        if args.command == "hostfile":
+            from orchestrator.health.hostfile_gen import cmd_hostfile
+
+            return cmd_hostfile(args)
         if args.command == "report":
             from orchestrator.report import cmd_report
 

@@ -12,8 +12,9 @@ What goes where on a host (``BASE`` is ``~/.cache/mlx-orch``)::
 ``<run-id>`` is the local run directory's name plus a random suffix; ``h<i>``
 the host's index in the hostfile, so hosts that share a filesystem (an NFS
 home, or the namespace test cluster) get separate run directories. After a
-run whose results were collected, the launcher removes ``runs/<run-id>-h<i>``;
-the object and runtime caches stay.
+run whose results were collected, the launcher renames ``runs/<run-id>-h<i>``
+to ``runs/.trash-<run-id>-h<i>`` (one round trip) and a later run deletes it
+in the background; the object and runtime caches stay.
 
 Uploads go through the host's one SFTP session, many requests in flight at
 once. An object is uploaded under a temporary name and renamed into place, so

@@ -28,6 +28,14 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
 
 c4 = make_cluster_fixture(4, scope="module", name="c4")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _empty_remote_trash():
+    """Runs retire their remote directories into runs/.trash-*; a later run deletes them. Leave none behind."""
+    yield
+    for d in REMOTE_RUNS.glob(".trash-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
 REMOTE_RUNS = Path.home() / ".cache" / "mlx-orch" / "runs"  # the hosts share this filesystem
 
 

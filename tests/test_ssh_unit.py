@@ -21,6 +21,7 @@ from orchestrator import collect, staging
 from orchestrator.hostfile import Host, Hostfile
 from orchestrator.job import RunRequest
 from orchestrator.launch.base import ExitStatus, LaunchError, RankSpec
+from orchestrator.launch import ssh as ssh_mod
 from orchestrator.launch.ssh import (
     SSHLauncher,
     SSHRank,
@@ -279,7 +280,8 @@ def project(tmp_path):
     return d
 
 
-def test_staging_uploads_once_then_nothing(tmp_path, project):
+def test_staging_uploads_once_then_nothing(tmp_path, project, monkeypatch):
+    monkeypatch.setattr(ssh_mod, "PURGE_DELAY_S", 0.0)
     async def go():
         async with _Server(tmp_path) as srv:
             kh = tmp_path / "known_hosts"
@@ -290,6 +292,10 @@ def test_staging_uploads_once_then_nothing(tmp_path, project):
             await first.aclose()
             second = srv.launcher(kh, project / "train.py")
             await second.prepare(_specs(project / "train.py", tmp_path / "runs" / "two"))
+            trash = srv.root / ".cache" / "mlx-orch" / "runs"
+            assert sorted(p.name.split("-")[0] for p in trash.iterdir()) == [".trash", "two"]  # the first run, retired
+            await second._purge_trash()  # what a started run does in the background
+            assert [p.name.split("-")[0] for p in trash.iterdir()] == ["two"]
             site = second._sites[0]
             staged = sorted(p.relative_to(srv.root / site.code_dir.lstrip("/")).as_posix()
                             for p in (srv.root / site.code_dir.lstrip("/")).rglob("*") if p.is_file())
@@ -305,8 +311,8 @@ def test_staging_uploads_once_then_nothing(tmp_path, project):
     assert staged == ["data/x.txt", "train.py"]  # caches are not shipped
     assert "/.cache/mlx-orch/runtime/" in cmd and "/.cache/mlx-orch/runs/one-" in cmd
     assert json.loads((tmp_path / "runs" / "two" / "staging.json").read_text())["uploaded_files"] == 0
-    # The run directories are removed after the run; the content-addressed caches stay.
-    assert not any((tmp_path / "remote-fs" / ".cache" / "mlx-orch" / "runs").iterdir())
+    # The run directories are retired after the run; the content-addressed caches stay.
+    assert all(p.name.startswith(".trash-") for p in (tmp_path / "remote-fs" / ".cache" / "mlx-orch" / "runs").iterdir())
     assert any((tmp_path / "remote-fs" / ".cache" / "mlx-orch" / "objects").iterdir())
 
 
@@ -390,6 +396,26 @@ def test_authentication_failure_is_named(tmp_path, project):
             return str(e.value)
 
     assert "127.0.0.1: authentication failed" in asyncio.run(go())
+
+
+def test_a_host_refusing_sessions_is_explained(tmp_path, project, monkeypatch):
+    async def refuse(self, *args, **kwargs):  # what sshd answers beyond MaxSessions
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "create_process", refuse)
+
+    async def go():
+        async with _Server(tmp_path) as srv:
+            kh = tmp_path / "known_hosts"
+            kh.write_text(srv.known_hosts_line())
+            launcher = srv.launcher(kh, project / "train.py")
+            with pytest.raises(LaunchError) as e:
+                await launcher.prepare(_specs(project / "train.py", tmp_path / "r"))
+            await launcher.aclose()
+            return str(e.value)
+
+    msg = asyncio.run(go())
+    assert msg.startswith("127.0.0.1 refused SSH session 2 of 2 (open failed)") and "MaxSessions" in msg
 
 
 # ----------------------------------------------------------------------------- local trees

@@ -1,25 +1,31 @@
 """Ranks on remote hosts, over one asyncssh connection per host.
 
-``prepare`` reaches every host at once (a failure names every host that could
-not be reached, and why, in one line), then stages the runtime and the
-script's directory over SFTP (``staging.py``: content-addressed, so an
-unchanged second run uploads nothing). ``start`` opens one SSH session per
-rank on its host's connection and runs::
+``prepare`` works per host as a pipeline, all hosts at once: connect (a
+failure names every host that could not be reached, and why, in one line),
+open one SSH session per rank, and stage the runtime and the script's
+directory over SFTP (``staging.py``: content-addressed, so an unchanged
+second run uploads nothing). Each session runs::
 
-    cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard -- PYTHON -m orchestrator.runtime.bootstrap SCRIPT ARGS
+    read -r orch_go && cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard -- \
+        PYTHON -m orchestrator.runtime.bootstrap SCRIPT ARGS
 
-built only from ``shlex.quote``'d pieces. No pty: the guard is what stops a
-rank, because sshd does not signal a command when its session ends. The guard
-stops the rank's process group when its stdin reaches end-of-file, which
-happens when ``stop()`` sends EOF, when ``kill()`` closes the session, when
-this controller dies (the kernel closes its TCP connection and sshd closes
-the sessions), and when the controller's host vanishes (sshd's
-``ClientAliveInterval`` notices).
+built only from ``shlex.quote``'d pieces: the remote login shell (and its rc
+files, ~0.4 s with pyenv in bash's .bashrc) starts while we stage, then waits
+for one line that ``start`` sends. If the launch fails first, the sessions are
+closed and the shells exit at ``read`` without starting anything.
+
+No pty: the guard is what stops a rank, because sshd does not signal a command
+when its session ends. The guard stops the rank's process group when its
+stdin reaches end-of-file, which happens when ``stop()`` sends EOF, when
+``kill()`` closes the session, when this controller dies (the kernel closes
+its TCP connection and sshd closes the sessions), and when the controller's
+host vanishes (sshd's ``ClientAliveInterval`` notices).
 
 In the other direction, keepalives (``keepalive_s`` x 3) notice a host that
 vanished; every rank on it then ends with exit code 255 and a reason naming
 the host. ``aclose`` collects results (``collect.py``) from every host still
-reachable, removes the run's remote directory, and closes the connections.
+reachable, retires the run's remote directories (a rename; a later run
+deletes them in the background), and closes the connections.
 
 Host keys are always verified against known_hosts; ``ssh_accept_new`` is
 OpenSSH's ``StrictHostKeyChecking=accept-new``: unknown keys are trusted and
@@ -52,6 +58,9 @@ REMOTE_BASE = ".cache/mlx-orch"  # under the remote user's home
 DEFAULT_PYTHON = "python3"
 KEEPALIVE_COUNT_MAX = 3
 LOST_EXIT_CODE = 255  # what ssh(1) exits with when the connection fails
+TRASH_PREFIX = ".trash-"  # runs/.trash-<run-id>-h<i>: collected, retired, deleted by a later run
+PURGE_DELAY_S = 0.0  # the purge starts with the ranks: remote I/O while their login shells start
+PURGE_WAIT_S = 2.0  # at the end, how long an unfinished purge may still run
 RELEASE = b"start\n"  # the line a pre-opened session waits for before it execs the guard
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -318,6 +327,7 @@ class SSHLauncher(Launcher):
         self._closed = False
         self._known_hosts_lock = asyncio.Lock()
         self._keep_remote: set[int] = set()
+        self._purge: Optional[asyncio.Future] = None
         self.run_id: Optional[str] = None
         self.stats: dict[str, Any] = {}
         self.err = sys.stderr
@@ -454,6 +464,9 @@ class SSHLauncher(Launcher):
         failed = [(l, r) for l, r in zip(links, results) if isinstance(r, BaseException)]
         if failed:
             self._close_pending()
+            said = [str(e) for _, e in failed if isinstance(e, LaunchError)]
+            if said:
+                raise LaunchError("; ".join(dict.fromkeys(said)))
             if all(isinstance(e, staging.StagingError) for _, e in failed):
                 msgs = sorted({str(e) for _, e in failed})
                 if len(msgs) == 1 and not str(msgs[0]).startswith("cannot place"):
@@ -492,7 +505,17 @@ class SSHLauncher(Launcher):
         """Start each rank's session now: its login shell runs while we stage, then waits at ``read``."""
         for spec in self._specs:
             if self._sites[spec.host_index].link is link:
-                link.pending[spec.rank] = await link.conn.create_process(self.command_for(spec), encoding=None)
+                link.pending[spec.rank] = await self._new_session(link, spec)
+
+    async def _new_session(self, link: _Link, spec: RankSpec) -> asyncssh.SSHClientProcess:
+        try:
+            return await link.conn.create_process(self.command_for(spec), encoding=None)
+        except asyncssh.ChannelOpenError as e:
+            sessions = sum(1 for s in self._specs if self._sites[s.host_index].link is link) + 1
+            raise LaunchError(
+                f"{link.name} refused SSH session {len(link.pending) + 2} of {sessions} ({e.reason}); every rank "
+                "on a host is one session of its connection, plus one for file transfer: raise MaxSessions in "
+                "that host's sshd_config (default 10) or run fewer ranks there") from None
 
     def _close_pending(self) -> None:
         for link in self._links.values():
@@ -549,9 +572,11 @@ class SSHLauncher(Launcher):
         if not link.alive:
             raise LaunchError(link.lost_reason)
         self._started = True
+        if self._purge is None:
+            self._purge = asyncio.ensure_future(self._purge_trash())
         proc = link.pending.pop(spec.rank, None)
         if proc is None or proc.is_closing():  # a restart, or the session went away: a new one
-            proc = await link.conn.create_process(self.command_for(spec), encoding=None)
+            proc = await self._new_session(link, spec)
         proc.stdin.write(RELEASE)
         return SSHRank(spec, link, proc, self)
 
@@ -628,13 +653,48 @@ class SSHLauncher(Launcher):
             self.err.write(f"orch: collect: skipped {len(total.skipped)} remote name(s): {', '.join(total.skipped[:5])}\n")
 
     async def _cleanup_remote(self) -> None:
-        """Remove this run's remote directories (the object and runtime caches stay) where collection worked."""
+        """Retire this run's remote directories where collection worked (the object and runtime caches stay).
+
+        One rename per directory into ``runs/.trash-*``: the deletion itself happens in
+        the background of a later run on that host (``_purge_trash``), not at the end of this one.
+        """
         async def clean(link: _Link) -> None:
             # Over SFTP, not a shell command: a remote session pays for the login shell's rc files.
             roots = [s.run_root for s in self._sites.values()
                      if s.link is link and s.run_root and s.index not in self._keep_remote]
             if not roots or link.sftp is None:
                 return
-            await asyncio.gather(*(asyncio.wait_for(link.sftp.rmtree(root, ignore_errors=True), 30.0) for root in roots))
 
+            async def retire(root: str) -> None:
+                parent, name = root.rsplit("/", 1)
+                try:
+                    await link.sftp.posix_rename(root, f"{parent}/{TRASH_PREFIX}{name}")
+                except (asyncssh.SFTPError, OSError):
+                    await link.sftp.rmtree(root, ignore_errors=True)
+
+            await asyncio.gather(*(asyncio.wait_for(retire(r), 30.0) for r in roots))
+
+        if self._purge is not None:
+            await asyncio.wait({self._purge}, timeout=PURGE_WAIT_S)
+            if not self._purge.done():
+                self._purge.cancel()  # half-emptied trash is still trash; the next run goes on
+            await asyncio.gather(self._purge, return_exceptions=True)
         await asyncio.gather(*(clean(l) for l in self._links.values() if l.alive), return_exceptions=True)
+
+    async def _purge_trash(self) -> None:
+        """Delete run directories earlier runs retired (any controller's: they were collected already)."""
+        if PURGE_DELAY_S:
+            await asyncio.sleep(PURGE_DELAY_S)
+
+        async def purge(link: _Link) -> None:
+            runs = f"{link.stager.base}/runs"
+            try:
+                entries = await link.sftp.readdir(runs)
+            except (asyncssh.SFTPError, OSError):
+                return
+            for e in entries:
+                if isinstance(e.filename, str) and e.filename.startswith(TRASH_PREFIX):
+                    await link.sftp.rmtree(f"{runs}/{e.filename}", ignore_errors=True)
+
+        await asyncio.gather(*(purge(l) for l in self._links.values() if l.alive and l.stager is not None),
+                             return_exceptions=True)
