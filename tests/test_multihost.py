@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import RECIPES, kill_tree, run_orch, start_orch, summary, wait_for_line
+from tests.orch_helpers import RECIPES, SCRIPTS, kill_tree, run_orch, start_orch, summary, wait_for_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -356,3 +356,45 @@ def test_with_cwd_the_code_is_not_staged_but_the_runtime_is(c4, tmp_path):
     assert r.stdout.count("OK") == 4
     for host in json.loads((rd / "staging.json").read_text())["hosts"].values():
         assert "code" not in host["placed"]
+
+
+def test_ring_link_pulled_mid_training_is_a_hang_that_names_the_ranks(c4, tmp_path):
+    """MLX's ring has no socket timeouts: a dead cable blocks every rank in all_sum. The watchdog ends it."""
+    c = c4
+    rd = tmp_path / "run"
+    p = start_orch(*orch_run_args(c, tmp_path, RECIPES / "mlp_regression.py", rd, extra=["--hang-timeout", "3"],
+                                  script_args=["--steps", "100000", "--log-every", "1000"]), cwd=tmp_path)
+    try:
+        wait_for_event(rd, "step", count=4 * 5, timeout=90)
+        c.link_down(2)
+        out, err = p.communicate(timeout=60)
+    except BaseException:
+        kill_tree(p.pid)
+        p.communicate(timeout=10)
+        raise
+    finally:
+        c.link_up(2)
+    assert p.returncode == 1, err
+    reason = summary(rd)["reason"]
+    assert reason.startswith("hang: no rank made progress for 3s") and "last reported step" in reason, reason
+    assert_hosts_clean(c)
+
+
+def test_restart_over_ssh_resumes_from_the_checkpoint_brought_home(c4, tmp_path):
+    c = c4
+    rd = tmp_path / "run"
+    marker = tmp_path / "crashed"  # the hosts share this filesystem
+    r = run_orch(*orch_run_args(c, tmp_path, SCRIPTS / "crash_once.py", rd, extra=["--max-restarts", "1", "--restart-backoff", "0.1",
+                                                                                      "--stage", str(RECIPES / "mlp_regression.py"),
+                                                                                      "--env", "CRASH_AT=12", "--env", "CRASH_RANK=2",
+                                                                                      "--env", f"CRASH_MARKER={marker}"],
+                                script_args=["--steps", "20", "--checkpoint-every", "5", "--samples", "512", "--hidden", "16"]),
+                 cwd=tmp_path, timeout=180)  # remote ranks get only what --env says, not this environment
+    assert r.returncode == 0, r.stderr
+    s = summary(rd)
+    assert s["restarts"] == 1 and s["attempts"][0]["failed_rank"] == 2 and s["attempts"][1]["resumed"]
+    first_steps = [e["step"] for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1])
+                   if e["kind"] == "step" and e["attempt"] == 1 and e["rank"] == 0]
+    assert first_steps[0] == 11 and first_steps[-1] == 20  # continued after the step-10 checkpoint
+    assert json.loads((rd / "checkpoints" / "latest.json").read_text())["step"] == 20
+    assert_hosts_clean(c)

@@ -536,12 +536,37 @@ class SSHLauncher(Launcher):
             await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d))
             if site.code_dir and code_tree is not None:
                 await st.materialise(code_tree, site.code_dir, "code")
+            await self._stage_checkpoint(link, site)
 
         async def runtime() -> None:
             await st.shared_tree(runtime_tree, "runtime")
 
         await asyncio.gather(runtime(), *(site_dirs(s) for s in sites))
         link.stats.seconds = round(time.monotonic() - t0, 4)
+
+    async def _stage_checkpoint(self, link: _Link, site: _Site) -> None:
+        """A restarted attempt (--max-restarts) resumes from the checkpoint the last one brought home.
+
+        Every attempt gets a fresh remote run directory, so rank 0's host gets the
+        latest complete local checkpoint and its manifest; rank 0 shares it with
+        the others at start.
+        """
+        local = self._local_run_dir / "checkpoints"
+        manifest = local / "latest.json"
+        if site.index != self._specs[0].host_index or not manifest.is_file():
+            return
+        try:
+            name = json.loads(manifest.read_text()).get("path")
+        except ValueError:
+            return
+        src = local / str(name)
+        if not name or not src.is_dir():
+            return
+        dst = f"{site.run_dir}/checkpoints"
+        await link.sftp.mkdir(dst)
+        await link.sftp.put(str(src), f"{dst}/{name}", recurse=True)
+        await link.sftp.put(str(manifest), f"{dst}/latest.json")
+        link.stats.uploaded_files += sum(1 for p in src.iterdir() if p.is_file()) + 1
 
     def _write_stats(self) -> None:
         if self._local_run_dir is None or not self._local_run_dir.is_dir():

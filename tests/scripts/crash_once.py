@@ -11,7 +11,7 @@ from mlp_regression import recipe  # noqa: E402
 
 from orchestrator.runtime import run, trainer  # noqa: E402
 
-marker = Path(os.environ.get("ORCH_RUN_DIR", ".")) / "crashed-once"
+marker = Path(os.environ.get("CRASH_MARKER") or Path(os.environ.get("ORCH_RUN_DIR", ".")) / "crashed-once")
 crash_at = int(os.environ.get("CRASH_AT", "12"))
 crash_rank = int(os.environ.get("CRASH_RANK", "1"))
 real_emit = trainer.emit
