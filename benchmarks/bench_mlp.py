@@ -42,7 +42,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orchestrator.runtime import Hparams, Recipe, optimizer_from
 from orchestrator.runtime.config import parse_hparams
@@ -65,6 +65,7 @@ class Config(Hparams):
     profile_steps: int = 0
     noreduce_steps: int = 0
     stats_toggle: int = 0
+    layout_aware: bool = False
 
 
 class MLP(nn.Module):
@@ -102,6 +103,71 @@ def dataset(hp):
 recipe = Recipe(hparams=Config, build=build, loss=loss_fn, data=dataset, name="bench_mlp")
 
 
+def memory_order(a: mx.array) -> tuple[int, ...] | None:
+    """The axis permutation p for which ``a.transpose(p)`` is row-contiguous, i.e. ``a``'s memory order.
+
+    None when ``a`` is row-contiguous already or not a dense permutation of one
+    (then flattening it copies, as before). Reads the strides MLX exports
+    through the buffer protocol, which evaluates ``a``.
+    """
+    try:
+        mv = memoryview(a)
+    except (TypeError, ValueError, BufferError):  # e.g. a dtype the buffer protocol cannot describe
+        return None
+    if mv.c_contiguous or a.ndim < 2:
+        return None
+    order = sorted(range(a.ndim), key=lambda i: -mv.strides[i])
+    expect = mv.itemsize
+    for i in reversed(order):
+        if a.shape[i] != 1 and mv.strides[i] != expect:
+            return None
+        expect *= a.shape[i]
+    return tuple(order)
+
+
+class LayoutAwareAverage:
+    """Average a gradient tree over ``group`` in one all_sum, flattening every array in its memory order.
+
+    ``nn.value_and_grad`` returns ``nn.Linear`` weight gradients column-major
+    (the transpose of a row-major product). ``nn.average_gradients`` flattens
+    them with ``reshape(-1)``, and ``all_sum`` needs a row-contiguous input: both
+    force a strided transpose copy of every such gradient, which costs more than
+    the reduction itself. Flattening ``g.transpose(p)`` (a free view) instead, and
+    transposing back after the split, moves the same bytes with plain copies.
+    The layout of each gradient is fixed by the graph, so it is read once.
+    """
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.perms: dict[str, tuple[int, ...] | None] | None = None
+
+    def __call__(self, tree: Any) -> Any:
+        flat = tree_flatten(tree)
+        if len({v.dtype for _, v in flat}) != 1:
+            return nn.average_gradients(tree, group=self.group)
+        if self.perms is None:
+            mx.eval([v for _, v in flat])
+            self.perms = {k: memory_order(v) for k, v in flat}
+        parts, metas = [], []
+        for k, v in flat:
+            p = self.perms.get(k)
+            w = v.transpose(p) if p else v
+            parts.append(w.reshape(-1))
+            metas.append((k, w.shape, p, w.size))
+        big = mx.distributed.all_sum(mx.concatenate(parts), group=self.group) / self.group.size()
+        offsets, acc = [], 0
+        for *_, size in metas[:-1]:
+            acc += size
+            offsets.append(acc)
+        out = []
+        for piece, (k, shape, p, _) in zip(mx.split(big, offsets), metas):
+            a = piece.reshape(shape)
+            if p:
+                a = a.transpose([p.index(i) for i in range(len(p))])
+            out.append((k, a))
+        return tree_unflatten(out)
+
+
 class BenchTrainer(Trainer):
     """The runtime's trainer with the all-reduce made switchable and tunable."""
 
@@ -109,6 +175,7 @@ class BenchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.reduce = True
         self.comm_stream = mx.new_stream(mx.cpu) if self.hp.comm_stream else None
+        self.layout_average = LayoutAwareAverage(self.group) if self.hp.layout_aware else None
         # --stats-toggle K: memory stats every step for K steps, then none for K steps, ...;
         # (stats on for the step, wall time from this step's start to the next one's)
         self.intervals: list[tuple[bool, float]] = []
@@ -130,10 +197,13 @@ class BenchTrainer(Trainer):
     def _average(self, grads: Any, loss: mx.array):
         if not self.reduce:
             return grads, loss
-        if self.hp.all_reduce_size < 0 and self.comm_stream is None:
-            return super()._average(grads, loss)
         if self.world == 1:
             return grads, loss
+        if self.layout_average is not None:
+            averaged = self.layout_average({"grads": grads, "loss": loss})
+            return averaged["grads"], averaged["loss"]
+        if self.hp.all_reduce_size < 0 and self.comm_stream is None:
+            return super()._average(grads, loss)
         size = self.hp.all_reduce_size if self.hp.all_reduce_size >= 0 else 32 * 1024**2
         averaged = nn.average_gradients({"grads": grads, "loss": loss}, group=self.group,
                                         all_reduce_size=size, communication_stream=self.comm_stream)
@@ -174,7 +244,8 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
         upd.append(t3 - t2)
         total.append(time.perf_counter() - t0)
     return {"compute_s": median(comp), "allreduce_s": median(avg), "update_s": median(upd),
-            "total_s": median(total), "allreduce_share": sum(avg) / sum(total)}
+            "total_s": median(total), "allreduce_share": sum(avg) / sum(total),
+            "compute_steps_ms": [round(c * 1e3, 2) for c in comp]}
 
 
 def noreduce(tr: BenchTrainer, steps: int) -> dict:
