@@ -271,6 +271,48 @@ def bare_once(n: int, *, bind: bool, steps: int, warmup: int, common: list[str],
     }
 
 
+# ----------------------------------------------------------------------------- compute-only contention
+
+
+def contention(specs: str, steps: int, common: list[str], timeout: float) -> str:
+    """K independent single-process bench_mlp runs (no group, no launcher), each pinned to C CPUs.
+
+    ``specs`` is a list like "1x16,8x2,16x1" (K processes x C CPUs). Shows what
+    N ranks lose to sharing the machine alone, rank by rank, with no
+    communication and no launcher: the ceiling for any data-parallel efficiency.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    lines = ["| processes x CPUs each | per-process compute ms (median of profiled steps) | mean | vs 1 process |",
+             "|---|---|---|---|"]
+    base = None
+    for spec in specs.split(","):
+        k, c = (int(v) for v in spec.lower().split("x"))
+        tmp = Path(tempfile.mkdtemp(prefix="orch-contention-"))
+        procs = []
+        for i in range(k):
+            mine = cpus[i * c:(i + 1) * c] or [cpus[i % len(cpus)]]
+            pin = f"import os,runpy,sys; os.sched_setaffinity(0,{mine}); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+            cmd = [sys.executable, "-c", pin, str(BENCH), "--steps", "5", "--profile-steps", str(steps), *common]
+            env = {k2: v for k2, v in os.environ.items() if k2 not in ("MLX_HOSTFILE", "MLX_RANK")}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+            (tmp / str(i)).mkdir()
+            procs.append(subprocess.Popen(cmd, cwd=tmp / str(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        comp = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            line = next((ln for ln in out.decode().splitlines() if "BENCH_JSON " in ln), None)
+            if p.returncode != 0 or line is None:
+                raise BenchError(f"contention run failed: {err.decode()[-1000:]}")
+            comp.append(json.loads(line.split("BENCH_JSON ", 1)[1])["profile"]["compute_s"] * 1e3)
+        shutil.rmtree(tmp, ignore_errors=True)
+        mean = statistics.mean(comp)
+        if base is None:
+            base = mean
+        lines.append(f"| {k} x {c} | {' '.join(f'{x:.1f}' for x in comp)} | {mean:.1f} | {mean / base:.2f}x |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -369,7 +411,16 @@ def main() -> None:
     ap.add_argument("--json", help="write all raw measurements here")
     ap.add_argument("--markdown", help="append the table (with the command and machine) to this file")
     ap.add_argument("--label", default="", help="a title for the markdown section")
+    ap.add_argument("--contention", metavar="KxC,...",
+                    help="instead of the sweep: K independent unlaunched bench_mlp processes pinned to C CPUs each")
     a = ap.parse_args()
+    if a.contention:
+        text = contention(a.contention, a.profile_steps, shlex.split(a.model_args), a.timeout)
+        if a.markdown:
+            with open(a.markdown, "a") as f:
+                f.write(f"\n### {a.label or 'compute-only contention'}\n\n`python benchmarks/scaling.py "
+                        f"{shlex.join(sys.argv[1:])}`\n\n{text}\n")
+        return
     if a.warmup < 1 or a.steps <= a.warmup:
         sys.exit("need 1 <= --warmup < --steps")
 

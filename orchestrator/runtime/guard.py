@@ -159,8 +159,14 @@ def main(argv: list[str]) -> int:
     sel.register(wake_r, selectors.EVENT_READ)
     stdin_fd = sys.stdin.fileno() if watch_stdin else None
     if stdin_fd is not None:
-        os.set_blocking(stdin_fd, False)
-        sel.register(stdin_fd, selectors.EVENT_READ)
+        try:
+            sel.register(stdin_fd, selectors.EVENT_READ)
+            os.set_blocking(stdin_fd, False)
+        except (OSError, ValueError):
+            # Not a pipe or socket (e.g. /dev/null): nobody can talk to us there,
+            # so behave as with --no-stdin and watch our parent instead.
+            stdin_fd = None
+            watch_stdin = False
     buf = b""
     stopping_since = None
     # Watch for the rank's ring socket to listen, so the controller can open the
