@@ -219,6 +219,7 @@ class Supervisor:
         known = sorted((k for k in by_step if k is not None))
         parts = []
         suspect = None
+        stopped = [s for s in running if self._stopped_note(s)]
         order = ([None] if None in by_step else []) + known
         for k in order:
             group = by_step[k]
@@ -230,12 +231,15 @@ class Supervisor:
                 when = time.strftime("%H:%M:%S", time.localtime(group[0].last_step_wall)) if group[0].last_step_wall else "?"
                 parts.append(f"{label} last reported step {k} at {when}")
             for st in group:
-                stopped = self._stopped_note(st)
-                if stopped:
-                    parts[-1] += f" (rank {st.rank} {stopped})"
+                note = self._stopped_note(st)
+                if note:
+                    parts[-1] += f" (rank {st.rank} {note})"
         lowest = (by_step.get(None) or (by_step[known[0]] if known else []))
-        if len(lowest) == 1 and len(running) > 1:
+        if len(stopped) == 1:
+            suspect = stopped[0]
+        elif len(lowest) == 1 and len(running) > 1:
             suspect = lowest[0]
+        if suspect is not None:
             parts.append(f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
         self._fail(suspect.rank if suspect else None, 1,
                    f"hang: no rank made progress for {limit:g}s (--hang-timeout): " + "; ".join(parts))

@@ -11,15 +11,8 @@ from tests.runtime_helpers import RECIPES, latest_checkpoint, launch
 
 pytestmark = pytest.mark.slow
 
-EVENT_TYPES = {
-    "init_start": protocol.InitStartEvent,
-    "ready": protocol.ReadyEvent,
-    "step": protocol.StepEvent,
-    "memory": protocol.MemoryEvent,
-    "checkpoint": protocol.CheckpointEvent,
-    "metric": protocol.MetricEvent,
-    "finished": protocol.FinishedEvent,
-}
+# kind -> its TypedDict, read from the protocol itself so the two cannot drift apart
+EVENT_TYPES = {typing.get_args(typing.get_type_hints(t)["kind"])[0]: t for t in typing.get_args(protocol.Event)}
 
 
 def assert_protocol_shapes(events: list[dict]) -> None:
@@ -36,7 +29,7 @@ def test_events_of_a_two_rank_run(tmp_path):
         assert_protocol_shapes(r.events)
         kinds = [e["kind"] for e in r.events]
         # init_start/ready come from the bootstrap under orch, not from the trainer.
-        assert kinds[0] == "step" and kinds[-1] == "finished" and "ready" not in kinds
+        assert kinds[0] == "train_start" and kinds[1] == "step" and kinds[-1] == "finished" and "ready" not in kinds
         assert all(e["rank"] == r.rank for e in r.events)
         steps = r.of_kind("step")
         assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]

@@ -723,3 +723,91 @@ class SSHLauncher(Launcher):
 
         await asyncio.gather(*(purge(l) for l in self._links.values() if l.alive and l.stager is not None),
                              return_exceptions=True)
+
+
+# ----------------------------------------------------------------------------- connections for other tools (orch check)
+#
+# The same connections the launcher makes (ssh_config, known_hosts, identities, user/port,
+# accept-new, the same error words), for callers that only need to run commands on hosts.
+# Nothing above this line depends on it.
+
+
+@dataclass
+class HostConnection:
+    """One host's connection as ``connect_hosts`` made it, or why it could not be made."""
+
+    name: str
+    user: Optional[str]
+    port: Optional[int]
+    conn: Optional[asyncssh.SSHClientConnection] = None
+    error: Optional[str] = None       # describe_connect_error's words, None when connected
+    key_status: Optional[str] = None  # "known", "accepted-new"; refused: "unknown", "changed"
+    connect_s: Optional[float] = None
+    _link: Optional[_Link] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.conn is not None and self.error is None
+
+    @property
+    def lost(self) -> bool:
+        """The connection went away after it was made (host vanished, keepalives unanswered)."""
+        return self._link is not None and self._link.lost.is_set()
+
+
+async def connect_hosts(hostfile, req, indices=None, err=None) -> dict[int, HostConnection]:
+    """Connect to the hostfile's hosts at ``indices`` (default: every host that is not local), all at once.
+
+    ``req`` is a ``RunRequest`` (or anything with its SSH fields). Host entries with the same
+    (name, user, port) share one connection. Never raises for a host: each result carries either
+    a connection or the reason in words. Close them with ``close_connections``.
+    """
+    launcher = SSHLauncher(hostfile, req)
+    if err is not None:
+        launcher.err = err
+    if indices is None:
+        indices = [i for i, h in enumerate(hostfile.hosts) if not h.is_local]
+    by_key: dict[tuple, list[int]] = {}
+    for i in indices:
+        h = hostfile.hosts[i]
+        by_key.setdefault((h.name, h.user, h.port), []).append(i)
+
+    async def one(key: tuple) -> HostConnection:
+        name, user, port = key
+        link = _Link(name=name, user=user, port=port)
+        hc = HostConnection(name=name, user=user, port=port, _link=link)
+        t0 = time.monotonic()
+        try:
+            await launcher._connect(link)
+        except Exception as e:  # noqa: BLE001 - every failure becomes words
+            hc.error = describe_connect_error(e, timeout=req.connect_timeout, known_hosts=req.known_hosts,
+                                              key_problem=link.key_problem, user=user)
+            if isinstance(e, asyncssh.HostKeyNotVerifiable):
+                hc.key_status = link.key_problem or "unknown"
+            return hc
+        hc.conn = link.conn
+        hc.connect_s = time.monotonic() - t0
+        hc.key_status = "accepted-new" if link.new_key is not None else "known"
+        return hc
+
+    keys = list(by_key)
+    tasks = [asyncio.ensure_future(one(k)) for k in keys]
+    try:
+        made = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        await close_connections({i: hc for i, hc in enumerate(done) if isinstance(hc, HostConnection)})
+        raise
+    return {i: hc for key, hc in zip(keys, made) for i in by_key[key]}
+
+
+async def close_connections(conns: dict[int, HostConnection], timeout: float = 3.0) -> None:
+    """Close every connection of a ``connect_hosts`` result (shared ones once), bounded by ``timeout``."""
+    seen = {id(hc): hc for hc in conns.values() if hc.conn is not None}.values()
+    for hc in seen:
+        if hc._link is not None:
+            hc._link.closing = True
+        hc.conn.close()
+    await asyncio.gather(*(asyncio.wait_for(hc.conn.wait_closed(), timeout) for hc in seen), return_exceptions=True)
