@@ -36,6 +36,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hang-timeout", type=float, default=300.0, help="stop the run when no rank reports a step for this long (default 300 s)")
     p.add_argument("--first-step-timeout", type=float, default=120.0, help="seconds from a trainer's start to its first step (default 120)")
     p.add_argument("--max-restarts", type=int, default=0, help="after a failure or hang, restart the whole job from the latest checkpoint up to K times")
+    p.add_argument("--exclude-failed-host", action="store_true", help="with --max-restarts: restart without a host that caused two failures (smaller world)")
     p.add_argument("--restart-backoff", type=float, default=1.0, help="seconds before the first restart, doubling each time (max 30)")
     p.add_argument("--grace", type=float, default=1.0, help="seconds between SIGTERM and SIGKILL when stopping ranks (default 1)")
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
@@ -105,6 +106,7 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         grace=args.grace,
         hang_timeout=args.hang_timeout,
         max_restarts=args.max_restarts,
+        exclude_failed_host=args.exclude_failed_host,
         restart_backoff=args.restart_backoff,
         first_step_timeout=args.first_step_timeout,
         connections_per_ip=args.connections_per_ip,

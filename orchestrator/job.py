@@ -35,6 +35,7 @@ class RunRequest(BaseModel):
     hang_timeout: float = 300.0
     first_step_timeout: float = 120.0
     max_restarts: int = 0
+    exclude_failed_host: bool = False
     restart_backoff: float = 1.0
     connections_per_ip: int = 1
     starting_port: Optional[int] = None
@@ -189,6 +190,7 @@ async def run_job_async(req: RunRequest) -> RunSummary:
     t0 = time.monotonic()
     attempts: list[AttemptSummary] = []
     summary: Optional[RunSummary] = None
+    host_failures: dict[str, int] = {}
     for attempt in range(req.max_restarts + 1):
         if attempt > 0:
             plan = plan_job(hostfile, plan.backend, req.connections_per_ip, None)
@@ -214,6 +216,11 @@ async def run_job_async(req: RunRequest) -> RunSummary:
             duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
+        if req.exclude_failed_host and summary.failed_rank is not None:
+            hostfile, note = _exclude_twice_failed(hostfile, plan, summary.failed_rank, host_failures)
+            if note:
+                sys.stderr.write(f"orch: {note}\n")
+                attempts[-1].note = note
         delay = min(30.0, req.restart_backoff * 2 ** attempt)
         sys.stderr.write(f"orch: restart {attempt + 1}/{req.max_restarts} in {delay:g}s"
                          f"{' from the latest checkpoint' if (rundir.checkpoints / 'latest.json').exists() else ''}\n")
@@ -226,6 +233,20 @@ async def run_job_async(req: RunRequest) -> RunSummary:
     rundir.write_summary(summary)
     rundir.close()
     return summary
+
+
+def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,
+                          counts: dict[str, int]) -> tuple[Hostfile, Optional[str]]:
+    """--exclude-failed-host: drop a host that was the root cause twice; data parallel runs on with fewer ranks."""
+    host = hostfile.hosts[plan.ranks[failed_rank].host_index]
+    counts[host.name] = counts.get(host.name, 0) + 1
+    if counts[host.name] < 2 or len(hostfile.hosts) < 2:
+        return hostfile, None
+    kept = [h for h in hostfile.hosts if h is not host]
+    before, after = hostfile.world_size, sum(h.slots for h in kept)
+    note = (f"excluding host {host.name} (root cause of two failures): world size {before} -> {after}; "
+            "the global batch shrinks accordingly and the run resumes from the latest checkpoint")
+    return hostfile.model_copy(update={"hosts": kept}), note
 
 
 def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script: str, reason: str) -> RunSummary:

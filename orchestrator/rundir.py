@@ -54,6 +54,7 @@ class AttemptSummary(BaseModel):
     started_at: str
     duration_s: float
     resumed: bool = False
+    note: Optional[str] = None  # what orch changed after this attempt (e.g. a host excluded)
 
 
 class RunSummary(BaseModel):

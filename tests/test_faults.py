@@ -130,3 +130,18 @@ def test_controller_sigkill_mid_training_leaves_no_rank_and_a_loadable_checkpoin
         assert model and optimizer
     finally:
         kill_tree(p.pid)
+
+
+def test_exclude_failed_host_restarts_with_a_smaller_world(tmp_path):
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"hosts": [{"ssh": name, "ips": ["127.0.0.1"]} for name in
+                                        ("localhost", "127.0.0.1", "localhost.localdomain")]}))
+    rd = tmp_path / "run"
+    r = run_orch("run", str(CRASH), "--hostfile", str(hf), "--run-dir", str(rd), "--max-restarts", "3",
+                 "--restart-backoff", "0.05", "--exclude-failed-host", "--", *SMALL, "--steps", "20", "--checkpoint-every", "5",
+                 cwd=tmp_path, env={"CRASH_AT": "7", "CRASH_RANK": "2", "CRASH_HOW": "exit", "CRASH_ALWAYS": "1"})
+    assert r.returncode == 0, r.stderr
+    s = summary(rd)
+    assert [a["status"] for a in s["attempts"]] == ["failed", "failed", "succeeded"]
+    assert "excluding host localhost.localdomain" in s["attempts"][1]["note"] and "world size 3 -> 2" in r.stderr
+    assert s["world_size"] == 2 and [x["steps"] for x in s["ranks"]] == [20, 20]

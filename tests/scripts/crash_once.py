@@ -1,5 +1,5 @@
 """mlp_regression, except that rank CRASH_RANK dies (CRASH_HOW: kill|exit|raise) at step CRASH_AT
-the first time only (a marker file in the run dir remembers). For restart tests."""
+the first time only (a marker file in the run dir remembers; CRASH_ALWAYS=1: every time). For restart tests."""
 import os
 import signal
 import sys
@@ -20,7 +20,8 @@ real_emit = trainer.emit
 def emit(kind, **fields):
     real_emit(kind, **fields)
     rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
-    if kind == "step" and fields["step"] == crash_at and rank == crash_rank and not marker.exists():
+    if kind == "step" and fields["step"] == crash_at and rank == crash_rank and (
+            os.environ.get("CRASH_ALWAYS") or not marker.exists()):
         marker.write_text("1")
         how = os.environ.get("CRASH_HOW", "kill")
         if how == "kill":
