@@ -29,11 +29,11 @@ import statistics
 import sys
 import time
 
+import bench_mlp
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-import bench_mlp
 from orchestrator.runtime.config import parse_hparams
 from orchestrator.runtime.trainer import init_group
 
@@ -48,6 +48,20 @@ def parse_size(text: str) -> int:
 
 def barrier(group) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
+def build_methods(group, tr, grads, loss, raw_buf, layout, sizes) -> dict:
+    """name -> a function returning the (lazy) averaged arrays."""
+    world = group.size()
+    methods = {
+        "raw": lambda: mx.distributed.all_sum(raw_buf, group=group) / world,
+        "trainer": lambda: tr._average(grads, loss),
+        "layout-aware": lambda: layout({"grads": grads, "loss": loss}),
+    }
+    for s in sizes:
+        methods[f"avg size={s // 1024} KiB" if s else "avg size=0 (per array)"] = (
+            lambda s=s: nn.average_gradients(grads, group=group, all_reduce_size=s))
+    return methods
 
 
 def main() -> None:
@@ -88,14 +102,7 @@ def main() -> None:
         if worst > 1e-6:
             raise SystemExit(f"layout-aware average differs from nn.average_gradients by {worst}")
 
-        methods = {
-            "raw": lambda: mx.distributed.all_sum(raw_buf, group=group) / world,
-            "trainer": lambda: tr._average(grads, loss),
-            "layout-aware": lambda: layout({"grads": grads, "loss": loss}),
-        }
-        for s in sizes:
-            methods[f"avg size={s // 1024} KiB" if s else "avg size=0 (per array)"] = (
-                lambda s=s: nn.average_gradients(grads, group=group, all_reduce_size=s))
+        methods = build_methods(group, tr, grads, loss, raw_buf, layout, sizes)
         times: dict[str, list[float]] = {k: [] for k in methods}
         names = list(methods)
         for it in range(a.warmup + a.iters):

@@ -325,10 +325,11 @@ def machine_info() -> dict:
     except ImportError:
         pass
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
         sib = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
         if sib.exists():
             info["cpu0_thread_siblings"] = sib.read_text().strip()

@@ -42,7 +42,8 @@ def toggle_once(n: int, steps: int, toggle: int, common: list[str], run_dir: Pat
         raise BenchError(f"orch exited {r.returncode}: {shlex.join(cmd)}\n{r.stderr.decode()[-2000:]}")
     line = next(ln for ln in (run_dir / "logs" / "rank-0.log").read_text().splitlines() if "BENCH_JSON " in ln)
     tog = json.loads(line.split("BENCH_JSON ", 1)[1])["toggle"]
-    memory_events = sum(1 for ln in open(run_dir / "events.jsonl") if '"kind":"memory"' in ln)
+    with open(run_dir / "events.jsonl") as f:
+        memory_events = sum(1 for ln in f if '"kind":"memory"' in ln)
     tog["memory_events"] = memory_events
     return tog
 
@@ -111,12 +112,12 @@ def main() -> None:
         rows = [
             "| measurement | stats every step | no stats (anchor) | overhead | target < 1 % |",
             "|---|---|---|---|---|",
-            f"| in-run alternation, median step (ms), {a.repeats} jobs | {on * 1e3:.2f} | {off * 1e3:.2f} | "
-            f"{in_run:+.2%} (means: {in_run_mean:+.2%}) | {'met' if in_run < 0.01 else 'NOT met'} |",
-            f"| whole runs alternating, samples/s | {statistics.median(ab_on):,.0f} | {statistics.median(ab_off):,.0f} | "
-            f"{ab:+.2%} | {'met' if ab < 0.01 else 'NOT met'} |",
-            f"| one sample + event encode (micro) | {micro * 1e6:.1f} us | - | {micro / step:+.3%} of a {step * 1e3:.1f} ms step | "
-            f"{'met' if micro / step < 0.01 else 'NOT met'} |",
+            (f"| in-run alternation, median step (ms), {a.repeats} jobs | {on * 1e3:.2f} | {off * 1e3:.2f} | "
+             f"{in_run:+.2%} (means: {in_run_mean:+.2%}) | {'met' if in_run < 0.01 else 'NOT met'} |"),
+            (f"| whole runs alternating, samples/s | {statistics.median(ab_on):,.0f} | "
+             f"{statistics.median(ab_off):,.0f} | {ab:+.2%} | {'met' if ab < 0.01 else 'NOT met'} |"),
+            (f"| one sample + event encode (micro) | {micro * 1e6:.1f} us | - | {micro / step:+.3%} of a "
+             f"{step * 1e3:.1f} ms step | {'met' if micro / step < 0.01 else 'NOT met'} |"),
         ]
         text = "\n".join(rows)
         print()

@@ -81,9 +81,9 @@ def write_hostfile(c, path: Path, per_host: dict | None = None, *, ips=None) -> 
     return path
 
 
-def orch_check(c, hostfile: Path, *extra: str, timeout: float = 60, as_json: bool = True):
+def orch_check(c, hostfile: Path, *extra: str, timeout: float = 60, as_json: bool = True, known_hosts=None):
     argv = [sys.executable, "-m", "orchestrator.health.check", "--hostfile", str(hostfile),
-            "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path, "--timeout", "10",
+            "--ssh-config", c.ssh_config_path, "--known-hosts", str(known_hosts or c.known_hosts_path), "--timeout", "10",
             *(["--json"] if as_json else []), *extra]
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -142,6 +142,26 @@ def test_healthy_ring_passes_every_check(c4, tmp_path):
     assert rc == 0, text
     assert "✗" not in text and text.count("✓ rank ") == 4 and "all checks passed" in text
     assert all(any(line.startswith(f"host{i} ") for line in text.splitlines()) for i in range(4))
+
+
+def test_host_keys_known_accepted_and_changed(c4, tmp_path):
+    c = c4
+    lines = Path(c.known_hosts_path).read_text().splitlines()
+    key_of = {l.split()[0].split(",")[1]: " ".join(l.split()[1:3]) for l in lines}
+    kh = tmp_path / "known_hosts"  # host1 recorded with another host's key, host3 not at all
+    kh.write_text("\n".join(l.replace(key_of["host1"], key_of["host0"]) if "host1" in l else l
+                            for l in lines if "host3" not in l) + "\n")
+    rc, res, err = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"), "--ssh-accept-new", known_hosts=kh)
+    assert rc == 1
+    hosts, links = failing(res)
+    assert ("host1", "ssh") in hosts and all(h == "host1" for h, _ in hosts)
+    assert links == [("host0", "host1"), ("host1", "host2")]
+    checks = checks_of(res)
+    assert "host key CHANGED" in checks["host1"]["ssh"]["detail"]
+    assert "host key known" in checks["host0"]["ssh"]["detail"] and "host key known" in checks["host2"]["ssh"]["detail"]
+    assert "new host key accepted and recorded" in checks["host3"]["ssh"]["detail"]
+    assert key_of["host3"] in kh.read_text() and "trusted a new host key" in err
+    assert all("not checked" in l["detail"] and "host1's ssh check" in l["detail"] for l in res["links"] if not l["ok"])
 
 
 def test_a_downed_link_fails_that_link_only(c4, tmp_path):
@@ -248,7 +268,7 @@ def test_an_mlx_version_mismatch_names_the_host_and_both_versions(c4, tmp_path):
     detail = checks_of(res)["host3"]["mlx"]["detail"]
     real = real_mlx_version()
     assert detail.startswith(f"mlx 0.0.1-fake here, but {real} on host0, host1, host2"), detail
-    assert f"0.0.1-fake on host3" in detail
+    assert "0.0.1-fake on host3" in detail
 
 
 def test_collective_all_sum_over_four_hosts(c4, tmp_path):

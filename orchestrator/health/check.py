@@ -42,8 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from typing import TYPE_CHECKING
+
 from orchestrator.health import probes
-from orchestrator.hostfile import ConfigError, Hostfile, load_hostfile, local_hostfile
+
+if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds its parser): pydantic loads on use
+    from orchestrator.hostfile import Hostfile
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 DISK_WARN_BYTES = 2 << 30
@@ -364,10 +368,12 @@ def describe_probe_exit(python: str, rc: Optional[int], stderr: str) -> str:
 
 
 def host_checks(h: HostResult, rep: dict, samples: list[tuple[float, float, float]], *, backend: str,
-                mpi_local: Optional[Any], mpi_error: Optional[str], mpi_prefix: Optional[str]) -> None:
+                mpi_local: Optional[Any], mpi_error: Optional[str], mpi_prefix: Optional[str],
+                python: Optional[str] = None) -> None:
     """Turn one host probe's report into checks (MLX version agreement is decided later, across hosts)."""
-    h.add("python", "pass", f"{rep.get('python')} (Python {rep.get('python_version')}, {rep.get('system')} "
-          f"{rep.get('machine')})", f"{rep.get('python_version')}")
+    exe = rep.get("python")
+    h.add("python", "pass", (f"{python} -> " if python and python != exe else "") + f"{exe} (Python "
+          f"{rep.get('python_version')}, {rep.get('system')} {rep.get('machine')})", f"{rep.get('python_version')}")
     mlx = rep.get("mlx") or {}
     if mlx.get("version"):
         h.add("mlx", "pass", f"mlx {mlx['version']}", mlx["version"])
@@ -629,6 +635,8 @@ def _python_for(opts: CheckOptions, host) -> str:
 
 
 def _load(opts: CheckOptions) -> Hostfile:
+    from orchestrator.hostfile import ConfigError, load_hostfile, local_hostfile
+
     if opts.hostfile and opts.n is not None:
         raise ConfigError("give either -n N (local ranks) or --hostfile FILE, not both")
     if opts.hostfile:
@@ -640,6 +648,7 @@ def _load(opts: CheckOptions) -> Hostfile:
 
 async def run_check(opts: CheckOptions, err=None) -> Report:
     """Everything ``orch check`` does; ConfigError for a bad hostfile or option (nothing is contacted then)."""
+    from orchestrator.hostfile import ConfigError
     from orchestrator.job import RunRequest
     from orchestrator.plan import plan_job
 
@@ -766,9 +775,10 @@ async def _probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local
             est = probes.clock_offset(samples)
             rtt = f", round trip {est[1] * 1000:.1f} ms" if est else ""
             key = {"known": "host key known", "accepted-new": "new host key accepted and recorded"}.get(hc.key_status, "")
-            h.add("ssh", "pass", f"{h.host}: connected in {hc.connect_s * 1000:.0f} ms, {key}{rtt}",
+            h.add("ssh", "pass", f"connected in {hc.connect_s * 1000:.0f} ms, {key}{rtt}",
                   f"{est[1] * 1000:.1f} ms" if est else "ok")
-        host_checks(h, rep, samples, backend=backend, mpi_local=mpi_local, mpi_error=mpi_error, mpi_prefix=mpi_prefix)
+        host_checks(h, rep, samples, backend=backend, mpi_local=mpi_local, mpi_error=mpi_error, mpi_prefix=mpi_prefix,
+                    python=runner.python)
         return rep
 
     results = await asyncio.gather(*(one(i) for i in range(len(hosts))))
@@ -821,7 +831,6 @@ async def _check_links(edges: list[Edge], names, hosts, runners, reports, opts) 
         listen_ifaces[i] = probes.parse_ifaces(rep.get("ifaces"), systems[i])
 
     receivers = sorted({e.to_index for e in edges if e.to_index in usable})
-    results: dict[str, LinkResult] = {}
     conns_by_id: dict[str, dict] = {}
     connect_ifaces: dict[int, Any] = {}
     connect_fail: dict[int, str] = {}
@@ -894,6 +903,7 @@ async def _check_links(edges: list[Edge], names, hosts, runners, reports, opts) 
 
 async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, err) -> dict:
     """A real all_sum over every rank, started exactly like ``orch run`` starts a job."""
+    from orchestrator.hostfile import ConfigError
     from orchestrator.job import RunRequest, run_job_async
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-check-"))
@@ -1013,6 +1023,8 @@ def options_from_args(args: argparse.Namespace) -> CheckOptions:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``orch check``: 0 all pass, 1 a check failed, 2 a bad hostfile or option (one line on stderr)."""
+    from orchestrator.hostfile import ConfigError
+
     opts = options_from_args(args)
     try:
         if opts.collective_mib <= 0:
