@@ -14,16 +14,7 @@ import shutil
 import sys
 import time
 from typing import IO, Optional
-
-
-def human_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from orchestrator.units import human_bytes
 
 
 def human_rate(x: Optional[float]) -> str:

@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from orchestrator.units import human_bytes
 
 REPORT_HTML = "report.html"
 REPORT_DIR = "report"
@@ -272,16 +273,6 @@ def final_json(summary_path: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def human_bytes(n) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "-"  # pragma: no cover
 
 
 def _num(x, fmt: str = "{:.4g}") -> str:

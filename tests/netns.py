@@ -725,6 +725,21 @@ class NetnsCluster:
                     known_hosts=self.known_hosts_path, client_keys=[self.client_key_path],
                     config=[])
 
+    def running_processes(self) -> list[tuple[int, str]]:
+        """(pid, command line) of what lives in the hosts besides our sshd listeners; zombies excluded."""
+        out = []
+        for pid in pids_in_netns(self.namespaces):
+            if pid in self.sshd_pids:
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                out.append((pid, cmd))
+        return out
+
     def kill_netns_processes(self) -> list[int]:
         """SIGKILL every process whose network namespace is one of ours; returns their pids.
         (`ip netns del` only removes the name; processes inside keep running.)"""

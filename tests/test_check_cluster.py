@@ -21,7 +21,7 @@ import pytest
 
 from orchestrator.hostfile import load_hostfile
 from orchestrator.plan import plan_job
-from tests.netns import make_cluster_fixture, pids_in_netns
+from tests.netns import make_cluster_fixture
 from tests.orch_helpers import ROOT, kill_tree
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -38,18 +38,7 @@ def _empty_remote_trash():
 
 
 def leftovers(c) -> list[tuple[int, str]]:
-    out = []
-    for pid in pids_in_netns(c.namespaces):
-        if pid in c.sshd_pids:
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.append((pid, cmd))
-    return out
+    return c.running_processes()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
-from tests.orch_helpers import SCRIPTS, alive, kill_tree, rank_pids, run_orch, start_orch, summary, wait_for_line
+from tests.orch_helpers import SCRIPTS, alive, kill_tree, rank_pids, run_orch, start_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 pytestmark = pytest.mark.slow

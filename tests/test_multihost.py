@@ -61,21 +61,7 @@ def orch_run_args(c, tmp_path: Path, script: Path, run_dir: Path, *, known_hosts
 
 
 def run_processes(c) -> list[tuple[int, str]]:
-    """What lives in the hosts besides the sshd listeners: ranks, guards, sshd sessions."""
-    from tests.netns import pids_in_netns
-
-    out = []
-    for pid in pids_in_netns(c.namespaces):
-        if pid in c.sshd_pids:
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.append((pid, cmd))
-    return out
+    return c.running_processes()
 
 
 def assert_hosts_clean(c, timeout: float = 6.0) -> float:

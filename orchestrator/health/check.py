@@ -45,6 +45,7 @@ from typing import Any, Optional
 from typing import TYPE_CHECKING
 
 from orchestrator.health import probes
+from orchestrator.units import human_bytes
 
 if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds its parser): pydantic loads on use
     from orchestrator.hostfile import Hostfile
@@ -387,23 +388,23 @@ def host_checks(h: HostResult, rep: dict, samples: list[tuple[float, float, floa
             from orchestrator.health.macos import parse_metal_device_info
 
             mem = parse_metal_device_info(metal)
-            h.add("metal", "pass", f"Metal working set limit {probes.human_bytes(mem.max_recommended_working_set_size)}"
-                  f" of {probes.human_bytes(mem.memory_size)}", probes.human_bytes(mem.max_recommended_working_set_size))
+            h.add("metal", "pass", f"Metal working set limit {human_bytes(mem.max_recommended_working_set_size)}"
+                  f" of {human_bytes(mem.memory_size)}", human_bytes(mem.max_recommended_working_set_size))
         except (ValueError, SyntaxError) as e:
             h.add("metal", "warn", f"no Metal device info: {metal.get('error') or e}", "unknown")
     disk = rep.get("disk") or {}
     if "free" in disk:
         free = disk["free"]
         status = "warn" if free < DISK_WARN_BYTES else "pass"
-        h.add("disk", status, f"{probes.human_bytes(free)} free at {disk.get('path')} (staging dir {STAGING_DIR})"
+        h.add("disk", status, f"{human_bytes(free)} free at {disk.get('path')} (staging dir {STAGING_DIR})"
               + ("; under 2 GiB: staging and checkpoints may not fit" if status == "warn" else ""),
-              f"{probes.human_bytes(free)} free")
+              f"{human_bytes(free)} free")
     else:
         h.add("disk", "warn", f"free space unknown: {disk.get('error')}", "unknown")
     mem = rep.get("memory") or {}
     if mem.get("total"):
-        h.add("memory", "pass", f"{probes.human_bytes(mem.get('available'))} available of {probes.human_bytes(mem['total'])}",
-              f"{probes.human_bytes(mem.get('available'))}/{probes.human_bytes(mem['total'])}")
+        h.add("memory", "pass", f"{human_bytes(mem.get('available'))} available of {human_bytes(mem['total'])}",
+              f"{human_bytes(mem.get('available'))}/{human_bytes(mem['total'])}")
     else:
         h.add("memory", "warn", f"memory unknown: {mem.get('error') or 'not reported'}", "unknown")
     if backend == "mpi":
@@ -929,7 +930,7 @@ async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, e
         why = summary.diagnosis or summary.reason or ("wrong all_sum result" if m else "no result reported")
         return {"ok": False, "detail": f"all_sum across {summary.world_size} ranks failed: {why}; logs in {run_dir}",
                 "run_dir": str(run_dir), "metrics": m}
-    detail = (f"{probes.human_bytes(m['allsum_bytes'])} all_sum over {m['world_size']} ranks: result correct; "
+    detail = (f"{human_bytes(m['allsum_bytes'])} all_sum over {m['world_size']} ranks: result correct; "
               f"{m['algbw_GBps']:.3g} GB/s algorithm bandwidth ({m['busbw_GBps']:.3g} GB/s bus), "
               f"median {m['allsum_s'] * 1000:.1f} ms; 8-byte all_sum latency median {m['latency_us']:.0f} µs "
               f"(of {m['latency_iters']})")

@@ -387,16 +387,6 @@ def clock_offset(samples: list[tuple[float, float, float]]) -> Optional[tuple[fl
     return remote - (sent + got) / 2, got - sent
 
 
-def human_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def mlx_version_text(report: dict[str, Any]) -> Optional[str]:
     mlx = report.get("mlx") or {}
     return mlx.get("version")

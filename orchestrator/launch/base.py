@@ -10,7 +10,6 @@ routing, events, failure policy — lives in the supervisor, once.
 from __future__ import annotations
 
 import abc
-import asyncio
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
