@@ -138,9 +138,31 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     return summary.exit_code
 
 
+def _prestart_local_ranks(own: list[str]) -> None:
+    """``orch run ... -n N`` on this machine: start the ranks' Python and MLX import now (launch/prespawn.py)."""
+    if not own or own[0] != "run" or any(a in own for a in ("--hostfile", "--python", "--backend", "-h", "--help")):
+        return
+    for i, a in enumerate(own):
+        if a in ("-n", "--nproc") and i + 1 < len(own) and own[i + 1].isdigit():
+            from orchestrator.launch import prespawn
+
+            prespawn.start(int(own[i + 1]))
+            return
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, after = _split_script_args(argv)
+    _prestart_local_ranks(own)
+    try:
+        return _main(own, after)
+    finally:
+        from orchestrator.launch import prespawn
+
+        prespawn.discard()
+
+
+def _main(own: list[str], after: list[str]) -> int:
     parser = build_parser(with_check_options=bool(own) and own[0] == "check" or "-h" in own or "--help" in own)
     args, unknown = parser.parse_known_args(own)
     if args.command is None:

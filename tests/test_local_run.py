@@ -173,3 +173,39 @@ def test_json_flag_prints_only_the_summary_on_stdout(tmp_path):
     data = json.loads(r.stdout)
     assert data["status"] == "succeeded" and [x["rank"] for x in data["ranks"]] == [0, 1]
     assert "[0] rank 0/2" in r.stderr  # rank output moved to stderr
+
+
+def test_prestarted_ranks_get_env_cwd_and_args(tmp_path):
+    """`-n N` ranks start before the plan exists (launch/prespawn.py); what they see must not differ."""
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_orch("run", str(SCRIPTS / "env_report.py"), "-n", "2", "--env", "FROM_CLI=x y", "--cwd", str(work),
+                 "--run-dir", str(tmp_path / "r"), "--", "--lr", "1e-3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    reports = {int(m.group(1)): json.loads(m.group(2)) for m in re.finditer(r"^\[(\d)\] REPORT (.*)$", r.stdout, re.M)}
+    assert set(reports) == {0, 1}
+    for rank, rep in reports.items():
+        assert rep["argv"] == ["--lr", "1e-3"] and rep["cwd"] == str(work)
+        assert rep["env"]["MLX_RANK"] == str(rank) and rep["env"]["FROM_CLI"] == "x y"
+
+
+def test_prestarted_ranks_are_stopped_when_the_run_never_starts(tmp_path):
+    import psutil
+
+    t0 = time.time() - 1
+    r = run_orch("run", str(tmp_path / "missing.py"), "-n", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "no such script" in r.stderr
+
+    def deferred():
+        out = []
+        for p in psutil.process_iter(["cmdline", "create_time", "status"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["create_time"] >= t0 and p.info["status"] != psutil.STATUS_ZOMBIE and (
+                    "--deferred" in cmd or cmd.endswith("orchestrator.runtime.bootstrap")):
+                out.append(p.pid)
+        return out
+
+    deadline = time.monotonic() + 10
+    while deferred() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not deferred(), "pre-started ranks outlived a run that never started"

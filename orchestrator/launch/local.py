@@ -9,15 +9,17 @@ the guards see their stdin close and stop their ranks.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import sys
-from pathlib import Path
 
+from orchestrator.launch import prespawn
 from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
 
 # Ranks import orchestrator.runtime from this checkout even under another --python.
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+PACKAGE_ROOT = prespawn.PACKAGE_ROOT
 
 
 class LocalRank(RankHandle):
@@ -52,10 +54,73 @@ class LocalRank(RankHandle):
         return ExitStatus(code=rc, signal=None)
 
 
+class PrestartedRank(RankHandle):
+    """A rank started by ``prespawn`` before the plan existed, adopted into asyncio."""
+
+    def __init__(self, spec: RankSpec, proc: subprocess.Popen, stdin: asyncio.WriteTransport,
+                 stdout: asyncio.StreamReader, stderr: asyncio.StreamReader):
+        self.rank = spec.rank
+        self.host = spec.host
+        self.proc = proc
+        self._stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pidfd = os.pidfd_open(proc.pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        rc = self.proc.wait()
+        if not self._exited.done():
+            self._exited.set_result(rc)
+
+    def send(self, line: str) -> None:
+        if not self._stdin.is_closing():
+            self._stdin.write(line.encode() + b"\n")
+
+    def stop(self) -> None:
+        if not self._stdin.is_closing():
+            self._stdin.close()
+
+    def kill(self) -> None:
+        for pgid in (self.rank_pid, self.proc.pid):
+            if pgid is None:
+                continue
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    async def wait(self) -> ExitStatus:
+        rc = await self._exited
+        if rc < 0:
+            return ExitStatus(code=None, signal=-rc)
+        return ExitStatus(code=rc, signal=None)
+
+
+async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
+    loop = asyncio.get_running_loop()
+    readers = []
+    for pipe in (proc.stdout, proc.stderr):
+        reader = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+        readers.append(reader)
+    stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
+    config = {"env": spec.env, "argv": [spec.script, *spec.script_args], "cwd": spec.cwd}
+    stdin.write(json.dumps(config).encode() + b"\n")
+    return PrestartedRank(spec, proc, stdin, *readers)
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
     async def start(self, spec: RankSpec) -> RankHandle:
+        proc = prespawn.take() if spec.python is None else None
+        if proc is not None:
+            return await _adopt(spec, proc)
         env = dict(os.environ)
         env.pop("MLX_HOSTFILE", None)
         env.update(spec.env)

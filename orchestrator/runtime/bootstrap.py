@@ -92,7 +92,35 @@ def _prepare_mpi() -> None:
     mx.distributed.init(backend="mpi", strict=True)
 
 
+def _configure_deferred(fd: int) -> None:
+    """A pre-started rank: import MLX while the controller plans, then take its configuration.
+
+    The configuration is one JSON line ``{"env", "argv", "cwd"}`` relayed by the
+    guard; everything MLX and the script read (MLX_RANK, MLX_HOSTFILE, argv, cwd)
+    is in place before the script runs.
+    """
+    import json
+
+    import mlx.core  # noqa: F401  (the expensive part, done before the plan exists)
+
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            sys.exit(1)  # the controller went away before configuring us
+        buf += chunk
+    os.close(fd)
+    config = json.loads(buf)
+    os.environ.update(config["env"])
+    if config.get("cwd"):
+        os.chdir(config["cwd"])
+    sys.argv = [sys.argv[0], *config["argv"]]
+
+
 def main() -> None:
+    config_fd = os.environ.pop("ORCH_CONFIG_FD", None)
+    if config_fd is not None:
+        _configure_deferred(int(config_fd))
     if len(sys.argv) < 2:
         print("usage: python -m orchestrator.runtime.bootstrap SCRIPT [ARGS...]", file=sys.stderr)
         sys.exit(2)

@@ -13,11 +13,9 @@ import sys
 
 from orchestrator import protocol
 
-_ENABLED = os.environ.get("ORCH_EVENTS") == "1"
-
-
 def enabled() -> bool:
-    return _ENABLED
+    # Read each time: a pre-started rank gets its environment after this module is imported.
+    return os.environ.get("ORCH_EVENTS") == "1"
 
 
 def rank() -> int:
@@ -25,7 +23,7 @@ def rank() -> int:
 
 
 def emit(kind: str, **fields) -> None:
-    if not _ENABLED:
+    if not enabled():
         return
     try:
         sys.stdout.flush()

@@ -31,7 +31,9 @@ Only the standard library: this starts before every rank and must be fast.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -102,24 +104,45 @@ def bind_cpus(pid: int, spec: str) -> None:
         pass
 
 
+def _read_config(fd: int, timeout_s: float) -> tuple[bytes | None, bytes]:
+    """The first line on ``fd`` (a --deferred rank's configuration) and whatever followed it."""
+    buf = b""
+    end = time.monotonic() + timeout_s
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None, b""
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None, b""
+        buf += chunk
+    line, rest = buf.split(b"\n", 1)
+    return line + b"\n", rest
+
+
 def main(argv: list[str]) -> int:
     watch_stdin = True
-    if argv and argv[0] == "--no-stdin":
-        watch_stdin = False
+    deferred = False
+    while argv and argv[0] in ("--no-stdin", "--deferred"):
+        watch_stdin = watch_stdin and argv[0] != "--no-stdin"
+        deferred = deferred or argv[0] == "--deferred"
         argv = argv[1:]
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        print("usage: python -m orchestrator.runtime.guard [--no-stdin] -- CMD ARGS...", file=sys.stderr)
+        print("usage: python -m orchestrator.runtime.guard [--no-stdin] [--deferred] -- CMD ARGS...", file=sys.stderr)
         return 2
-    grace = float(os.environ.get("ORCH_GRACE_S", "1.0"))
-    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
 
-    gate_r = gate_w = None
+    gate_r = gate_w = cfg_r = cfg_w = None
     env = dict(os.environ)
-    if env.pop("ORCH_GATED", None) == "1":
+    if env.pop("ORCH_GATED", None) == "1" or deferred:
         gate_r, gate_w = os.pipe()
         env["ORCH_GATE_FD"] = str(gate_r)
+    if deferred:
+        # Started before the controller knew the plan (see orchestrator/launch/prespawn.py):
+        # the rank imports MLX now and gets its configuration, relayed by us, later.
+        cfg_r, cfg_w = os.pipe()
+        env["ORCH_CONFIG_FD"] = str(cfg_r)
 
     # Wake the selector on SIGCHLD and on stop signals.
     wake_r, wake_w = socket.socketpair()
@@ -140,14 +163,31 @@ def main(argv: list[str]) -> int:
             argv,
             env=env,
             start_new_session=True,
-            pass_fds=(gate_r,) if gate_r is not None else (),
+            pass_fds=tuple(fd for fd in (gate_r, cfg_r) if fd is not None),
             stdin=subprocess.DEVNULL,
         )
     except OSError as e:
         print(f"orch guard: cannot start {argv[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
-    if gate_r is not None:
-        os.close(gate_r)
+    for fd in (gate_r, cfg_r):
+        if fd is not None:
+            os.close(fd)
+    early_input = b""
+    if deferred:
+        line, early_input = _read_config(sys.stdin.fileno(), 600.0)
+        if line is None:  # the controller gave up (or died) before configuring us
+            _killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return 1
+        os.environ.update(json.loads(line)["env"])
+        os.write(cfg_w, line)
+        os.close(cfg_w)
+        if os.environ.get("ORCH_GATED") != "1":
+            os.write(gate_w, b"go\n")
+            os.close(gate_w)
+            gate_w = None
+    grace = float(os.environ.get("ORCH_GRACE_S", "1.0"))
+    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
     if os.environ.get("ORCH_BIND"):
         bind_cpus(child.pid, os.environ["ORCH_BIND"])
     pgid = child.pid
@@ -167,7 +207,7 @@ def main(argv: list[str]) -> int:
             # so behave as with --no-stdin and watch our parent instead.
             stdin_fd = None
             watch_stdin = False
-    buf = b""
+    buf = early_input
     stopping_since = None
     # Watch for the rank's ring socket to listen, so the controller can open the
     # gate of the rank that connects first. Bounded: 5 ms steps for 120 s.
@@ -184,6 +224,19 @@ def main(argv: list[str]) -> int:
         status = child.poll()
         if status is not None:
             break
+        while b"\n" in buf:
+            cmd, buf = buf.split(b"\n", 1)
+            word = cmd.strip().decode()
+            if word == protocol.CONTROL_RELEASE and held_since is not None:
+                os.kill(child.pid, signal.SIGCONT)
+                held_since = None
+            if word == protocol.CONTROL_GO and gate_w is not None:
+                try:
+                    os.write(gate_w, b"go\n")
+                    os.close(gate_w)
+                except OSError:
+                    pass
+                gate_w = None
         if stop_signal and stopping_since is None:
             stopping_since = time.monotonic()
             _killpg(pgid, signal.SIGTERM)
@@ -237,19 +290,6 @@ def main(argv: list[str]) -> int:
                 stop_signal.append(0)
                 continue
             buf += chunk
-            while b"\n" in buf:
-                cmd, buf = buf.split(b"\n", 1)
-                word = cmd.strip().decode()
-                if word == protocol.CONTROL_RELEASE and held_since is not None:
-                    os.kill(child.pid, signal.SIGCONT)
-                    held_since = None
-                if word == protocol.CONTROL_GO and gate_w is not None:
-                    try:
-                        os.write(gate_w, b"go\n")
-                        os.close(gate_w)
-                    except OSError:
-                        pass
-                    gate_w = None
 
     status = child.returncode
     # The rank is gone; nothing it started may outlive it.
