@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, Field
 
@@ -19,6 +20,10 @@ from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job
 from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
 from orchestrator.supervisor import Supervisor, SupervisorOptions
+
+if TYPE_CHECKING:
+    from orchestrator.launch.mpi import MPIInstall
+
 
 class RunRequest(BaseModel):
     script: str
@@ -121,7 +126,7 @@ def _launcher_for(hostfile: Hostfile, req: RunRequest) -> Launcher:
     return SSHLauncher(hostfile, req)
 
 
-def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, object]:
+def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["MPIInstall"]]:
     """Everything that can fail on bad input, before anything is created or started."""
     hostfile = _load_cluster(req)
     backend = req.backend or hostfile.backend or "ring"
@@ -149,7 +154,7 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, object]:
     return hostfile, plan, rundir, script, mpi
 
 
-def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: RunDir, mpi) -> Launcher:
+def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: RunDir, mpi: Optional["MPIInstall"]) -> Launcher:
     if plan.backend == "mpi":
         from orchestrator.launch.mpi import MPILauncher
 
@@ -184,8 +189,6 @@ async def _backoff(seconds: float) -> bool:
 
 async def run_job_async(req: RunRequest) -> RunSummary:
     """Run the job; with --max-restarts, start it again from the last checkpoint after a failure."""
-    import time
-
     hostfile, plan, rundir, script, mpi = prepare(req)
     t0 = time.monotonic()
     attempts: list[AttemptSummary] = []
@@ -251,8 +254,6 @@ def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,
 
 def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script: str, reason: str) -> RunSummary:
     """Nothing started: say why, exit 1."""
-    import time
-
     sys.stderr.write(f"orch: could not start the run: {reason}\norch: failed; run directory {rundir.path}\n")
     return RunSummary(
         status="failed", exit_code=1, failed_rank=None, reason=reason, duration_s=0.0,
