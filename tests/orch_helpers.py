@@ -26,15 +26,19 @@ def start_orch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Pop
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def run_orch(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = start_orch(*args, cwd=cwd, env=env)
+def finish(p: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a started command (bounded); on timeout kill its whole tree and fail with its output."""
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(p.pid)
         out, err = p.communicate(timeout=10)
-        raise AssertionError(f"orch did not finish in {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+        raise AssertionError(f"{' '.join(map(str, p.args[1:4]))} did not finish in {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def run_orch(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return finish(start_orch(*args, cwd=cwd, env=env), timeout)
 
 
 def kill_tree(pid: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 from orchestrator.health import check as chk
 from orchestrator.health import probes
 from orchestrator.hostfile import Hostfile, Host
-from tests.orch_helpers import ROOT, kill_tree
+from tests.orch_helpers import ROOT, finish
 
 MACOS = ROOT / "tests" / "fixtures" / "macos"
 
@@ -29,13 +29,7 @@ MACOS = ROOT / "tests" / "fixtures" / "macos"
 def orch_check(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     p = subprocess.Popen([sys.executable, "-m", "orchestrator.health.check", *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(p.pid)
-        out, err = p.communicate(timeout=10)
-        raise AssertionError(f"orch check did not finish in {timeout}s\n{out}\n{err}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return finish(p, timeout)
 
 
 def probe_processes() -> list[psutil.Process]:

@@ -51,6 +51,11 @@ class ExitStatus:
     signal: Optional[int]
     reason: Optional[str] = None  # set by a launcher that knows more, e.g. "SSH connection to mac2 lost"
 
+    @classmethod
+    def from_returncode(cls, rc: int) -> "ExitStatus":
+        """A subprocess return code: negative means killed by that signal."""
+        return cls(code=None, signal=-rc) if rc < 0 else cls(code=rc, signal=None)
+
     @property
     def ok(self) -> bool:
         return self.code == 0 and self.signal is None

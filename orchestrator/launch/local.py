@@ -22,6 +22,17 @@ from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
 PACKAGE_ROOT = prespawn.PACKAGE_ROOT
 
 
+def _kill_groups(*pgids) -> None:
+    """SIGKILL the rank's and the guard's process groups (last resort when the guard does not react)."""
+    for pgid in pgids:
+        if pgid is None:
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class LocalRank(RankHandle):
     def __init__(self, spec: RankSpec, proc: asyncio.subprocess.Process):
         self.rank = spec.rank
@@ -39,19 +50,10 @@ class LocalRank(RankHandle):
             self.proc.stdin.close()
 
     def kill(self) -> None:
-        for pgid in (self.rank_pid, self.proc.pid):
-            if pgid is None:
-                continue
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_groups(self.rank_pid, self.proc.pid)
 
     async def wait(self) -> ExitStatus:
-        rc = await self.proc.wait()
-        if rc < 0:
-            return ExitStatus(code=None, signal=-rc)
-        return ExitStatus(code=rc, signal=None)
+        return ExitStatus.from_returncode(await self.proc.wait())
 
 
 class PrestartedRank(RankHandle):
@@ -86,19 +88,10 @@ class PrestartedRank(RankHandle):
             self._stdin.close()
 
     def kill(self) -> None:
-        for pgid in (self.rank_pid, self.proc.pid):
-            if pgid is None:
-                continue
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_groups(self.rank_pid, self.proc.pid)
 
     async def wait(self) -> ExitStatus:
-        rc = await self._exited
-        if rc < 0:
-            return ExitStatus(code=None, signal=-rc)
-        return ExitStatus(code=rc, signal=None)
+        return ExitStatus.from_returncode(await self._exited)
 
 
 async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
