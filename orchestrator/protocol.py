@@ -43,6 +43,24 @@ PROTOCOL_VERSION = 1
 # Control lines (controller -> guard stdin)
 CONTROL_GO = "go"
 CONTROL_RELEASE = "release"
+# The first control line a guard started with ``--token-line`` reads, before it
+# starts its rank: ``token <hex>``. (A ``--deferred`` guard finds the token in
+# its configuration line instead, under the key ``"token"``.)
+CONTROL_TOKEN = "token"
+
+# Events only the guard may send. They carry the attempt's token (``"token"``),
+# which the guard got on its stdin, a pipe the rank never sees: the controller
+# takes a pid to signal only from a ``spawned`` event with the right token, so
+# nothing a rank prints can make orch signal another process. Guards started
+# without a stdin (``--no-stdin``, under mpirun) send these without a token;
+# the controller then never uses their pids.
+GUARD_KINDS = frozenset({"spawned", "listening", "exited"})
+TOKEN_FIELD = "token"
+
+# An event payload longer than this is not parsed at all (it is kept as user
+# text): a hostile or broken rank cannot make the controller parse megabytes
+# of JSON or recurse through deeply nested arrays.
+MAX_EVENT_BYTES = 64 * 1024
 
 
 class _Base(TypedDict):
@@ -170,10 +188,12 @@ def split_line(line: str) -> tuple[str | None, dict | None]:
         return line, None
     text = line[:idx] or None
     raw = line[idx + len(MARKER):].strip()
+    if len(raw) > MAX_EVENT_BYTES:
+        return line, None
     try:
         payload = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # also 5000-digit integers (ValueError)
         return line, None
-    if not isinstance(payload, dict) or "kind" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("kind"), str):
         return line, None
     return text, payload
