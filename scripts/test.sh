@@ -13,6 +13,8 @@ if [ "$(uname -s)" = Linux ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/n
   command -v ssh >/dev/null || need+=(openssh-client)
   command -v ip >/dev/null || need+=(iproute2)
   command -v taskset >/dev/null || need+=(util-linux)
+  command -v lsof >/dev/null || need+=(lsof)
+  command -v tc >/dev/null || need+=(iproute2)
   command -v chromium >/dev/null || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
