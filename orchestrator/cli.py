@@ -27,7 +27,12 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("-n", "--nproc", dest="n", type=int, help="number of local ranks (no hostfile)")
     where.add_argument("--hostfile", help="JSON hostfile (mlx.launch's format or {\"hosts\": [...]})")
-    p.add_argument("--backend", choices=["ring", "mpi"], help="communication backend (default: hostfile's, else ring)")
+    p.add_argument("--backend", choices=["ring", "mpi", "jaccl", "jaccl-ring", "nccl"],
+                   help="communication backend (default: the hostfile's; else jaccl/jaccl-ring when its rdma matrix "
+                        "links every pair/each ring neighbour, as mlx.distributed_config chooses; else ring)")
+    p.add_argument("--fallback-backend", choices=["ring"],
+                   help="with --max-restarts: when JACCL fails to start (RDMA off, device missing, link down), "
+                        "restart on this backend over the same hosts from the latest checkpoint")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable on every rank")
     p.add_argument("--cwd", help="working directory of every rank")
     p.add_argument("--python", help="python interpreter for the ranks (default: this one, or the hostfile's)")
@@ -105,6 +110,7 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         n=args.n,
         hostfile=args.hostfile,
         backend=args.backend,
+        fallback_backend=args.fallback_backend,
         env=args.env,
         cwd=args.cwd,
         python=args.python,

@@ -1,23 +1,20 @@
-"""Topology planning: which rank runs where and listens on which address.
+"""Topology planning: which rank runs where, on which backend, and what each rank is handed.
 
-MLX's ring backend (``mlx/distributed/ring/ring.cpp``) reads ``MLX_RANK`` and
-``MLX_HOSTFILE``, a JSON list with, per rank, the ``"ip:port"`` strings that
-rank listens on; rank i connects to rank i+1's entries. So the address listed
-for rank i must be reachable *from rank i-1*.
+A plan is everything about a job that follows from the hostfile and the
+options, before anything starts: the backend (``backends.choose``: asked for,
+named by the hostfile, or what its ``rdma`` matrix allows), which host each
+rank runs on and its index there, the addresses and ports, and per rank the
+environment and files that ``mlx.launch`` would hand it for that backend
+(``rank_env`` / ``files``, per backend in ``orchestrator/backends/``), plus
+torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` so
+scripts written for either launcher run unchanged.
 
-The Thunderbolt rule: on a ring of point-to-point cables every Mac has one
-address per cable. Rank i must list its address on the cable to its *left*
-neighbour (rank i-1), because that is the only one of its addresses rank i-1
-can reach directly. When a host's ``ips`` carry prefix lengths
-("10.0.1.2/30") we pick, for each rank, the address that shares a subnet with
-an address of the previous rank's host. Without prefixes, ``ips`` keep MLX's
-meaning: all of them are used, each as one more connection.
-
-Connection order matters for launch speed: ranks 0..N-2 bind and accept
-first, rank N-1 *connects first* (to rank 0). If rank N-1 connects before
-rank 0 listens, MLX sleeps a whole second before retrying. The plan therefore
-marks rank N-1 as ``gated``: it waits for a "go" that the supervisor sends
-once every other rank reports its socket is listening.
+Ring connection order matters for launch speed (the ring's addresses and the
+Thunderbolt left-neighbour rule are in ``backends/ring.py``): ranks 0..N-2 bind
+and accept first, rank N-1 *connects first* (to rank 0). If rank N-1 connects
+before rank 0 listens, MLX sleeps a whole second before retrying. The plan
+therefore marks rank N-1 as ``gated``: it waits for a "go" that the supervisor
+sends once every other rank reports its socket is listening.
 
 That leaves a second race: the moment rank N-1's connect succeeds, rank 0
 accepts and the ring forms hop by hop (0 connects to 1, 1 to 2, ...) until
@@ -31,15 +28,22 @@ once rank N-1 listens too. Then every connect in the chain finds a listener.
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import os
 import random
 import socket
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from orchestrator.hostfile import ConfigError, Host, Hostfile
+from orchestrator import backends
+from orchestrator.backends.nccl import coordinator_ip
+from orchestrator.backends.ring import link_mode, listen_ips  # noqa: F401  (re-exported: older imports)
+from orchestrator.hostfile import ConfigError, Hostfile
+
+# Where the controller writes each per-job file mlx.launch hands the ranks (env var -> file name in the run dir).
+FILE_NAMES = {"MLX_HOSTFILE": "mlx-hostfile.json", "MLX_IBV_DEVICES": "mlx-ibv-devices.json"}
 
 
 class RankPlan(BaseModel):
@@ -50,12 +54,17 @@ class RankPlan(BaseModel):
     listen: list[str]
     gated: bool = False
     held: bool = False
+    local_rank: int = 0  # index among the ranks on the same machine (torchrun's LOCAL_RANK; the GPU for nccl)
+    local_size: int = 1  # ranks on that machine (LOCAL_WORLD_SIZE)
 
 
 class JobPlan(BaseModel):
     backend: str
     world_size: int
     ranks: list[RankPlan]
+    backend_reason: str = ""  # why this backend: printed by the CLI, kept in plan.json
+    coordinator: Optional[str] = None  # jaccl: MLX_JACCL_COORDINATOR; nccl: NCCL_HOST_IP:NCCL_PORT
+    rdma: Optional[list[list[Any]]] = None  # jaccl: the matrix behind MLX_IBV_DEVICES
 
     @property
     def mlx_hostfile(self) -> list[list[str]]:
@@ -64,49 +73,39 @@ class JobPlan(BaseModel):
     def mlx_hostfile_json(self) -> str:
         return json.dumps(self.mlx_hostfile)
 
+    def files(self) -> dict[str, str]:
+        """``{env var: content}`` of the files every rank gets (mlx.launch's ``files``), e.g. MLX_IBV_DEVICES."""
+        return backends.module(self.backend).files(self)
 
-def _subnet(ip: str) -> Optional[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    iface = ipaddress.ip_interface(ip)
-    if iface.network.prefixlen == iface.max_prefixlen:
-        return None
-    return iface.network
+    def rank_env(self, rank: RankPlan, paths: dict[str, str]) -> dict[str, str]:
+        """What this rank is handed for its backend, exactly as mlx.launch would, plus torchrun's names.
+
+        ``paths``: ``{env var: path}`` where the ``files()`` lie for this rank
+        (``write_files`` for the controller's machine; a remote launcher
+        rewrites them for its host).
+        """
+        mod = backends.module(self.backend)
+        env: dict[str, str] = {}
+        if getattr(mod, "PER_RANK", True):  # under mpirun, Open MPI tells each rank who it is
+            env.update(MLX_RANK=str(rank.rank), RANK=str(rank.rank), LOCAL_RANK=str(rank.local_rank))
+        env.update(WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(rank.local_size))
+        env.update(mod.rank_env(self, rank))
+        for var in self.files():
+            env[var] = paths[var]
+        return env
 
 
-def link_mode(host: Host) -> bool:
-    """A host on point-to-point links lists its addresses with prefix lengths."""
-    return any("/" in ip for ip in host.ips)
+def write_files(plan: JobPlan, directory: str | os.PathLike) -> dict[str, str]:
+    """Write ``plan.files()`` into ``directory`` (the run dir); ``{env var: path}`` for ``rank_env``.
 
-
-def listen_ips(hosts: list[Host], rank_hosts: list[int]) -> list[list[str]]:
-    """The bare IPs each rank listens on (before ports), per the rules above."""
-    n = len(rank_hosts)
-    out: list[list[str]] = []
-    for r, hi in enumerate(rank_hosts):
-        host = hosts[hi]
-        if not host.ips:
-            if host.is_local:
-                out.append(["127.0.0.1"])
-                continue
-            raise ConfigError(
-                f"hosts[{hi}] ({host.name}): the ring backend needs the address this rank listens on; "
-                "add \"ips\": [\"<address reachable from the previous host>\"]"
-            )
-        if not link_mode(host):
-            out.append(host.bare_ips)
-            continue
-        left = hosts[rank_hosts[(r - 1) % n]]
-        if left is host:
-            out.append([host.bare_ips[0]])
-            continue
-        left_nets = {_subnet(ip) for ip in left.ips} - {None}
-        shared = [str(ipaddress.ip_interface(ip).ip) for ip in host.ips if _subnet(ip) in left_nets]
-        if not shared:
-            raise ConfigError(
-                f"hosts[{hi}] ({host.name}): none of its addresses {host.ips} is on a link to its left neighbour "
-                f"{left.name} ({left.ips}); cable them or reorder the hosts so neighbours share a /30"
-            )
-        out.append(shared[:1])
-    return out
+    Content is what mlx.launch's ``echo CONTENT > $fname`` leaves: the text and a newline.
+    """
+    paths = {}
+    for var, content in plan.files().items():
+        path = Path(directory) / FILE_NAMES.get(var, var.lower() + ".json")
+        path.write_text(content + "\n")
+        paths[var] = str(path)
+    return paths
 
 
 def _port_is_free(ip: str, port: int) -> bool:
@@ -141,23 +140,41 @@ def choose_ports(count: int, ip: str = "127.0.0.1", start: Optional[int] = None,
     return ports
 
 
+def _machine(hostfile: Hostfile, hi: int) -> str:
+    """Ranks on one machine share a key: every local host is this machine; others by SSH name."""
+    host = hostfile.hosts[hi]
+    return "\0local" if host.is_local else host.name
+
+
 def plan_job(
     hostfile: Hostfile,
-    backend: str = "ring",
+    backend: Optional[str] = None,
     connections_per_ip: int = 1,
     starting_port: Optional[int] = None,
 ) -> JobPlan:
-    """Hosts + slots -> ranks, with ports that do not collide with other runs."""
+    """Hosts + slots -> ranks on a backend, with ports that do not collide with other runs.
+
+    ``backend`` None: the hostfile's, else chosen from its rdma matrix (``backends.choose``).
+    Every error is a one-line ``ConfigError`` raised before anything starts.
+    """
     if connections_per_ip < 1:
         raise ConfigError(f"--connections-per-ip {connections_per_ip}: must be at least 1")
+    choice = backends.choose(hostfile, backend)
+    backend = choice.name
+    backends.module(backend).validate(hostfile, backend)
     rank_hosts = [i for i, h in enumerate(hostfile.hosts) for _ in range(h.slots)]
     n = len(rank_hosts)
-    ips = listen_ips(hostfile.hosts, rank_hosts) if backend == "ring" and n > 1 else [[] for _ in rank_hosts]
+    ring = backend == "ring" and n > 1
+    ips = listen_ips(hostfile.hosts, rank_hosts) if ring else [[] for _ in rank_hosts]
 
     # Ports: local addresses are checked by binding; remote ones are checked by `orch check`.
     needed = sum(len(i) for i in ips) * connections_per_ip
+    coordinator = None
+    if backend in ("jaccl", "jaccl-ring", "nccl"):
+        coordinator = f"{coordinator_ip(hostfile, backend)}:{choose_ports(1, '127.0.0.1', starting_port)[0]}"
     ports = iter(choose_ports(needed, "127.0.0.1", starting_port) if needed else [])
 
+    machines = [_machine(hostfile, hi) for hi in rank_hosts]
     ranks = []
     for r, hi in enumerate(rank_hosts):
         host = hostfile.hosts[hi]
@@ -169,8 +186,12 @@ def plan_job(
                 host=host.name,
                 local=host.is_local,
                 listen=listen,
-                gated=backend == "ring" and n > 1 and r == n - 1,
-                held=backend == "ring" and n > 1 and r == 0,
+                gated=ring and r == n - 1,
+                held=ring and r == 0,
+                local_rank=machines[:r].count(machines[r]),
+                local_size=machines.count(machines[r]),
             )
         )
-    return JobPlan(backend=backend, world_size=n, ranks=ranks)
+    rdma = [list(h.rdma) for h in hostfile.hosts] if backend in ("jaccl", "jaccl-ring") else None
+    return JobPlan(backend=backend, backend_reason=choice.reason, world_size=n, ranks=ranks,
+                   coordinator=coordinator, rdma=rdma)

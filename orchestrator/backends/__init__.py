@@ -1,0 +1,69 @@
+"""The communication backends ``mlx.launch`` 0.32 starts, one small module each.
+
+Each module knows three things about its backend and nothing else:
+
+* ``validate(hostfile)``: what the backend needs from the hostfile, as one-line
+  ``ConfigError``s at least as strict as ``mlx.launch``'s own checks (so a bad
+  hostfile fails before anything starts, not inside ``mx.distributed.init``);
+* ``rank_env(plan, rank)``: the variables ``mlx.launch`` hands that rank for
+  that backend (read from ``mlx/_distributed_utils/launch.py``);
+* ``files(plan)``: the files ``mlx.launch`` writes for every rank (``MLX_HOSTFILE``,
+  ``MLX_IBV_DEVICES``), as ``{env var: content}``; the launcher puts each on the
+  rank's host and points the variable at it.
+
+``choose`` picks a backend when neither ``--backend`` nor the hostfile names one,
+the way ``mlx.distributed_config`` decides what to write: a full RDMA mesh ->
+``jaccl``, an RDMA ring -> ``jaccl-ring``, otherwise ``ring``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel
+
+from orchestrator.hostfile import BACKENDS, ConfigError, Hostfile
+
+__all__ = ["BACKENDS", "BackendChoice", "choose", "module"]
+
+
+class BackendChoice(BaseModel):
+    name: str
+    reason: str  # one line the CLI prints: why this backend
+
+
+def module(name: str):
+    """The module implementing backend ``name``."""
+    from orchestrator.backends import jaccl, mpi, nccl, ring
+
+    mods = {"ring": ring, "mpi": mpi, "jaccl": jaccl, "jaccl-ring": jaccl, "nccl": nccl}
+    if name not in mods:
+        raise ConfigError(f"--backend {name}: unknown backend; use one of {', '.join(BACKENDS)}")
+    return mods[name]
+
+
+def choose(hostfile: Hostfile, requested: Optional[str] = None) -> BackendChoice:
+    """``--backend`` first, then the hostfile's ``backend``, then what its ``rdma`` matrix allows."""
+    from orchestrator.backends import jaccl
+
+    if requested:
+        module(requested)
+        return BackendChoice(name=requested, reason=f"--backend {requested}")
+    if hostfile.backend:
+        return BackendChoice(name=hostfile.backend, reason=f"the hostfile names backend \"{hostfile.backend}\"")
+    n = len(hostfile.hosts)
+    if hostfile.world_size < 2 or not any(h.rdma for h in hostfile.hosts):
+        return BackendChoice(name="ring", reason="no backend named and no rdma matrix in the hostfile: ring over TCP")
+    problem = jaccl.matrix_problem(hostfile)
+    if problem:
+        return BackendChoice(name="ring", reason=f"no backend named and the rdma matrix is unusable ({problem}): ring over TCP")
+    mesh_missing = jaccl.missing_pairs(hostfile, ring=False)
+    if not mesh_missing:
+        return BackendChoice(name="jaccl", reason=f"no backend named; the rdma matrix links every pair of the {n} hosts (full mesh): jaccl")
+    if not jaccl.missing_pairs(hostfile, ring=True):
+        return BackendChoice(name="jaccl-ring", reason=(
+            f"no backend named; the rdma matrix links each host to its ring neighbours but not every pair "
+            f"({jaccl.describe_pairs(hostfile, mesh_missing)} missing): jaccl-ring"))
+    return BackendChoice(name="ring", reason=(
+        f"no backend named; the rdma matrix forms neither a full mesh nor a ring "
+        f"({jaccl.describe_pairs(hostfile, jaccl.missing_pairs(hostfile, ring=True))} missing): ring over TCP"))
