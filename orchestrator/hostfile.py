@@ -130,10 +130,7 @@ class Host(BaseModel):
     @classmethod
     def _check_ips(cls, ips: list[str]) -> list[str]:
         for ip in ips:
-            try:
-                ipaddress.ip_interface(ip)
-            except ValueError:
-                raise ValueError(f"{ip!r} is not an IP address (use e.g. \"10.0.0.2\" or \"10.0.0.2/30\")") from None
+            _check_ipv4(ip)
         return ips
 
     @field_validator("rdma")
@@ -154,7 +151,16 @@ class Host(BaseModel):
     def _check_slots(cls, slots: int) -> int:
         if slots < 1:
             raise ValueError(f"slots is {slots}; it must be at least 1 (ranks on this host)")
+        if slots > MAX_SLOTS:
+            raise ValueError(f"slots is {slots}; at most {MAX_SLOTS} ranks per host")
         return slots
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            parse_env_assignment(f"{key}={value}")
+        return env
 
     @field_validator("port")
     @classmethod

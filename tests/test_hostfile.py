@@ -1,6 +1,7 @@
 """Hostfile parsing: the formats users have, and one clear line for each mistake."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_every_shipped_example_loads(path):
     ({"hosts": [{"ssh": "a", "ips": ["10.0.0.300"]}]}, "hosts[0].ips: '10.0.0.300' is not an IP address"),
     ({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.1"]}]}, "hosts[1].ips: address 10.0.0.1 is also listed by hosts[0]"),
     ({"hosts": [{"ssh": "a", "slots": -1}]}, "hosts[0].slots: slots is -1"),
-    ({"backend": "nccl", "hosts": [{"ssh": "a"}]}, "backend: backend 'nccl' is not supported"),
+    ({"backend": "gloo", "hosts": [{"ssh": "a"}]}, "backend: backend 'gloo' is not supported"),
     ({"hosts": [{"ips": ["10.0.0.1"]}]}, "hosts[0]: missing 'ssh'"),
     ({"hosts": [{"ssh": "a", "slot": 2}]}, "hosts[0].slot: unknown field 'slot'"),
     ({"envs": ["NOEQUALS"], "hosts": [{"ssh": "a"}]}, "envs: 'NOEQUALS' is not an environment assignment"),
@@ -98,3 +99,108 @@ def test_cli_bad_hostfile_exits_2_without_traceback(tmp_path):
 def test_parse_hostfile_rejects_non_object():
     with pytest.raises(ConfigError, match="expected a JSON object"):
         parse_hostfile(42, "x.json")
+
+
+# ----------------------------------------------------------------------------- files that are not hostfiles
+
+
+def _one_line_error(path, expected):
+    with pytest.raises(ConfigError) as e:
+        load_hostfile(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "\n" not in msg, msg
+    assert expected in msg, msg
+    return msg
+
+
+GOOD = {"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]}
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary, not JSON"),
+    (b"\xff\xd8\xff\xe0 not utf8 at all", "is not UTF-8 text"),
+    (json.dumps(GOOD).encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+    (json.dumps(GOOD).encode("utf-16-le"), "is UTF-16 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"hosts": [{"ssh": "a", "slots": ' + b"9" * 5000 + b"}]}", "a number too long to read"),
+    (b'{"hosts": [{"ssh": "a", "slots": true}]}', "hosts[0].slots: expected a whole number, got true"),
+    (b'{"hosts": [{"ssh": "a", "slots": 2.5}]}', "hosts[0].slots: expected a whole number, got 2.5"),
+    (b'{"hosts": [{"ssh": "a", "slots": 100000}]}', "hosts[0].slots: slots is 100000; at most 1024"),
+    (b'{"hosts": [{"ssh": "a", "port": false}]}', "hosts[0].port: expected a whole number, got false"),
+    (b'{"hosts": [{"ssh": "a", "ips": "10.0.0.1"}]}', "hosts[0].ips: expected a list"),
+    (b'{"hosts": [{"hostname": "a", "local_ip": "10.0.0.1", "ips": 5}]}', "expected a list of addresses"),
+    (b'{"hosts": [{"ssh": "a", "ips": ["fe80::1"]}]}', "hosts[0].ips: 'fe80::1' is an IPv6 address, which MLX's ring"),
+    (b'{"hosts": [{"ssh": "a", "ips": ["2001:db8::2/64"]}]}', "is an IPv6 address"),
+    (b'{"hosts": [{"ssh": "a", "links": [{"peer": "b", "ip": "fe80::1%en0"}]}]}', "hosts[0].links[0].ip: 'fe80::1%en0' is an IPv6"),
+    (b'{"hosts": [{"ssh": "a\\u0000b"}]}', "hosts[0].ssh: 'a\\x00b' contains a NUL character"),
+    (b'{"hosts": [{"ssh": "a", "env": {"": "x"}}]}', "hosts[0].env: '=x' is not an environment assignment"),
+    (b'{"hosts": [{"ssh": "a", "env": {"A": 1}}]}', "hosts[0].env.A: expected text, got 1"),
+    (b'{"hosts": [{"ssh": "a", "sl\\not": 2}]}', "unknown field ''sl\\not''"),
+])
+def test_files_that_are_not_hostfiles_are_one_line(tmp_path, content, expected):
+    p = tmp_path / "hosts.json"
+    p.write_bytes(content)
+    _one_line_error(p, expected)
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    p = tmp_path / "hosts.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())
+    assert load_hostfile(p).world_size == 2
+
+
+def test_a_directory_is_refused(tmp_path):
+    _one_line_error(tmp_path, "is a directory")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    """Nothing writes to the FIFO: opening it for reading (without O_NONBLOCK) would block forever."""
+    fifo = tmp_path / "hosts.json"
+    os.mkfifo(fifo)
+    _one_line_error(fifo, "is a named pipe (FIFO)")
+
+
+def test_a_device_is_refused(tmp_path):
+    _one_line_error(Path("/dev/zero"), "is a device")
+
+
+def test_a_fifo_swapped_in_after_stat_is_refused_without_blocking(tmp_path, monkeypatch):
+    """The race between stat and open: the open must not block and fstat must refuse what was opened."""
+    import orchestrator.hostfile as hf_mod
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    regular = os.stat(write(tmp_path, GOOD))
+    real_stat = os.stat
+    monkeypatch.setattr(hf_mod.os, "stat", lambda p, *a, **k: regular if Path(p) == fifo else real_stat(p, *a, **k))
+    _one_line_error(fifo, "is a named pipe (FIFO)")
+
+
+def test_ipv6_loopback_is_refused_but_ipv4_loopback_is_fine(tmp_path):
+    _one_line_error(write(tmp_path, {"hosts": [{"ssh": "localhost", "ips": ["::1"]}]}), "is an IPv6 address")
+    assert load_hostfile(write(tmp_path, {"hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]}]})).hosts[0].is_local
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize("case", ["ipv6", "fifo", "utf16", "slots-true", "deep", "digits"])
+def test_run_and_check_refuse_the_same_bad_hostfiles(tmp_path, command, case):
+    """Both commands go through one loader: same line, exit 2, no traceback, nothing started or created."""
+    p = tmp_path / "hosts.json"
+    if case == "fifo":
+        os.mkfifo(p)
+    else:
+        p.write_bytes({
+            "ipv6": json.dumps({"hosts": [{"ssh": "a", "ips": ["fd00::1"]}, {"ssh": "b", "ips": ["fd00::2"]}]}).encode(),
+            "utf16": json.dumps(GOOD).encode("utf-16"),
+            "slots-true": b'{"hosts": [{"ssh": "localhost", "slots": true}]}',
+            "deep": b"[" * 50_000,
+            "digits": b'{"hosts": [{"ssh": "a", "port": ' + b"1" * 5000 + b"}]}",
+        }[case])
+    script = write(tmp_path, "print('hi')", "s.py")
+    argv = [str(script), "--hostfile", str(p)] if command == "run" else ["--hostfile", str(p)]
+    r = subprocess.run([sys.executable, "-m", "orchestrator", command, *argv],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"orch: error: {p}: "), r.stderr
+    assert not (tmp_path / "runs").exists()
