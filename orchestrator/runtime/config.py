@@ -21,6 +21,9 @@ from typing import Any, Optional, Sequence, TypeVar
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
+# Dtypes gradients may travel in for the all-reduce (``--grad-dtype``); names as in ``mlx.core``.
+GRAD_DTYPES = ("float32", "bfloat16", "float16")
+
 # Value of --resume given without a path: the newest complete checkpoint.
 RESUME_LATEST = "latest"
 
@@ -53,6 +56,19 @@ class Hparams:
             "nargs": "?",
             "const": RESUME_LATEST,
         },
+    )
+    grad_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype gradients travel in for the all-reduce (half the bytes with bfloat16); "
+                    "accumulation and the update stay float32",
+            "choices": GRAD_DTYPES,
+        },
+    )
+    shard_optimizer: bool = field(
+        default=False,
+        metadata={"help": "ZeRO-1: each rank keeps the optimizer state of 1/N of the parameters, "
+                          "updates that slice and all-gathers the result"},
     )
 
 H = TypeVar("H", bound=Hparams)

@@ -13,8 +13,10 @@ this module does the rest the same way for every recipe:
 * shards data by rank (``data.ShardedSampler``), so N ranks x batch b == 1
   rank x batch N*b;
 * per step: ``nn.value_and_grad`` (over ``--grad-accum`` micro-batches),
-  ``nn.average_gradients``, optimizer update, then exactly one ``mx.eval`` for
-  parameters, optimizer state and the loss averaged over ranks;
+  the gradient all-reduce (``gradcomm``: ``nn.average_gradients``, in
+  ``--grad-dtype`` on the wire), optimizer update (with ``--shard-optimizer``
+  on this rank's slice only, then an all_gather: ``zero``), then exactly one
+  ``mx.eval`` for parameters, optimizer state and the loss averaged over ranks;
 * writes atomic checkpoints (rank 0), samples memory, emits protocol events
   and prints a short progress line (rank 0).
 """
@@ -40,7 +42,9 @@ from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
+from orchestrator.runtime.gradcomm import GradientAverager, inverse_permutation, memory_order  # noqa: F401 (re-exported)
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
+from orchestrator.runtime.zero import ShardedOptimizer, state_bytes
 
 BACKEND_ENV = "ORCH_BACKEND"
 
@@ -171,34 +175,6 @@ class _Say:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def memory_order(a: mx.array) -> Optional[tuple[int, ...]]:
-    """The axis order ``p`` for which ``a.transpose(p)`` is row-contiguous; None if ``a`` already is.
-
-    Reads the strides MLX exports through the buffer protocol (which evaluates
-    ``a``); None too when ``a`` is not a dense permutation of a contiguous array.
-    """
-    try:
-        mv = memoryview(a)
-    except (TypeError, ValueError, BufferError):  # a dtype the buffer protocol cannot describe
-        return None
-    if mv.c_contiguous or a.ndim < 2:
-        return None
-    order = sorted(range(a.ndim), key=lambda i: -mv.strides[i])
-    expect = mv.itemsize
-    for i in reversed(order):
-        if a.shape[i] != 1 and mv.strides[i] != expect:
-            return None
-        expect *= a.shape[i]
-    return tuple(order)
-
-
-def inverse_permutation(order: tuple[int, ...]) -> list[int]:
-    inverse = [0] * len(order)
-    for i, axis in enumerate(order):
-        inverse[axis] = i
-    return inverse
-
-
 class Trainer:
     """One rank's training state and loop. ``run()`` is the usual entry point."""
 
@@ -213,7 +189,9 @@ class Trainer:
         self.model, self.optimizer = recipe.build(hp)
         self.dataset = as_dataset(recipe.data(hp))
         self.loss_and_grad = nn.value_and_grad(self.model, recipe.loss)
-        self._grad_order: Optional[dict[str, Optional[tuple[int, ...]]]] = None  # see _average
+        self.averager = GradientAverager(group, hp.grad_dtype)
+        self.sharded: Optional[ShardedOptimizer] = None  # --shard-optimizer
+        self._resume_optimizer: Optional[dict] = None  # rank 0's per-parameter state, for the sharded optimizer
 
         self.step = 0
         self.position = DataPosition()  # handed to the sampler, which advances it
@@ -225,9 +203,14 @@ class Trainer:
             except ckpt.CheckpointError as e:
                 resume_problem = str(e)
         self._stop_together(resume_problem)
-        # Adam & co. create their state lazily; make it exist now so it can be broadcast.
-        self.optimizer.init(self.model.trainable_parameters())
-        self._sync_from_rank0()
+        if hp.shard_optimizer:
+            self._sync_from_rank0(with_optimizer=False)
+            self.sharded = ShardedOptimizer(self.optimizer, self.model, group)
+            self._load_sharded_state()
+        else:
+            # Adam & co. create their state lazily; make it exist now so it can be broadcast.
+            self.optimizer.init(self.model.trainable_parameters())
+            self._sync_from_rank0()
 
         self.sampler = ShardedSampler(
             len(self.dataset), rank=self.rank, world=self.world, batch_size=hp.batch_size,
@@ -255,7 +238,10 @@ class Trainer:
             try:
                 model_arrays, opt_arrays = ckpt.load(cand)
                 self.model.load_weights(list(model_arrays.items()), strict=True)
-                self.optimizer.state = tree_unflatten(list(opt_arrays.items()))
+                if self.hp.shard_optimizer:  # sliced once the layout exists (_load_sharded_state)
+                    self._resume_optimizer = opt_arrays
+                else:
+                    self.optimizer.state = tree_unflatten(list(opt_arrays.items()))
             except (ckpt.CheckpointError, ValueError) as e:
                 errors.append(str(e))
                 continue
@@ -267,28 +253,53 @@ class Trainer:
             return
         raise ckpt.CheckpointError("no loadable checkpoint: " + "; ".join(errors))
 
-    def _sync_from_rank0(self) -> None:
+    def _sync_from_rank0(self, with_optimizer: bool = True) -> None:
         """Make every rank start from rank 0's weights, optimizer state and data position.
 
         Only rank 0 reads checkpoints (it is the only one guaranteed to have them
         when ranks live on different hosts), and this also guards against ranks
         whose initial weights differ (e.g. different MLX versions). Arrays are
         paired by sorted name: a restored optimizer state need not iterate in
-        the same order as a freshly initialised one.
+        the same order as a freshly initialised one. A sharded optimizer's state
+        differs per rank by design: it is set up by :meth:`_load_sharded_state`.
         """
         if self.world == 1:
             return
         params = sorted(tree_flatten(self.model.parameters()), key=lambda kv: kv[0])
-        opt_state = sorted(tree_flatten(self.optimizer.state), key=lambda kv: kv[0])
+        opt_state = sorted(tree_flatten(self.optimizer.state), key=lambda kv: kv[0]) if with_optimizer else []
         self._check_same_structure(params + [("optimizer." + k, v) for k, v in opt_state])
         counters = mx.array([self.step, self.position.epoch, self.position.offset], dtype=mx.int64)
         synced = broadcast_from_rank0([a for _, a in params] + [a for _, a in opt_state] + [counters], self.group)
         n_params = len(params)
         synced_params, synced_state = synced[:n_params], synced[n_params:-1]
         self.model.update(tree_unflatten([(k, a) for (k, _), a in zip(params, synced_params, strict=True)]))
-        self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced_state, strict=True)])
+        if with_optimizer:
+            self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced_state, strict=True)])
         step, epoch, offset = (int(v) for v in synced[-1].tolist())
         self.step, self.position = step, DataPosition(epoch=epoch, offset=offset)
+
+    def _load_sharded_state(self) -> None:
+        """Each rank takes its slices of the per-parameter optimizer state rank 0 resumed from, if any.
+
+        Checkpoints hold the ordinary per-parameter state whatever the world
+        size or sharding that wrote them, so this re-slices for this run.
+        """
+        assert self.sharded is not None
+        loaded = self._resume_optimizer is not None
+        if self.world > 1:
+            (flag,) = broadcast_from_rank0([mx.array(int(loaded))], self.group)
+            loaded = bool(flag.item())
+        if not loaded:
+            return
+        problem = None
+        if self.rank == 0:
+            missing = self.sharded.missing(self._resume_optimizer)
+            if missing:
+                problem = (f"--resume {self.resumed_from}: optimizer state does not fit this model/optimizer "
+                           f"(missing or misshapen: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+        self._stop_together(problem)
+        self.sharded.load_state(self._resume_optimizer)
+        self._resume_optimizer = None
 
     def _check_same_structure(self, named: list[tuple[str, mx.array]]) -> None:
         """Fail clearly, instead of hanging in a mismatched all_sum, if ranks built different models."""
@@ -340,44 +351,18 @@ class Trainer:
             grad_sum = tree_map(lambda g: g / k, grad_sum)
             loss_sum = loss_sum / k
         grads, loss = self._average(grad_sum, loss_sum)
-        self.optimizer.update(self.model, grads)
+        if self.sharded is not None:
+            self.sharded.update(self.model, grads)
+        else:
+            self.optimizer.update(self.model, grads)
         mx.eval(loss, self.model.parameters(), self.optimizer.state)
         self.step += 1
         return loss, epoch
 
     def _average(self, grads: Any, loss: mx.array) -> tuple[Any, mx.array]:
-        """Average gradients and loss over ranks with ``nn.average_gradients``, in one all-reduce.
-
-        Every collective costs a round trip around the ring, so the scalar loss
-        rides along in ``nn.average_gradients``'s concatenated buffer (it falls
-        back to one all_sum per array for mixed dtypes, hence the check). Only
-        the tree and group are passed: the other parameters differ across MLX
-        versions (0.32 dropped ``communication_type``).
-
-        ``nn.Linear`` weight gradients come out of ``value_and_grad``
-        column-major, and flattening them for the all-reduce forces a slow
-        transposing copy of each (measured: average_gradients took 2-4x the time
-        of a raw all_sum of the same bytes). So each gradient is handed over as
-        a transposed *view* that is row-contiguous in its own memory order —
-        flattening it is then free — and transposed back afterwards (a view
-        again). The arithmetic is unchanged: results are bit-identical.
-        """
-        if self.world == 1:
-            return grads, loss
-        flat = tree_flatten(grads)
-        if {g.dtype for _, g in flat} != {loss.dtype}:
-            grads = nn.average_gradients(grads, group=self.group)
-            return grads, mx.distributed.all_sum(loss, group=self.group) / self.world
-        if self._grad_order is None:  # layouts are fixed by the graph: read them once
-            mx.eval([g for _, g in flat])
-            self._grad_order = {k: memory_order(g) for k, g in flat}
-        views = [(k, g.transpose(self._grad_order[k]) if self._grad_order[k] else g) for k, g in flat]
-        averaged = nn.average_gradients({"grads": tree_unflatten(views), "loss": loss}, group=self.group)
-        back = []
-        for k, g in tree_flatten(averaged["grads"]):
-            order = self._grad_order.get(k)
-            back.append((k, g.transpose(inverse_permutation(order)) if order else g))
-        return tree_unflatten(back), averaged["loss"]
+        """Average gradients and loss over ranks (``gradcomm.GradientAverager``: one all-reduce,
+        in ``--grad-dtype`` on the wire, results back in the gradients' own dtype)."""
+        return self.averager(grads, loss)
 
     # -- side work ----------------------------------------------------------
 
@@ -385,9 +370,13 @@ class Trainer:
         if self.step == self.last_checkpoint_step:
             return
         self.last_checkpoint_step = self.step
+        started = time.perf_counter()
+        # Sharded: every rank hands in its slices (a collective); the file format stays per-parameter.
+        opt_arrays = self.sharded.gather_state() if self.sharded is not None else None
         if self.rank != 0:
             return
-        started = time.perf_counter()
+        if opt_arrays is None:
+            opt_arrays = dict(tree_flatten(self.optimizer.state))
         meta = {
             "epoch": self.position.epoch,
             "offset": self.position.offset,
@@ -398,7 +387,7 @@ class Trainer:
         }
         path = ckpt.save(
             self.ckpt_root, self.step,
-            dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state)),
+            dict(tree_flatten(self.model.parameters())), opt_arrays,
             meta, keep=self.hp.keep_checkpoints,
         )
         self.last_checkpoint = path
@@ -412,13 +401,26 @@ class Trainer:
             self.last_memory_step = sample["step"]
         return sample
 
-    def evaluate(self) -> None:
-        if self.recipe.evaluate is None or self.rank != 0:
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (about 1/N of the full state with --shard-optimizer)."""
+        return state_bytes(self.optimizer.state)
+
+    def evaluate(self, final: bool = False) -> None:
+        """The recipe's evaluation (rank 0); the final one also reports every rank's optimizer state bytes.
+
+        Those bytes ride in the end-of-run ``metric`` event (one per rank, the
+        evaluation's values added on rank 0) rather than a new event kind.
+        """
+        values: dict = {}
+        if self.recipe.evaluate is not None and self.rank == 0:
+            values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
+            self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if final:
+            values["optimizer_state_bytes"] = self.optimizer_state_bytes()
+        if not values:
             return
-        values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
         self.metrics = values
         emit("metric", step=self.step, values=values)
-        self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     # -- the loop -----------------------------------------------------------
 
@@ -458,10 +460,12 @@ class Trainer:
                 self.evaluate()
 
         self.save_checkpoint()
-        self.evaluate()
+        self.evaluate(final=True)
         mem = self.sample_memory()
+        sharded = f" (1/{self.world} shard)" if self.sharded is not None else ""
         self.say(f"done at step {self.step}; peak MLX memory {format_bytes(mem['mlx_peak_bytes'])}, "
-                 f"RSS {format_bytes(mem['rss_bytes'])}")
+                 f"RSS {format_bytes(mem['rss_bytes'])}, "
+                 f"optimizer state {format_bytes(self.optimizer_state_bytes())}{sharded}")
         emit("finished", step=self.step)
         return RunResult(step=self.step, loss=last_loss, metrics=self.metrics, checkpoint=self.last_checkpoint)
 
