@@ -156,6 +156,26 @@ class FinishedEvent(_Base):
     step: int
 
 
+class PhaseEvent(_Base):
+    """A named phase of a program ended (``with report.phase("load model"):``).
+
+    ``t`` is when it ended. Memory before/after: RSS always where the platform
+    tells it (``/proc`` on Linux, psutil elsewhere); MLX active/peak only if the
+    program had already imported MLX (the reporter never imports it itself).
+    """
+
+    kind: Literal["phase"]
+    name: str
+    duration_s: float
+    ok: bool
+    rss_before_bytes: Optional[int]
+    rss_after_bytes: Optional[int]
+    rss_peak_bytes: Optional[int]
+    mlx_active_before_bytes: Optional[int]
+    mlx_active_after_bytes: Optional[int]
+    mlx_peak_bytes: Optional[int]
+
+
 Event = Union[
     SpawnedEvent,
     ExitedEvent,
@@ -168,6 +188,7 @@ Event = Union[
     CheckpointEvent,
     MetricEvent,
     FinishedEvent,
+    PhaseEvent,
 ]
 
 
