@@ -83,3 +83,27 @@ def test_mpi_plan_has_no_ring_addresses():
     plan = plan_job(hf, "mpi")
     assert plan.world_size == 6 and all(r.listen == [] and not r.gated for r in plan.ranks)
     assert [r.host for r in plan.ranks] == ["node1", "node1", "node2", "node2", "node3", "node3"]
+
+
+def test_without_a_backend_the_plan_chooses_and_says_why():
+    plan = plan_job(local_hostfile(2))
+    assert plan.backend == "ring" and "no rdma matrix" in plan.backend_reason
+
+
+def test_local_ranks_know_their_index_on_the_machine_and_torchrun_names(tmp_path):
+    from orchestrator.plan import write_files
+
+    plan = plan_job(local_hostfile(3), "ring")
+    assert [(r.local_rank, r.local_size) for r in plan.ranks] == [(0, 3), (1, 3), (2, 3)]
+    paths = write_files(plan, tmp_path)
+    assert json.loads(Path(paths["MLX_HOSTFILE"]).read_text()) == plan.mlx_hostfile
+    env = plan.rank_env(plan.ranks[2], paths)
+    assert env == {"MLX_RANK": "2", "RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
+                   "MLX_HOSTFILE": paths["MLX_HOSTFILE"]}
+
+
+def test_single_rank_ring_gets_no_hostfile(tmp_path):
+    from orchestrator.plan import write_files
+
+    plan = plan_job(local_hostfile(1), "ring")
+    assert write_files(plan, tmp_path) == {} and "MLX_HOSTFILE" not in plan.rank_env(plan.ranks[0], {})
