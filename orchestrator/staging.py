@@ -2,11 +2,12 @@
 
 What goes where on a host (``BASE`` is ``~/.cache/mlx-orch``)::
 
-    BASE/objects/<sha256>[.x]          every file ever staged, named by its content (``.x``: executable)
+    BASE/objects/<sha256>[.x]          every file ever staged, named by its content (``.x``: executable);
+                                       read-only, and hashed again before each reuse
     BASE/runtime/<tree digest>/        the rank runtime (orchestrator/__init__.py, protocol.py, runtime/**),
-                                       shared by every run of the same orch version: built once, then
-                                       found with one ``stat`` (and Python's bytecode cache stays warm)
-    BASE/runs/<run-id>-h<i>/code/      the script's directory (+ ``--stage`` paths), hard links into objects/
+                                       read-only copies shared by every run of the same orch version: built
+                                       once, checked by hash every run, rebuilt if anything in it changed
+    BASE/runs/<run-id>-h<i>/code/      the script's directory (+ ``--stage`` paths): the run's own *copies*
     BASE/runs/<run-id>-h<i>/run/       the rank's ``ORCH_RUN_DIR`` (checkpoints, stats), collected at the end
 
 ``<run-id>`` is the local run directory's name plus a random suffix; ``h<i>``
@@ -16,11 +17,16 @@ run whose results were collected, the launcher renames ``runs/<run-id>-h<i>``
 to ``runs/.trash-<run-id>-h<i>`` (one round trip) and a later run deletes it
 in the background; the object and runtime caches stay.
 
-Uploads go through the host's one SFTP session, many requests in flight at
-once. An object is uploaded under a temporary name and renamed into place, so
-two hosts on one filesystem racing to upload the same content both succeed.
-A second run of unchanged code uploads nothing: every ``link`` finds its
-object. ``StageStats`` counts what was sent, so tests and users can check.
+Why copies and hashes: the objects are shared by every later run. A run that
+was given a hard link to one (as staging once did) and rewrote "its" data
+file rewrote it for every run after it. Now an object is written under a
+temporary name, hashed on the host, made read-only and renamed into place;
+on reuse it is hashed again (a mismatch is thrown away and uploaded anew);
+and a run gets a copy (a clone on APFS or a reflink-capable Linux
+filesystem, so copying costs no space or time there). All of that is one
+remote command per host (``HELPER``); a second run of unchanged code uploads
+nothing. ``StageStats`` counts what was sent and says how objects were
+checked, so tests and users can see it.
 
 Local side: a ``Tree`` is a list of files with their SHA-256, built from the
 script's directory minus version-control, caches and run outputs.
@@ -35,10 +41,11 @@ import json
 import os
 import posixpath
 import secrets
+import shlex
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # .../orchestrator
 
@@ -114,6 +121,9 @@ class StageStats:
     uploaded: dict = field(default_factory=dict)  # tree -> objects sent for it
     runtime_reused: bool = False
     seconds: float = 0.0
+    verify: str = ""           # how reused objects were checked: "sha256" (the helper ran), else why not
+    copy: str = ""             # how runs got their files: clonefile, reflink, copy (or mixed)
+    repaired: int = 0          # damaged objects found and replaced
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -262,33 +272,262 @@ def code_tree(script_dir: Path, extra: Iterable[str] = (), cache: Optional[_Hash
 
 
 # ----------------------------------------------------------------------------- remote side
+#
+# The remote half is one small Python program, ``HELPER``, that each host runs with its
+# own interpreter over an SSH exec channel (JSON in on stdin, JSON out on stdout). It
+# verifies every object a run needs (size and SHA-256: an object is trusted only after
+# it hashed right *this* run), commits fresh uploads (hashed, made read-only, renamed into
+# place), and gives the run copies (APFS clonefile on macOS, a reflink on Linux where
+# the filesystem has them, else a plain copy), never links: whatever a run does to its
+# files stays in that run. An unchanged second run costs one such command per host.
+#
+# A host that cannot run it (no ``python3`` on the login PATH, an SFTP-only account, no
+# session left under MaxSessions) is staged over SFTP alone: objects are trusted only if
+# they are still read-only, of the right size and carry the mtime orch gave them
+# (``OBJECT_MTIME``; any write changes it), and copies are made server-side (``copy-data``)
+# or uploaded. Weaker than hashing, and ``StageStats.verify`` says which one a host got.
+
+OBJECT_MTIME = 1_000_000_000  # every object's mtime (2001-09-09), set when it is committed
+HELPER_TIMEOUT_S = 60.0       # for one helper command, plus a second per 50 MB it must hash
+HASH_RATE = 50e6
+
+# Run as ``python3 -c BOOT``: no backslash or single quote, so any login shell passes it through intact.
+HELPER_BOOT = 'import json,sys;d=json.load(sys.stdin);exec(d["src"],{"REQ":d["req"],"__name__":"orch_stage"})'
+
+HELPER = r'''
+import hashlib, json, os, shutil, stat, sys
+
+R = REQ
+OBJ = R["objects"]
+MARK = R["mtime"]
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+FICLONE = 0x40049409
+out = {"missing": [], "bad": [], "placed": 0, "trees": {}, "method": "", "errors": []}
+known = {}
+clonefile = []
 
 
-def _is_missing(exc: BaseException) -> bool:
-    import asyncssh
+def sha256_of(path, size):
+    """(hex digest, lstat) of a regular file of the expected size; (None, lstat or None) otherwise."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None, None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return None, st
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    except OSError:
+        return None, st
+    try:
+        h = hashlib.sha256()
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            h.update(b)
+        return h.hexdigest(), st
+    finally:
+        os.close(fd)
 
-    return isinstance(exc, asyncssh.SFTPNoSuchFile) or (
-        isinstance(exc, asyncssh.SFTPFailure) and "no such file" in str(exc).lower()
-    )
+
+def rid():
+    return os.urandom(4).hex()
 
 
-def _exists_error(exc: BaseException) -> bool:
-    import asyncssh
+def discard(path, st):
+    """Move a damaged file away, if it is still the one that was checked (a racing host may have replaced it)."""
+    try:
+        if os.lstat(path).st_ino == st.st_ino:
+            gone = "%s/.bad-%s" % (os.path.dirname(path), rid())
+            os.rename(path, gone)
+            os.unlink(gone)
+    except OSError:
+        pass
 
-    return isinstance(exc, asyncssh.SFTPFileAlreadyExists) or isinstance(exc, asyncssh.SFTPFailure)
+
+def seal(path, name, st):
+    mode = 0o555 if name.endswith(".x") else 0o444
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+    if int(st.st_mtime) != MARK:
+        os.utime(path, (MARK, MARK))
+
+
+def have(name, size, sha):
+    """The object is there and hashes right (checked once per command); a damaged one is removed."""
+    if name not in known:
+        path = OBJ + "/" + name
+        digest, st = sha256_of(path, size)
+        known[name] = digest == sha
+        if known[name]:
+            seal(path, name, st)
+        elif st is not None:
+            discard(path, st)
+            out["bad"].append(name)
+    return known[name]
+
+
+def commit(c):
+    digest, st = sha256_of(c["tmp"], c["size"])
+    if st is None:
+        return  # already committed by another staging call on this host
+    if digest != c["sha"]:
+        discard(c["tmp"], st)
+        out["errors"].append("the upload of %s arrived damaged" % c["rel"])
+        return
+    seal(c["tmp"], c["name"], st)
+    os.replace(c["tmp"], OBJ + "/" + c["name"])
+    known[c["name"]] = True
+
+
+def copy(src, dst, mode):
+    """A private copy of src at dst: a clone where the filesystem can, else the bytes."""
+    if sys.platform == "darwin":
+        try:
+            if not clonefile:
+                import ctypes
+                clonefile.append(ctypes.CDLL("/usr/lib/libSystem.B.dylib", use_errno=True).clonefile)
+            if clonefile[0](os.fsencode(src), os.fsencode(dst), 0) == 0:
+                os.chmod(dst, mode)
+                return "clonefile"
+        except (OSError, AttributeError):
+            pass
+    how = "copy"
+    fi = os.open(src, os.O_RDONLY | NOFOLLOW)
+    try:
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+        try:
+            if sys.platform.startswith("linux"):
+                try:
+                    import fcntl
+                    fcntl.ioctl(fo, FICLONE, fi)
+                    how = "reflink"
+                except (OSError, ImportError):
+                    pass
+            if how == "copy":
+                while True:
+                    b = os.read(fi, 1 << 20)
+                    if not b:
+                        break
+                    while b:
+                        b = b[os.write(fo, b):]
+            os.fchmod(fo, mode)
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
+    return how
+
+
+def place(src, dst, mode):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    how = copy(src, dst, mode)
+    if out["method"] not in ("", how):
+        how = "mixed"
+    out["method"] = how
+
+
+def tree_intact(t):
+    root = t["path"]
+    if os.path.islink(root) or not os.path.isdir(root):
+        return False
+    return all(sha256_of(root + "/" + rel, size)[0] == sha for rel, name, size, sha, mode in t["files"])
+
+
+def build_tree(t):
+    root = t["path"]
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = "%s/.tmp-%s" % (parent, rid())
+    os.mkdir(tmp)
+    try:
+        for rel, name, size, sha, mode in t["files"]:
+            place(OBJ + "/" + name, tmp + "/" + rel, mode)
+        if os.path.lexists(root):  # damaged: out of the way first
+            old = "%s/.trash-%s" % (parent, rid())
+            os.rename(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.isdir(root):
+                raise  # else another host on this filesystem built it a moment ago
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    os.makedirs(OBJ, exist_ok=True)
+    for c in R["commit"]:
+        commit(c)
+    for t in R["trees"]:
+        if tree_intact(t):
+            out["trees"][t["path"]] = "reused"
+            continue
+        lacking = [name for rel, name, size, sha, mode in t["files"] if not have(name, size, sha)]
+        if lacking:
+            out["missing"].extend(lacking)
+            out["trees"][t["path"]] = "pending"
+        else:
+            build_tree(t)
+            out["trees"][t["path"]] = "built"
+    for d in R["dirs"]:
+        os.makedirs(d, exist_ok=True)
+    for name, size, sha, mode, dests in R["place"]:
+        if not have(name, size, sha):
+            out["missing"].append(name)
+            continue
+        for dst in dests:
+            place(OBJ + "/" + name, dst, mode)
+            out["placed"] += 1
+
+
+try:
+    main()
+except OSError as e:
+    out["errors"].append("%s: %s" % (e.filename or OBJ, e.strerror or e))
+out["missing"] = sorted(set(out["missing"]))
+sys.stdout.write("\n" + json.dumps(out) + "\n")
+'''
+
+
+class _HelperUnavailable(Exception):
+    """The host could not run ``HELPER``: stage it over SFTP alone."""
+
+
+def _connection_of(sftp):
+    """The SSH connection an SFTP client runs on (asyncssh keeps it on the channel), or None."""
+    try:
+        return sftp._handler._writer.get_extra_info("connection")
+    except AttributeError:
+        return None
+
+
+def _shared_mode(f: FileEntry) -> int:
+    return 0o555 if f.executable else 0o444   # shared trees are read-only, like the objects
+
+
+def _run_mode(f: FileEntry) -> int:
+    return 0o755 if f.executable else 0o644   # a run's own copy is its to change
 
 
 class RemoteStager:
-    """Staging on one host through its SFTP session. ``base`` is an absolute remote path."""
+    """Staging on one host. ``base`` is an absolute remote path; ``conn`` (default: the SFTP
+    session's connection) runs ``HELPER`` with ``python`` (default ``python3`` from the login PATH)."""
 
-    def __init__(self, sftp, base: str, stats: Optional[StageStats] = None):
+    def __init__(self, sftp, base: str, stats: Optional[StageStats] = None, *, conn=None, python: str = "python3"):
         self.sftp = sftp
         self.base = base
         self.objects = f"{base}/objects"
         self.stats = stats or StageStats()
+        self.conn = conn if conn is not None else _connection_of(sftp)
+        self.python = python
         self._sem = asyncio.Semaphore(IN_FLIGHT)
-        self._uploads: dict[str, asyncio.Task] = {}
-        self._objects_dir: Optional[asyncio.Future] = None
+        self._uploads: dict[str, asyncio.Future] = {}
+        self._helper_lock = asyncio.Lock()  # one helper channel at a time: ranks' sessions count against MaxSessions
+        self._sftp_only: Optional[str] = None if self.conn is not None else "no SSH connection to run a command on"
 
     async def _gather(self, coros) -> None:
         async def one(c):
@@ -319,31 +558,172 @@ class RemoteStager:
         except asyncssh.SFTPError:
             await self.sftp.makedirs(path, exist_ok=True)
 
+    def shared_tree_path(self, tree: Tree, kind: str) -> str:
+        return f"{self.base}/{kind}/{tree.digest[:24]}"
+
+    # -- the entry points -------------------------------------------------------
+
+    async def stage(self, shared: Sequence[tuple[Tree, str]] = (), runs: Sequence[tuple[Tree, str, str]] = (),
+                    dirs: Sequence[str] = ()) -> None:
+        """All one host needs in one remote command (two when something must be uploaded first).
+
+        ``shared``: (tree, kind) built once at ``shared_tree_path`` and reused while intact;
+        ``runs``: (tree, dest, kind) copied into a run's own directory; ``dirs`` made first.
+        """
+        if self._sftp_only is None:
+            try:
+                await self._stage_with_helper(shared, runs, dirs)
+                return
+            except _HelperUnavailable as e:
+                self._sftp_only = str(e)
+        self.stats.verify = f"size+mode+mtime over SFTP ({self._sftp_only})"
+        for d in dirs:
+            await self.makedirs(d)
+        await asyncio.gather(*(self._shared_tree_sftp(t, k) for t, k in shared),
+                             *(self._materialise_sftp(t, d, k) for t, d, k in runs))
+
+    async def materialise(self, tree: Tree, dest: str, kind: str = "code") -> None:
+        """Copy ``tree`` into ``dest`` (a run's own, empty directory)."""
+        await self.stage(runs=[(tree, dest, kind)])
+
+    async def shared_tree(self, tree: Tree, kind: str) -> str:
+        """A tree shared by all runs: ``BASE/<kind>/<digest>``, read-only, rebuilt when it is not intact."""
+        await self.stage(shared=[(tree, kind)])
+        return self.shared_tree_path(tree, kind)
+
+    # -- with the helper ----------------------------------------------------------
+
+    async def _helper(self, req: dict, hash_bytes: int) -> dict:
+        import asyncssh
+
+        timeout = HELPER_TIMEOUT_S + hash_bytes / HASH_RATE
+        payload = json.dumps({"src": HELPER, "req": {"objects": self.objects, "mtime": OBJECT_MTIME, **req}})
+        async with self._helper_lock:
+            try:
+                r = await self.conn.run(shlex.join([self.python, "-c", HELPER_BOOT]), input=payload,
+                                        timeout=timeout, check=False)
+            except asyncssh.ChannelOpenError as e:
+                raise _HelperUnavailable(f"no session for the check: {e.reason}") from None
+            except asyncssh.TimeoutError:
+                raise StagingError(f"checking the staged files took more than {timeout:.0f}s") from None
+        lines = [ln for ln in str(r.stdout or "").splitlines() if ln.strip()]
+        try:
+            res = json.loads(lines[-1])
+            if not isinstance(res, dict) or not isinstance(res.get("missing"), list):
+                raise ValueError
+        except (ValueError, IndexError):
+            why = (str(r.stderr or "").strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
+            raise _HelperUnavailable(f"{self.python} could not run the check: {why[:200]}") from None
+        if res.get("errors"):
+            raise StagingError("; ".join(map(str, res["errors"]))[:500])
+        return res
+
+    async def _stage_with_helper(self, shared, runs, dirs) -> None:
+        entries: dict[str, tuple[FileEntry, str]] = {}  # object name -> a file with that content, and its kind
+        trees = []
+        for tree, kind in shared:
+            trees.append({"path": self.shared_tree_path(tree, kind), "kind": kind,
+                          "files": [[f.rel, f.object_name, f.size, f.sha256, _shared_mode(f)] for f in tree.files]})
+            for f in tree.files:
+                entries.setdefault(f.object_name, (f, kind))
+        places: dict[str, list] = {}
+        for tree, dest, kind in runs:
+            for f in tree.files:
+                places.setdefault(f.object_name, [f.object_name, f.size, f.sha256, _run_mode(f), []])[4].append(f"{dest}/{f.rel}")
+                entries.setdefault(f.object_name, (f, kind))
+        hash_bytes = sum(f.size for f, _ in entries.values()) * 2
+        first = await self._helper({"commit": [], "trees": trees, "place": list(places.values()), "dirs": list(dirs)},
+                                   hash_bytes)
+        self.stats.verify = "sha256"
+        self.stats.repaired += len(first.get("bad", []))
+        status = first.get("trees", {})
+        if shared:
+            self.stats.runtime_reused = all(status.get(t["path"]) == "reused" for t in trees)
+        methods = {first.get("method")}
+        missing = [n for n in first["missing"] if n in entries]
+        if missing:
+            commits = await asyncio.gather(*(self._upload_tmp(*entries[n]) for n in missing))
+            again = await self._helper({
+                "commit": list(commits),
+                "trees": [t for t in trees if status.get(t["path"]) == "pending"],
+                "place": [places[n] for n in missing if n in places],
+                "dirs": [],
+            }, hash_bytes)
+            for n in missing:
+                self._uploads.pop(n, None)
+            if again["missing"]:
+                raise StagingError(f"{len(again['missing'])} uploaded file(s) vanished from {self.objects} while staging "
+                                   "(is something else cleaning that directory?)")
+            methods.add(again.get("method"))
+        methods.discard("")
+        methods.discard(None)
+        if methods:
+            self.stats.copy = "mixed" if len(methods) > 1 else methods.pop()
+        for tree, _, kind in runs:
+            self._count_placed(tree, kind)
+
+    async def _upload_tmp(self, f: FileEntry, kind: str) -> dict:
+        """Send ``f`` under a temporary name in objects/ (once per host, whoever asks); the helper commits it."""
+        fut = self._uploads.get(f.object_name)
+        if fut is None:
+            fut = self._uploads[f.object_name] = asyncio.ensure_future(self._put_tmp(f, kind))
+        return await asyncio.shield(fut)
+
+    async def _put_tmp(self, f: FileEntry, kind: str) -> dict:
+        tmp = f"{self.objects}/.tmp-{f.sha256[:16]}-{secrets.token_hex(4)}"
+        async with self._sem:
+            await self.sftp.put(f.src, tmp)
+        self._count_upload(f, kind)
+        return {"name": f.object_name, "tmp": tmp, "size": f.size, "sha": f.sha256, "rel": f.rel}
+
     def _count_upload(self, f: FileEntry, kind: str) -> None:
         self.stats.uploaded_files += 1
         self.stats.uploaded_bytes += f.size
         self.stats.uploaded[kind] = self.stats.uploaded.get(kind, 0) + 1
 
-    async def _upload(self, f: FileEntry, kind: str) -> None:
-        """Put one object in place (temp name, then an atomic rename)."""
+    def _count_placed(self, tree: Tree, kind: str) -> None:
+        self.stats.files += len(tree.files)
+        self.stats.bytes += tree.total_bytes
+        self.stats.placed[kind] = self.stats.placed.get(kind, 0) + len(tree.files)
+
+    # -- SFTP alone -------------------------------------------------------------
+
+    async def _object_intact(self, f: FileEntry) -> bool:
         import asyncssh
 
+        try:
+            a = await self.sftp.lstat(f"{self.objects}/{f.object_name}")
+        except asyncssh.SFTPError:
+            return False
+        return (a.type == asyncssh.FILEXFER_TYPE_REGULAR and a.size == f.size and a.permissions is not None
+                and not a.permissions & 0o222 and int(a.mtime or 0) == OBJECT_MTIME)
+
+    async def _ensure_object_sftp(self, f: FileEntry, kind: str) -> None:
+        fut = self._uploads.get(f.object_name)
+        if fut is None:
+            fut = self._uploads[f.object_name] = asyncio.ensure_future(self._commit_sftp(f, kind))
+        await asyncio.shield(fut)
+
+    async def _commit_sftp(self, f: FileEntry, kind: str) -> None:
+        import asyncssh
+
+        if await self._object_intact(f):
+            return
+        await self.makedirs(self.objects)
         final = f"{self.objects}/{f.object_name}"
         tmp = f"{self.objects}/.tmp-{f.sha256[:16]}-{secrets.token_hex(4)}"
-        if self._objects_dir is None:
-            self._objects_dir = asyncio.ensure_future(self.makedirs(self.objects))
-        await asyncio.shield(self._objects_dir)
         try:
             await self.sftp.put(f.src, tmp)
-            await self.sftp.chmod(tmp, 0o755 if f.executable else 0o644)
+            a = await self.sftp.stat(tmp)
+            if a.size != f.size:
+                raise StagingError(f"the upload of {f.rel} arrived with {a.size} of {f.size} bytes")
+            await self.sftp.chmod(tmp, _shared_mode(f))
+            await self.sftp.utime(tmp, (OBJECT_MTIME, OBJECT_MTIME))
             try:
                 await self.sftp.posix_rename(tmp, final)
             except asyncssh.SFTPOpUnsupported:
-                try:
-                    await self.sftp.rename(tmp, final)
-                except asyncssh.SFTPError:
-                    if not await self.sftp.exists(final):
-                        raise
+                await self.sftp.remove(final) if await self.sftp.exists(final) else None
+                await self.sftp.rename(tmp, final)
         finally:
             try:
                 await self.sftp.remove(tmp)
@@ -351,65 +731,64 @@ class RemoteStager:
                 pass
         self._count_upload(f, kind)
 
-    async def ensure_object(self, f: FileEntry, kind: str = "code") -> None:
-        task = self._uploads.get(f.object_name)
-        if task is None:
-            task = self._uploads[f.object_name] = asyncio.ensure_future(self._upload(f, kind))
-        await asyncio.shield(task)
-
-    async def _place(self, f: FileEntry, dest: str, kind: str) -> None:
-        """Hard-link the object to ``dest``, uploading it first if the host does not have it."""
+    async def _copy_sftp(self, f: FileEntry, dest: str, mode: int, kind: str) -> None:
+        """A copy of the object at ``dest``, made by the server (``copy-data``) or, failing that, uploaded."""
         import asyncssh
 
-        obj = f"{self.objects}/{f.object_name}"
-        for attempt in range(2):
-            try:
-                await self.sftp.link(obj, dest)
-                break
-            except asyncssh.SFTPOpUnsupported:
-                # No hard links on this server: copy the content straight into place.
-                await self.sftp.put(f.src, dest)
-                await self.sftp.chmod(dest, 0o755 if f.executable else 0o644)
-                self._count_upload(f, kind)
-                break
-            except asyncssh.SFTPError as e:
-                if attempt == 0:
-                    # Usually: the object is not there yet (or another host on this filesystem is just renaming it in).
-                    if not await self.sftp.exists(obj):
-                        await self.ensure_object(f, kind)
-                    continue
-                raise StagingError(f"cannot place {f.rel} at {dest}: {e.reason or e}") from None
-        self.stats.files += 1
-        self.stats.bytes += f.size
-        self.stats.placed[kind] = self.stats.placed.get(kind, 0) + 1
+        await self._ensure_object_sftp(f, kind)
+        try:
+            await self.sftp.copy(f"{self.objects}/{f.object_name}", dest, remote_only=True)
+        except asyncssh.SFTPOpUnsupported:
+            await self.sftp.put(f.src, dest)
+            self._count_upload(f, kind)
+        await self.sftp.chmod(dest, mode)
 
-    async def materialise(self, tree: Tree, dest: str, kind: str = "code") -> None:
-        """Build ``tree`` under ``dest`` (which must exist and be empty)."""
-        # Directories level by level (parents first), each level in one batch.
+    async def _fill_sftp(self, tree: Tree, dest: str, kind: str, mode_of) -> None:
         by_depth: dict[int, list[str]] = {}
         for d in tree.dirs:
             by_depth.setdefault(d.count("/"), []).append(d)
         for depth in sorted(by_depth):
-            await self._gather(self.sftp.mkdir(f"{dest}/{d}") for d in by_depth[depth])
-        await self._gather(self._place(f, f"{dest}/{f.rel}", kind) for f in tree.files)
+            await self._gather(self.mkdir_ok(f"{dest}/{d}") for d in by_depth[depth])
+        await self._gather(self._copy_sftp(f, f"{dest}/{f.rel}", mode_of(f), kind) for f in tree.files)
 
-    def shared_tree_path(self, tree: Tree, kind: str) -> str:
-        return f"{self.base}/{kind}/{tree.digest[:24]}"
+    async def _materialise_sftp(self, tree: Tree, dest: str, kind: str) -> None:
+        await self.makedirs(dest)
+        await self._fill_sftp(tree, dest, kind, _run_mode)
+        self._count_placed(tree, kind)
 
-    async def shared_tree(self, tree: Tree, kind: str) -> str:
-        """A content-addressed tree shared by all runs: ``BASE/<kind>/<digest>``. Built once, atomically."""
+    async def _tree_intact_sftp(self, tree: Tree, root: str) -> bool:
+        import asyncssh
+
+        if not await self.sftp.isdir(root):
+            return False
+
+        async def ok(f: FileEntry) -> bool:
+            try:
+                a = await self.sftp.lstat(f"{root}/{f.rel}")
+            except asyncssh.SFTPError:
+                return False
+            return (a.type == asyncssh.FILEXFER_TYPE_REGULAR and a.size == f.size and a.permissions is not None
+                    and not a.permissions & 0o222)
+
+        return all(await asyncio.gather(*(ok(f) for f in tree.files)))
+
+    async def _shared_tree_sftp(self, tree: Tree, kind: str) -> None:
         import asyncssh
 
         final = self.shared_tree_path(tree, kind)
-        if await self.sftp.isdir(final):
+        if await self._tree_intact_sftp(tree, final):
             self.stats.runtime_reused = True
-            return final
+            return
         self.stats.runtime_reused = False
         await self.makedirs(f"{self.base}/{kind}")
         tmp = f"{self.base}/{kind}/.tmp-{tree.digest[:12]}-{secrets.token_hex(4)}"
         await self.sftp.mkdir(tmp)
         try:
-            await self.materialise(tree, tmp, kind)
+            await self._fill_sftp(tree, tmp, kind, _shared_mode)
+            if await self.sftp.exists(final):  # there but damaged
+                old = f"{self.base}/{kind}/.trash-{secrets.token_hex(4)}"
+                await self.sftp.rename(final, old)
+                await self.sftp.rmtree(old, ignore_errors=True)
             try:
                 await self.sftp.posix_rename(tmp, final)
             except asyncssh.SFTPError:
@@ -418,7 +797,6 @@ class RemoteStager:
         finally:
             if await self.sftp.isdir(tmp):
                 await self.sftp.rmtree(tmp, ignore_errors=True)
-        return final
 
 
 def describe_sftp_error(exc: BaseException) -> str:

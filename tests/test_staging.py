@@ -1,0 +1,265 @@
+"""Staging's object cache cannot be poisoned: objects are read-only, hashed on reuse, and runs get copies.
+
+The remote host here is an in-process asyncssh server on 127.0.0.1 whose SFTP works on the real
+filesystem and whose exec channel runs the command in a real ``sh`` (so ``HELPER`` really runs in
+a real Python). The defect this guards against: a run's staged files were hard links to the
+shared objects, so a script that rewrote its own data file changed it for every later run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from orchestrator import staging
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the local hash cache
+
+
+class _Host:
+    """An SSH server with real SFTP (no chroot) and real command execution through ``sh -c``."""
+
+    def __init__(self, tmp_path: Path, *, exec_commands: bool = True):
+        self.tmp = tmp_path
+        self.exec_commands = exec_commands
+        self.commands: list[str] = []
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        self.client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def _session(self, process) -> None:
+        self.commands.append(process.command)
+        data = await process.stdin.read()
+        if not self.exec_commands:  # an SFTP-only account: the command goes nowhere
+            process.exit(1)
+            return
+        proc = await asyncio.create_subprocess_exec("sh", "-c", process.command, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(data.encode()), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        process.stdout.write(out.decode())
+        process.stderr.write(err.decode())
+        process.exit(proc.returncode)
+
+    async def __aenter__(self):
+        self.server = await asyncssh.listen(
+            "127.0.0.1", 0, server_host_keys=[self.host_key],
+            authorized_client_keys=asyncssh.import_authorized_keys(self.client_key.export_public_key().decode()),
+            sftp_factory=True, process_factory=self._session, encoding="utf-8")
+        port = self.server.sockets[0].getsockname()[1]
+        self.conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, client_keys=[self.client_key],
+                                           config=None)
+        self.sftp = await self.conn.start_sftp_client()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.sftp.exit()
+        self.conn.close()
+        await self.conn.wait_closed()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def stager(self, base: Path, **kw) -> staging.RemoteStager:
+        return staging.RemoteStager(self.sftp, str(base), python=kw.pop("python", sys.executable), **kw)
+
+
+@pytest.fixture
+def project(tmp_path):
+    d = tmp_path / "project"
+    (d / "data").mkdir(parents=True)
+    (d / "train.py").write_text("print(open('data/x.txt').read())\n")
+    (d / "data" / "x.txt").write_text("original data\n")
+    (d / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (d / "run.sh").chmod(0o755)
+    return d
+
+
+def _tree(project: Path) -> staging.Tree:
+    return staging.code_tree(project, cache=staging._HashCache(project.parent / "hashes.json"))
+
+
+def _objects(base: Path) -> dict[str, Path]:
+    return {p.name: p for p in (base / "objects").iterdir() if not p.name.startswith(".")}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_runs_get_private_copies_and_objects_are_read_only(tmp_path, project):
+    base = tmp_path / "remote" / "cache"
+    tree = _tree(project)
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            first = host.stager(base)
+            await first.stage(runs=[(tree, str(tmp_path / "run1" / "code"), "code")])
+            # The script of run 1 rewrites its own data file, as scripts do.
+            (tmp_path / "run1" / "code" / "data" / "x.txt").write_text("rewritten by run 1\n")
+            second = host.stager(base)
+            await second.stage(runs=[(tree, str(tmp_path / "run2" / "code"), "code")])
+            return first.stats, second.stats
+
+    s1, s2 = asyncio.run(go())
+    assert (tmp_path / "run2" / "code" / "data" / "x.txt").read_text() == "original data\n"
+    assert s1.uploaded_files == 3 and s2.uploaded_files == 0 and s2.placed == {"code": 3}
+    assert s1.verify == s2.verify == "sha256" and s2.copy in ("copy", "reflink", "clonefile")
+    objects = _objects(base)
+    assert len(objects) == 3
+    for name, obj in objects.items():
+        st = obj.stat()
+        assert stat.S_IMODE(st.st_mode) == (0o555 if name.endswith(".x") else 0o444)
+        assert st.st_nlink == 1  # no run holds a link to it
+        assert _sha(obj.read_bytes()) == name.removesuffix(".x")
+    run2 = tmp_path / "run2" / "code"
+    assert os.access(run2 / "data" / "x.txt", os.W_OK) and os.stat(run2 / "run.sh").st_mode & 0o111
+    assert not list((base / "objects").glob(".tmp-*"))
+
+
+def test_a_poisoned_object_is_detected_and_sent_again(tmp_path, project):
+    base = tmp_path / "remote" / "cache"
+    tree = _tree(project)
+    data_sha = _sha(b"original data\n")
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            await host.stager(base).stage(runs=[(tree, str(tmp_path / "run1"), "code")])
+            obj = base / "objects" / data_sha
+            obj.chmod(0o644)  # someone forces a write into the cache, same size even
+            obj.write_text("poisoned data\n")
+            again = host.stager(base)
+            await again.stage(runs=[(tree, str(tmp_path / "run2"), "code")])
+            return again.stats
+
+    s = asyncio.run(go())
+    assert (tmp_path / "run2" / "data" / "x.txt").read_text() == "original data\n"
+    assert s.repaired == 1 and s.uploaded_files == 1 and s.uploaded == {"code": 1}
+    assert (base / "objects" / data_sha).read_text() == "original data\n"
+    assert stat.S_IMODE((base / "objects" / data_sha).stat().st_mode) == 0o444
+
+
+def test_a_changed_shared_runtime_is_rebuilt(tmp_path):
+    base = tmp_path / "remote" / "cache"
+    rt = staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            first = host.stager(base)
+            root = Path(await first.shared_tree(rt, "runtime"))
+            victim = root / "orchestrator" / "protocol.py"
+            assert not os.access(victim, os.W_OK) or os.geteuid() == 0
+            victim.chmod(0o644)
+            victim.write_text(victim.read_text() + "\nraise SystemExit('poisoned')\n")
+            second = host.stager(base)
+            await second.shared_tree(rt, "runtime")
+            third = host.stager(base)
+            await third.shared_tree(rt, "runtime")
+            return root, first.stats, second.stats, third.stats
+
+    root, s1, s2, s3 = asyncio.run(go())
+    assert not s1.runtime_reused and not s2.runtime_reused and s3.runtime_reused
+    assert s2.uploaded_files == 0  # the objects were intact: only the shared copy was rebuilt
+    assert "poisoned" not in (root / "orchestrator" / "protocol.py").read_text()
+    assert (root / "orchestrator" / "protocol.py").read_bytes() == (staging.PACKAGE_DIR / "protocol.py").read_bytes()
+
+
+def test_a_damaged_upload_is_refused(tmp_path, project, monkeypatch):
+    base = tmp_path / "remote" / "cache"
+    tree = _tree(project)
+    real_put = staging.RemoteStager._put_tmp
+
+    async def truncating_put(self, f, kind):  # the transfer went wrong on the way
+        c = await real_put(self, f, kind)
+        Path(c["tmp"]).chmod(0o644)
+        Path(c["tmp"]).write_bytes(b"x" * f.size)
+        return c
+
+    monkeypatch.setattr(staging.RemoteStager, "_put_tmp", truncating_put)
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            with pytest.raises(staging.StagingError) as e:
+                await host.stager(base).stage(runs=[(tree, str(tmp_path / "run1"), "code")])
+            return str(e.value)
+
+    msg = asyncio.run(go())
+    assert "arrived damaged" in msg
+    assert not _objects(base)  # nothing damaged was committed
+
+
+def test_without_a_remote_python_staging_still_gives_copies(tmp_path, project):
+    """An SFTP-only host (or no python3 on its PATH): weaker checks, but still copies and read-only objects."""
+    base = tmp_path / "remote" / "cache"
+    tree = _tree(project)
+    data_sha = _sha(b"original data\n")
+
+    async def go():
+        async with _Host(tmp_path, exec_commands=False) as host:
+            first = host.stager(base)
+            await first.stage(runs=[(tree, str(tmp_path / "run1"), "code")])
+            (tmp_path / "run1" / "data" / "x.txt").write_text("rewritten by run 1\n")
+            second = host.stager(base)
+            await second.stage(runs=[(tree, str(tmp_path / "run2"), "code")])
+            obj = base / "objects" / data_sha
+            obj.chmod(0o644)
+            obj.write_text("poisoned data\n")  # same size; the write moves its mtime
+            third = host.stager(base)
+            await third.stage(runs=[(tree, str(tmp_path / "run3"), "code")])
+            return first.stats, second.stats, third.stats
+
+    s1, s2, s3 = asyncio.run(go())
+    assert s1.verify.startswith("size+mode+mtime over SFTP")
+    assert (tmp_path / "run2" / "data" / "x.txt").read_text() == "original data\n"
+    assert s2.uploaded_files == 0 and s2.placed == {"code": 3}
+    assert (tmp_path / "run3" / "data" / "x.txt").read_text() == "original data\n" and s3.uploaded_files == 1
+    for obj in _objects(base).values():
+        assert not obj.stat().st_mode & 0o222 and obj.stat().st_nlink == 1
+
+
+def test_a_missing_interpreter_falls_back_to_sftp(tmp_path, project):
+    base = tmp_path / "remote" / "cache"
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            st = host.stager(base, python="/nonexistent/python3")
+            await st.stage(runs=[(_tree(project), str(tmp_path / "run1"), "code")])
+            return st.stats
+
+    s = asyncio.run(go())
+    assert "/nonexistent/python3 could not run the check" in s.verify
+    assert (tmp_path / "run1" / "data" / "x.txt").read_text() == "original data\n"
+
+
+def test_one_command_per_host_when_nothing_changed(tmp_path, project):
+    base = tmp_path / "remote" / "cache"
+    tree, rt = _tree(project), staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+
+    async def go():
+        async with _Host(tmp_path) as host:
+            await host.stager(base).stage(shared=[(rt, "runtime")], runs=[(tree, str(tmp_path / "r1" / "code"), "code")],
+                                          dirs=[str(tmp_path / "r1" / "run")])
+            n_first = len(host.commands)
+            st = host.stager(base)
+            await st.stage(shared=[(rt, "runtime")], runs=[(tree, str(tmp_path / "r2" / "code"), "code")],
+                           dirs=[str(tmp_path / "r2" / "run")])
+            return n_first, len(host.commands) - n_first, st.stats
+
+    n_first, n_second, s = asyncio.run(go())
+    assert n_first == 2 and n_second == 1  # look, upload, commit+place; then just look+place
+    assert s.runtime_reused and s.uploaded_files == 0 and s.placed == {"code": 3}
+    assert (tmp_path / "r2" / "run").is_dir()
