@@ -11,7 +11,12 @@ script written for ``mlx.launch`` works. Around it the bootstrap
   peers listen (the guard watches for that: MLX holds the GIL inside init, so
   no thread in this process could).
   That gate is what saves the ~1 s MLX loses when a rank connects before its
-  neighbour listens and the ring backs off.
+  neighbour listens and the ring backs off;
+* writes one byte to ``ORCH_INIT_FD`` right before the real ``init``: only
+  then does the guard start looking for the rank's listening socket, so a
+  guard costs no CPU while its rank imports MLX or loads data. A rank that
+  will not report (events off, no MLX) closes the pipe instead, and its guard
+  never looks.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import traceback
 
 from orchestrator.runtime import events
 
+# The guard's name for it (``guard.ENV_INIT_FD``; not imported: the guard module costs ~20 ms).
+ENV_INIT_FD = "ORCH_INIT_FD"
+
 
 def _materialise_hostfile() -> None:
     content = os.environ.pop("ORCH_MLX_HOSTFILE_JSON", None)
@@ -35,6 +43,30 @@ def _materialise_hostfile() -> None:
     with os.fdopen(fd, "w") as f:
         f.write(content)
     os.environ["MLX_HOSTFILE"] = path
+
+
+_init_fd: list[int] = []  # the guard's "about to init" pipe, until used
+
+
+def _take_init_fd() -> None:
+    fd = os.environ.pop(ENV_INIT_FD, None)
+    if fd is not None and fd.isdigit():
+        _init_fd.append(int(fd))
+
+
+def _signal_init(byte: bytes = b"i") -> None:
+    """Tell the guard that init begins (``byte``), or that it never will (``b""``: just close)."""
+    while _init_fd:
+        fd = _init_fd.pop()
+        try:
+            if byte:
+                os.write(fd, byte)
+        except OSError:
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _wait_gate(timeout_s: float) -> None:
@@ -49,11 +81,11 @@ def _wait_gate(timeout_s: float) -> None:
         os.environ.pop("ORCH_GATE_FD", None)
 
 
-def _install_init_hook() -> None:
+def _install_init_hook() -> bool:
     try:
         import mlx.core as mx
     except ImportError:
-        return
+        return False
     real_init = mx.distributed.init
     state = {"done": False}
 
@@ -64,12 +96,14 @@ def _install_init_hook() -> None:
         events.emit("init_start", backend=str(backend))
         t0 = time.monotonic()
         _wait_gate(float(os.environ.get("ORCH_GATE_TIMEOUT", "10")))
+        _signal_init()
         group = real_init(*args, **kwargs)
         state["done"] = True
         events.emit("ready", size=group.size(), init_s=round(time.monotonic() - t0, 4))
         return group
 
     mx.distributed.init = init
+    return True
 
 
 def _prepare_mpi() -> None:
@@ -118,6 +152,7 @@ def _configure_deferred(fd: int) -> None:
 
 
 def main() -> None:
+    _take_init_fd()
     config_fd = os.environ.pop("ORCH_CONFIG_FD", None)
     if config_fd is not None:
         _configure_deferred(int(config_fd))
@@ -127,8 +162,8 @@ def main() -> None:
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     _materialise_hostfile()
-    if events.enabled():
-        _install_init_hook()
+    if not (events.enabled() and _install_init_hook()):
+        _signal_init(b"")  # no hook, no byte: the guard need not watch
     if os.environ.get("ORCH_BACKEND") == "mpi":
         _prepare_mpi()
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

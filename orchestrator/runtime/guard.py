@@ -1,6 +1,6 @@
 """The rank guard: the parent of every rank, local or remote.
 
-``python -m orchestrator.runtime.guard [--no-stdin] -- CMD ARGS...``
+``python -S -m orchestrator.runtime.guard [--no-stdin] [--deferred] [--token-line] -- CMD ARGS...``
 
 Why it exists: a launcher cannot reliably kill a remote rank. sshd running
 as root ignores SSH "signal" requests, and closing a channel without a pty
@@ -8,25 +8,65 @@ leaves the remote process running; locally a controller killed with SIGKILL
 cannot clean up at all. So the guard
 
 * starts CMD in a new session (its own process group, so grandchildren such
-  as data-loader workers are reached by one ``killpg``);
+  as data-loader workers are reached by one ``killpg``) and, on Linux, is a
+  *child subreaper*: a descendant that escapes the group (a ``setsid``
+  daemon, a double fork) is re-parented to the guard instead of to init, and
+  the guard kills it with the rest. macOS has no subreaper: there the guard
+  snapshots the process tree (``ps``) every second and at the end, and kills
+  the rank's descendants it has seen (one that is started and orphaned
+  between two snapshots can escape);
 * tells the controller the rank's pid with a ``spawned`` event, and with a
-  ``listening`` event when the rank's ring socket (``ORCH_LISTEN``) is bound —
-  polled every 5 ms, because MLX holds the GIL inside ``init`` so the rank
-  itself cannot say so;
+  ``listening`` event when the rank's ring socket (``ORCH_LISTEN``) is bound:
+  MLX holds the GIL inside ``init`` so the rank itself cannot say so. The
+  guard only looks once the rank is about to call ``mx.distributed.init``
+  (the bootstrap writes one byte to ``ORCH_INIT_FD``), then with back-off
+  (1 ms doubling to 50 ms, 120 s at most), and it looks at the rank's *own*
+  sockets (Linux: ``/proc/<pid>/net/tcp*`` entries whose inode is one of the
+  rank's fds; macOS: ``lsof -p PID``), not at whatever on the host uses the
+  port;
 * reads control lines on its stdin: ``go`` opens the rank's start gate (a pipe
-  whose read end the rank gets as ``ORCH_GATE_FD``);
+  whose read end the rank gets as ``ORCH_GATE_FD``), ``release`` ends a hold;
+* with ``--token-line`` reads ``token <hex>`` as its first stdin line *before*
+  it starts the rank (a ``--deferred`` guard finds it in its configuration
+  line under ``"token"``) and puts it in every event it writes: the rank never
+  sees it (not in its environment, argv or relayed configuration), so nothing
+  the rank prints can pass for a guard event;
 * treats end-of-file on stdin (the controller closed it, died, or the SSH
   connection dropped) and SIGTERM/SIGHUP/SIGINT as "stop": SIGTERM to the
-  rank's group, SIGKILL after ``ORCH_GRACE_S`` (default 1 s);
-* when the rank exits, kills what is left of its group and exits the same
-  way the rank did (same code, or re-raises the same signal), so the
-  controller sees the rank's own status.
+  rank's group and descendants, SIGKILL after ``ORCH_GRACE_S`` (default 1 s).
+  Whatever ends the main loop (an exception included) ends in that same stop:
+  it runs in a ``finally``;
+* when the rank exits, kills what is left of its group and descendants and
+  exits the same way the rank did (same code, or re-raises the same signal),
+  so the controller sees the rank's own status;
+* with ``ORCH_GUARD_RSS=1`` (and ``ORCH_EVENTS=1``) reports the rank's memory
+  every 2 s as ``rss`` events, for any program, ours or not.
+
+The hold (``ORCH_HOLD=1``, rank 0 of a ring): once the rank listens the guard
+SIGSTOPs it inside ``accept()``; the kernel still completes the first
+connect into the backlog, and ``release`` (or ``ORCH_HOLD_MAX_S``, default
+10 s) lets it run on. What we found about holding too late: MLX closes its
+listening socket right after ``accept`` returns, but between the guard seeing
+LISTEN and its SIGSTOP landing, the rank may have accepted, closed and moved
+on (its peer connects as soon as the gate opens, or after the gate's own
+timeout); the old check also matched *any* socket on the host on that port,
+so a stale or foreign listener could trigger a hold at any time, even mid
+training; and a ``release`` that came before such a late hold was ignored,
+so the rank stayed stopped for the whole bound while its peers waited in a
+collective. So now: no hold once ``release`` was seen; after the SIGSTOP the
+guard waits until the rank is really stopped and then checks, with the rank
+frozen, that its socket is still in LISTEN and that it owns no accepted
+connection on that port; otherwise it resumes it at once. A hold is always
+bounded, and a stop resumes the group before terminating it.
 
 ``--no-stdin`` is for launchers that give ranks no stdin (mpirun forwards
 stdin to rank 0 only): then signals stop the rank, and so does the death of
 the guard's parent (checked every 0.5 s), so a SIGKILLed mpirun leaves no rank.
+On Linux the rank also gets ``PR_SET_PDEATHSIG``: a guard killed with SIGKILL
+takes its rank with it.
 
-Only the standard library: this starts before every rank and must be fast.
+Only the standard library, on every platform branch: this runs as
+``python -S`` (no site-packages) before every rank and must be fast.
 """
 
 from __future__ import annotations
@@ -43,47 +83,239 @@ import time
 
 from orchestrator import protocol
 
+# Environment variables the guard defines (the controller sets the others it reads:
+# ORCH_EVENTS, ORCH_LISTEN, ORCH_HOLD, ORCH_GATED, ORCH_GRACE_S, ORCH_BIND).
+ENV_INIT_FD = "ORCH_INIT_FD"  # guard -> rank: write one byte here right before mx.distributed.init
+ENV_GATE_FD = "ORCH_GATE_FD"  # guard -> rank: the start gate ("go" arrives here)
+ENV_CONFIG_FD = "ORCH_CONFIG_FD"  # guard -> deferred rank: its configuration line
+ENV_GUARD_RSS = "ORCH_GUARD_RSS"  # "1": send "rss" events (the controller must know the kind)
+ENV_HOLD_MAX_S = "ORCH_HOLD_MAX_S"  # bound of a hold, default HOLD_MAX_S
 
 HOLD_MAX_S = 10.0
+TOKEN_WAIT_S = 30.0
+CONFIG_WAIT_S = 600.0
+WATCH_FIRST_S = 0.001
+WATCH_MAX_STEP_S = 0.05
+WATCH_TOTAL_S = 120.0
+STOPPED_WAIT_S = 1.0
+TREE_EVERY_S = 1.0  # macOS: process-tree snapshots
+RSS_EVERY_S = 2.0
+PARENT_EVERY_S = 0.5
+KILL_ROUNDS = 100  # SIGKILL sweeps (20 ms apart) until nothing of the rank is left
+
+_LINUX_PR_SET_PDEATHSIG = 1
+_LINUX_PR_SET_DUMPABLE = 4
+_LINUX_PR_SET_CHILD_SUBREAPER = 36
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def _linux() -> bool:
+    return sys.platform.startswith("linux")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess | None:
+    """A small helper command (lsof, ps), bounded; None if it cannot run."""
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
-def _group_alive(pgid: int) -> bool:
+def _prctl(option: int, value: int) -> bool:
     try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
         return False
+
+
+# ---- the rank's sockets --------------------------------------------------------
+
+def _linux_port_sockets(pid: int, port: int) -> dict[int, str]:
+    """inode -> TCP state (hex, "0A" = LISTEN) of the sockets with local ``port`` in pid's network namespace."""
+    suffix = f":{port:04X}"
+    found: dict[int, str] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[1].endswith(suffix):
+                        found[int(parts[9])] = parts[3]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _linux_socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link.endswith("]"):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _linux_own_states(pid: int, port: int) -> set[str]:
+    """The states of the TCP sockets on local ``port`` that ``pid`` itself holds open."""
+    candidates = _linux_port_sockets(pid, port)
+    if not candidates:
+        return set()
+    mine = _linux_socket_inodes(pid)
+    return {state for inode, state in candidates.items() if inode in mine}
+
+
+def _lsof_finds(pid: int, port: int, state: str) -> bool:
+    """macOS: does ``pid`` hold a TCP socket on ``port`` in ``state`` (lsof's -sTCP syntax, ^ excludes)?"""
+    r = _run(["lsof", "-nP", "-a", "-p", str(pid), f"-iTCP:{port}", f"-sTCP:{state}", "-t"])
+    return r is not None and r.returncode == 0 and str(pid) in r.stdout.split()
 
 
 def is_listening(pid: int, port: int) -> bool:
-    """Whether a socket on this machine listens on ``port`` (the plan chose it free, so it is the rank's)."""
-    if sys.platform.startswith("linux"):
-        suffix = f":{port:04X}"
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                with open(table) as f:
-                    next(f)
-                    for line in f:
-                        parts = line.split()
-                        if parts[1].endswith(suffix) and parts[3] == "0A":
-                            return True
-            except (OSError, StopIteration):
-                continue
-        return False
-    import psutil  # macOS: own child's sockets need no privileges
+    """Whether the process ``pid`` itself has a socket listening on ``port``."""
+    if _linux():
+        return "0A" in _linux_own_states(pid, port)
+    return _lsof_finds(pid, port, "LISTEN")
 
+
+def has_accepted(pid: int, port: int) -> bool:
+    """Whether ``pid`` holds a connection on ``port`` that is not the listener: it got past accept()."""
+    if _linux():
+        return bool(_linux_own_states(pid, port) - {"0A"})
+    return _lsof_finds(pid, port, "^LISTEN")
+
+
+def is_stopped(pid: int) -> bool:
+    if _linux():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+        except (OSError, IndexError):
+            return False
+    r = _run(["ps", "-o", "stat=", "-p", str(pid)])
+    return r is not None and r.returncode == 0 and r.stdout.strip().startswith("T")
+
+
+# ---- the process tree ----------------------------------------------------------
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every live (not zombie) process this user can see; {} if unknown."""
+    table: dict[int, tuple[int, int]] = {}
+    if _linux():
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if len(fields) > 2 and fields[0] != b"Z":
+                table[int(name)] = (int(fields[1]), int(fields[2]))
+        return table
+    r = _run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="])
+    for line in (r.stdout.splitlines() if r is not None else ()):
+        parts = line.split()
+        if len(parts) >= 4 and all(p.isdigit() for p in parts[:3]) and not parts[3].startswith("Z"):
+            table[int(parts[0])] = (int(parts[1]), int(parts[2]))
+    return table
+
+
+def descendants(roots: set[int], table: dict[int, tuple[int, int]]) -> set[int]:
+    """Every process below ``roots`` in ``table`` (not the roots themselves)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in found and c not in roots:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+class Tree:
+    """Everything the rank started, wherever it went: what ``members()`` returns gets signalled.
+
+    Linux: the guard is a subreaper (set before the rank starts), so every
+    descendant of the rank stays a descendant of the guard and the live
+    ``/proc`` walk is exact. macOS: the rank's process group plus its
+    descendants as seen by snapshots (``members()`` every second and before
+    each kill); a pid seen once is kept while it is alive and its parent is the
+    one we saw or launchd (it was orphaned), not once the pid is reused.
+    """
+
+    def __init__(self, rank_pid: int, subreaper: bool) -> None:
+        self.rank_pid = rank_pid
+        self.subreaper = subreaper
+        self.known: dict[int, int] = {}  # macOS: pid -> the parent we saw
+
+    def members(self) -> set[int]:
+        """The live (not zombie) processes of the rank: itself, its group, its descendants."""
+        table = process_table()
+        me = os.getpid()
+        group = {p for p, (_, pgid) in table.items() if pgid == self.rank_pid}
+        if self.subreaper:
+            return (descendants({me}, table) | group) - {me}
+        if not table:  # ps failed this time: keep what we knew
+            return set(self.known) | {self.rank_pid}
+        self.known = {p: pp for p, pp in self.known.items() if p in table and table[p][0] in (pp, 1)}
+        for pid in descendants({self.rank_pid, *self.known, *group}, table):
+            self.known.setdefault(pid, table[pid][0])
+        alive = set(self.known) | group
+        if self.rank_pid in table:
+            alive.add(self.rank_pid)
+        return alive - {me}
+
+
+# ---- memory --------------------------------------------------------------------
+
+def rss_bytes(pids: list[int]) -> dict[int, int]:
+    """Resident set size of each pid that still exists."""
+    out: dict[int, int] = {}
+    if _linux():
+        page = os.sysconf("SC_PAGE_SIZE")
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    out[pid] = int(f.read().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+    if not pids:
+        return out
+    r = _run(["ps", "-o", "pid=,rss=", "-p", ",".join(map(str, pids))])
+    for line in (r.stdout.splitlines() if r is not None else ()):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = int(parts[1]) * 1024  # ps reports KiB
+    return out
+
+
+def system_available_bytes() -> int | None:
+    """Linux: MemAvailable. macOS: None (no recorded vm_stat output to parse against yet)."""
+    if not _linux():
+        return None
     try:
-        conns = psutil.Process(pid).net_connections("tcp")
-    except psutil.Error:
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def bind_cpus(pid: int, spec: str) -> None:
@@ -104,14 +336,24 @@ def bind_cpus(pid: int, spec: str) -> None:
         pass
 
 
-def _read_config(fd: int, timeout_s: float) -> tuple[bytes | None, bytes]:
-    """The first line on ``fd`` (a --deferred rank's configuration) and whatever followed it."""
-    buf = b""
+# ---- stdin ---------------------------------------------------------------------
+
+def _read_line(fd: int, timeout_s: float, buf: bytes = b"", stop=lambda: False) -> tuple[bytes | None, bytes]:
+    """The first line on ``fd`` (after what ``buf`` already holds) and whatever followed it.
+
+    None when the line does not come within ``timeout_s``, on end of file, or once ``stop()``.
+    """
     end = time.monotonic() + timeout_s
     while b"\n" not in buf:
         left = end - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or stop():
             return None, b""
+        try:
+            ready = select.select([fd], [], [], min(left, 0.25))[0]
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
         chunk = os.read(fd, 65536)
         if not chunk:
             return None, b""
@@ -120,187 +362,374 @@ def _read_config(fd: int, timeout_s: float) -> tuple[bytes | None, bytes]:
     return line + b"\n", rest
 
 
-def main(argv: list[str]) -> int:
-    watch_stdin = True
-    deferred = False
-    while argv and argv[0] in ("--no-stdin", "--deferred"):
-        watch_stdin = watch_stdin and argv[0] != "--no-stdin"
-        deferred = deferred or argv[0] == "--deferred"
-        argv = argv[1:]
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("usage: python -m orchestrator.runtime.guard [--no-stdin] [--deferred] -- CMD ARGS...", file=sys.stderr)
-        return 2
+def _valid_token(token: object) -> bool:
+    return isinstance(token, str) and 0 < len(token) <= 256 and all(c in "0123456789abcdefABCDEF" for c in token)
 
-    gate_r = gate_w = cfg_r = cfg_w = None
-    env = dict(os.environ)
-    if env.pop("ORCH_GATED", None) == "1" or deferred:
-        gate_r, gate_w = os.pipe()
-        env["ORCH_GATE_FD"] = str(gate_r)
-    if deferred:
-        # Started before the controller knew the plan (see orchestrator/launch/prespawn.py):
-        # the rank imports MLX now and gets its configuration, relayed by us, later.
-        cfg_r, cfg_w = os.pipe()
-        env["ORCH_CONFIG_FD"] = str(cfg_r)
 
-    # Wake the selector on SIGCHLD and on stop signals.
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    stop_signal: list[int] = []
+def parse_token_line(line: bytes | None) -> str | None:
+    if line is None:
+        return None
+    word, _, token = line.decode(errors="replace").strip().partition(" ")
+    token = token.strip()
+    return token if word == protocol.CONTROL_TOKEN and _valid_token(token) else None
 
-    def on_stop(signum, _frame):
-        stop_signal.append(signum)
 
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, on_stop)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
+# ---- the guard -----------------------------------------------------------------
 
-    try:
-        child = subprocess.Popen(
-            argv,
-            env=env,
-            start_new_session=True,
-            pass_fds=tuple(fd for fd in (gate_r, cfg_r) if fd is not None),
-            stdin=subprocess.DEVNULL,
-        )
-    except OSError as e:
-        print(f"orch guard: cannot start {argv[0]!r}: {e.strerror}", file=sys.stderr)
-        return 127
-    for fd in (gate_r, cfg_r):
-        if fd is not None:
-            os.close(fd)
-    early_input = b""
-    if deferred:
-        line, early_input = _read_config(sys.stdin.fileno(), 600.0)
-        if line is None:  # the controller gave up (or died) before configuring us
-            _killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            return 1
-        os.environ.update(json.loads(line)["env"])
-        os.write(cfg_w, line)
-        os.close(cfg_w)
-        if os.environ.get("ORCH_GATED") != "1":
-            os.write(gate_w, b"go\n")
-            os.close(gate_w)
-            gate_w = None
-    grace = float(os.environ.get("ORCH_GRACE_S", "1.0"))
-    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
-    if os.environ.get("ORCH_BIND"):
-        bind_cpus(child.pid, os.environ["ORCH_BIND"])
-    pgid = child.pid
-    if os.environ.get("ORCH_EVENTS") == "1":
-        line = protocol.encode("spawned", rank, pid=child.pid, host=socket.gethostname())
-        os.write(1, line.encode())
+class Guard:
+    def __init__(self, argv: list[str], *, watch_stdin: bool, deferred: bool, token: str | None,
+                 early_input: bytes) -> None:
+        self.argv = argv
+        self.watch_stdin = watch_stdin
+        self.deferred = deferred
+        self.token = token
+        self.buf = early_input
+        self.child: subprocess.Popen | None = None
+        self.tree: Tree | None = None
+        self.pgid: int | None = None
+        self.stop_signal: list[int] = []
+        self.grace = 1.0
+        self.rank = 0
+        self.gate_w: int | None = None
+        self.events = False
+        self.finished = False
 
-    sel = selectors.DefaultSelector()
-    sel.register(wake_r, selectors.EVENT_READ)
-    stdin_fd = sys.stdin.fileno() if watch_stdin else None
-    if stdin_fd is not None:
+    # -- events
+    def emit(self, kind: str, **fields) -> None:
+        if not self.events:
+            return
+        if self.token is not None:
+            fields[protocol.TOKEN_FIELD] = self.token
         try:
-            sel.register(stdin_fd, selectors.EVENT_READ)
-            os.set_blocking(stdin_fd, False)
-        except (OSError, ValueError):
-            # Not a pipe or socket (e.g. /dev/null): nobody can talk to us there,
-            # so behave as with --no-stdin and watch our parent instead.
-            stdin_fd = None
-            watch_stdin = False
-    buf = early_input
-    stopping_since = None
-    # Watch for the rank's ring socket to listen, so the controller can open the
-    # gate of the rank that connects first. Bounded: 5 ms steps for 120 s.
-    listen = os.environ.get("ORCH_LISTEN")
-    listen_port = int(listen.rpartition(":")[2]) if listen else None
-    listen_deadline = time.monotonic() + 120.0
-    parent = os.getppid()
-    # Rank 0 is *held* (SIGSTOPped inside accept) once it listens, until the
-    # rank that connects first is itself listening: see orchestrator/plan.py.
-    hold = os.environ.get("ORCH_HOLD") == "1"
-    held_since = None
-
-    while True:
-        status = child.poll()
-        if status is not None:
-            break
-        while b"\n" in buf:
-            cmd, buf = buf.split(b"\n", 1)
-            word = cmd.strip().decode()
-            if word == protocol.CONTROL_RELEASE and held_since is not None:
-                os.kill(child.pid, signal.SIGCONT)
-                held_since = None
-            if word == protocol.CONTROL_GO and gate_w is not None:
-                try:
-                    os.write(gate_w, b"go\n")
-                    os.close(gate_w)
-                except OSError:
-                    pass
-                gate_w = None
-        if stop_signal and stopping_since is None:
-            stopping_since = time.monotonic()
-            _killpg(pgid, signal.SIGTERM)
-            _killpg(pgid, signal.SIGCONT)  # a stopped rank must run to act on TERM
-        timeout = None if watch_stdin else 0.5
-        if not watch_stdin and os.getppid() != parent and stopping_since is None:
-            stop_signal.append(0)
-            continue
-        if held_since is not None:
-            left = held_since + HOLD_MAX_S - time.monotonic()
-            if left <= 0:  # the release never came: let MLX's own retries take over
-                os.kill(child.pid, signal.SIGCONT)
-                held_since = None
-            else:
-                timeout = left if timeout is None else min(timeout, left)
-        if listen_port is not None:
-            if is_listening(child.pid, listen_port):
-                if hold:
-                    os.kill(child.pid, signal.SIGSTOP)
-                    held_since = time.monotonic()
-                if os.environ.get("ORCH_EVENTS") == "1":
-                    os.write(1, protocol.encode("listening", rank, address=listen).encode())
-                listen_port = None
-            elif time.monotonic() > listen_deadline:
-                listen_port = None
-            else:
-                timeout = 0.005
-        if stopping_since is not None:
-            left = stopping_since + grace - time.monotonic()
-            if left <= 0:
-                _killpg(pgid, signal.SIGKILL)
-                child.wait()
-                break
-            timeout = left if timeout is None else min(timeout, left)
-        if listen_port is not None:
-            timeout = 0.005 if timeout is None else min(timeout, 0.005)
-        for key, _ in sel.select(timeout):
-            if key.fileobj is wake_r:
-                try:
-                    while wake_r.recv(512):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            try:
-                chunk = os.read(stdin_fd, 4096)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                sel.unregister(stdin_fd)
-                stop_signal.append(0)
-                continue
-            buf += chunk
-
-    status = child.returncode
-    # The rank is gone; nothing it started may outlive it.
-    if _group_alive(pgid):
-        _killpg(pgid, signal.SIGKILL)
-    if os.environ.get("ORCH_EVENTS") == "1":
-        code, sig = (None, -status) if status is not None and status < 0 else (status, None)
-        try:
-            os.write(1, protocol.encode("exited", rank, code=code, signal=sig).encode())
+            os.write(1, protocol.encode(kind, self.rank, **fields).encode())
         except OSError:
             pass
+
+    # -- the rank's status
+    def reap(self) -> None:
+        """Collect every exited child: the rank (its status) and re-parented orphans (Linux)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            if self.child is not None and pid == self.child.pid and self.child.returncode is None:
+                self.child.returncode = os.waitstatus_to_exitcode(status)
+
+    def rank_done(self) -> bool:
+        if self.child is None:
+            return True
+        self.reap()
+        return self.child.returncode is not None
+
+    # -- signalling everything the rank started
+    def signal_all(self, sig: int) -> bool:
+        """``sig`` to the rank's group and every member of its tree; whether any live one was there."""
+        if self.pgid is None:
+            return False
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        members = self.tree.members() if self.tree is not None else set()
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return bool(members)
+
+    def kill_all(self) -> None:
+        """SIGKILL until nothing of the rank is left (and every child of ours is reaped). Bounded."""
+        for _ in range(KILL_ROUNDS):
+            found = self.signal_all(signal.SIGKILL)
+            self.reap()
+            if not found and self.rank_done():
+                return
+            time.sleep(0.02)
+
+    def terminate(self) -> None:
+        """SIGTERM (and SIGCONT: a held or stopped rank must run to act on it), SIGKILL after the grace."""
+        if self.child is None:
+            return
+        self.signal_all(signal.SIGTERM)
+        self.signal_all(signal.SIGCONT)
+        end = time.monotonic() + self.grace
+        while time.monotonic() < end and not self.rank_done():
+            time.sleep(min(0.02, max(0.0, end - time.monotonic())))
+        self.kill_all()
+
+    def close(self) -> None:
+        """Nothing the rank started outlives the guard, however the guard's loop ended."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.child is None:
+            return
+        if not self.rank_done():
+            self.terminate()
+        else:
+            self.kill_all()
+
+    # -- start
+    def start(self) -> int | None:
+        """Start the rank; an exit code if it could not be started (or configured)."""
+        env = dict(os.environ)
+        gate_r = cfg_r = cfg_w = init_w = None
+        self.init_r = None
+        if env.pop("ORCH_GATED", None) == "1" or self.deferred:
+            gate_r, self.gate_w = os.pipe()
+            env[ENV_GATE_FD] = str(gate_r)
+        if self.deferred:
+            # Started before the controller knew the plan (see orchestrator/launch/prespawn.py):
+            # the rank imports MLX now and gets its configuration, relayed by us, later.
+            cfg_r, cfg_w = os.pipe()
+            env[ENV_CONFIG_FD] = str(cfg_r)
+        if self.deferred or env.get("ORCH_LISTEN"):
+            self.init_r, init_w = os.pipe()
+            env[ENV_INIT_FD] = str(init_w)
+        for var in (ENV_GUARD_RSS, ENV_HOLD_MAX_S):
+            env.pop(var, None)
+
+        guard_pid = os.getpid()
+
+        def in_child() -> None:  # Linux: the rank dies with its guard, even a SIGKILLed one
+            _prctl(_LINUX_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != guard_pid:
+                os._exit(1)
+
+        subreaper = _linux() and _prctl(_LINUX_PR_SET_CHILD_SUBREAPER, 1)
+        try:
+            self.child = subprocess.Popen(
+                self.argv,
+                env=env,
+                start_new_session=True,
+                pass_fds=tuple(fd for fd in (gate_r, cfg_r, init_w) if fd is not None),
+                stdin=subprocess.DEVNULL,
+                preexec_fn=in_child if _linux() else None,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"orch guard: cannot start {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 127
+        finally:
+            for fd in (gate_r, cfg_r, init_w):
+                if fd is not None:
+                    os.close(fd)
+        self.pgid = self.child.pid
+        self.tree = Tree(self.child.pid, subreaper)
+        if self.deferred:
+            line, self.buf = _read_line(sys.stdin.fileno(), CONFIG_WAIT_S, self.buf, stop=lambda: bool(self.stop_signal))
+            config = None
+            if line is not None:
+                try:
+                    config = json.loads(line)
+                except ValueError:
+                    config = None
+            if not isinstance(config, dict) or not isinstance(config.get("env"), dict):
+                if line is not None:
+                    print("orch guard: the configuration line is not a JSON object with \"env\"", file=sys.stderr)
+                return 1  # the controller gave up (or died) before configuring us; close() stops the rank
+            token = config.pop(protocol.TOKEN_FIELD, None)
+            if token is not None:
+                if not _valid_token(token):
+                    print("orch guard: the configuration's \"token\" is not a hex string", file=sys.stderr)
+                    return 1
+                self.token = self.token or token
+            os.environ.update({str(k): str(v) for k, v in config["env"].items()})
+            # The rank gets its configuration without the token.
+            os.write(cfg_w, json.dumps(config).encode() + b"\n")
+            os.close(cfg_w)
+            if os.environ.get("ORCH_GATED") != "1":
+                self.open_gate()
+        return None
+
+    def open_gate(self) -> None:
+        if self.gate_w is None:
+            return
+        try:
+            os.write(self.gate_w, b"go\n")
+        except OSError:
+            pass
+        os.close(self.gate_w)
+        self.gate_w = None
+
+    # -- the loop
+    def run(self) -> int | None:
+        """Start and watch the rank; its status (Popen's returncode), or an exit code of ours."""
+        # Wake the selector on SIGCHLD and on stop signals.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, lambda signum, _frame: self.stop_signal.append(signum))
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        if _linux():
+            # The token is in our memory and stdin; a same-user rank must not read them via /proc.
+            _prctl(_LINUX_PR_SET_DUMPABLE, 0)
+
+        failed = self.start()
+        if failed is not None:
+            return failed
+        self.grace = float(os.environ.get("ORCH_GRACE_S", "1.0"))
+        self.rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+        self.events = os.environ.get("ORCH_EVENTS") == "1"
+        rss = self.events and os.environ.get(ENV_GUARD_RSS) == "1"
+        hold_max = float(os.environ.get(ENV_HOLD_MAX_S) or HOLD_MAX_S)
+        if os.environ.get("ORCH_BIND"):
+            bind_cpus(self.child.pid, os.environ["ORCH_BIND"])
+        self.emit("spawned", pid=self.child.pid, host=socket.gethostname())
+
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        if self.init_r is not None:
+            sel.register(self.init_r, selectors.EVENT_READ, "init")
+        stdin_fd = sys.stdin.fileno() if self.watch_stdin else None
+        if stdin_fd is not None:
+            try:
+                sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
+                os.set_blocking(stdin_fd, False)
+            except (OSError, ValueError):
+                # Not a pipe or socket (e.g. /dev/null): nobody can talk to us there,
+                # so behave as with --no-stdin and watch our parent instead.
+                stdin_fd = None
+                self.watch_stdin = False
+
+        listen = os.environ.get("ORCH_LISTEN")
+        listen_port = int(listen.rpartition(":")[2]) if listen else None
+        hold = os.environ.get("ORCH_HOLD") == "1"
+        watch_next = watch_deadline = None  # set once the rank says it begins init
+        watch_step = WATCH_FIRST_S
+        held_since = None
+        released = False
+        parent = os.getppid()
+        now = time.monotonic()
+        next_parent = now + PARENT_EVERY_S
+        next_tree = now + TREE_EVERY_S if not self.tree.subreaper else None
+        next_rss = now if rss else None
+
+        while True:
+            if self.rank_done():
+                break
+            now = time.monotonic()
+            # Control lines.
+            while b"\n" in self.buf:
+                cmd, self.buf = self.buf.split(b"\n", 1)
+                word = cmd.strip().decode(errors="replace")
+                if word == protocol.CONTROL_RELEASE:
+                    released = True
+                    if held_since is not None:
+                        os.kill(self.child.pid, signal.SIGCONT)
+                        held_since = None
+                elif word == protocol.CONTROL_GO:
+                    self.open_gate()
+            if not self.watch_stdin and now >= next_parent:
+                next_parent = now + PARENT_EVERY_S
+                if os.getppid() != parent:
+                    self.stop_signal.append(0)
+            if self.stop_signal:
+                self.terminate()  # TERM, grace, KILL; the rank's status is mirrored below
+                break
+            deadlines = [next_parent] if not self.watch_stdin else []
+            # The hold is bounded.
+            if held_since is not None:
+                if now >= held_since + hold_max:  # the release never came: let MLX's own retries take over
+                    os.kill(self.child.pid, signal.SIGCONT)
+                    held_since = None
+                else:
+                    deadlines.append(held_since + hold_max)
+            # The listening watch, from the init byte on, with back-off.
+            if watch_next is not None and now >= watch_next:
+                if is_listening(self.child.pid, listen_port):
+                    if hold and not released and self.hold():
+                        held_since = time.monotonic()
+                        deadlines.append(held_since + hold_max)
+                    self.emit("listening", address=listen)
+                    watch_next = None
+                elif now >= watch_deadline:
+                    watch_next = None
+                else:
+                    watch_next = now + watch_step
+                    watch_step = min(watch_step * 2, WATCH_MAX_STEP_S)
+            if watch_next is not None:
+                deadlines.append(watch_next)
+            if next_tree is not None:
+                if now >= next_tree:
+                    self.tree.members()
+                    next_tree = time.monotonic() + TREE_EVERY_S
+                deadlines.append(next_tree)
+            if next_rss is not None:
+                if now >= next_rss:
+                    self.sample_rss()
+                    next_rss = time.monotonic() + RSS_EVERY_S
+                deadlines.append(next_rss)
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, _ in sel.select(timeout):
+                if key.data == "wake":
+                    try:
+                        while wake_r.recv(512):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                elif key.data == "init":
+                    try:
+                        got = os.read(self.init_r, 64)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    sel.unregister(self.init_r)
+                    os.close(self.init_r)
+                    self.init_r = None
+                    if got and listen_port is not None:  # EOF without a byte: this rank will not init
+                        watch_next = time.monotonic()
+                        watch_deadline = watch_next + WATCH_TOTAL_S
+                else:
+                    try:
+                        chunk = os.read(stdin_fd, 4096)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    if not chunk:
+                        sel.unregister(stdin_fd)
+                        self.stop_signal.append(0)
+                        continue
+                    self.buf += chunk
+
+        # The rank is gone; nothing it started may outlive it.
+        self.kill_all()
+        self.finished = self.rank_done()
+        status = self.child.returncode
+        code, sig = (None, -status) if status is not None and status < 0 else (status, None)
+        self.emit("exited", code=code, signal=sig)
+        return status
+
+    def hold(self) -> bool:
+        """SIGSTOP the rank inside accept(); False (and running again) where that is too late."""
+        pid = self.child.pid
+        port = int(os.environ["ORCH_LISTEN"].rpartition(":")[2])
+        os.kill(pid, signal.SIGSTOP)
+        end = time.monotonic() + STOPPED_WAIT_S
+        while not is_stopped(pid) and time.monotonic() < end:
+            time.sleep(0.001)
+        # Frozen now, so this is a stable look: still listening, nothing accepted yet.
+        if is_stopped(pid) and is_listening(pid, port) and not has_accepted(pid, port):
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+
+    def sample_rss(self) -> None:
+        pid = self.child.pid
+        sizes = rss_bytes(sorted(self.tree.members() | {pid}))
+        if pid not in sizes:
+            return
+        self.emit("rss", rss_bytes=sizes[pid], tree_rss_bytes=sum(sizes.values()),
+                  system_available_bytes=system_available_bytes())
+
+
+def _mirror(status: int | None) -> int:
+    """Exit the way the rank did: its code, or the same signal re-raised."""
     if status is not None and status < 0:
         sig = -status
         try:
@@ -313,6 +742,39 @@ def main(argv: list[str]) -> int:
         time.sleep(1)  # the signal is delivered before this returns
         return 128 + sig
     return status or 0
+
+
+USAGE = "usage: python -S -m orchestrator.runtime.guard [--no-stdin] [--deferred] [--token-line] -- CMD ARGS..."
+
+
+def main(argv: list[str]) -> int:
+    flags = {"--no-stdin": False, "--deferred": False, "--token-line": False}
+    while argv and argv[0] in flags:
+        flags[argv[0]] = True
+        argv = argv[1:]
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    token = None
+    early = b""
+    if flags["--token-line"]:
+        # Before the rank exists, so it can never see this line.
+        line, early = _read_line(sys.stdin.fileno(), TOKEN_WAIT_S)
+        token = parse_token_line(line)
+        if token is None:
+            print(f"orch guard: --token-line: expected a first stdin line '{protocol.CONTROL_TOKEN} <hex>'"
+                  f"{' within %d s' % TOKEN_WAIT_S if line is None else ''}; not starting {argv[0]!r}",
+                  file=sys.stderr)
+            return 1
+    guard = Guard(argv, watch_stdin=not flags["--no-stdin"], deferred=flags["--deferred"], token=token,
+                  early_input=early)
+    try:
+        status = guard.run()
+    finally:
+        guard.close()
+    return _mirror(status)
 
 
 if __name__ == "__main__":
