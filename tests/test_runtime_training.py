@@ -52,9 +52,9 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     assert max_abs_diff(load_arrays(latest_checkpoint(big)), load_arrays(latest_checkpoint(accum))) < 1e-5
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_resume_is_bit_exact_with_adam_and_dropout(tmp_path, n):
-    common = ["--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8", "--dropout", "0.2"]
+@pytest.mark.parametrize(("n", "extra"), [(1, []), (2, []), (2, ["--shard-optimizer"]), (2, ["--grad-dtype", "bfloat16"])])
+def test_resume_is_bit_exact_with_adam_and_dropout(tmp_path, n, extra):
+    common = ["--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8", "--dropout", "0.2"] + extra
     straight, _ = train(tmp_path, "straight", n, common + ["--steps", "20"])
     resumed, _ = train(tmp_path, "resumed", n, common + ["--steps", "10"])
     _, ranks = train(tmp_path, "resumed", n, common + ["--steps", "20", "--resume"])
