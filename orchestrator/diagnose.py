@@ -80,6 +80,14 @@ def classify(lines: Iterable[str], rank: int = 0, plan=None) -> Optional[Diagnos
             f"ring: rank {rank} lost the connection to a neighbour (a peer rank died or a link went down)",
             secondary=True,
         )
+    if re.search(r"stopping: \d+ other rank\(s\) failed", text):
+        # The runtime's _stop_together: this rank had no problem of its own and stopped
+        # with the one that did (which printed the real error).
+        return Diagnosis(
+            "peer_failed",
+            f"rank {rank} stopped because another rank failed (see that rank's output for the cause)",
+            secondary=True,
+        )
     m = re.search(r"\[METAL\] Command buffer execution failed: ([^(\n]+)\(([0-9a-f]+):(\w+)\)", text)
     if m:
         what, code = m.group(1).strip(), m.group(3)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
+import os
 import signal
 import sys
 import time
@@ -30,10 +32,11 @@ from typing import IO, Callable, Optional
 from orchestrator import events as event_validation
 from orchestrator import protocol
 from orchestrator.diagnose import Diagnosis, classify
-from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec, signal_name
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
 from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
+from orchestrator.units import human_bytes
 
 TAIL_LINES = 40  # kept per rank for diagnoses; the last SHOW_LINES are shown on failure
 SHOW_LINES = 15
@@ -41,6 +44,66 @@ SHOW_LINES = 15
 # the root cause: when one rank dies its ring neighbours fail within
 # milliseconds ("connection to a peer was lost"), and asyncio may report theirs first.
 SETTLE_S = 0.3
+# When every rank that failed so far only reacted to another's failure (lost its
+# peer, "other rank(s) failed"), wait up to this long after the first failure
+# for the rank with the real error before naming a cause.
+SECONDARY_WAIT_S = 3.0
+CONSOLE_LINE_MAX = 16 * 1024  # bytes of one output line shown on the console; the log keeps all
+PUMP_EOF_WAIT_S = 1.0  # after a rank exits, how long its output may still take to arrive
+
+
+class Console:
+    """A console stream that outlives its reader.
+
+    ``orch run ... | head -3`` closes our stdout: a write then raises
+    BrokenPipeError. From then on this stream is quiet (the ranks' output
+    is still logged and the run ends normally), and the file descriptor is
+    pointed at /dev/null so Python's own flush at exit cannot print a
+    traceback either. Any other write error (a full disk behind a redirect,
+    a closed terminal) is treated the same way: the console is a view, the
+    logs are the record.
+    """
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):
+            self._broke()
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._broke()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _broke(self) -> None:
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return  # not a real file (a StringIO): nothing will flush it at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -77,6 +140,7 @@ class RankState:
     training: bool = False
     finished: bool = False
     last_step_wall: Optional[float] = None
+    pumps: list = field(default_factory=list)  # the output readers of this rank's streams
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
         return classify(self.tail, self.rank, plan)
@@ -84,6 +148,110 @@ class RankState:
     @property
     def rank(self) -> int:
         return self.spec.rank
+
+
+class _LineOut:
+    """One output stream of one rank: pieces of lines in; events, log bytes, console lines and the tail out.
+
+    The log gets every byte the rank wrote (event lines excepted), written with
+    ``os.write`` so a failing disk raises here, where it is handled, and never
+    later from a buffer at close. The console gets each line once it is
+    complete: what a terminal would show of it (the text after its last ``\\r``)
+    and, for a line over ``CONSOLE_LINE_MAX``, a cut with a note where the whole is.
+    """
+
+    def __init__(self, sup: "Supervisor", state: RankState, console: Console):
+        self.sup = sup
+        self.state = state
+        self.console = console
+        self.prefix = f"[{state.rank}] "
+        self.size = 0  # bytes of the current line already passed on in pieces
+        self.head = bytearray()  # its first CONSOLE_LINE_MAX bytes
+        self.last = bytearray()  # and its last ones (where a \r progress bar's latest state is)
+        self.log_ok = True
+
+    def _grow(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(self.head) < CONSOLE_LINE_MAX:
+            self.head += data[:CONSOLE_LINE_MAX - len(self.head)]
+        self.last += data[-CONSOLE_LINE_MAX:]
+        del self.last[:-CONSOLE_LINE_MAX]
+
+    def pieces(self, pieces: list[tuple[bytes, bool]]) -> None:
+        log = bytearray()
+        shown: list[str] = []
+        for piece, ends in pieces:
+            if not ends:
+                self._grow(piece)
+                log += piece
+                continue
+            text, payload = protocol.split_line(piece.decode("utf-8", "surrogateescape"))
+            if payload is not None:
+                try:
+                    self.sup._on_event(self.state, payload)
+                except Exception as e:  # a bad event must never stop the output of a rank
+                    self.sup._note(f"orch: ignoring an event from rank {self.state.rank} that could not be handled: {e!r}\n")
+            if text is None and not self.size:
+                continue
+            data = (text or "").encode("utf-8", "surrogateescape")
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            log += data
+            shown.append(self._line(data))
+        self._log(bytes(log))
+        self._show(shown)
+
+    def _line(self, data: bytes) -> str:
+        """The complete line ``data`` ends as the console shows it (and the tail keeps it)."""
+        if not self.size and len(data) <= CONSOLE_LINE_MAX:
+            text, cut = _visible(data.decode("utf-8", "replace")), ""
+        else:
+            self._grow(data)
+            where = self.sup.rundir.logs / f"rank-{self.state.rank}.log"
+            try:
+                where = where.relative_to(self.sup.rundir.path)
+            except ValueError:
+                pass
+            bar = b"\r" in self.last.rstrip(b"\r\n")
+            text = _visible((self.last if bar else self.head).decode("utf-8", "replace"))
+            cut = f" … [cut: {human_bytes(self.size)}, full line in {where}]"
+            self.size = 0
+            self.head.clear()
+            self.last.clear()
+        line = text + cut
+        self.state.tail.append(line)
+        return line
+
+    def _log(self, data: bytes) -> None:
+        if not data or not self.log_ok:
+            return
+        path = self.sup.rundir.logs / f"rank-{self.state.rank}.log"
+        try:
+            fd = self.sup.rundir.log(self.state.rank).fileno()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except Exception as e:  # disk full, file gone: a clear failure, and the output keeps draining
+            self.log_ok = False
+            self.sup._write_failed(path, e)
+
+    def _show(self, lines: list[str]) -> None:
+        if not lines or not self.sup.opts.echo or self.console.broken:
+            return
+        with self.sup.live.around_output():
+            self.console.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            self.console.flush()
+
+
+def _visible(text: str) -> str:
+    """What a terminal shows of one line: no newline, only the text after its last carriage return."""
+    text = text.rstrip("\n")
+    if text.endswith("\r"):
+        text = text.rstrip("\r")
+    if "\r" in text:
+        segments = [seg for seg in text.split("\r") if seg]
+        text = segments[-1] if segments else ""
+    return text
 
 
 @dataclass
@@ -111,8 +279,8 @@ class Supervisor:
         self.rundir = rundir
         self.script = script
         self.opts = options or SupervisorOptions()
-        self.out = out
-        self.err = err
+        self.out = out if isinstance(out, Console) else Console(out)
+        self.err = err if isinstance(err, Console) else Console(err)
         self.on_event = on_event
         self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated, held=plan.ranks[s.rank].held) for s in specs]
         self.metrics: dict = {}
@@ -125,9 +293,11 @@ class Supervisor:
         self._released = False
         self._failed: list[RankState] = []
         self._settle_deadline: Optional[float] = None
+        self._first_failure_t: float = 0.0
         self._last_progress: Optional[float] = None
         self._any_step = False
-        self.live = LiveView(self.states, err=err, tty=self.opts.live)
+        self._unwritable: set = set()  # log/event files that failed to write (reported once each)
+        self.live = LiveView(self.states, err=self.err, tty=self.opts.live)
 
     # ---- the run -------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -155,7 +325,7 @@ class Supervisor:
     def _interrupt(self, sig: int) -> None:
         if self.interrupted is None:
             self.interrupted = sig
-            self.err.write(f"\norch: {signal.Signals(sig).name} received; stopping all ranks\n")
+            self.err.write(f"\norch: {signal_name(sig)} received; stopping all ranks\n")
         self._wake.set()
 
     async def _start_all(self, tasks: list[asyncio.Task]) -> None:
@@ -167,8 +337,9 @@ class Supervisor:
                 state.exited.set()
                 self._fail(state.rank, 127, f"could not start rank {state.rank} on {state.spec.host}: {e}")
                 return
-            tasks.append(asyncio.create_task(self._pump(state, state.handle.stdout, self.out)))
-            tasks.append(asyncio.create_task(self._pump(state, state.handle.stderr, self.err)))
+            state.pumps = [asyncio.create_task(self._pump(state, state.handle.stdout, self.out)),
+                           asyncio.create_task(self._pump(state, state.handle.stderr, self.err))]
+            tasks.extend(state.pumps)
             tasks.append(asyncio.create_task(self._watch(state)))
 
         await asyncio.gather(*(start(s) for s in self.states))
@@ -178,7 +349,13 @@ class Supervisor:
             all_exited = all(s.exited.is_set() for s in self.states)
             if self._failed and self.failure is None:
                 if self._settle_deadline is None:
-                    self._settle_deadline = time.monotonic() + SETTLE_S
+                    self._first_failure_t = time.monotonic()
+                    self._settle_deadline = self._first_failure_t + SETTLE_S
+                if not all_exited and time.monotonic() >= self._settle_deadline and self._only_secondary():
+                    # Everyone who failed only reacted to another rank: give that rank time to fail too.
+                    longest = self._first_failure_t + SECONDARY_WAIT_S
+                    if self._settle_deadline < longest:
+                        self._settle_deadline = longest
                 if all_exited or time.monotonic() >= self._settle_deadline:
                     self._name_root_cause()
             if self.failure or self.interrupted or all_exited:
@@ -256,16 +433,21 @@ class Supervisor:
             return ""
         return "is stopped (SIGSTOP/SIGTSTP)" if st == psutil.STATUS_STOPPED else ""
 
-    def _name_root_cause(self) -> None:
-        """The first failed rank that did not merely lose a peer; else the first failed rank."""
-        def secondary(s: RankState) -> bool:
-            d = s.diagnosis(self.plan)
-            return d is not None and d.secondary
+    def _secondary(self, state: RankState) -> bool:
+        d = state.diagnosis(self.plan)
+        return d is not None and d.secondary
 
-        primary = [s for s in self._failed if not secondary(s)] or self._failed
+    def _only_secondary(self) -> bool:
+        return bool(self._failed) and all(self._secondary(s) for s in self._failed)
+
+    def _name_root_cause(self) -> None:
+        """The first failed rank with an error of its own; a rank that only lost its peer
+        (or stopped because another failed) is named only when no rank has a real error,
+        whatever order they exited in."""
+        primary = [s for s in self._failed if not self._secondary(s)] or self._failed
         root = min(primary, key=lambda s: s.exit_t or 0.0)
         st = root.status
-        how = f"was killed by {signal.Signals(st.signal).name}" if st.signal else f"exited with code {st.code}"
+        how = ("was " + st.how) if st.signal is not None or st.signal_label else st.how
         if st.reason:
             how += f": {st.reason}"
         others = [s.rank for s in self._failed if s is not root]
@@ -295,7 +477,10 @@ class Supervisor:
         status = await state.handle.wait()
         state.status = status
         state.exit_t = time.monotonic()
-        # Let the output readers finish so the tail (used to tell cause from casualty) is complete.
+        # Let the output readers reach the end so the tail (used to tell cause from casualty)
+        # is complete; bounded, since a daemon the rank left may hold its pipes open.
+        if state.pumps:
+            await asyncio.wait(state.pumps, timeout=PUMP_EOF_WAIT_S)
         await asyncio.sleep(0)
         state.exited.set()
         if not status.ok and self.failure is None and self.interrupted is None:
@@ -328,48 +513,90 @@ class Supervisor:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # ---- output and events ---------------------------------------------
-    async def _pump(self, state: RankState, stream, echo_to: IO[str]) -> None:
-        log = self.rundir.log(state.rank)
-        prefix = f"[{state.rank}] "
+    async def _pump(self, state: RankState, stream, echo_to: Console) -> None:
+        """Copy one output stream of a rank to its log and the console, and take its events.
+
+        A pump never dies before end of file: whatever goes wrong with one line
+        (a bad event, a closed console, a full disk) is handled and the pump reads
+        on, because a rank whose pipe is not drained blocks forever on a write.
+        Lines have no length limit in the log; the console shows an over-long
+        line cut, with a note saying where the whole line is.
+        """
+        out = _LineOut(self, state, echo_to)
+        lines = LineSplitter()
         while True:
             try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the reader's limit
-                raw = await stream.read(1 << 20)
-            except (ConnectionError, OSError):
+                chunk = await stream.read(READ_CHUNK)
+            except Exception:  # the stream broke (connection lost): nothing more will come
+                chunk = b""
+            if isinstance(chunk, str):
+                chunk = chunk.encode("utf-8", "surrogateescape")
+            try:
+                out.pieces(lines.feed(chunk) if chunk else lines.end())
+            except Exception as e:  # never reached by design; still, the pump must go on
+                self._note(f"orch: output of rank {state.rank} could not be handled: {e!r}\n")
+            if not chunk:
                 return
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            text, payload = protocol.split_line(line)
-            if payload is not None:
-                try:
-                    self._on_event(state, payload)
-                except Exception as e:  # a bad event must never stop the output of a rank
-                    self.err.write(f"orch: ignoring an event from rank {state.rank} that could not be handled: {e!r}\n")
-            if text is None:
-                continue
-            if not text.endswith("\n"):
-                text += "\n"
-            log.write(text)
-            state.tail.append(text.rstrip("\n"))
-            if self.opts.echo:
-                with self.live.around_output():
-                    echo_to.write(prefix + text)
-                    echo_to.flush()
+
+    def _note(self, text: str) -> None:
+        try:
+            self.err.write(text)
+            self.err.flush()
+        except Exception:
+            pass
+
+    def _write_failed(self, path, exc: BaseException) -> None:
+        """A log or events file cannot be written (disk full...): fail the run, once, naming the file."""
+        if str(path) in self._unwritable:
+            return
+        self._unwritable.add(str(path))
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        self._fail(None, 1, f"cannot write {path}: {why}; the run was stopped (free space there and rerun, or pass --run-dir)")
+
+    def _record(self, payload: dict) -> None:
+        try:
+            self.rundir.event(payload)
+        except Exception as e:  # disk full: the run fails naming the file; the output keeps flowing
+            self._write_failed(self.rundir.path / "events.jsonl", e)
+
+    def _guard_event_ok(self, state: RankState, payload: dict) -> Optional[bool]:
+        """For an event of a kind only the guard may send: strip its token and say what it is.
+
+        True: it carries this attempt's token (it is the guard's). False: no token
+        is expected (mpirun), so it may inform but never name a pid to signal.
+        None: forged (a token was expected and this is not it).
+        """
+        token = payload.pop(protocol.TOKEN_FIELD, None)
+        expected = state.handle.token if state.handle is not None else None
+        if expected is None:
+            return False
+        if isinstance(token, str) and hmac.compare_digest(token.encode(), expected.encode()):
+            return True
+        return None
 
     def _on_event(self, state: RankState, payload: dict) -> None:
+        payload = dict(payload)
+        kind = payload.get("kind")
+        authentic = False
+        if kind in protocol.GUARD_KINDS:
+            verdict = self._guard_event_ok(state, payload)
+            if verdict is None:
+                self._record({**payload, "kind": f"forged:{kind}", "recv_t": time.time(), "from_rank": state.rank,
+                              "attempt": self.opts.attempt})
+                return
+            authentic = verdict
         payload = {**payload, "recv_t": time.time(), "from_rank": state.rank, "attempt": self.opts.attempt}
         if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank", "attempt")}) is None:
             payload["kind"] = f"unknown:{payload.get('kind')}"
-            self.rundir.event(payload)
+            self._record(payload)
             return
-        self.rundir.event(payload)
-        kind = payload["kind"]
+        self._record(payload)
         if kind == "spawned":
-            state.pid = payload["pid"]
-            if state.handle is not None:
-                state.handle.rank_pid = payload["pid"]
+            pid = payload["pid"]
+            # Only the guard's own word, once per attempt, and never 0/1 (or a group-wide -1).
+            if authentic and state.pid is None and type(pid) is int and pid > 1:
+                state.pid = pid
+                state.handle.rank_pid = pid
         elif kind == "init_start":
             state.init_started = True
             if self.init_deadline is None:

@@ -10,8 +10,46 @@ routing, events, failure policy — lives in the supervisor, once.
 from __future__ import annotations
 
 import abc
+import secrets
+import signal as _signal
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
+
+from orchestrator import protocol
+
+# The guard flag that makes it read ``token <hex>`` as its first control line.
+TOKEN_LINE_FLAG = "--token-line"
+
+
+def new_token() -> str:
+    """A fresh secret for one rank handle of one attempt (see ``protocol.GUARD_KINDS``)."""
+    return secrets.token_hex(16)
+
+
+def token_line(token: str) -> str:
+    """The first control line a guard started with ``--token-line`` reads (no newline)."""
+    return f"{protocol.CONTROL_TOKEN} {token}"
+
+
+def signal_name(sig: Optional[int] = None, name: Optional[str] = None) -> str:
+    """A readable name for any signal, never an exception: "SIGTRAP", "signal 77".
+
+    ``name`` is what a transport reports instead of a number (OpenSSH sends
+    "TRAP", "SIGBUS", or "SIG@openssh.com" for a signal without a POSIX
+    name): a known name is normalised, anything else is quoted as reported.
+    The one place the controller turns signals into words.
+    """
+    if name:
+        bare = str(name).strip().upper().removeprefix("SIG")
+        if bare and bare.isalnum():
+            return "SIG" + bare
+        return f"a signal reported as {name!r}"
+    if sig is None:
+        return "an unknown signal"
+    try:
+        return _signal.Signals(sig).name
+    except (ValueError, TypeError):
+        return f"signal {sig}"
 
 
 @dataclass
@@ -50,6 +88,7 @@ class ExitStatus:
     code: Optional[int]
     signal: Optional[int]
     reason: Optional[str] = None  # set by a launcher that knows more, e.g. "SSH connection to mac2 lost"
+    signal_label: Optional[str] = None  # the signal's name as a transport reported it (SSH), when it had no number here
 
     @classmethod
     def from_returncode(cls, rc: int) -> "ExitStatus":
@@ -59,6 +98,13 @@ class ExitStatus:
     @property
     def ok(self) -> bool:
         return self.code == 0 and self.signal is None
+
+    @property
+    def how(self) -> str:
+        """"killed by SIGTRAP" / "exited with code 3": for any signal number or name."""
+        if self.signal is not None or self.signal_label:
+            return f"killed by {signal_name(self.signal, self.signal_label)}"
+        return f"exited with code {self.code}"
 
     @property
     def shell_code(self) -> int:
@@ -71,13 +117,67 @@ class ExitStatus:
 class LineReader(Protocol):
     async def readline(self) -> bytes | str: ...
 
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+READ_CHUNK = 64 * 1024
+MAX_PIECE = 1 << 20  # bytes of one unterminated line held before it is passed on in pieces
+_MARKER = protocol.MARKER.encode()
+
+
+class LineSplitter:
+    """Bytes in, lines out, with no limit on a line's length and without losing a byte.
+
+    ``feed`` returns ``(piece, ends_line)`` pairs: every complete line (with its
+    newline), and, when a line grows past ``max_piece`` without one, the part
+    so far as a piece that does not end the line. An over-long piece is cut
+    just before an event marker if one follows (an event the guard writes
+    after a rank's unterminated output stays a line of its own), and a few
+    bytes are kept back so a marker split across reads is still found.
+    Why: ``StreamReader.readline`` drops a line over its limit, and a tqdm bar
+    (``\r`` without ``\n``) is one endless line.
+    """
+
+    def __init__(self, max_piece: int = MAX_PIECE):
+        self.buf = bytearray()
+        self.max_piece = max_piece
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
+        self.buf += data
+        out: list[tuple[bytes, bool]] = []
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i < 0:
+                break
+            out.append((bytes(self.buf[start:i + 1]), True))
+            start = i + 1
+        del self.buf[:start]
+        while len(self.buf) > self.max_piece:
+            m = self.buf.find(_MARKER, 1)
+            cut = m if m > 0 else len(self.buf) - (len(_MARKER) - 1)
+            out.append((bytes(self.buf[:cut]), False))
+            del self.buf[:cut]
+            if m <= 0:
+                break
+        return out
+
+    def end(self) -> list[tuple[bytes, bool]]:
+        """The unterminated rest at end of file, as a last line."""
+        rest, self.buf = bytes(self.buf), bytearray()
+        return [(rest, True)] if rest else []
+
 
 class RankHandle(abc.ABC):
     rank: int
     host: str
     stdout: LineReader
     stderr: LineReader
-    rank_pid: Optional[int] = None  # the trainer's pid, from the guard's "spawned" event
+    rank_pid: Optional[int] = None  # the trainer's pid, from the guard's authenticated "spawned" event
+    # The secret the guard got on its stdin (or in its configuration line) for this
+    # attempt; only events carrying it may come from the guard. None: the guard has
+    # no private channel (mpirun), so no pid it reports is ever used.
+    token: Optional[str] = None
 
     @abc.abstractmethod
     def send(self, line: str) -> None:

@@ -14,19 +14,45 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Optional
 
 from orchestrator.launch import prespawn
-from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+from orchestrator.launch.base import TOKEN_LINE_FLAG, ExitStatus, Launcher, RankHandle, RankSpec, new_token, token_line
 
 # Ranks import orchestrator.runtime from this checkout even under another --python.
 PACKAGE_ROOT = prespawn.PACKAGE_ROOT
 
 
-def _kill_groups(*pgids) -> None:
-    """SIGKILL the rank's and the guard's process groups (last resort when the guard does not react)."""
-    for pgid in pgids:
-        if pgid is None:
-            continue
+def guards_group(pgid: Optional[int], guard_pid: int) -> bool:
+    """Whether ``pgid`` is still the group of the guard's rank: its leader leads it and is the guard's child.
+
+    ``pgid`` comes from the guard's authenticated ``spawned`` event; this check
+    also keeps a recycled pid (the rank exited long ago) from being signalled.
+    """
+    if isinstance(pgid, bool) or not isinstance(pgid, int) or pgid <= 1:
+        return False
+    try:
+        import psutil
+
+        return os.getpgid(pgid) == pgid and psutil.Process(pgid).ppid() == guard_pid
+    except Exception:  # gone, not ours, or no psutil: never signal
+        return False
+
+
+def kill_rank_groups(rank_pid: Optional[int], guard: "subprocess.Popen | asyncio.subprocess.Process") -> None:
+    """SIGKILL the rank's and the guard's process groups (last resort when the guard does not react).
+
+    Only groups that are provably ours: the guard's (it leads its own session
+    and is our child, not yet reaped, so its pid cannot have been reused) and
+    the rank's while it is still the guard's child.
+    """
+    guard_alive = guard.returncode is None
+    targets = []
+    if rank_pid is not None and guard_alive and guards_group(rank_pid, guard.pid):
+        targets.append(rank_pid)
+    if guard_alive:
+        targets.append(guard.pid)
+    for pgid in targets:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -34,10 +60,11 @@ def _kill_groups(*pgids) -> None:
 
 
 class LocalRank(RankHandle):
-    def __init__(self, spec: RankSpec, proc: asyncio.subprocess.Process):
+    def __init__(self, spec: RankSpec, proc: asyncio.subprocess.Process, token: Optional[str] = None):
         self.rank = spec.rank
         self.host = spec.host
         self.proc = proc
+        self.token = token
         self.stdout = proc.stdout
         self.stderr = proc.stderr
 
@@ -50,7 +77,7 @@ class LocalRank(RankHandle):
             self.proc.stdin.close()
 
     def kill(self) -> None:
-        _kill_groups(self.rank_pid, self.proc.pid)
+        kill_rank_groups(self.rank_pid, self.proc)
 
     async def wait(self) -> ExitStatus:
         return ExitStatus.from_returncode(await self.proc.wait())
@@ -60,10 +87,11 @@ class PrestartedRank(RankHandle):
     """A rank started by ``prespawn`` before the plan existed, adopted into asyncio."""
 
     def __init__(self, spec: RankSpec, proc: subprocess.Popen, stdin: asyncio.WriteTransport,
-                 stdout: asyncio.StreamReader, stderr: asyncio.StreamReader):
+                 stdout: asyncio.StreamReader, stderr: asyncio.StreamReader, token: Optional[str] = None):
         self.rank = spec.rank
         self.host = spec.host
         self.proc = proc
+        self.token = token
         self._stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
@@ -88,7 +116,7 @@ class PrestartedRank(RankHandle):
             self._stdin.close()
 
     def kill(self) -> None:
-        _kill_groups(self.rank_pid, self.proc.pid)
+        kill_rank_groups(self.rank_pid, self.proc)
 
     async def wait(self) -> ExitStatus:
         return ExitStatus.from_returncode(await self._exited)
@@ -102,9 +130,11 @@ async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
         await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
         readers.append(reader)
     stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
-    config = {"env": spec.env, "argv": [spec.script, *spec.script_args], "cwd": spec.cwd}
+    token = new_token()
+    # A --deferred guard reads its token from the configuration line (not a separate token line).
+    config = {"env": spec.env, "argv": [spec.script, *spec.script_args], "cwd": spec.cwd, "token": token}
     stdin.write(json.dumps(config).encode() + b"\n")
-    return PrestartedRank(spec, proc, stdin, *readers)
+    return PrestartedRank(spec, proc, stdin, *readers, token=token)
 
 
 class LocalLauncher(Launcher):
@@ -119,7 +149,7 @@ class LocalLauncher(Launcher):
         env.update(spec.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         proc = await asyncio.create_subprocess_exec(
-            *spec.rank_argv(spec.python or sys.executable),
+            *spec.rank_argv(spec.python or sys.executable, guard_flags=(TOKEN_LINE_FLAG,)),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -128,4 +158,6 @@ class LocalLauncher(Launcher):
             start_new_session=True,
             limit=1 << 20,
         )
-        return LocalRank(spec, proc)
+        token = new_token()
+        proc.stdin.write((token_line(token) + "\n").encode())  # the guard's first line, before any other
+        return LocalRank(spec, proc, token)

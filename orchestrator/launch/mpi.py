@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.hostfile import ConfigError, Hostfile
-from orchestrator.launch.base import ExitStatus, Launcher, LaunchError, RankHandle, RankSpec
+from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LaunchError, LineSplitter, RankHandle, RankSpec
 from orchestrator.launch.local import PACKAGE_ROOT
 from orchestrator import protocol
 
@@ -290,31 +290,55 @@ class MPILauncher(Launcher):
         self._reaper = asyncio.create_task(self._reap())
 
     async def _demux(self, stream: asyncio.StreamReader) -> None:
+        """Route mpirun's tagged lines to the ranks' streams; never dies, never drops a byte of a long line."""
+        lines = LineSplitter()
+        target: Optional[asyncio.StreamReader] = None  # where the pieces of an over-long line go
         while True:
             try:
-                raw = await stream.readline()
-            except ValueError:
-                raw = await stream.read(1 << 20)
-            if not raw:
+                chunk = await stream.read(READ_CHUNK)
+            except Exception:  # the pipe broke: nothing more will come
+                chunk = b""
+            pieces = lines.feed(chunk) if chunk else lines.end()
+            for piece, ends in pieces:
+                try:
+                    target = self._route(piece, ends, target)
+                except Exception:  # one odd line must not stop every rank's output
+                    target = None
+            if not chunk:
                 return
-            line = raw.decode("utf-8", "replace")
-            m = TAG.match(line)
-            if not m:
-                # mpirun's own messages: show them on rank 0's stderr so they are logged and seen.
-                target = self.ranks.get(0)
-                if target is not None:
-                    target.stderr.feed_data(("[mpirun] " + line).encode())
-                continue
-            rank, which, text = int(m.group(2)), m.group(3), m.group(4)
-            handle = self.ranks.get(rank)
-            if handle is None:
-                continue
-            if not text.endswith("\n"):
-                text += "\n"
-            _, payload = protocol.split_line(text)
-            if payload is not None and payload.get("kind") == "exited" and not handle.status.done():
-                handle.status.set_result(ExitStatus(code=payload.get("code"), signal=payload.get("signal")))
-            (handle.stdout if which == "stdout" else handle.stderr).feed_data(text.encode())
+
+    def _route(self, piece: bytes, ends: bool, target: Optional[asyncio.StreamReader]) -> Optional[asyncio.StreamReader]:
+        """Feed one line (or a piece of one) to its rank's stream; returns where the rest of the line goes."""
+        if target is not None:  # the continuation of an over-long line
+            target.feed_data(piece)
+            return None if ends else target
+        line = piece.decode("utf-8", "replace")
+        m = TAG.match(line)
+        if not m:
+            # mpirun's own messages: show them on rank 0's stderr so they are logged and seen.
+            rank0 = self.ranks.get(0)
+            if rank0 is None:
+                return None
+            rank0.stderr.feed_data(("[mpirun] " + line).encode() + (b"" if ends or line.endswith("\n") else b"\n"))
+            return None
+        rank, which, text = int(m.group(2)), m.group(3), m.group(4)
+        handle = self.ranks.get(rank)
+        if handle is None:
+            return None
+        sink = handle.stdout if which == "stdout" else handle.stderr
+        if not ends:
+            sink.feed_data(text.encode())
+            return sink
+        if not text.endswith("\n"):
+            text += "\n"
+        _, payload = protocol.split_line(text)
+        # Information only: with no token under mpirun, an "exited" line could be the rank's own.
+        if payload is not None and payload.get("kind") == "exited" and not handle.status.done():
+            code, sig = payload.get("code"), payload.get("signal")
+            if (code is None or type(code) is int) and (sig is None or type(sig) is int):
+                handle.status.set_result(ExitStatus(code=code, signal=sig))
+        sink.feed_data(text.encode())
+        return None
 
     async def _reap(self) -> None:
         rc = await self.proc.wait()
@@ -338,17 +362,17 @@ class MPILauncher(Launcher):
                 pass
 
     def kill(self) -> None:
-        if self.proc is not None:
+        """SIGKILL mpirun's own process group: the processes on this host that we started.
+
+        Never a pid a rank reported: under mpirun a guard has no private channel
+        (``--no-stdin``), so its ``spawned`` event cannot be told from one the rank
+        printed. The guards notice mpirun's death (their parent) and stop their ranks.
+        """
+        if self.proc is not None and self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        for h in self.ranks.values():
-            if h.rank_pid:
-                try:
-                    os.killpg(h.rank_pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
 
     async def aclose(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -52,7 +52,16 @@ from typing import Any, Optional
 import asyncssh
 
 from orchestrator import collect, staging
-from orchestrator.launch.base import ExitStatus, LaunchError, Launcher, RankHandle, RankSpec
+from orchestrator.launch.base import (
+    TOKEN_LINE_FLAG,
+    ExitStatus,
+    LaunchError,
+    Launcher,
+    RankHandle,
+    RankSpec,
+    new_token,
+    token_line,
+)
 
 REMOTE_BASE = ".cache/mlx-orch"  # under the remote user's home
 DEFAULT_PYTHON = "python3"
@@ -90,13 +99,51 @@ def build_command(argv: list[str], env: dict[str, str], cwd: str) -> str:
     return " ".join(parts)
 
 
+UNKNOWN_SIGNAL = 99  # the number for a signal name this platform does not have (its words stay readable)
+_RFC4254_SIGNALS = {"ABRT": 6, "ALRM": 14, "FPE": 8, "HUP": 1, "ILL": 4, "INT": 2, "KILL": 9, "PIPE": 13,
+                    "QUIT": 3, "SEGV": 11, "TERM": 15, "USR1": 10, "USR2": 12}
+
+
 def signal_number(name: str) -> int:
-    """SSH exit-signal name ("KILL", "TERM", ...) to this platform's number."""
+    """SSH exit-signal name ("KILL", "TERM", ...) to this platform's number; ``UNKNOWN_SIGNAL`` if it has none.
+
+    OpenSSH names only the signals of RFC 4254 and reports every other one
+    (SIGTRAP, SIGBUS, ...) as "SIG@openssh.com"; such a number must never be
+    fed to ``signal.Signals`` (``base.signal_name`` words any number).
+    """
+    bare = str(name).upper().removeprefix("SIG")
     try:
-        return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+        return int(signal.Signals["SIG" + bare])
     except KeyError:
-        return {"ABRT": 6, "ALRM": 14, "FPE": 8, "HUP": 1, "ILL": 4, "INT": 2, "KILL": 9, "PIPE": 13,
-                "QUIT": 3, "SEGV": 11, "TERM": 15, "USR1": 10, "USR2": 12}.get(name.upper(), 99)
+        return _RFC4254_SIGNALS.get(bare, UNKNOWN_SIGNAL)
+
+
+def exit_signal_status(name: str) -> ExitStatus:
+    """The status of a session that ended by the signal SSH reports as ``name``."""
+    number = signal_number(name)
+    known = number != UNKNOWN_SIGNAL
+    return ExitStatus(code=None, signal=number, signal_label=None if known else str(name))
+
+
+def kill_group_command(pid: int) -> Optional[str]:
+    """The remote line that SIGKILLs a rank's process group, or None for a pid that must never be signalled.
+
+    ``pid`` comes only from the guard's authenticated ``spawned`` event. Even
+    so, the group is killed only while it is still the guard's: its leader
+    leads its own group and its parent runs ``orchestrator.runtime.guard``
+    (``ps`` fields that both procps and BSD ps have). A pid of 0 or 1
+    (``kill -- -1`` as root is every process on the host) is refused outright.
+    """
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        return None
+    return (f"p={pid}; g=$(ps -o pgid= -p $p 2>/dev/null | tr -d ' '); [ \"$g\" = $p ] || exit 0; "
+            f"pp=$(ps -o ppid= -p $p 2>/dev/null | tr -d ' '); [ -n \"$pp\" ] && [ \"$pp\" -gt 1 ] || exit 0; "
+            f"ps -o args= -p $pp 2>/dev/null | grep -q orchestrator.runtime.guard && kill -KILL -- -$p 2>/dev/null; exit 0")
+
+
+def release_lines(token: str) -> bytes:
+    """What ``start`` writes to a waiting session: the shell's release line, then the guard's token line."""
+    return RELEASE + (token_line(token) + "\n").encode()
 
 
 def _address_in(text: str) -> Optional[str]:
@@ -284,8 +331,9 @@ class SSHRank(RankHandle):
             self.proc.close()
         except (asyncssh.Error, OSError):
             pass
-        if self.rank_pid and self.link.alive:
-            self._launcher._background(self.link.conn.run(f"kill -KILL -- -{int(self.rank_pid)} 2>/dev/null", check=False))
+        command = kill_group_command(self.rank_pid) if self.token else None
+        if command and self.link.alive:
+            self._launcher._background(self.link.conn.run(command, check=False))
 
     async def wait(self) -> ExitStatus:
         closed = asyncio.ensure_future(self.proc.wait_closed())
@@ -298,7 +346,7 @@ class SSHRank(RankHandle):
                     t.cancel()
         sig = self.proc.exit_signal
         if sig:
-            return ExitStatus(code=None, signal=signal_number(sig[0]))
+            return exit_signal_status(sig[0])
         code = self.proc.exit_status
         if code is not None and code >= 0:
             return ExitStatus(code=code, signal=None)
@@ -587,7 +635,8 @@ class SSHLauncher(Launcher):
         else:
             cwd, script = site.code_dir, f"{site.code_dir}/{self._script_rel}"
         env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir)
-        return "read -r orch_go && " + build_command(spec.rank_argv(python, script), env, cwd)
+        argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,))
+        return "read -r orch_go && " + build_command(argv, env, cwd)
 
     async def start(self, spec: RankSpec) -> RankHandle:
         site = self._sites.get(spec.host_index)
@@ -602,8 +651,13 @@ class SSHLauncher(Launcher):
         proc = link.pending.pop(spec.rank, None)
         if proc is None or proc.is_closing():  # a restart, or the session went away: a new one
             proc = await self._new_session(link, spec)
-        proc.stdin.write(RELEASE)
-        return SSHRank(spec, link, proc, self)
+        handle = SSHRank(spec, link, proc, self)
+        handle.token = new_token()
+        # One write, two lines: the shell's ``read`` takes the release line (it reads a pipe
+        # byte by byte, never past its newline), the guard it execs then reads the token
+        # line, first thing, from the same channel. The token never appears on a command line.
+        proc.stdin.write(release_lines(handle.token))
+        return handle
 
     # -- the end ----------------------------------------------------------------
 
