@@ -325,14 +325,18 @@ def test_silent_segfault_before_init_means_rdma_and_after_means_the_link():
     late = jaccl.classify([], 0, plan, signal=sig, initialised=True)
     assert late.cause == "jaccl_segfault" and not late.during_init and "cable" in late.message
     assert jaccl.classify([], 0, plan, signal=signal.SIGTERM) is None
+    assert jaccl.classify([], 0, None, signal=sig, initialised=True) is None  # no plan: not known to be JACCL
 
 
 def test_faulthandler_segfault_text_is_recognised():
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"],
                           capture_output=True, text=True, timeout=60)
     assert "Segmentation fault" in proc.stderr
-    d = jaccl.classify(proc.stderr.splitlines(), 1, initialised=True)
+    plan = plan_job(parse_hostfile(mesh(2, "jaccl")), starting_port=48200)
+    d = jaccl.classify(proc.stderr.splitlines(), 1, plan, initialised=True)
     assert d.cause == "jaccl_segfault"
+    # the same crash on the ring is not JACCL's
+    assert jaccl.classify(proc.stderr.splitlines(), 1, plan_job(local_hostfile(2), "ring"), initialised=True) is None
 
 
 def test_sigkill_warning_mentions_wired_memory_and_reboot():

@@ -241,7 +241,9 @@ def classify(lines: Iterable[str], rank: int = 0, plan=None, signal: Optional[in
             "jaccl_peer_lost",
             f"jaccl: {who}: the side channel to a peer failed ({m.group(1).lower()} errno {m.group(2)}): another rank "
             "died or its host dropped off the network", secondary=True)
-    if signal == _signal.SIGSEGV or re.search(r"Fatal Python error: Segmentation fault", text):
+    # A bare segfault says "JACCL" only when the job ran on JACCL (any rank can segfault for other reasons).
+    on_jaccl = getattr(plan, "backend", None) in ("jaccl", "jaccl-ring")
+    if on_jaccl and (signal == _signal.SIGSEGV or re.search(r"Fatal Python error: Segmentation fault", text)):
         if initialised is False:
             return JacclFailure(
                 "jaccl_rdma_disabled",
