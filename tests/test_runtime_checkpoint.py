@@ -183,3 +183,99 @@ def test_killing_a_writer_at_random_moments_always_leaves_a_loadable_checkpoint(
         ckpt.clean_stale(root)  # what the trainer does on start
     assert next_step > 6
     print(f"kills that interrupted a write: {saw_leftovers}/6")
+
+
+# ----------------------------------------------------------------------------- whose checkpoints pruning may delete
+
+
+def test_pruning_never_deletes_another_runs_checkpoints(tmp_path, monkeypatch):
+    """Two runs writing in one checkpoints/ (a continued run, or a writer without orch): each prunes only its own."""
+    monkeypatch.setenv("ORCH_RUN_ID", "run-a")
+    for step in (1, 2, 3):
+        save(tmp_path, step, keep=2)
+    monkeypatch.setenv("ORCH_RUN_ID", "run-b")
+    for step in (4, 5, 6):
+        save(tmp_path, step, keep=1)
+    monkeypatch.setenv("ORCH_RUN_ID", "run-a")
+    save(tmp_path, 7, keep=2)  # run a again, interleaved: prunes its own 2, never b's 6
+    by_writer = {p.name: json.loads((p / ckpt.STATE_FILE).read_text())["run_id"] for p in ckpt.step_dirs(tmp_path)}
+    assert by_writer == {"step-00000007": "run-a", "step-00000006": "run-b", "step-00000003": "run-a"}
+    assert all(loaded_step(ckpt.validate(tmp_path / name)) for name in by_writer)
+
+
+def test_checkpoints_without_a_writer_are_never_pruned(tmp_path, monkeypatch):
+    """Checkpoints written before run ids existed (or with an unreadable state.json) are left alone."""
+    old = save(tmp_path, 1)
+    state = json.loads((old / ckpt.STATE_FILE).read_text())
+    del state["run_id"]
+    (old / ckpt.STATE_FILE).write_text(json.dumps(state))
+    monkeypatch.setenv("ORCH_RUN_ID", "new")
+    for step in (2, 3, 4):
+        save(tmp_path, step, keep=1)
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step-00000004", "step-00000001"]
+
+
+def test_without_orch_each_process_is_its_own_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("ORCH_RUN_ID", raising=False)
+    path = save(tmp_path, 1)
+    assert json.loads((path / ckpt.STATE_FILE).read_text())["run_id"] == ckpt.current_run_id()
+    code = ("import sys; from orchestrator.runtime import checkpoint as c; print(c.current_run_id())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "ORCH_RUN_ID"}).stdout.strip()
+    assert other and other != ckpt.current_run_id()
+
+
+# ----------------------------------------------------------------------------- durability on macOS
+
+
+class _FakeFcntl:
+    """macOS' fcntl as far as checkpoints use it: F_FULLFSYNC, and a spy on fcntl() calls."""
+
+    F_FULLFSYNC = 51  # the value in macOS' <sys/fcntl.h>
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple[int, int]] = []
+        self.fail = fail
+
+    def fcntl(self, fd, cmd, *args):
+        self.calls.append((fd, cmd))
+        os.fstat(fd)  # a real, open descriptor
+        if self.fail:
+            raise OSError(45, "Operation not supported")
+        return 0
+
+
+def _spy_fsync(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    return calls
+
+
+def test_checkpoints_use_f_fullfsync_where_it_exists(tmp_path, monkeypatch):
+    fake = _FakeFcntl()
+    monkeypatch.setattr(ckpt, "fcntl", fake)
+    fsyncs = _spy_fsync(monkeypatch)
+    save(tmp_path, 1)
+    # model, optimizer, state.json, the checkpoint dir, the checkpoints dir, latest.json, the dir again
+    assert len(fake.calls) >= 7 and {cmd for _, cmd in fake.calls} == {_FakeFcntl.F_FULLFSYNC}
+    assert fsyncs == [], "with F_FULLFSYNC available, plain fsync is not used"
+
+
+def test_without_f_fullfsync_support_it_falls_back_to_fsync(tmp_path, monkeypatch):
+    fake = _FakeFcntl(fail=True)
+    monkeypatch.setattr(ckpt, "fcntl", fake)
+    fsyncs = _spy_fsync(monkeypatch)
+    save(tmp_path, 1)
+    assert len(fsyncs) == len(fake.calls) >= 7
+    assert ckpt.latest_complete(tmp_path).step == 1
+
+
+def test_linux_uses_plain_fsync(tmp_path, monkeypatch):
+    import fcntl
+
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        pytest.skip("this platform has F_FULLFSYNC")
+    fsyncs = _spy_fsync(monkeypatch)
+    save(tmp_path, 1)
+    assert len(fsyncs) >= 7

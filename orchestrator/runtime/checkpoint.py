@@ -17,7 +17,16 @@ How a checkpoint is written (only by rank 0):
    parent fsynced;
 3. ``latest.json`` is written to a temp file, fsynced and renamed over the
    old one, and the parent fsynced again;
-4. old checkpoints beyond ``keep`` are renamed away, then deleted.
+4. old checkpoints beyond ``keep`` are renamed away, then deleted — only
+   checkpoints *this run* wrote: ``state.json`` records the writer's run id
+   (``$ORCH_RUN_ID``, the same for every attempt of one ``orch run``; else one
+   per process), and pruning never touches a checkpoint with another id or
+   none, so a run continued in an old run directory, or a second writer,
+   never loses another run's checkpoints to ``--keep-checkpoints``.
+
+Every fsync is ``F_FULLFSYNC`` where the platform has it: on macOS ``fsync``
+only hands the data to the drive, whose cache can still lose it on power
+loss, which would break the guarantee below.
 
 So a ``step-*`` directory either does not exist or is complete, and
 ``latest.json`` only ever names a directory that was complete when it was
@@ -31,11 +40,13 @@ Discovery and validation need no MLX; only :func:`save` and :func:`load` import 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +62,13 @@ DEFAULT_RUN_DIR = Path("runs") / "local"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+RUN_ID_FIELD = "run_id"
+_PROCESS_RUN_ID = uuid.uuid4().hex  # a writer started without orch is its own run
+
+
+def current_run_id() -> str:
+    """Who is writing: ``$ORCH_RUN_ID`` (set by the controller for the whole run), else this process."""
+    return os.environ.get("ORCH_RUN_ID") or _PROCESS_RUN_ID
 
 
 class CheckpointError(Exception):
@@ -89,10 +107,22 @@ def _umask() -> int:
     return mask
 
 
+def _sync(fd: int) -> None:
+    """Make ``fd``'s data durable: ``F_FULLFSYNC`` (macOS: through the drive's cache), else ``fsync``."""
+    full = getattr(fcntl, "F_FULLFSYNC", None)
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:  # a filesystem without it (some network or FUSE mounts): fsync is the best there is
+            pass
+    os.fsync(fd)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        _sync(fd)
     finally:
         os.close(fd)
 
@@ -104,7 +134,7 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
+        _sync(fd)
     except OSError:
         pass
     finally:
@@ -119,7 +149,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=1, sort_keys=True)
             fh.flush()
-            os.fsync(fh.fileno())
+            _sync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -145,11 +175,11 @@ def save(root: Path, step: int, model_arrays: dict, optimizer_arrays: dict, meta
             mx.save_safetensors(str(tmp / name), arrays)
             _fsync_file(tmp / name)
             sizes[name] = (tmp / name).stat().st_size
-        state = {**meta, "format": FORMAT_VERSION, "step": step, "files": sizes}
+        state = {RUN_ID_FIELD: current_run_id(), **meta, "format": FORMAT_VERSION, "step": step, "files": sizes}
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump(state, fh, indent=1, sort_keys=True)
             fh.flush()
-            os.fsync(fh.fileno())
+            _sync(fh.fileno())
         _fsync_dir(tmp)
         if final.exists():
             # The same step written again (e.g. a fresh run in an old run dir): move the old one aside first.
@@ -161,7 +191,7 @@ def save(root: Path, step: int, model_arrays: dict, optimizer_arrays: dict, meta
     _fsync_dir(root)
     write_json_atomic(root / MANIFEST, {"format": FORMAT_VERSION, "step": step, "path": final.name})
     if keep > 0:
-        prune(root, keep, protect=final)
+        prune(root, keep, protect=final, run_id=state[RUN_ID_FIELD])
     return final
 
 
@@ -172,13 +202,27 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prune(root: Path, keep: int, protect: Path | None = None) -> None:
-    """Delete all but the ``keep`` newest step directories."""
-    dirs = step_dirs(root)
-    for path in dirs[keep:]:
+def prune(root: Path, keep: int, protect: Path | None = None, run_id: str | None = None) -> None:
+    """Delete all but the ``keep`` newest of the step directories that run ``run_id`` (default: this run) wrote.
+
+    A checkpoint whose ``state.json`` names another run, or none, or cannot be
+    read, is not this run's to delete.
+    """
+    run_id = run_id or current_run_id()
+    mine = [p for p in step_dirs(root) if _writer(p) == run_id]
+    for path in mine[keep:]:
         if protect is not None and path == protect:
             continue
         _remove_dir(path)
+
+
+def _writer(path: Path) -> str | None:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    writer = state.get(RUN_ID_FIELD) if isinstance(state, dict) else None
+    return writer if isinstance(writer, str) else None
 
 
 def clean_stale(root: Path) -> None:
