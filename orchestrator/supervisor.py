@@ -578,7 +578,9 @@ class Supervisor:
         payload = dict(payload)
         kind = payload.get("kind")
         authentic = False
-        if kind in protocol.GUARD_KINDS:
+        if kind not in protocol.GUARD_KINDS:
+            payload.pop(protocol.TOKEN_FIELD, None)  # a token is never logged, whoever sent it
+        else:
             verdict = self._guard_event_ok(state, payload)
             if verdict is None:
                 self._record({**payload, "kind": f"forged:{kind}", "recv_t": time.time(), "from_rank": state.rank,

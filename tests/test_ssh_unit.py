@@ -29,6 +29,9 @@ from orchestrator.launch.ssh import (
     _Site,
     build_command,
     describe_connect_error,
+    exit_signal_status,
+    kill_group_command,
+    release_lines,
     remote_env,
     signal_number,
 )
@@ -95,7 +98,8 @@ def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypa
     p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=tmp_path)
     try:
-        p.stdin.write("start\n")  # the release line start() sends; the rank must not see it
+        # What start() sends: the shell's release line, then the guard's token line; the rank sees neither.
+        p.stdin.write(release_lines("ab" * 16).decode())
         p.stdin.flush()
         stdout, stderr = p.stdout.read(), p.stderr.read()
         assert p.wait(timeout=30) == 0, stderr
@@ -153,6 +157,83 @@ class _FakeProc:
 def test_signal_names_map_to_numbers():
     assert signal_number("KILL") == 9 and signal_number("TERM") == 15 and signal_number("SIGINT") == 2
     assert signal_number("NOPE") == 99
+
+
+@pytest.mark.parametrize("name, words", [
+    ("TRAP", "killed by SIGTRAP"), ("BUS", "killed by SIGBUS"), ("SIGSEGV", "killed by SIGSEGV"),
+    ("SIG@openssh.com", "killed by a signal reported as 'SIG@openssh.com'"),  # OpenSSH's name for SIGTRAP, SIGBUS...
+    ("INFO", "killed by SIGINFO"),  # a macOS signal Linux does not have
+    ("", "killed by signal 99"),
+])
+def test_any_ssh_signal_name_gives_a_readable_status(name, words):
+    st = exit_signal_status(name)
+    assert st.how == words and st.signal is not None and st.shell_code >= 128 and not st.ok
+
+
+def test_the_token_follows_the_release_line():
+    assert release_lines("ab" * 16) == b"start\ntoken " + b"ab" * 16 + b"\n"
+
+
+@pytest.mark.parametrize("pid", [None, 0, 1, -1, True, "12"])
+def test_no_kill_command_for_a_pid_that_is_not_a_rank(pid):
+    assert kill_group_command(pid) is None
+
+
+def test_remote_kill_reaches_only_a_group_the_guard_still_owns(tmp_path):
+    """The remote kill line, run by a real sh here: it kills a guard's rank group, never a stranger's."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    guard = subprocess.Popen([sys.executable, "-S", "-m", "orchestrator.runtime.guard", "--", sys.executable, "-c",
+                              "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        rank = int(guard.stdout.readline())
+        subprocess.run(["sh", "-c", kill_group_command(stranger.pid)], check=True, timeout=30)
+        assert stranger.poll() is None, "killed a process that is no guard's rank"
+        subprocess.run(["sh", "-c", kill_group_command(rank)], check=True, timeout=30)
+        assert guard.wait(timeout=30) != 0  # its rank was SIGKILLed; the guard ends with it
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(rank, 0)
+                import time
+                time.sleep(0.05)
+    finally:
+        for p in (stranger, guard):
+            p.kill()
+            p.wait()
+
+
+def test_kill_signals_nothing_without_an_authenticated_pid():
+    class Conn:
+        def __init__(self):
+            self.ran = []
+
+        async def run(self, command, check=False):
+            self.ran.append(command)
+
+    class Proc:
+        stdout = stderr = None
+
+        def close(self):
+            pass
+
+    async def go():
+        launcher = SSHLauncher(Hostfile(hosts=[Host(name="mac2", ips=["10.0.0.2"])]), RunRequest(script="x.py"))
+        conn = Conn()
+        link = _Link(name="mac2", user=None, port=None, conn=conn)
+        spec = RankSpec(rank=0, host="mac2", script="s.py")
+        handle = SSHRank(spec, link, Proc(), launcher)
+        handle.rank_pid = 4242  # but no token: a pid that cannot have come from the guard
+        handle.kill()
+        handle.token, handle.rank_pid = "ab" * 16, 1
+        handle.kill()
+        handle.rank_pid = 4242
+        handle.kill()
+        await asyncio.sleep(0.05)
+        return conn.ran
+
+    ran = asyncio.run(go())
+    assert len(ran) == 1 and "p=4242;" in ran[0] and "kill -KILL -$p " in ran[0]
 
 
 def test_wait_maps_status_signal_and_lost_connection():

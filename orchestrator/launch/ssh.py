@@ -132,13 +132,14 @@ def kill_group_command(pid: int) -> Optional[str]:
     so, the group is killed only while it is still the guard's: its leader
     leads its own group and its parent runs ``orchestrator.runtime.guard``
     (``ps`` fields that both procps and BSD ps have). A pid of 0 or 1
-    (``kill -- -1`` as root is every process on the host) is refused outright.
+    (``kill -KILL -1`` as root is every process on the host) is refused outright. No ``--``:
+    dash, a common /bin/sh, rejects it.
     """
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
         return None
     return (f"p={pid}; g=$(ps -o pgid= -p $p 2>/dev/null | tr -d ' '); [ \"$g\" = $p ] || exit 0; "
             f"pp=$(ps -o ppid= -p $p 2>/dev/null | tr -d ' '); [ -n \"$pp\" ] && [ \"$pp\" -gt 1 ] || exit 0; "
-            f"ps -o args= -p $pp 2>/dev/null | grep -q orchestrator.runtime.guard && kill -KILL -- -$p 2>/dev/null; exit 0")
+            f"ps -o args= -p $pp 2>/dev/null | grep -q orchestrator.runtime.guard && kill -KILL -$p 2>/dev/null; exit 0")
 
 
 def release_lines(token: str) -> bytes:
