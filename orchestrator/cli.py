@@ -9,11 +9,16 @@ work the way a user means them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader went away
+OPEN_FILES_WANTED = 65536
+OPEN_MAX_DARWIN = 10240  # macOS refuses a larger RLIMIT_NOFILE even when the hard limit is "unlimited"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,16 +161,66 @@ def _prestart_local_ranks(own: list[str]) -> None:
             return
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    own, after = _split_script_args(argv)
-    _prestart_local_ranks(own)
-    try:
-        return _main(own, after)
-    finally:
-        from orchestrator.launch import prespawn
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
+    """Raise the soft RLIMIT_NOFILE towards ``min(hard, wanted)``.
 
-        prespawn.discard()
+    Each local rank costs the controller several descriptors (pipes, pidfd, its
+    log), and macOS starts processes with a soft limit of 256: 64 local ranks
+    would run out. Ranks inherit the raised limit, which their sockets need too.
+    Done first in ``main`` so the ranks pre-started for ``-n N`` inherit it.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    for limit in (target, min(target, OPEN_MAX_DARWIN)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The entry point: exit codes, and no traceback for Ctrl-C or a reader that went away.
+
+    Ctrl-C before the supervisor owns the signals (parsing, loading, planning,
+    connecting) exits 130 like Ctrl-C later does. ``orch runs | head``: once
+    ``head`` exits, writes fail with EPIPE; stdout is pointed at /dev/null (so
+    the interpreter's last flush cannot fail again) and orch exits 141, as a
+    tool killed by SIGPIPE would.
+    """
+    try:
+        raise_open_file_limit()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        own, after = _split_script_args(argv)
+        try:
+            _prestart_local_ranks(own)
+            code = _main(own, after)
+            sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit flush
+            return code
+        finally:
+            from orchestrator.launch import prespawn
+
+            prespawn.discard()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _main(own: list[str], after: list[str]) -> int:
@@ -202,7 +257,7 @@ def _main(own: list[str], after: list[str]) -> int:
         sys.stderr.write(f"orch: error: {e}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return EXIT_USAGE
 
 

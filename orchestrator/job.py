@@ -7,6 +7,7 @@ decide lives here, so tests and other front-ends can call ``run_job`` directly.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,24 @@ class RunRequest(BaseModel):
     mpi_args: list[str] = Field(default_factory=list)
 
 
+def check_values(req: RunRequest) -> None:
+    """Numbers on the command line that would otherwise fail late, hang, or be silently ignored."""
+    if req.starting_port is not None and not 1 <= req.starting_port <= 65535:
+        raise ConfigError(f"--starting-port {req.starting_port}: not a TCP port; give one in 1-65535 (or leave it out)")
+    positive = {"--init-timeout": req.init_timeout, "--hang-timeout": req.hang_timeout,
+                "--first-step-timeout": req.first_step_timeout, "--grace": req.grace,
+                "--connect-timeout": req.connect_timeout}
+    for flag, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value:g}: must be a positive number of seconds")
+    if not (math.isfinite(req.restart_backoff) and req.restart_backoff >= 0):
+        raise ConfigError(f"--restart-backoff {req.restart_backoff:g}: must be 0 or a positive number of seconds")
+    if req.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
+    if req.n is not None and req.n < 1:
+        raise ConfigError(f"-n {req.n}: the number of ranks must be at least 1")
+
+
 def _load_cluster(req: RunRequest) -> Hostfile:
     if req.hostfile and req.n is not None:
         raise ConfigError("give either -n N (local ranks) or --hostfile FILE, not both")
@@ -94,6 +113,7 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             PYTHONUNBUFFERED="1",
             ORCH_EVENTS="1",
             ORCH_RUN_DIR=str(rundir.path),
+            ORCH_RUN_ID=rundir.run_id,  # checkpoint pruning deletes only this run's checkpoints
             ORCH_BACKEND=plan.backend,
             ORCH_WORLD_SIZE=str(plan.world_size),
             ORCH_GRACE_S=str(req.grace),
@@ -127,7 +147,12 @@ def _launcher_for(hostfile: Hostfile, req: RunRequest) -> Launcher:
 
 
 def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["MPIInstall"]]:
-    """Everything that can fail on bad input, before anything is created or started."""
+    """Everything that can fail on bad input, before anything is created or started.
+
+    The run directory comes last: it is created and locked (one run at a time
+    per directory) only once everything else is known to be right.
+    """
+    check_values(req)
     hostfile = _load_cluster(req)
     backend = req.backend or hostfile.backend or "ring"
     if backend not in ("ring", "mpi"):
@@ -147,10 +172,9 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
             parse_env_assignment(e)
         except ValueError as err:
             raise ConfigError(f"--env: {err}") from None
-    if req.max_restarts < 0:
-        raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
     rundir = RunDir(req.run_dir or default_run_dir(script))
+    rundir.lock()
     return hostfile, plan, rundir, script, mpi
 
 
@@ -190,6 +214,14 @@ async def _backoff(seconds: float) -> bool:
 async def run_job_async(req: RunRequest) -> RunSummary:
     """Run the job; with --max-restarts, start it again from the last checkpoint after a failure."""
     hostfile, plan, rundir, script, mpi = prepare(req)
+    try:
+        return await _run_attempts(req, hostfile, plan, rundir, script, mpi)
+    finally:
+        rundir.close()  # also releases the run directory's lock when interrupted
+
+
+async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir, script: str,
+                        mpi: Optional["MPIInstall"]) -> RunSummary:
     t0 = time.monotonic()
     attempts: list[AttemptSummary] = []
     summary: Optional[RunSummary] = None
@@ -264,4 +296,5 @@ def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script:
 
 
 def run_job(req: RunRequest) -> RunSummary:
+    """Bad input (hostfile, values, a busy or impossible run directory) raises ``ConfigError`` before anything starts."""
     return asyncio.run(run_job_async(req))

@@ -82,7 +82,7 @@ def _parse_lines(data: bytes) -> list[dict]:
     for line in data.splitlines():
         try:
             e = json.loads(line)
-        except ValueError:  # a torn line from a killed controller, or garbage: skip it
+        except (ValueError, RecursionError):  # a torn line from a killed controller, or garbage: skip it
             continue
         if isinstance(e, dict) and isinstance(e.get("kind"), str):
             events.append(e)
@@ -91,6 +91,8 @@ def _parse_lines(data: bytes) -> list[dict]:
 
 def read_events(path: Path, tail_bytes: Optional[int] = None) -> list[dict]:
     """The events in ``path`` (or only those in its last ``tail_bytes``); [] if it is missing."""
+    if not path.is_file():  # missing, or a FIFO that would block
+        return []
     try:
         with open(path, "rb") as f:
             if tail_bytes is None:
@@ -107,9 +109,12 @@ def read_events(path: Path, tail_bytes: Optional[int] = None) -> list[dict]:
 
 
 def _read_json(path: Path) -> Optional[dict]:
+    """A JSON object from a regular file, else None (a FIFO by that name is never opened: it would block)."""
     try:
+        if not path.is_file():
+            return None
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -560,6 +565,8 @@ def _parse_started(s) -> Optional[float]:
 
 
 def _first_event_time(path: Path) -> Optional[float]:
+    if not path.is_file():
+        return None
     try:
         with open(path, "rb") as f:
             events = _parse_lines(f.readline())

@@ -9,17 +9,30 @@
       logs/attempt-<n>/   the same for restart n (--max-restarts)
       mlx-hostfile.json   the MLX_HOSTFILE the ranks used (ring backend)
       checkpoints/        complete checkpoints only (written by the runtime)
+      .orch.lock          flock()ed by the run using the directory; holds its pid
+
+One run at a time per directory: two runs writing the same logs, events and
+checkpoints would corrupt each other's resume point, so :meth:`RunDir.lock`
+takes an exclusive ``flock`` on ``.orch.lock`` for the run's whole life (the
+kernel drops it when the controller dies, however it dies: no stale locks).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import IO, Literal, Optional
 
 from pydantic import BaseModel, Field
+
+from orchestrator.hostfile import ConfigError
+
+LOCK_FILE = ".orch.lock"
 
 
 class MemorySummary(BaseModel):
@@ -92,12 +105,59 @@ def write_atomic(path: Path, text: str) -> None:
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
+        """Create the directory (and logs/); a path that cannot be one is a ``ConfigError`` line."""
         self.path = Path(path).resolve()
         self.logs = self.path / "logs"
         self.checkpoints = self.path / "checkpoints"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: Optional[int] = None
+        self.run_id = uuid.uuid4().hex  # names this run's checkpoints (ORCH_RUN_ID), across restarts
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--run-dir {path}: is a file, not a directory; give a directory (it is created if missing)")
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a part of the path is a file" if e.errno in (errno.ENOTDIR, errno.EEXIST) else e.strerror
+            raise ConfigError(f"--run-dir {path}: cannot create the run directory ({why}); "
+                              "give a writable directory") from None
         self._events: Optional[IO[str]] = None
         self._logs: dict[int, IO[str]] = {}
+
+    def lock(self) -> None:
+        """Hold ``.orch.lock`` for this run's life; refuse (``ConfigError``) if another run holds it.
+
+        ``flock`` locks belong to the open file, so the lock goes when this
+        process exits, and ranks never inherit it (the fd is close-on-exec).
+        """
+        if self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"--run-dir {self.path}: cannot write in the run directory ({e.strerror}); "
+                              "give a writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = _read_pid(fd)
+            os.close(fd)
+            who = f"another orch run (pid {other})" if other else "another orch run"
+            raise ConfigError(f"--run-dir {self.path}: {who} is using this run directory; "
+                              "wait for it to finish or give another --run-dir") from None
+        except OSError:  # a filesystem without flock (some network mounts): run unlocked rather than not at all
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)  # no stale pid for the next run to name
+            except OSError:
+                pass
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def start_attempt(self, attempt: int) -> None:
         """Logs of a restarted attempt go to logs/attempt-<n>/ so no attempt overwrites another."""
@@ -133,3 +193,12 @@ class RunDir:
         if self._events is not None:
             self._events.close()
             self._events = None
+        self.unlock()
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
