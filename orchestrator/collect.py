@@ -13,6 +13,18 @@ into the local run directory:
   to the same place locally (never overwriting what the controller wrote),
   from the other hosts to ``hosts/<host>/...``.
 
+Limits (``Limits``; sizes come from the remote listing and are checked before
+a byte is downloaded, and a download never reads past the size it announced):
+1 GiB per file and 8 GiB per ``Budget`` (one per host unless the caller shares
+one across hosts), checkpoints excepted; a time limit per host for its files
+and for its checkpoint. Whatever is left behind is named in
+``CollectReport.skipped`` with the reason, never silently.
+
+Reserved names: every top-level name the controller writes in the run
+directory (``RESERVED``, plus anything starting with ``.``, compared without
+case for case-insensitive filesystems) is never written by a remote file:
+it goes under ``hosts/<host>/`` instead, or is skipped with a note.
+
 Safety: a remote name is one path component that is not empty, ``.`` or
 ``..`` and contains no ``/``, ``\\`` or NUL; symlinks and special files are
 skipped (``lstat`` types from the listing); every local destination is
@@ -22,6 +34,7 @@ written under a fresh temporary name and renamed into place.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import posixpath
@@ -31,14 +44,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from orchestrator.report import REPORT_DIR, REPORT_HTML
+from orchestrator.rundir import LOCK_FILE
 from orchestrator.runtime import checkpoint as ckpt
+from orchestrator.units import human_bytes
 
 MAX_DEPTH = 16
 MAX_FILES = 10_000
 MAX_JSON_BYTES = 1 << 20
+CHUNK = 4 << 20
+GiB = 1 << 30
 SKIP_PREFIXES = (".tmp-", ".trash-")
-# Top-level names in the local run dir that belong to the controller: remote files by these names go to the fallback.
-RESERVED = frozenset({"summary.json", "events.jsonl", "logs", "plan.json", "mlx-hostfile.json", "staging.json", "hosts"})
+# Top-level names in the local run dir that belong to the controller (lower case; names starting
+# with "." are reserved too): remote files by these names go to the fallback, or are skipped.
+RESERVED = frozenset({
+    "summary.json", "events.jsonl", "logs", ckpt.CHECKPOINTS_DIR, "plan.json", "mlx-hostfile.json",
+    "staging.json", "hosts", REPORT_HTML, REPORT_DIR, LOCK_FILE,
+})
+
+
+def reserved(name: str) -> bool:
+    """A top-level name of the local run directory that only the controller writes."""
+    return name.startswith(".") or name.lower() in RESERVED
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one collection may bring home; checked against the remote sizes before downloading."""
+
+    file_bytes: int = 1 * GiB          # any one file (checkpoint files excepted)
+    total_bytes: int = 8 * GiB         # all files of one Budget (checkpoint files excepted)
+    files: int = MAX_FILES             # files of one Budget
+    host_timeout_s: float = 300.0      # listing and downloading one host's files
+    checkpoint_timeout_s: float = 1800.0  # downloading the checkpoint
+    list_timeout_s: float = 60.0       # looking for a checkpoint on one host
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Budget:
+    """What a collection used so far: share one between the hosts of a run for a run-wide total."""
+
+    bytes: int = 0
+    files: int = 0
 
 
 class UnsafePath(ValueError):
@@ -139,8 +189,18 @@ async def _check_remote_checkpoint(sftp, host: str, root: str, name: str) -> Opt
                             files={**files, ckpt.STATE_FILE: len(raw)})
 
 
-async def find_checkpoint(sftp, host: str, remote_run_dir: str) -> Optional[RemoteCheckpoint]:
-    """The newest complete checkpoint under ``<remote run dir>/checkpoints``: the manifest's target first."""
+async def find_checkpoint(sftp, host: str, remote_run_dir: str, limits: Limits = DEFAULT_LIMITS) -> Optional[RemoteCheckpoint]:
+    """The newest complete checkpoint under ``<remote run dir>/checkpoints``: the manifest's target first.
+
+    None also when the host does not answer within ``limits.list_timeout_s``.
+    """
+    try:
+        return await asyncio.wait_for(_find_checkpoint(sftp, host, remote_run_dir), limits.list_timeout_s)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def _find_checkpoint(sftp, host: str, remote_run_dir: str) -> Optional[RemoteCheckpoint]:
     import asyncssh
 
     root = f"{remote_run_dir}/{ckpt.CHECKPOINTS_DIR}"
@@ -173,16 +233,27 @@ async def find_checkpoint(sftp, host: str, remote_run_dir: str) -> Optional[Remo
 # ----------------------------------------------------------------------------- downloading
 
 
-async def _download(sftp, remote: str, dest: Path) -> int:
-    """Fetch one remote file to ``dest`` (already validated) via a temporary name; returns its size."""
+async def _download(sftp, remote: str, dest: Path, size: int) -> int:
+    """Fetch at most ``size`` bytes (what the listing announced, already checked against the limits)
+    of one remote file to ``dest`` (already validated), via a temporary name; returns the bytes written.
+    A file that grew since the listing is cut at the announced size: the limits hold whatever the remote does."""
     tmp = dest.with_name(f".tmp-pull-{secrets.token_hex(4)}-{dest.name}"[:255])
+    got = 0
     try:
-        await sftp.get(remote, str(tmp))
-        size = tmp.stat().st_size
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with open(fd, "wb") as out:
+            async with sftp.open(remote, "rb") as f:
+                while got < size:
+                    data = await f.read(min(CHUNK, size - got))
+                    if not data:
+                        break
+                    data = data[: size - got]
+                    out.write(data)
+                    got += len(data)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return size
+    return got
 
 
 def _local_manifest_step(root: Path) -> Optional[int]:
@@ -195,8 +266,18 @@ def _local_manifest_step(root: Path) -> Optional[int]:
         return None
 
 
-async def pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, report: CollectReport) -> Optional[Path]:
-    """Download ``cp`` into ``<local>/checkpoints/<name>`` and point ``latest.json`` at it (if it is the newest)."""
+async def pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, report: CollectReport,
+                          limits: Limits = DEFAULT_LIMITS) -> Optional[Path]:
+    """Download ``cp`` into ``<local>/checkpoints/<name>`` and point ``latest.json`` at it (if it is the newest).
+
+    Raises ``TimeoutError`` after ``limits.checkpoint_timeout_s`` (nothing partial is left behind)."""
+    try:
+        return await asyncio.wait_for(_pull_checkpoint(sftp, cp, local_run_dir, report), limits.checkpoint_timeout_s)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"checkpoint {cp.name} from {cp.host}: not downloaded within {limits.checkpoint_timeout_s:g}s") from None
+
+
+async def _pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, report: CollectReport) -> Optional[Path]:
     local_root = Path(os.path.realpath(local_run_dir))
     ckpt_root = safe_local_path(local_root, [ckpt.CHECKPOINTS_DIR])
     ckpt_root.mkdir(exist_ok=True)
@@ -211,8 +292,8 @@ async def pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, repor
     staging = safe_local_path(local_root, [ckpt.CHECKPOINTS_DIR, f".tmp-pull-{cp.name}-{secrets.token_hex(4)}"])
     staging.mkdir()
     try:
-        for fname in cp.files:
-            report.bytes += await _download(sftp, f"{cp.dir}/{safe_name(fname)}", staging / safe_name(fname))
+        for fname, size in cp.files.items():
+            report.bytes += await _download(sftp, f"{cp.dir}/{safe_name(fname)}", staging / safe_name(fname), size)
             report.files += 1
         ckpt.validate(staging)
         os.rename(staging, final)
@@ -227,19 +308,30 @@ async def pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, repor
 
 
 async def pull_files(sftp, remote_run_dir: str, local_run_dir: Path, prefix: Sequence[str], report: CollectReport,
-                     *, fallback_prefix: Optional[Sequence[str]] = None) -> None:
+                     *, fallback_prefix: Optional[Sequence[str]] = None, limits: Limits = DEFAULT_LIMITS,
+                     budget: Optional[Budget] = None) -> None:
     """Every regular file under the remote run dir except ``checkpoints/``, to ``<local>/<prefix>/<rel>``.
 
-    With ``fallback_prefix``, a file whose destination already exists locally
-    goes under the fallback instead (the controller's own files are never overwritten).
+    With ``fallback_prefix``, a file whose destination already exists locally, or
+    whose top-level name is reserved for the controller (``reserved()``), goes under
+    the fallback instead; without one, such a file is skipped with a note. Sizes are
+    checked against ``limits`` and ``budget`` (default: this call's own) before any
+    download; the whole call stops after ``limits.host_timeout_s``.
     """
+    budget = budget if budget is not None else Budget()
+    try:
+        await asyncio.wait_for(_pull_files(sftp, remote_run_dir, Path(os.path.realpath(local_run_dir)), list(prefix),
+                                           report, fallback_prefix, limits, budget), limits.host_timeout_s)
+    except asyncio.TimeoutError:
+        report.errors.append(f"collection stopped after {limits.host_timeout_s:g}s; "
+                             f"files not yet downloaded stay in {remote_run_dir}")
+
+
+async def _pull_files(sftp, remote_run_dir: str, local_root: Path, prefix: list[str], report: CollectReport,
+                      fallback_prefix: Optional[Sequence[str]], limits: Limits, budget: Budget) -> None:
     import asyncssh
 
-    local_root = Path(os.path.realpath(local_run_dir))
-    count = 0
-
     async def walk(remote_dir: str, rel: list[str], depth: int) -> None:
-        nonlocal count
         if depth > MAX_DEPTH:
             report.skipped.append("/".join(rel) + " (too deep)")
             return
@@ -258,33 +350,57 @@ async def pull_files(sftp, remote_run_dir: str, local_run_dir: Path, prefix: Seq
             except UnsafePath:
                 report.skipped.append(repr(name))
                 continue
+            shown = "/".join(rel + [name])
             if not rel and name == ckpt.CHECKPOINTS_DIR:
-                continue
+                continue  # pull_checkpoint's business
             if name.startswith(SKIP_PREFIXES):
+                report.skipped.append(f"{shown} (temporary)")
                 continue
             kind = e.attrs.type
             if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
                 await walk(posixpath.join(remote_dir, name), rel + [name], depth + 1)
                 continue
             if kind != asyncssh.FILEXFER_TYPE_REGULAR:
-                report.skipped.append("/".join(rel + [name]) + " (not a regular file)")
+                report.skipped.append(f"{shown} (not a regular file)")
                 continue
-            if count >= MAX_FILES:
-                report.skipped.append("/".join(rel + [name]) + f" (more than {MAX_FILES} files)")
+            size = e.attrs.size
+            if not isinstance(size, int) or size < 0:
+                report.skipped.append(f"{shown} (no size in the listing)")
                 continue
+            if size > limits.file_bytes:
+                report.skipped.append(f"{shown} ({human_bytes(size)}, over the {human_bytes(limits.file_bytes)} per-file limit)")
+                continue
+            if budget.files >= limits.files:
+                report.skipped.append(f"{shown} (more than {limits.files} files)")
+                continue
+            if budget.bytes + size > limits.total_bytes:
+                report.skipped.append(f"{shown} ({human_bytes(size)}, over the {human_bytes(limits.total_bytes)} total limit)")
+                continue
+            budget.bytes += size  # reserved before the download: hosts sharing the budget cannot overshoot it together
+            budget.files += 1
+            got, done = 0, False
             try:
                 dest = safe_local_path(local_root, [*prefix, *rel, name])
-                taken = dest.exists() or dest.is_symlink() or (not prefix and (rel or [name])[0] in RESERVED)
-                if fallback_prefix is not None and taken:
+                # At the top of the run dir, what exists (or is reserved) is the controller's; under a
+                # prefix (hosts/<host>/) the area is this host's own, and a restarted attempt's files are replaced.
+                taken = not prefix and (dest.exists() or dest.is_symlink() or reserved((rel or [name])[0]))
+                if taken:
+                    if fallback_prefix is None:
+                        report.skipped.append(f"{shown} (its name is the controller's; not overwritten)")
+                        continue
                     dest = safe_local_path(local_root, [*fallback_prefix, *rel, name])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 safe_local_path(local_root, [*dest.relative_to(local_root).parts])  # the dirs just made
-                report.bytes += await _download(sftp, posixpath.join(remote_dir, name), dest)
+                got = await _download(sftp, posixpath.join(remote_dir, name), dest, size)
+                report.bytes += got
                 report.files += 1
-                count += 1
+                done = True
             except UnsafePath as err:
-                report.skipped.append(f"{'/'.join(rel + [name])} ({err})")
+                report.skipped.append(f"{shown} ({err})")
             except (asyncssh.SFTPError, OSError) as err:
-                report.errors.append(f"{'/'.join(rel + [name])}: {err}")
+                report.errors.append(f"{shown}: {err}")
+            finally:
+                budget.bytes -= size - got  # give back what was reserved and not used
+                budget.files -= 0 if done else 1
 
     await walk(remote_run_dir, [], 0)
