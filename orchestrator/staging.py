@@ -575,7 +575,7 @@ class RemoteStager:
                 await self._stage_with_helper(shared, runs, dirs)
                 return
             except _HelperUnavailable as e:
-                self._sftp_only = str(e)
+                self._sftp_only = self._sftp_only or str(e)
         self.stats.verify = f"size+mode+mtime over SFTP ({self._sftp_only})"
         for d in dirs:
             await self.makedirs(d)
@@ -599,6 +599,8 @@ class RemoteStager:
         timeout = HELPER_TIMEOUT_S + hash_bytes / HASH_RATE
         payload = json.dumps({"src": HELPER, "req": {"objects": self.objects, "mtime": OBJECT_MTIME, **req}})
         async with self._helper_lock:
+            if self._sftp_only is not None:  # a call that waited here learns what the one before it found
+                raise _HelperUnavailable(self._sftp_only)
             try:
                 r = await self.conn.run(shlex.join([self.python, "-c", HELPER_BOOT]), input=payload,
                                         timeout=timeout, check=False)
