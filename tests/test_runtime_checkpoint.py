@@ -279,3 +279,22 @@ def test_linux_uses_plain_fsync(tmp_path, monkeypatch):
     fsyncs = _spy_fsync(monkeypatch)
     save(tmp_path, 1)
     assert len(fsyncs) >= 7
+
+
+def test_a_continued_run_keeps_the_first_runs_checkpoints(tmp_path):
+    """Real `orch run`s: each run's --keep-checkpoints prunes its own; continuing in the same run dir keeps the first's."""
+    from tests.orch_helpers import RECIPES, run_orch
+
+    run_dir = tmp_path / "run"
+    common = ["--checkpoint-every", "2", "--keep-checkpoints", "1", "--batch-size", "8"]
+    first = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "1", "--quiet", "--run-dir", str(run_dir),
+                     "--", "--steps", "6", *common, cwd=tmp_path, timeout=180)
+    assert first.returncode == 0, first.stderr
+    second = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "1", "--quiet", "--run-dir", str(run_dir),
+                      "--", "--steps", "12", "--resume", *common, cwd=tmp_path, timeout=180)
+    assert second.returncode == 0, second.stderr
+    root = run_dir / "checkpoints"
+    writers = {p.name: json.loads((p / ckpt.STATE_FILE).read_text())["run_id"] for p in ckpt.step_dirs(root)}
+    assert list(writers) == ["step-00000012", "step-00000006"], writers
+    assert len(set(writers.values())) == 2, "each orch run has its own id"
+    assert ckpt.latest_complete(root).step == 12
