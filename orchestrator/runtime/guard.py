@@ -431,11 +431,12 @@ class Guard:
         """``sig`` to the rank's group and every member of its tree; whether any live one was there."""
         if self.pgid is None:
             return False
+        # Look first: on macOS a daemon whose parent dies of this very signal is re-parented to launchd.
+        members = self.tree.members() if self.tree is not None else set()
         try:
             os.killpg(self.pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-        members = self.tree.members() if self.tree is not None else set()
         for pid in members:
             try:
                 os.kill(pid, sig)

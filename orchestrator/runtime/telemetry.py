@@ -36,9 +36,14 @@ def metal_limits(info: dict) -> tuple[Optional[int], Optional[int]]:
     return _as_bytes(info.get(METAL_MEMORY_SIZE)), _as_bytes(info.get(METAL_MAX_WORKING_SET))
 
 
-def device_info() -> dict:
-    """MLX's device info dict, whichever API this MLX version has; ``{}`` if none."""
-    import mlx.core as mx
+def device_info(mx: Any = None) -> dict:
+    """MLX's device info dict, whichever API this MLX version has; ``{}`` if none.
+
+    ``mx`` is ``mlx.core`` unless given (a test gives a stand-in to run the
+    macOS branch, ``mx.metal.device_info()`` of MLX < 0.29, on Linux).
+    """
+    if mx is None:
+        import mlx.core as mx
 
     try:
         if hasattr(mx, "device_info"):
@@ -59,14 +64,16 @@ def _mlx_memory(mx: Any, name: str) -> int:
 class MemorySampler:
     """Builds the fields of a ``memory`` event (``protocol.MemoryEvent``)."""
 
-    def __init__(self) -> None:
-        import mlx.core as mx
+    def __init__(self, mx: Any = None) -> None:
         import psutil
+
+        if mx is None:
+            import mlx.core as mx
 
         self._mx = mx
         self._psutil = psutil
         self._process = psutil.Process()
-        self.metal_memory_size, self.metal_max_working_set = metal_limits(device_info())
+        self.metal_memory_size, self.metal_max_working_set = metal_limits(device_info(mx))
 
     def sample(self, step: int) -> dict:
         mx = self._mx
