@@ -1,0 +1,198 @@
+"""Gradients on the wire in float32 vs bfloat16: all-reduce time and step time, in the same run.
+
+Two ways to run it:
+
+    # 2 local ranks, loopback (unshaped):
+    orch run benchmarks/grad_dtype.py -n 2 -- [--hidden 1536 --depth 4 --iters 10]
+
+    # 2 network-namespace "hosts" joined by a veth link shaped with tc (root, Linux):
+    python benchmarks/grad_dtype.py --netns 1gbit,10gbit [--hidden 1536 --depth 4 --iters 10]
+
+Every rank builds the runtime's own ``Trainer`` on ``bench_mlp``'s MLP (the
+default 1536x4 has 7.2 M parameters: 28.7 MB of float32 gradients) and two
+``gradcomm.GradientAverager``s, float32 and bfloat16. Each iteration runs,
+for both wire dtypes in an order that alternates:
+
+* ``all-reduce``: the averager alone on one fixed set of real gradients;
+* ``step``: a whole ``Trainer.train_step`` (forward, backward, all-reduce,
+  Adam update, eval) with that averager.
+
+Each timing starts after a barrier so a late rank's wait is not counted.
+Rank 0 prints a table of medians and ``float32 / bfloat16`` ratios and one
+``GRAD_DTYPE_JSON {...}`` line. With ``--netns`` the script itself starts
+both ranks inside two namespaces (``tests/netns.py``, no sshd), puts a ``tbf``
+qdisc of the given rate on both ends of the link the ring uses, and removes
+the qdiscs and the namespaces in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WIRES = ("float32", "bfloat16")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--netns", default="", help="comma-separated tc rates (e.g. 1gbit,10gbit): run on shaped veth")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per shaped run before its ranks are killed")
+    return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+
+
+# ----------------------------------------------------------------------------- one rank
+
+
+def worker(a: argparse.Namespace) -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    import bench_mlp
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from orchestrator.runtime.config import parse_hparams
+    from orchestrator.runtime.gradcomm import GradientAverager
+    from orchestrator.runtime.trainer import Trainer, init_group
+
+    group = init_group()
+    rank, world = group.rank(), group.size()
+    if world < 2:
+        sys.exit("run with 2+ ranks: orch run benchmarks/grad_dtype.py -n 2 (or --netns RATE)")
+    hp = parse_hparams(bench_mlp.Config, ["--hidden", str(a.hidden), "--depth", str(a.depth), "--batch-size",
+                                          str(a.batch_size), "--steps", "1", "--stats-every", "0"])
+    tr = Trainer(bench_mlp.recipe, hp, group, "grad_dtype")
+    averagers = {w: GradientAverager(group, w) for w in WIRES}
+    _, micro = tr.sampler.next_step()
+    loss, grads = tr.loss_and_grad(tr.model, *tr._batch(micro[0]))
+    mx.eval(loss, grads)
+    grad_bytes = sum(g.nbytes for _, g in tree_flatten(grads))
+
+    def barrier() -> None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+    times: dict[str, dict[str, list[float]]] = {w: {"allreduce": [], "step": []} for w in WIRES}
+    for it in range(a.warmup + a.iters):
+        for w in (WIRES if it % 2 == 0 else WIRES[::-1]):
+            barrier()
+            t0 = time.perf_counter()
+            mx.eval(averagers[w](grads, loss))
+            t_ar = time.perf_counter() - t0
+            tr.averager = averagers[w]
+            barrier()
+            t0 = time.perf_counter()
+            tr.train_step()
+            t_step = time.perf_counter() - t0
+            if it >= a.warmup:
+                times[w]["allreduce"].append(t_ar)
+                times[w]["step"].append(t_step)
+    if rank != 0:
+        return
+    med = {w: {k: statistics.median(v) for k, v in times[w].items()} for w in WIRES}
+    link = os.environ.get("GRAD_DTYPE_LINK", "loopback (unshaped)")
+    print(f"# {world} ranks over {link}: {grad_bytes / 1e6:.1f} MB of float32 gradients "
+          f"({a.hidden}x{a.depth} MLP, batch {a.batch_size}/rank), median of {a.iters} alternating rounds")
+    print("| wire dtype | all-reduce ms | step ms |")
+    print("|---|---|---|")
+    for w in WIRES:
+        print(f"| {w} | {med[w]['allreduce'] * 1e3:.1f} | {med[w]['step'] * 1e3:.1f} |")
+    ratio = {k: med["float32"][k] / med["bfloat16"][k] for k in ("allreduce", "step")}
+    print(f"float32 / bfloat16: all-reduce {ratio['allreduce']:.2f}x, step {ratio['step']:.2f}x")
+    print("GRAD_DTYPE_JSON " + json.dumps({"link": link, "grad_bytes": grad_bytes, "median_s": med, "ratio": ratio,
+                                           "iters": a.iters, "hidden": a.hidden, "depth": a.depth}), flush=True)
+
+
+# ----------------------------------------------------------------------------- shaped links
+
+
+def tc_burst_bytes(rate: str) -> int:
+    """A tbf bucket of ~4 ms at ``rate`` (at least 256 KiB, enough for GSO-sized veth packets)."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
+    for suffix, mult in units.items():
+        if rate.endswith(suffix):
+            bits = float(rate[: -len(suffix)]) * mult
+            return max(256 * 1024, int(bits / 8 * 0.004))
+    raise SystemExit(f"--netns {rate!r}: give rates like 1gbit or 500mbit")
+
+
+def shaped_run(a: argparse.Namespace, rate: str) -> dict:
+    """Both ranks in two namespaces over one tbf-shaped veth link; returns rank 0's JSON."""
+    sys.path.insert(0, str(ROOT))
+    from tests.netns import NetnsCluster
+
+    burst = tc_burst_bytes(rate)
+    with NetnsCluster(2, sshd=False) as cluster, tempfile.TemporaryDirectory(prefix="grad-dtype-") as tmp:
+        (h0, if0), (h1, if1) = cluster.link_ends(0)
+        ends = [(cluster.namespaces[h0], if0), (cluster.namespaces[h1], if1)]
+        procs: list[subprocess.Popen] = []
+        try:
+            for ns, iface in ends:
+                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", iface, "root", "tbf", "rate", rate,
+                                "burst", str(burst), "latency", "100ms"], check=True, timeout=20)
+            ips = [cluster.hosts[0].right_ip, cluster.hosts[1].left_ip]  # both ends of link 0
+            hostfile = Path(tmp) / "hostfile.json"
+            hostfile.write_text(json.dumps([[f"{ip}:{47000 + i}"] for i, ip in enumerate(ips)]))
+            argv = [sys.executable, str(Path(__file__).resolve()), "--hidden", str(a.hidden), "--depth",
+                    str(a.depth), "--batch-size", str(a.batch_size), "--iters", str(a.iters), "--warmup",
+                    str(a.warmup)]
+            logs = []
+            for rank in range(2):
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}
+                env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "ORCH_BACKEND": "ring",
+                            "ORCH_RUN_DIR": tmp, "GRAD_DTYPE_LINK": f"veth shaped to {rate} (tc tbf)",
+                            "PYTHONPATH": str(ROOT)})
+                log = open(Path(tmp) / f"rank-{rank}.log", "w+")
+                logs.append(log)
+                procs.append(cluster.popen(rank, argv, env=env, cwd=str(ROOT), stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            deadline = time.monotonic() + a.timeout
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.2)
+            outputs = []
+            for log in logs:
+                log.seek(0)
+                outputs.append(log.read())
+                log.close()
+            if any(p.poll() != 0 for p in procs):
+                raise SystemExit(f"shaped run at {rate} failed or timed out:\n" + "\n".join(o[-3000:] for o in outputs))
+            print("\n".join(line for line in outputs[0].splitlines() if not line.startswith("GRAD_DTYPE_JSON")),
+                  flush=True)
+            (line,) = [x for x in outputs[0].splitlines() if x.startswith("GRAD_DTYPE_JSON ")]
+            return json.loads(line.split(" ", 1)[1])
+        finally:
+            for p in procs:  # ours, by pid; the cluster's teardown kills anything else left in its namespaces
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+            for ns, iface in ends:
+                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
+                               capture_output=True, timeout=20)
+
+
+def main() -> None:
+    a = parse_args(sys.argv[1:])
+    if not a.netns:
+        worker(a)
+        return
+    results = [shaped_run(a, rate.strip()) for rate in a.netns.split(",") if rate.strip()]
+    print("\n| link | all-reduce f32/bf16 | step f32/bf16 |")
+    print("|---|---|---|")
+    for r in results:
+        print(f"| {r['link']} | {r['ratio']['allreduce']:.2f}x | {r['ratio']['step']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
