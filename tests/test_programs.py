@@ -223,3 +223,32 @@ def test_values_are_exact_numbers_with_thousands_separators():
     assert (step["step"], step["loss"], step["tokens_per_s"], step["total_steps"]) == (1000, 0.125, 12345.0, 1000)
     assert events[2]["kind"] == "metric" and events[2]["values"]["val_time_s"] == 12.5
     assert events[2]["values"]["val_loss"] != events[2]["values"]["val_loss"]  # nan, as mlx-lm printed it
+
+
+# -- against the installed mlx-lm -------------------------------------------------
+
+@pytest.mark.slow
+def test_the_installed_mlx_lm_trains_on_the_local_fixture_and_its_lines_parse(tmp_path):
+    """The parser keeps up with the mlx-lm the test extra installs (no network, no Hub)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests import mlxlm_fixture
+
+    fx = mlxlm_fixture.build(tmp_path / "fx")
+    adapters = tmp_path / "adapters"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "OMPI_", "ORCH_"))}
+    env.update(mlxlm_fixture.OFFLINE_ENV)
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "lora", *fx.lora_args(adapters, iters=4)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (adapters / "adapters.safetensors").is_file()
+    events = parse(proc.stdout.splitlines(keepends=True))
+    assert_valid(events)
+    assert events[0] == {"kind": "train_start", "step": 0, "total_steps": 4}
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(0 < s["loss"] < 20 and s["tokens_per_s"] > 0 for s in steps)
+    assert [e["step"] for e in events if e["kind"] == "metric"] == [1, 4]  # val at the first and last iteration
+    assert events[-1] == {"kind": "finished", "step": 4}
