@@ -1,13 +1,23 @@
-"""`orch hostfile`: generated hostfiles load in orch and in mlx.launch; rings and broken rings."""
+"""`orch hostfile`: generated hostfiles load in orch and in mlx.launch; rings and broken rings; --apply never
+runs text from a host unchecked, asks first, and connects the way `orch run` does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shlex
+import subprocess
+import threading
 from pathlib import Path
 
-from orchestrator.hostfile import load_hostfile
+import asyncssh
+import pytest
+
+from orchestrator.health.hostfile_gen import thunderbolt_hostfile
+from orchestrator.hostfile import ConfigError, load_hostfile
 from orchestrator.plan import plan_job
-from tests.orch_helpers import run_orch
+from tests.orch_helpers import finish, orch_argv, run_orch
 from tests.test_thunderbolt import CHAIN4, RING4, synthetic_hosts
 
 FIX = Path(__file__).parent / "fixtures" / "macos"
@@ -77,3 +87,155 @@ def test_ethernet_with_given_ips(tmp_path):
     assert [h["ips"] for h in data["hosts"]] == [["10.1.0.1"], ["10.1.0.2"], ["10.1.0.3"]]
     r = run_orch("hostfile", "--hosts", "a,b", "--ips", "10.1.0.1", cwd=tmp_path)
     assert r.returncode == 2 and "--ips gives 1 addresses for 2 hosts" in r.stderr
+
+
+# ----------------------------------------------------------------------------- --apply: hostile input, consent, SSH options
+
+TB_PAIR = ["hostfile", "--hosts", "mbp,studio", "--over", "thunderbolt"]
+
+
+def _real_pair(ns_mbp: str | None = None) -> dict[str, tuple[str, str]]:
+    return {"mbp": (MBP.read_text(), ns_mbp if ns_mbp is not None else NS.read_text()),
+            "studio": (STUDIO.read_text(), NS.read_text())}
+
+
+def _start(args, cwd, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    return subprocess.Popen(orch_argv(*args), cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_the_real_commands_are_built_from_checked_parts():
+    _, commands = thunderbolt_hostfile(_real_pair(), "192.168.0.0")
+    assert commands["mbp"] == [["sudo", "ifconfig", "bridge0", "down"],
+                               ["sudo", "ifconfig", "en1", "inet", "192.168.0.1", "netmask", "255.255.255.252"],
+                               ["sudo", "route", "change", "192.168.0.2", "-interface", "en1"]]
+
+
+@pytest.mark.parametrize("port,evil", [
+    ("Thunderbolt 1", "en1; rm -rf /"),          # the port in the ring
+    ("Thunderbolt Bridge", "bridge0 $(reboot)"),  # the bridge every host takes down
+    ("Thunderbolt 1", "EN1"),
+    ("Thunderbolt 1", "en1234567890123456"),
+])
+def test_a_hostile_interface_name_is_refused(tmp_path, port, evil):
+    text = NS.read_text()
+    block = f"Hardware Port: {port}\nDevice: "
+    assert block in text  # the real recording has this port
+    start = text.index(block) + len(block)
+    hostile = text[:start] + evil + text[text.index("\n", start):]
+    with pytest.raises(ConfigError, match="not an interface name"):
+        thunderbolt_hostfile(_real_pair(hostile), "192.168.0.0")
+    d = tmp_path / "saved"
+    save(d, _real_pair(hostile))
+    out = tmp_path / "hosts.json"
+    r = finish(_start([*TB_PAIR, "--from-dir", str(d), "-o", str(out), "--apply", "--yes"], tmp_path), 60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "mbp: networksetup names" in r.stderr and repr(evil) in r.stderr
+    assert not out.exists() and "sudo" not in r.stderr
+
+
+def test_a_bad_base_address_is_one_line(tmp_path):
+    d = tmp_path / "saved"
+    save(d, _real_pair())
+    r = finish(_start([*TB_PAIR, "--from-dir", str(d), "--base", "192.168.0.0; id"], tmp_path), 60)
+    assert r.returncode == 2 and r.stderr.startswith("orch: error: --base") and "Traceback" not in r.stderr
+
+
+def test_apply_without_a_terminal_or_yes_refuses(tmp_path):
+    d = tmp_path / "saved"
+    save(d, _real_pair())
+    r = finish(_start([*TB_PAIR, "--from-dir", str(d), "--apply"], tmp_path), 60)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == ("orch: error: --apply runs the commands above as root: confirm at a terminal, "
+                                         "or add --yes")
+
+
+def test_apply_asks_at_the_terminal_and_no_means_nothing_runs(tmp_path):
+    d = tmp_path / "saved"
+    save(d, _real_pair())
+    master, slave = os.openpty()
+    try:
+        p = _start([*TB_PAIR, "--from-dir", str(d), "--apply", "--connect-timeout", "1"], tmp_path, stdin=slave)
+        os.write(master, b"n\n")
+        r = finish(p, 60)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 1
+    assert "run these commands with sudo on 2 hosts? [y/N]" in r.stderr and "nothing was run" in r.stderr
+    assert "cannot reach" not in r.stderr  # no connection was even tried
+
+
+class _RecordingSSHD:
+    """An SSH server in a thread: records each command and answers exit 0 without running anything."""
+
+    def __init__(self, tmp_path):
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client = asyncssh.generate_private_key("ssh-ed25519")
+        self.key_path = tmp_path / "id_ed25519"
+        client.write_private_key(str(self.key_path))
+        self.authorized = asyncssh.import_authorized_keys(client.export_public_key().decode())
+        self.commands: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            async def session(process):
+                self.commands.append(process.command)
+                process.exit(0)
+
+            self.server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
+                                                authorized_client_keys=self.authorized, process_factory=session)
+            self.port = self.server.sockets[0].getsockname()[1]
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(20)
+        return self
+
+    def __exit__(self, *exc):
+        async def stop():
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def ssh_config(self, path, hosts):
+        path.write_text("".join(f"Host {h}\n  HostName 127.0.0.1\n  Port {self.port}\n  User orch\n" for h in hosts))
+        return path
+
+    def known_hosts_line(self):
+        return f"[127.0.0.1]:{self.port} " + " ".join(self.host_key.export_public_key().decode().split()[:2]) + "\n"
+
+
+def test_apply_honours_known_hosts_and_sends_quoted_sudo_n_commands(tmp_path):
+    d = tmp_path / "saved"
+    save(d, _real_pair())
+    with _RecordingSSHD(tmp_path) as sshd:
+        cfg = sshd.ssh_config(tmp_path / "ssh_config", ["mbp", "studio"])
+        empty = tmp_path / "known_hosts_empty"
+        empty.write_text("")
+        args = [*TB_PAIR, "--from-dir", str(d), "--apply", "--yes", "--ssh-config", str(cfg), "-i", str(sshd.key_path),
+                "--connect-timeout", "5"]
+        refused = finish(_start([*args, "--known-hosts", str(empty)], tmp_path), 60)
+        assert refused.returncode == 2 and "cannot reach mbp:" in refused.stderr and "studio:" in refused.stderr
+        assert sshd.commands == []  # an unknown host key: nothing was sent
+        kh = tmp_path / "known_hosts"
+        kh.write_text(sshd.known_hosts_line())
+        r = finish(_start([*args, "--known-hosts", str(kh)], tmp_path), 60)
+        assert r.returncode == 0, r.stderr
+        assert "addresses applied on every host" in r.stderr
+    expected = {shlex.join(["sudo", "-n", *c[1:]]) for cmds in thunderbolt_hostfile(_real_pair(), "192.168.0.0")[1].values()
+                for c in cmds}
+    assert set(sshd.commands) == expected and len(sshd.commands) == 6

@@ -7,20 +7,34 @@ ring (or says which cables are missing), gives every cable its own /30, prints
 the ``ifconfig``/``route`` commands per host, and runs them with ``--apply``
 where passwordless sudo exists. ``--over ethernet`` resolves each host's
 address (or takes ``--ips``).
+
+Why the care with ``--apply``: the commands run as root on every host, and the
+interface names in them come from each host's ``networksetup`` output, i.e. from
+the other end of a network connection (or a file). So every name must look like a
+BSD interface (``en5``, ``bridge0``), every address must parse as one, each
+command is an argument list quoted with ``shlex`` (never text pasted into a
+shell), the user sees the commands and says yes (or passes ``--yes``), and the
+connections are made exactly as ``orch run`` makes them (ssh_config,
+known_hosts, identities, accept-new).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import re
 import shlex
 import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.health.thunderbolt import NoRingError, TopologyError, plan_thunderbolt_ring
+from orchestrator.health.thunderbolt import (NETMASK_30, NoRingError, TopologyError, build_cable_graph,
+                                             plan_thunderbolt_ring)
 from orchestrator.hostfile import ConfigError, parse_hostfile
+
+IFACE = re.compile(r"^[a-z][a-z0-9]{0,15}$")  # BSD interface names: en5, bridge0 (IFNAMSIZ is 16 with the NUL)
 
 SP_COMMAND = ["system_profiler", "SPThunderboltDataType", "-json"]
 NETWORKSETUP_COMMAND = ["networksetup", "-listallhardwareports"]
@@ -39,34 +53,90 @@ def saved_outputs(directory: Path, hosts: list[str]) -> dict[str, tuple[str, str
     return out
 
 
-async def _ssh_outputs(hosts: list[str], ssh_config: Optional[str], known_hosts: Optional[str],
-                       timeout: float) -> dict[str, tuple[str, str]]:
-    import asyncssh
+def _ssh_request(args):
+    """The SSH options of ``orch hostfile`` as the launcher's connector takes them."""
+    from orchestrator.job import RunRequest
 
-    async def one(host: str) -> tuple[str, str]:
-        opts = {"config": [ssh_config] if ssh_config else ()}
-        if known_hosts:
-            opts["known_hosts"] = known_hosts
-        async with asyncssh.connect(host, connect_timeout=timeout, **opts) as conn:
-            sp = await conn.run(shlex.join(SP_COMMAND), check=True, timeout=60)
-            ns = await conn.run(shlex.join(NETWORKSETUP_COMMAND), check=True, timeout=30)
-            return str(sp.stdout), str(ns.stdout)
+    return RunRequest(script="orch-hostfile", ssh_config=args.ssh_config, known_hosts=args.known_hosts,
+                      identity=list(getattr(args, "identity", None) or []),
+                      ssh_accept_new=bool(getattr(args, "ssh_accept_new", False)), connect_timeout=args.connect_timeout)
 
-    results = await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
+
+async def _on_hosts(hosts: list[str], args, work) -> list:
+    """``await work(host, conn)`` on every host at once, over connections made like ``orch run`` makes them.
+    A host that cannot be reached raises ConfigError naming it (and every other one) and why."""
+    from orchestrator.hostfile import Host, Hostfile
+    from orchestrator.launch.ssh import close_connections, connect_hosts
+
+    conns = await connect_hosts(Hostfile(hosts=[Host(name=h) for h in hosts]), _ssh_request(args),
+                                list(range(len(hosts))))
+    try:
+        down = [f"{hosts[i]}: {hc.error}" for i, hc in sorted(conns.items()) if not hc.ok]
+        if down:
+            raise ConfigError("cannot reach " + "; ".join(down))
+        return await asyncio.gather(*(work(h, conns[i].conn) for i, h in enumerate(hosts)), return_exceptions=True)
+    finally:
+        await close_connections(conns)
+
+
+async def _ssh_outputs(hosts: list[str], args) -> dict[str, tuple[str, str]]:
+    async def one(host: str, conn) -> tuple[str, str]:
+        sp = await conn.run(shlex.join(SP_COMMAND), check=True, timeout=60)
+        ns = await conn.run(shlex.join(NETWORKSETUP_COMMAND), check=True, timeout=30)
+        return str(sp.stdout), str(ns.stdout)
+
+    results = await _on_hosts(hosts, args, one)
     failed = [f"{h} ({type(r).__name__}: {r})" for h, r in zip(hosts, results) if isinstance(r, BaseException)]
     if failed:
         raise ConfigError("could not read the Thunderbolt topology from " + "; ".join(failed))
     return dict(zip(hosts, results))
 
 
-def thunderbolt_hostfile(outputs: dict[str, tuple[str, str]], base: str) -> tuple[dict, dict[str, list[str]]]:
+def _iface(host: str, name: Optional[str], what: str) -> str:
+    if not isinstance(name, str) or not IFACE.match(name):
+        raise ConfigError(f"{host}: networksetup names {what} {name!r}, which is not an interface name like en5 or "
+                          "bridge0; refusing to use it (check that host's `networksetup -listallhardwareports`)")
+    return name
+
+
+def _ipv4(host: str, value: str) -> str:
     try:
-        plan = plan_thunderbolt_ring(outputs, base=base)
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigError(f"{host}: {value!r} is not an IPv4 address") from None
+
+
+def thunderbolt_hostfile(outputs: dict[str, tuple[str, str]], base: str) -> tuple[dict, dict[str, list[list[str]]]]:
+    """The hostfile and, per host, the commands (argument lists) that set its Thunderbolt addresses.
+
+    The commands are built here from checked parts, not taken as text: an interface
+    name must match ``IFACE`` and every address must parse.
+    """
+    try:
+        ipaddress.IPv4Address(base)
+    except ValueError:
+        raise ConfigError(f"--base {base!r}: not an IPv4 address (e.g. --base 192.168.0.0)") from None
+    try:
+        graph = build_cable_graph(outputs)
+        plan = plan_thunderbolt_ring(graph, base=base)
     except NoRingError as e:
         raise ConfigError(e.search.message) from None
     except TopologyError as e:
         raise ConfigError(str(e)) from None
-    return plan.hostfile, plan.commands
+    commands: dict[str, list[list[str]]] = {}
+    for h in plan.ring:
+        bridge = _iface(h, graph.parsed[h].bridge or "bridge0", "the Thunderbolt Bridge")
+        cmds = [["sudo", "ifconfig", bridge, "down"]]
+        for ln in plan.links:
+            if h not in (ln.a.host, ln.b.host):
+                continue
+            me, peer = ln.end(h), ln.other(h)
+            iface = _iface(h, me.iface, f"the port cabled to {peer.host}")
+            _iface(peer.host, peer.iface, f"the port cabled to {h}")
+            cmds.append(["sudo", "ifconfig", iface, "inet", _ipv4(h, me.ip), "netmask", NETMASK_30])
+            cmds.append(["sudo", "route", "change", _ipv4(peer.host, peer.ip), "-interface", iface])
+        commands[h] = cmds
+    return plan.hostfile, commands
 
 
 def ethernet_hostfile(hosts: list[str], ips: Optional[list[str]]) -> dict:
@@ -82,33 +152,42 @@ def ethernet_hostfile(hosts: list[str], ips: Optional[list[str]]) -> dict:
     return {"backend": "ring", "envs": [], "hosts": [{"ssh": h, "ips": [ip]} for h, ip in zip(hosts, ips)]}
 
 
-async def _apply(commands: dict[str, list[str]], ssh_config: Optional[str], timeout: float) -> list[str]:
-    """Run each host's commands with ``sudo -n`` (never prompts); returns problems."""
-    import asyncssh
-
-    async def one(host: str, cmds: list[str]) -> Optional[str]:
-        try:
-            async with asyncssh.connect(host, connect_timeout=timeout, config=[ssh_config] if ssh_config else ()) as conn:
-                for c in cmds:
-                    line = c.replace("sudo ", "sudo -n ", 1) if c.startswith("sudo ") else c
-                    r = await conn.run(line, timeout=30)
-                    if r.exit_status != 0:
-                        return f"{host}: `{line}` failed: {str(r.stderr).strip()[:200]}"
-        except (OSError, asyncssh.Error) as e:
-            return f"{host}: {e}"
+async def _apply(commands: dict[str, list[list[str]]], args) -> list[str]:
+    """Run each host's commands with ``sudo -n`` (never prompts for a password); returns problems."""
+    async def one(host: str, conn) -> Optional[str]:
+        for argv in commands[host]:
+            if argv[0] == "sudo":
+                argv = ["sudo", "-n", *argv[1:]]
+            line = shlex.join(argv)
+            r = await conn.run(line, timeout=30)
+            if r.exit_status != 0:
+                return f"{host}: `{line}` failed: {str(r.stderr).strip()[:200]}"
         return None
 
-    return [p for p in await asyncio.gather(*(one(h, c) for h, c in commands.items())) if p]
+    hosts = list(commands)
+    results = await _on_hosts(hosts, args, one)
+    return [r if isinstance(r, str) else f"{h}: {type(r).__name__}: {r}"
+            for h, r in zip(hosts, results) if r is not None]
+
+
+def _confirmed(args, n_hosts: int) -> bool:
+    """--yes, or a y from the terminal. No terminal and no --yes: ConfigError (exit 2)."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ConfigError("--apply runs the commands above as root: confirm at a terminal, or add --yes")
+    sys.stderr.write(f"orch: run these commands with sudo on {n_hosts} host{'s' if n_hosts > 1 else ''}? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def cmd_hostfile(args) -> int:
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if len(hosts) < 2:
         raise ConfigError("--hosts needs at least two hosts, e.g. --hosts mac1,mac2")
-    commands: dict[str, list[str]] = {}
+    commands: dict[str, list[list[str]]] = {}
     if args.over == "thunderbolt":
-        outputs = saved_outputs(Path(args.from_dir), hosts) if args.from_dir else asyncio.run(
-            _ssh_outputs(hosts, args.ssh_config, args.known_hosts, args.connect_timeout))
+        outputs = saved_outputs(Path(args.from_dir), hosts) if args.from_dir else asyncio.run(_ssh_outputs(hosts, args))
         data, commands = thunderbolt_hostfile(outputs, args.base)
     else:
         data = ethernet_hostfile(hosts, args.ips.split(",") if args.ips else None)
@@ -122,9 +201,12 @@ def cmd_hostfile(args) -> int:
     if commands:
         sys.stderr.write("orch: set the Thunderbolt addresses with (per host):\n")
         for host, cmds in commands.items():
-            sys.stderr.write(f"  {host}:\n" + "".join(f"    {c}\n" for c in cmds))
+            sys.stderr.write(f"  {host}:\n" + "".join(f"    {shlex.join(c)}\n" for c in cmds))
         if args.apply:
-            problems = asyncio.run(_apply(commands, args.ssh_config, args.connect_timeout))
+            if not _confirmed(args, len(commands)):
+                sys.stderr.write("orch: --apply: nothing was run\n")
+                return 1
+            problems = asyncio.run(_apply(commands, args))
             for p in problems:
                 sys.stderr.write(f"orch: --apply: {p}\n")
             if problems:
