@@ -7,7 +7,6 @@ so names, sizes and types come from a real listing. Sizes are checked before any
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import asyncssh
