@@ -14,7 +14,14 @@ Policy, in one place:
 * SIGINT / SIGTERM to ``orch`` stop every rank the same way (exit 130 / 143);
 * once any rank calls ``mx.distributed.init``, all must be ready within
   ``init_timeout`` or the run fails naming the ranks that never joined;
-* the rank that connects first waits at its gate until all others listen.
+* the rank that connects first waits at its gate until all others listen;
+* a rank that only reacted to another's failure (lost its peer, stopped because
+  another rank failed) is never named the cause over a rank with its own error;
+* only the guard's events (``protocol.GUARD_KINDS``, carrying this attempt's
+  token) are believed; anything else the rank prints is its output. A forged
+  one is recorded as ``forged:<kind>`` and otherwise ignored;
+* an output pump never dies before end of file: a closed console stops the
+  echo, not the run; a log that cannot be written fails the run, naming it.
 """
 
 from __future__ import annotations

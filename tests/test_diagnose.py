@@ -50,3 +50,19 @@ def test_recorded_failures(name, cause, words):
 
 def test_unknown_output_has_no_diagnosis():
     assert classify(["Traceback (most recent call last):", "ValueError: bad shape"], rank=0) is None
+
+
+def test_a_rank_that_stopped_because_another_failed_is_secondary():
+    # The last lines of rank 1 in `orch run recipes/mlp_regression.py -n 2 -- --resume /nonexistent`
+    # (recorded from this runtime): rank 0 had the real error, rank 1 stopped with it.
+    tail = [
+        '  File "/work/main/orchestrator/runtime/trainer.py", line 227, in __init__',
+        "    self._stop_together(resume_problem)",
+        '  File "/work/main/orchestrator/runtime/trainer.py", line 315, in _stop_together',
+        '    raise RuntimeError(f"stopping: {failed} other rank(s) failed to start (see their output)")',
+        "RuntimeError: stopping: 1 other rank(s) failed to start (see their output)",
+    ]
+    d = classify(tail, rank=1)
+    assert d is not None and d.cause == "peer_failed" and d.secondary and "rank 1" in d.message
+    own = ["RuntimeError: --resume /nonexistent: no such file or directory"]
+    assert classify(own, rank=0) is None  # the real error is nobody's casualty

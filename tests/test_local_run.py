@@ -209,3 +209,120 @@ def test_prestarted_ranks_are_stopped_when_the_run_never_starts(tmp_path):
     while deferred() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not deferred(), "pre-started ranks outlived a run that never started"
+
+
+def test_the_rank_with_the_real_error_is_named_not_the_one_that_stopped_with_it(tmp_path):
+    """rank 0 cannot --resume; rank 1 stops with it ("other rank(s) failed"): rank 0 is the cause, whoever exits first."""
+    rd = tmp_path / "run"
+    r = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--",
+                 "--resume", str(tmp_path / "nonexistent"), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    s = summary(rd)
+    assert s["failed_rank"] == 0, s["reason"]
+    assert "no such file or directory" in r.stderr.split("last lines of rank 0")[1]
+    assert not alive(rank_pids(rd), timeout=3)
+
+
+# ---- the launcher's own parts, in-process (real guards, real ranks) ----------
+
+import asyncio as _asyncio
+import subprocess as _subprocess
+import sys as _sys
+
+from orchestrator import protocol as _protocol
+from orchestrator.launch import local as _local
+from orchestrator.launch import prespawn as _prespawn
+from orchestrator.launch.base import RankSpec as _RankSpec
+
+
+def _spec(tmp_path, python=None):
+    return _RankSpec(rank=0, host="localhost", script=str(SCRIPTS / "no_init.py"), python=python, env={
+        "MLX_RANK": "0", "ORCH_EVENTS": "1", "PYTHONUNBUFFERED": "1", "ORCH_RUN_DIR": str(tmp_path)})
+
+
+async def _events_until_exit(handle) -> tuple[list[dict], object]:
+    events = []
+    while True:
+        line = await _asyncio.wait_for(handle.stdout.readline(), 60)
+        if not line:
+            break
+        _, payload = _protocol.split_line(line.decode())
+        if payload is not None:
+            events.append(payload)
+    return events, await _asyncio.wait_for(handle.wait(), 60)
+
+
+@pytest.mark.parametrize("how", ["prestarted", "started", "no-pidfd"])
+def test_the_guard_gets_a_fresh_token_and_signs_its_events_with_it(tmp_path, how, monkeypatch):
+    """Every local path: a pre-started --deferred guard (Linux: pidfd wait, token in its configuration
+    line), a guard started now (token as its first stdin line), and the platform without pidfd_open
+    (macOS: nothing is pre-started, the launcher starts the guard itself)."""
+    if how == "prestarted" and not _prespawn.supported():
+        pytest.skip("no pidfd_open here")
+    if how == "no-pidfd":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+
+    async def go():
+        if how == "no-pidfd":
+            _prespawn.start(1)
+            assert _prespawn.take() is None  # nothing pre-started without pidfd_open
+            handle = await _local.LocalLauncher().start(_spec(tmp_path))
+            assert isinstance(handle, _local.LocalRank)
+        elif how == "prestarted":
+            _prespawn.start(1)
+            proc = _prespawn.take()
+            assert proc is not None
+            handle = await _local._adopt(_spec(tmp_path), proc)
+            assert isinstance(handle, _local.PrestartedRank)
+        else:
+            handle = await _local.LocalLauncher().start(_spec(tmp_path, python=_sys.executable))
+            assert isinstance(handle, _local.LocalRank)
+        try:
+            return handle, *(await _events_until_exit(handle))
+        finally:
+            handle.kill()
+
+    handle, events, status = _asyncio.run(go())
+    assert status.ok
+    assert handle.token and len(handle.token) == 32
+    guard_events = [e for e in events if e["kind"] in _protocol.GUARD_KINDS]
+    assert {e["kind"] for e in guard_events} >= {"spawned", "exited"}
+    assert all(e.get(_protocol.TOKEN_FIELD) == handle.token for e in guard_events)
+
+
+def test_last_resort_kill_reaches_only_the_guards_own_groups(tmp_path):
+    """kill() SIGKILLs the guard's group and the rank's group only while it is the guard's rank:
+    a pid the handle was told that is not (1, a stranger's) is never signalled."""
+    stranger = _subprocess.Popen([_sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    ranks: list[int] = []
+
+    async def one(told):
+        spec = _spec(tmp_path, python=_sys.executable)
+        spec.script = str(SCRIPTS / "sleeper.py")
+        spec.env["ORCH_GRACE_S"] = "60"
+        handle = await _local.LocalLauncher().start(spec)
+        while True:  # the guard's spawned event
+            _, payload = _protocol.split_line((await _asyncio.wait_for(handle.stdout.readline(), 60)).decode())
+            if payload and payload["kind"] == "spawned":
+                ranks.append(payload["pid"])
+                break
+        assert _local.guards_group(ranks[-1], handle.proc.pid)
+        assert not _local.guards_group(stranger.pid, handle.proc.pid) and not _local.guards_group(1, handle.proc.pid)
+        handle.rank_pid = told if told is not None else ranks[-1]
+        handle.kill()
+        return await _asyncio.wait_for(handle.wait(), 30)
+
+    try:
+        for told in (1, stranger.pid, None):
+            status = _asyncio.run(one(told))
+            assert status.signal == signal.SIGKILL  # the guard's own group, always
+            assert stranger.poll() is None
+        assert not alive(ranks[-1:], timeout=5), "the guard's rank survived the last-resort kill"
+    finally:
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)  # ranks orphaned by the refused kills: ours, by pid
+            except ProcessLookupError:
+                pass
+        stranger.kill()
+        stranger.wait()

@@ -173,3 +173,75 @@ def test_runtime_recipe_under_mpi_matches_one_big_batch(tmp_path):
     assert max_abs_diff(a, b) < 1e-5
     s = summary(two)
     assert all(x["steps"] == 20 and x["memory"]["mlx_peak_bytes"] > 0 for x in s["ranks"])
+
+
+# ---- the demultiplexer and the last-resort kill (no mpirun needed) ---------
+
+import asyncio
+import signal
+import subprocess
+
+from orchestrator import protocol
+from orchestrator.launch.base import ExitStatus
+from orchestrator.launch.mpi import MPILauncher, MPIRank
+
+
+class _Req:
+    mpirun = None
+
+
+def _launcher(tmp_path, n=2):
+    mpi = find_mpi(env_prefix=str(fake_install(tmp_path / "p", "pypi")), path="/x", version_of=lambda _: OPENMPI5)
+    return MPILauncher(local_hostfile(n), _Req(), tmp_path, mpi)
+
+
+def test_demux_keeps_long_lines_and_takes_exit_codes_as_information(tmp_path):
+    async def go():
+        launcher = _launcher(tmp_path)
+        for r in range(2):
+            launcher.ranks[r] = MPIRank(launcher, r, "localhost")
+        stream = asyncio.StreamReader()
+        big = "B" * (3 * 1024 * 1024)
+        data = (f"[1,1]<stdout>:{big} end\n"
+                "[1,0]<stderr>:plain\n"
+                "mpirun noticed something\n"
+                f"[1,0]<stdout>:{protocol.encode('spawned', 0, pid=1, host='x')}"
+                f"[1,0]<stdout>:{protocol.encode('exited', 0, code=5, signal=None)}").encode()
+        for i in range(0, len(data), 65536):
+            stream.feed_data(data[i:i + 65536])
+        stream.feed_eof()
+        await asyncio.wait_for(launcher._demux(stream), 30)
+        for h in launcher.ranks.values():
+            h.stdout.feed_eof()
+            h.stderr.feed_eof()
+        out1 = await launcher.ranks[1].stdout.read()
+        err0 = await launcher.ranks[0].stderr.read()
+        out0 = await launcher.ranks[0].stdout.read()
+        return launcher, out1, err0, out0
+
+    launcher, out1, err0, out0 = asyncio.run(go())
+    assert out1 == b"B" * (3 * 1024 * 1024) + b" end\n"
+    assert err0 == b"plain\n[mpirun] mpirun noticed something\n"
+    assert b'"pid":1' in out0  # passed on for the supervisor, which never uses a pid without a token
+    assert launcher.ranks[0].status.result() == ExitStatus(code=5, signal=None)
+    assert launcher.ranks[0].token is None and launcher.ranks[0].rank_pid is None
+
+
+def test_kill_reaches_only_mpiruns_own_group(tmp_path):
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+
+    async def go():
+        launcher = _launcher(tmp_path)
+        launcher.ranks[0] = MPIRank(launcher, 0, "localhost")
+        launcher.ranks[0].rank_pid = stranger.pid  # whatever a handle was told: never signalled
+        launcher.proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(60)",
+                                                             start_new_session=True)
+        launcher.kill()
+        return await asyncio.wait_for(launcher.proc.wait(), 30)
+
+    try:
+        assert asyncio.run(go()) == -signal.SIGKILL
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -42,7 +42,7 @@ from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LaunchErr
 from orchestrator.launch.local import PACKAGE_ROOT
 from orchestrator import protocol
 
-TAG = re.compile(r"^\[(\d+),(\d+)\]<(stdout|stderr)>:\s?(.*)$", re.S)
+TAG = re.compile(r"^\[(\d+),(\d+)\]<(stdout|stderr)>: ?(.*)$", re.S)  # " ?", not "\s?": re counts our marker (\x1e) as whitespace
 
 
 @dataclass

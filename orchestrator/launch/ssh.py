@@ -6,13 +6,16 @@ open one SSH session per rank, and stage the runtime and the script's
 directory over SFTP (``staging.py``: content-addressed, so an unchanged
 second run uploads nothing). Each session runs::
 
-    read -r orch_go && cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard -- \
+    read -r orch_go && cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard --token-line -- \
         PYTHON -m orchestrator.runtime.bootstrap SCRIPT ARGS
 
 built only from ``shlex.quote``'d pieces: the remote login shell (and its rc
 files, ~0.4 s with pyenv in bash's .bashrc) starts while we stage, then waits
 for one line that ``start`` sends. If the launch fails first, the sessions are
-closed and the shells exit at ``read`` without starting anything.
+closed and the shells exit at ``read`` without starting anything. Right after
+the release line ``start`` sends the guard's ``token <hex>`` line (fresh per
+rank and attempt, never on a command line): only events carrying it are the
+guard's, so only its ``spawned`` pid is ever signalled (``kill_group_command``).
 
 No pty: the guard is what stops a rank, because sshd does not signal a command
 when its session ends. The guard stops the rank's process group when its
