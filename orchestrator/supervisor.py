@@ -148,6 +148,7 @@ class RankState:
     finished: bool = False
     last_step_wall: Optional[float] = None
     pumps: list = field(default_factory=list)  # the output readers of this rank's streams
+    guard_signal: Optional[int] = None  # the signal number the guard's authenticated "exited" event gave
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
         return classify(self.tail, self.rank, plan)
@@ -455,6 +456,8 @@ class Supervisor:
         root = min(primary, key=lambda s: s.exit_t or 0.0)
         st = root.status
         how = ("was " + st.how) if st.signal is not None or st.signal_label else st.how
+        if st.signal_label and root.guard_signal is not None:  # SSH could not name it; the guard numbered it
+            how += f" (signal {root.guard_signal} on {root.spec.host})"
         if st.reason:
             how += f": {st.reason}"
         others = [s.rank for s in self._failed if s is not root]
@@ -606,6 +609,9 @@ class Supervisor:
             if authentic and state.pid is None and type(pid) is int and pid > 1:
                 state.pid = pid
                 state.handle.rank_pid = pid
+        elif kind == "exited":
+            if authentic and type(payload.get("signal")) is int:
+                state.guard_signal = payload["signal"]
         elif kind == "init_start":
             state.init_started = True
             if self.init_deadline is None:

@@ -318,6 +318,16 @@ def test_ring_peer_loss_is_not_blamed_over_a_crash(tmp_path):
     assert s.failed_rank == 1 and s.exit_code == 2, s.reason
 
 
+def test_a_signal_ssh_cannot_name_is_numbered_from_the_guards_own_word(tmp_path):
+    async def play(h):
+        h[1].feed(ev("exited", 1, code=None, signal=5, token=h[1].token))
+        await asyncio.sleep(0.05)
+        h[1].end(ExitStatus(code=None, signal=99, signal_label="SIG@openssh.com"))
+
+    sup, s, *_ = supervise(tmp_path, play)
+    assert "killed by a signal reported as 'SIG@openssh.com' (signal 5 on localhost)" in s.reason, s.reason
+
+
 @pytest.mark.parametrize("status, words, code", [
     (ExitStatus(code=None, signal=int(signal.SIGTRAP)), "was killed by SIGTRAP", 128 + signal.SIGTRAP),
     (ExitStatus(code=None, signal=77), "was killed by signal 77", 128 + 77),
