@@ -252,3 +252,31 @@ def test_the_installed_mlx_lm_trains_on_the_local_fixture_and_its_lines_parse(tm
     assert all(0 < s["loss"] < 20 and s["tokens_per_s"] > 0 for s in steps)
     assert [e["step"] for e in events if e["kind"] == "metric"] == [1, 4]  # val at the first and last iteration
     assert events[-1] == {"kind": "finished", "step": 4}
+
+
+@pytest.mark.slow
+def test_unmodified_mlx_lm_lora_under_orch_two_ranks(tmp_path):
+    """orch runs the console script on 2 ranks; rank 0's log reads as the same steps.
+
+    The form used is the one orch accepts today (the console script's path);
+    the log may hold ANSI codes or not, the parser reads both.
+    """
+    import sysconfig
+
+    from tests import mlxlm_fixture
+    from tests.orch_helpers import run_orch, summary
+
+    script = Path(sysconfig.get_path("scripts")) / "mlx_lm.lora"
+    assert script.is_file(), f"{script}: the test extra installs mlx-lm"
+    fx = mlxlm_fixture.build(tmp_path / "fx")
+    run_dir, adapters = tmp_path / "run", tmp_path / "adapters"
+    env = dict(mlxlm_fixture.OFFLINE_ENV)
+    r = run_orch("run", "-n", "2", "--run-dir", str(run_dir), str(script), "--",
+                 *fx.lora_args(adapters, iters=4), cwd=tmp_path, env=env, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(run_dir)["status"] == "succeeded"
+    assert (adapters / "adapters.safetensors").is_file()
+    events = parse((run_dir / "logs" / "rank-0.log").read_text(encoding="utf-8").splitlines(keepends=True))
+    assert_valid(events)
+    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4]
+    assert events[0]["total_steps"] == 4 and events[-1] == {"kind": "finished", "step": 4}
