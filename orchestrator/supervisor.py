@@ -177,6 +177,7 @@ class _LineOut:
         self.head = bytearray()  # its first CONSOLE_LINE_MAX bytes
         self.last = bytearray()  # and its last ones (where a \r progress bar's latest state is)
         self.log_ok = True
+        self._log(b"")  # every rank has a log, even one that printed nothing
 
     def _grow(self, data: bytes) -> None:
         self.size += len(data)
@@ -231,7 +232,7 @@ class _LineOut:
         return line
 
     def _log(self, data: bytes) -> None:
-        if not data or not self.log_ok:
+        if not self.log_ok:
             return
         path = self.sup.rundir.logs / f"rank-{self.state.rank}.log"
         try:

@@ -198,6 +198,7 @@ def test_without_a_token_a_reported_pid_is_never_used(tmp_path):
     assert launcher.handles[0].rank_pid is None and sup.states[0].pid is None
     kinds = [e["kind"] for e in events(rundir)]
     assert "spawned" in kinds and "exited" in kinds and not any(k.startswith("forged") for k in kinds)
+    assert (rundir.logs / "rank-1.log").read_bytes() == b""  # a rank that printed nothing still has its log
 
 
 # ----------------------------------------------------------------------------- output that is too much
