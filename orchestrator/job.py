@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, Field
 
+from orchestrator.backends import choose
 from orchestrator.hostfile import ConfigError, Hostfile, load_hostfile, local_hostfile, parse_env_assignment
 from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
-from orchestrator.plan import JobPlan, plan_job
+from orchestrator.plan import JobPlan, plan_job, write_files
 from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 
@@ -32,6 +33,7 @@ class RunRequest(BaseModel):
     n: Optional[int] = None
     hostfile: Optional[str] = None
     backend: Optional[str] = None
+    fallback_backend: Optional[str] = None
     env: list[str] = Field(default_factory=list)
     cwd: Optional[str] = None
     python: Optional[str] = None
@@ -97,18 +99,15 @@ def _check_script(req: RunRequest) -> str:
 def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir, script: str) -> list[RankSpec]:
     """Per rank: what to run, and the environment MLX expects (launchers add the rest)."""
     extra_env = dict(parse_env_assignment(e) for e in req.env) if req.env else {}
-    mlx_json = None
-    if plan.backend == "ring" and plan.world_size > 1:
-        mlx_json = plan.mlx_hostfile_json()
-        (rundir.path / "mlx-hostfile.json").write_text(mlx_json + "\n")
+    paths = write_files(plan, rundir.path)  # mlx-hostfile.json / mlx-ibv-devices.json, as mlx.launch writes them
+    files = plan.files()
     specs = []
     local_index: dict[int, int] = {}
     for r in plan.ranks:
         host = hostfile.hosts[r.host_index]
         i = local_index[r.host_index] = local_index.get(r.host_index, -1) + 1
         env = {**hostfile.env, **host.env, **extra_env}
-        if plan.backend != "mpi":  # under mpirun each rank knows its rank from Open MPI
-            env["MLX_RANK"] = str(r.rank)
+        env.update(plan.rank_env(r, paths))  # MLX_RANK, RANK, WORLD_SIZE, LOCAL_*, and the backend's own variables
         env.update(
             PYTHONUNBUFFERED="1",
             ORCH_EVENTS="1",
@@ -118,19 +117,17 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             ORCH_WORLD_SIZE=str(plan.world_size),
             ORCH_GRACE_S=str(req.grace),
         )
-        if mlx_json is not None:
-            env["MLX_HOSTFILE"] = str(rundir.path / "mlx-hostfile.json")
         if req.bind:
             env["ORCH_BIND"] = f"{i}/{host.slots}"
         if r.gated:
             env["ORCH_GATED"] = "1"
         if r.held:
             env["ORCH_HOLD"] = "1"
-        if mlx_json is not None and r.listen:
+        if plan.backend == "ring" and r.listen:
             env["ORCH_LISTEN"] = r.listen[0]
         specs.append(RankSpec(
             rank=r.rank, host=r.host, host_index=r.host_index, script=script, script_args=list(req.script_args),
-            python=req.python or host.python, env=env, cwd=req.cwd or host.cwd, mlx_hostfile_json=mlx_json,
+            python=req.python or host.python, env=env, cwd=req.cwd or host.cwd, mlx_hostfile_json=files.get("MLX_HOSTFILE"),
         ))
     return specs
 
@@ -154,9 +151,8 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     """
     check_values(req)
     hostfile = _load_cluster(req)
-    backend = req.backend or hostfile.backend or "ring"
-    if backend not in ("ring", "mpi"):
-        raise ConfigError(f"--backend {backend}: unknown backend; use ring or mpi")
+    choice = choose(hostfile, req.backend)
+    backend = choice.name
     script = _check_script(req)
     mpi = None
     if backend == "mpi":
@@ -173,6 +169,15 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
         except ValueError as err:
             raise ConfigError(f"--env: {err}") from None
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
+    if req.fallback_backend:
+        if backend not in ("jaccl", "jaccl-ring"):
+            raise ConfigError(f"--fallback-backend {req.fallback_backend}: only a jaccl or jaccl-ring run can fall back "
+                              f"(this run uses {backend}); drop --fallback-backend")
+        if req.max_restarts < 1:
+            raise ConfigError("--fallback-backend: the fallback happens on a restart; add --max-restarts 1 (or more)")
+        plan_job(hostfile, req.fallback_backend, req.connections_per_ip, None)  # the hosts must carry it: fail now, not mid-run
+    if req.hostfile and not req.backend and not hostfile.backend and plan.world_size > 1:
+        sys.stderr.write(f"orch: backend {backend}: {choice.reason}\n")
     rundir = RunDir(req.run_dir or default_run_dir(script))
     rundir.lock()
     return hostfile, plan, rundir, script, mpi
@@ -226,9 +231,10 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     attempts: list[AttemptSummary] = []
     summary: Optional[RunSummary] = None
     host_failures: dict[str, int] = {}
+    backend = plan.backend
     for attempt in range(req.max_restarts + 1):
         if attempt > 0:
-            plan = plan_job(hostfile, plan.backend, req.connections_per_ip, None)
+            plan = plan_job(hostfile, backend, req.connections_per_ip, None)
             rundir.start_attempt(attempt)
         attempt_req = req.model_copy(update={"script_args": _resume_args(req, rundir) if attempt else list(req.script_args)})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
@@ -251,6 +257,11 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
+        fallback = _fallback_note(req, backend, summary)
+        if fallback:
+            backend = req.fallback_backend
+            sys.stderr.write(f"orch: {fallback}\n")
+            attempts[-1].note = fallback
         if req.exclude_failed_host and summary.failed_rank is not None:
             hostfile, note = _exclude_twice_failed(hostfile, plan, summary.failed_rank, host_failures)
             if note:
@@ -268,6 +279,21 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     rundir.write_summary(summary)
     rundir.close()
     return summary
+
+
+def _fallback_note(req: RunRequest, backend: str, summary: RunSummary) -> Optional[str]:
+    """--fallback-backend: an attempt that failed while JACCL was coming up restarts on (say) the ring.
+
+    Only failures of JACCL's initialisation qualify (RDMA not enabled, a device
+    missing, queue pairs that would not connect): a JACCL run that trained and
+    then failed restarts on JACCL, as any other run would.
+    """
+    from orchestrator.backends import jaccl
+
+    if not req.fallback_backend or backend not in ("jaccl", "jaccl-ring") or summary.diagnosis_cause not in jaccl.INIT_FAILURES:
+        return None
+    return (f"JACCL failed to start ({summary.diagnosis}); restarting on the {req.fallback_backend} backend over the same "
+            "hosts from the latest checkpoint")
 
 
 def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,

@@ -76,6 +76,8 @@ class RunSummary(BaseModel):
     failed_rank: Optional[int] = None
     reason: Optional[str] = None
     diagnosis: Optional[str] = None
+    diagnosis_cause: Optional[str] = None  # the diagnosis' machine-readable key (e.g. "jaccl_rdma_disabled")
+    warnings: list[str] = Field(default_factory=list)  # e.g. a SIGKILLed JACCL rank may leave wired memory held
     duration_s: float
     started_at: str
     script: str
