@@ -429,13 +429,18 @@ def place(src, dst, mode):
 
 
 def tree_intact(t):
+    """(intact?, lstat of the tree's root or None)."""
     root = t["path"]
-    if os.path.islink(root) or not os.path.isdir(root):
-        return False
-    return all(sha256_of(root + "/" + rel, size)[0] == sha for rel, name, size, sha, mode in t["files"])
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return False, None
+    if not stat.S_ISDIR(st.st_mode):
+        return False, st
+    return all(sha256_of(root + "/" + rel, size)[0] == sha for rel, name, size, sha, mode in t["files"]), st
 
 
-def build_tree(t):
+def build_tree(t, damaged):
     root = t["path"]
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -444,10 +449,17 @@ def build_tree(t):
     try:
         for rel, name, size, sha, mode in t["files"]:
             place(OBJ + "/" + name, tmp + "/" + rel, mode)
-        if os.path.lexists(root):  # damaged: out of the way first
-            old = "%s/.trash-%s" % (parent, rid())
-            os.rename(root, old)
-            shutil.rmtree(old, ignore_errors=True)
+        if damaged is not None:  # out of the way first, unless a host on this filesystem replaced it meanwhile
+            try:
+                if os.lstat(root).st_ino == damaged.st_ino:
+                    old = "%s/.trash-%s" % (parent, rid())
+                    os.rename(root, old)
+                    if os.path.isdir(old) and not os.path.islink(old):
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        os.unlink(old)
+            except OSError:
+                pass
         try:
             os.rename(tmp, root)
         except OSError:
@@ -463,7 +475,8 @@ def main():
     for c in R["commit"]:
         commit(c)
     for t in R["trees"]:
-        if tree_intact(t):
+        intact, st = tree_intact(t)
+        if intact:
             out["trees"][t["path"]] = "reused"
             continue
         lacking = [name for rel, name, size, sha, mode in t["files"] if not have(name, size, sha)]
@@ -471,7 +484,7 @@ def main():
             out["missing"].extend(lacking)
             out["trees"][t["path"]] = "pending"
         else:
-            build_tree(t)
+            build_tree(t, st)
             out["trees"][t["path"]] = "built"
     for d in R["dirs"]:
         os.makedirs(d, exist_ok=True)

@@ -263,3 +263,36 @@ def test_one_command_per_host_when_nothing_changed(tmp_path, project):
     assert n_first == 2 and n_second == 1  # look, upload, commit+place; then just look+place
     assert s.runtime_reused and s.uploaded_files == 0 and s.placed == {"code": 3}
     assert (tmp_path / "r2" / "run").is_dir()
+
+
+def test_hosts_sharing_a_filesystem_stage_the_same_content_at_once(tmp_path, project):
+    """Four hosts on one filesystem (an NFS home): all upload, repair and build together, all end up right."""
+    base = tmp_path / "remote" / "cache"
+    tree, rt = _tree(project), staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+
+    async def go():
+        async with _Host(tmp_path) as a, _Host(tmp_path) as b:
+            hosts = [a, b, a, b]
+
+            async def one(i: int, label: str) -> staging.StageStats:
+                st = hosts[i].stager(base)
+                await st.stage(shared=[(rt, "runtime")], runs=[(tree, str(tmp_path / label / f"h{i}"), "code")])
+                return st.stats
+
+            await asyncio.gather(*(one(i, "first") for i in range(4)))
+            root = Path(hosts[0].stager(base).shared_tree_path(rt, "runtime"))
+            victim = root / "orchestrator" / "protocol.py"
+            victim.chmod(0o644)
+            victim.write_text("poisoned\n")
+            obj = base / "objects" / _sha(b"original data\n")
+            obj.chmod(0o644)
+            obj.write_text("poisoned data\n")
+            return root, await asyncio.gather(*(one(i, "second") for i in range(4)))
+
+    root, second = asyncio.run(go())
+    for i in range(4):
+        assert (tmp_path / "second" / f"h{i}" / "data" / "x.txt").read_text() == "original data\n"
+    assert (root / "orchestrator" / "protocol.py").read_bytes() == (staging.PACKAGE_DIR / "protocol.py").read_bytes()
+    assert sum(s.repaired for s in second) >= 1
+    leftovers = [p.name for p in (base / "runtime").iterdir() if p.name.startswith(".")]
+    assert leftovers == [] and not list((base / "objects").glob(".*"))
