@@ -3,7 +3,7 @@
 Data parallelism moves every gradient byte across the ring each step, so on a
 slow link the all-reduce is the step. ``--grad-dtype bfloat16`` halves those
 bytes: each float32 gradient is cast to bfloat16 *only for the collective*,
-summed over ranks in bfloat16, divided by N, and cast straight back. Gradient
+summed over ranks in bfloat16, cast straight back and divided by N. Gradient
 accumulation before it, and the optimizer update after it, stay in float32, so
 the only precision lost is one rounding of each rank's gradient plus the
 rounding of the ring's additions (8 significand bits; float16 keeps 11 but
@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+BUCKET_BYTES = 32 * 1024**2  # as nn.average_gradients' default all_reduce_size
 WIRE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -86,6 +87,7 @@ class GradientAverager:
         self.world = group.size()
         self.wire = wire_dtype(dtype)
         self._order: Optional[dict[str, Optional[tuple[int, ...]]]] = None
+        self._fused: dict = {}
 
     def __call__(self, grads: Any, loss: mx.array) -> tuple[Any, mx.array]:
         if self.world == 1:
@@ -104,10 +106,59 @@ class GradientAverager:
             both = nn.average_gradients({"grads": tree_unflatten(views), "loss": loss}, group=self.group)
             return self._restore(both["grads"], {}), both["loss"]
 
-        original = {k: g.dtype for k, g in views}
-        narrow = [(k, g.astype(self.wire) if _narrows(g.dtype, self.wire) else g) for k, g in views]
-        averaged = nn.average_gradients(tree_unflatten(narrow), group=self.group)
-        return self._restore(averaged, original), self._average_loss(loss)
+        by_dtype: dict[mx.Dtype, list[tuple[str, mx.array]]] = {}
+        for k, g in views:
+            by_dtype.setdefault(g.dtype, []).append((k, g))
+        averaged: list[tuple[str, mx.array]] = []
+        for dtype, members in by_dtype.items():
+            if _narrows(dtype, self.wire):
+                averaged.extend(self._narrow_average(members, dtype))
+            else:
+                averaged.extend(tree_flatten(nn.average_gradients(tree_unflatten(members), group=self.group)))
+        return self._restore(tree_unflatten(averaged), {}), self._average_loss(loss)
+
+    def _narrow_average(self, members: list[tuple[str, mx.array]], dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
+        """Concatenate-cast, all_sum in the wire dtype, cast-divide, split: per bucket of ~32 MiB on the wire.
+
+        Casting and dividing are the CPU cost that eats into the halved
+        transfer, so both are fused kernels (``mx.compile``): measured on the
+        default 28.7 MB benchmark model, the cast back plus divide took 5 ms
+        fused against 34 ms as ``nn.average_gradients``' divide in bfloat16
+        followed by a per-array cast.
+        """
+        pack, unpack = self._kernels(dtype)
+        out, bucket, size = [], [], 0
+        for i, (k, g) in enumerate(members):
+            bucket.append((k, g))
+            size += g.size * self.wire.size
+            if size < BUCKET_BYTES and i < len(members) - 1:
+                continue
+            summed = mx.distributed.all_sum(pack(*[g for _, g in bucket]), group=self.group)
+            flat, offset = unpack(summed), 0
+            for key, g in bucket:
+                out.append((key, flat[offset:offset + g.size].reshape(g.shape)))
+                offset += g.size
+            bucket, size = [], 0
+        return out
+
+    def _kernels(self, dtype: mx.Dtype):
+        """(pack, unpack) for gradients of ``dtype``: fused by ``mx.compile`` where it works here."""
+        if dtype not in self._fused:
+            wire, world = self.wire, self.world
+
+            def pack(*arrays):
+                return mx.concatenate([a.reshape(-1).astype(wire) for a in arrays])
+
+            def unpack(buf):
+                return buf.astype(dtype) / world
+
+            try:  # compiling needs a working JIT (a C++ compiler for MLX's CPU backend): probe it once
+                fused = mx.compile(pack), mx.compile(unpack)
+                mx.eval(fused[1](fused[0](mx.zeros((4,), dtype=dtype))))
+            except Exception:  # noqa: BLE001 - any failure: the plain graph is correct, just slower
+                fused = pack, unpack
+            self._fused[dtype] = fused
+        return self._fused[dtype]
 
     def _average_loss(self, loss: mx.array) -> mx.array:
         return mx.distributed.all_sum(loss, group=self.group) / self.world
