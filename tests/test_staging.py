@@ -296,3 +296,55 @@ def test_hosts_sharing_a_filesystem_stage_the_same_content_at_once(tmp_path, pro
     assert sum(s.repaired for s in second) >= 1
     leftovers = [p.name for p in (base / "runtime").iterdir() if p.name.startswith(".")]
     assert leftovers == [] and not list((base / "objects").glob(".*"))
+
+
+def _run_helper_here(req: dict, capsys) -> dict:
+    """HELPER in this process (so a test can force its macOS branch); what it would send back."""
+    import json
+
+    exec(staging.HELPER, {"REQ": {"mtime": staging.OBJECT_MTIME, "commit": [], "trees": [], "dirs": [], **req},
+                          "__name__": "orch_stage"})
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_on_macos_runs_get_apfs_clones(tmp_path, monkeypatch, capsys):
+    import ctypes
+    import shutil
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    data = b"weights\n"
+    name = _sha(data)
+    (objects / name).write_bytes(data)
+    calls = []
+
+    class _LibSystem:  # clonefile(2)'s contract: (src, dst, flags) -> 0, dst gets src's content and mode
+        def __init__(self, path, use_errno=False):
+            assert path == "/usr/lib/libSystem.B.dylib" and use_errno
+
+        def clonefile(self, src, dst, flags):
+            calls.append((src, dst, flags))
+            shutil.copy2(os.fsdecode(src), os.fsdecode(dst))
+            return 0
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ctypes, "CDLL", _LibSystem)
+    dst = tmp_path / "run" / "data.bin"
+    out = _run_helper_here({"objects": str(objects), "place": [[name, len(data), name, 0o644, [str(dst)]]]}, capsys)
+    assert out["method"] == "clonefile" and out["placed"] == 1 and out["missing"] == []
+    assert calls == [(os.fsencode(objects / name), os.fsencode(dst), 0)]
+    assert dst.read_bytes() == data and stat.S_IMODE(dst.stat().st_mode) == 0o644
+    assert stat.S_IMODE((objects / name).stat().st_mode) == 0o444  # the object was sealed on the way
+
+
+def test_on_macos_without_clones_runs_get_plain_copies(tmp_path, monkeypatch, capsys):
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    data = b"weights\n"
+    name = _sha(data)
+    (objects / name).write_bytes(data)
+    monkeypatch.setattr(sys, "platform", "darwin")  # no libSystem here: the clone attempt fails, a copy is made
+    dst = tmp_path / "run" / "data.bin"
+    out = _run_helper_here({"objects": str(objects), "place": [[name, len(data), name, 0o644, [str(dst)]]]}, capsys)
+    assert out["method"] == "copy" and dst.read_bytes() == data
+    assert os.stat(dst).st_ino != os.stat(objects / name).st_ino
