@@ -1,9 +1,17 @@
 """``orch``: arguments in, calls out. No logic lives here.
 
-Script arguments: everything after ``--`` goes to the script, and so do
-arguments after the script path that ``orch`` does not know. So both
-``orch run train.py -n 2 -- --lr 3e-4`` and ``orch run -n 2 train.py --lr 3e-4``
-work the way a user means them.
+What a rank runs, in three forms (as ``mlx.launch`` users know them)::
+
+    orch run [OPTIONS] SCRIPT.py [OPTIONS] [-- ARGS]    a Python file
+    orch run [OPTIONS] -m MODULE [OPTIONS] [-- ARGS]    python -m MODULE (packages, relative imports)
+    orch run [OPTIONS] -- PROGRAM [ARGS]                any executable or console script;
+                                                        "-- -m mod ..." goes to the rank's Python
+
+Argument routing cannot surprise: the program's own arguments go after ``--``,
+verbatim. Before ``--`` every option is orch's: an unknown one is an error
+with a did-you-mean, never handed to the program; an option given twice or a
+second program is an error (``orch run -n 2 train.py -n 5`` used to start five
+ranks).
 """
 
 from __future__ import annotations
@@ -27,10 +35,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", help="start a script on every rank and supervise it", description="Start SCRIPT on every rank.")
-    p.add_argument("script", help="the Python file every rank runs")
+    p = sub.add_parser("run", help="start a program on every rank and supervise it",
+                       usage="orch run [OPTIONS] (SCRIPT.py | -m MODULE) [OPTIONS] [-- ARGS]  |  orch run [OPTIONS] -- PROGRAM [ARGS]",
+                       description="Start a program on every rank: a Python file, a module (-m), or any command after --. "
+                                   "The program's own arguments go after --.")
+    p.add_argument("script", nargs="?", help="the Python file every rank runs")
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as `python -m MODULE` on every rank")
+    p.add_argument("--hosts", help="comma-separated SSH host names instead of a hostfile (like mlx.launch); "
+                                   "with -n K, K ranks on each host")
+    p.add_argument("--include", help="comma-separated host names: run only on these hosts of the hostfile")
+    p.add_argument("--exclude", help="comma-separated host names: leave these hosts of the hostfile out")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("-n", "--nproc", dest="n", type=int, help="number of local ranks (no hostfile)")
+    p.add_argument("-n", "--nproc", dest="n", type=int, help="number of local ranks (no hostfile); with --hosts, ranks per host")
     where.add_argument("--hostfile", help="JSON hostfile (mlx.launch's format or {\"hosts\": [...]})")
     p.add_argument("--backend", choices=["ring", "mpi", "jaccl", "jaccl-ring", "nccl"],
                    help="communication backend (default: the hostfile's; else jaccl/jaccl-ring when its rdma matrix "
@@ -109,12 +125,77 @@ def _split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+def _program(args: argparse.Namespace, after: list[str]) -> tuple[str, str, list[str]]:
+    """(kind, what, arguments) of the program every rank runs; see the module docstring."""
+    if args.module and args.script:
+        raise UsageError(f"two programs: {args.script} and -m {args.module}; give one (the program's arguments go after --)")
+    if args.module:
+        return "module", args.module, after
+    if args.script:
+        return "script", args.script, after
+    if not after:
+        raise UsageError("no program: give SCRIPT.py, -m MODULE, or -- PROGRAM [ARGS]")
+    if after[0] == "-m" and len(after) > 1:  # "-- -m mod ...": the rank's Python runs the module, as mlx.launch does
+        return "module", after[1], after[2:]
+    return "command", after[0], after[1:]
+
+
+class UsageError(Exception):
+    """A command line orch cannot read as the user meant it: one line, exit 2."""
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, option: str) -> str:
+    import difflib
+
+    name = option.split("=", 1)[0]
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_routing(parser: argparse.ArgumentParser, own: list[str]) -> None:
+    """Before ``--`` every option is orch's: unknown ones and ones given twice are errors."""
+    seen: dict[str, str] = {}
+    for token in own:
+        if not token.startswith("-") or token == "-" or _is_number(token):
+            continue
+        name = token.split("=", 1)[0]
+        action = parser._option_string_actions.get(name)
+        if action is None:
+            # argparse also accepts unambiguous prefixes (--hang-time); leave those to it.
+            matches = [o for o in parser._option_string_actions if o.startswith(name) and name.startswith("--")]
+            if len(matches) == 1:
+                action = parser._option_string_actions[matches[0]]
+            else:
+                raise UsageError(f"unknown option {name}{_did_you_mean(parser, name)}; "
+                                 "the program's own arguments go after --")
+        if isinstance(action, argparse._AppendAction):
+            continue
+        if action.dest in seen:
+            again = name if seen[action.dest] == name else f"{name} (also given as {seen[action.dest]})"
+            raise UsageError(f"{again} given twice; give it once")
+        seen[action.dest] = name
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
     from orchestrator.job import RunRequest, run_job
 
+    kind, program, program_args = _program(args, after)
     req = RunRequest(
-        script=args.script,
-        script_args=script_args,
+        script=program,
+        program=kind,
+        script_args=program_args,
+        hosts=args.hosts,
+        include=args.include,
+        exclude=args.exclude,
         n=args.n,
         hostfile=args.hostfile,
         backend=args.backend,
@@ -152,16 +233,19 @@ def cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     return summary.exit_code
 
 
-def _prestart_local_ranks(own: list[str]) -> None:
-    """``orch run ... -n N`` on this machine: start the ranks' Python and MLX import now (launch/prespawn.py)."""
-    if not own or own[0] != "run" or any(a in own for a in ("--hostfile", "--python", "--backend", "-h", "--help")):
-        return
-    for i, a in enumerate(own):
-        if a in ("-n", "--nproc") and i + 1 < len(own) and own[i + 1].isdigit():
-            from orchestrator.launch import prespawn
+def _prestart_local_ranks(args: argparse.Namespace) -> None:
+    """``orch run ... -n N`` on this machine: start the ranks' Python and MLX import now (launch/prespawn.py).
 
-            prespawn.start(int(own[i + 1]))
-            return
+    Reads the parsed arguments (parsing is cheap: argparse only), so what is
+    pre-started is exactly what the run will use; anything else (a hostfile,
+    another Python or backend) starts ranks the ordinary way.
+    """
+    if (args.command != "run" or not args.n or not 1 <= args.n <= 1024 or args.hostfile or args.hosts
+            or args.python or args.backend not in (None, "ring")):
+        return
+    from orchestrator.launch import prespawn
+
+    prespawn.start(args.n)
 
 
 def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
@@ -202,7 +286,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         own, after = _split_script_args(argv)
         try:
-            _prestart_local_ranks(own)
             code = _main(own, after)
             sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit flush
             return code
@@ -228,18 +311,33 @@ def _stdout_to_devnull() -> None:
 
 def _main(own: list[str], after: list[str]) -> int:
     parser = build_parser(with_check_options=bool(own) and own[0] == "check" or "-h" in own or "--help" in own)
+    if own and own[0] == "run":
+        try:
+            _check_routing(parser._subparsers._group_actions[0].choices["run"], own[1:])
+        except UsageError as e:
+            parser.exit(EXIT_USAGE, f"orch: error: {e} (see 'orch run --help')\n")
     args, unknown = parser.parse_known_args(own)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if unknown and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not unknown:
+        _prestart_local_ranks(args)
+    if unknown:
+        extra = " ".join(unknown)
+        if args.command == "run":
+            parser.exit(EXIT_USAGE, f"orch: error: a second program or stray argument: {extra}; the program's own "
+                                    "arguments go after -- (see 'orch run --help')\n")
+        parser.error(f"unrecognized arguments: {extra}")
 
     from orchestrator.hostfile import ConfigError
 
     try:
         if args.command == "run":
-            return cmd_run(args, unknown + after)
+            try:
+                return cmd_run(args, after)
+            except UsageError as e:
+                sys.stderr.write(f"orch: error: {e} (see 'orch run --help')\n")
+                return EXIT_USAGE
         if args.command == "check":
             from orchestrator.health.check import cmd_check
 

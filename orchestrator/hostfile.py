@@ -408,3 +408,51 @@ def local_hostfile(n: int) -> Hostfile:
     if n > MAX_SLOTS:
         raise ConfigError(f"-n {n}: at most {MAX_SLOTS} local ranks (use a hostfile to spread ranks over machines)")
     return Hostfile(hosts=[Host(name="localhost", ips=["127.0.0.1"], slots=n)], path=f"-n {n}")
+
+
+def hosts_hostfile(names: str, per_host: int = 1) -> Hostfile:
+    """``--hosts mac1,mac2`` (mlx.launch's shortcut): each name an SSH host, ``per_host`` ranks on each.
+
+    mlx.launch takes an address only from names that are IP addresses; we also
+    resolve host names (IPv4, as the ring needs), so ``--hosts mac1,mac2`` works
+    for the ring without a hostfile.
+    """
+
+    where = f"--hosts {names}"
+    parts = [p.strip() for p in names.split(",")]
+    if not names.strip() or any(not p for p in parts):
+        raise ConfigError(f"{where}: an empty host name; give comma-separated names like mac1,mac2")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"{where}: a host is named twice; use -n K for K ranks on each host")
+    if not 1 <= per_host <= MAX_SLOTS:
+        raise ConfigError(f"{where}: -n {per_host}: ranks per host must be 1..{MAX_SLOTS}")
+    hosts = []
+    for name in parts:
+        try:
+            ip = str(ipaddress.IPv4Address(name))
+        except ValueError:
+            try:
+                ip = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            except (OSError, UnicodeError) as e:
+                raise ConfigError(f"{where}: cannot resolve {name!r} to an IPv4 address ({e}); "
+                                  "use a hostfile with its \"ips\"") from None
+        hosts.append(Host(name=name, ips=[ip], slots=per_host))
+    return Hostfile(hosts=hosts, path=where)
+
+
+def select_hosts(hostfile: Hostfile, include: Optional[str], exclude: Optional[str]) -> Hostfile:
+    """``--include`` / ``--exclude`` host names for one run (DeepSpeed's flags); unknown names are errors."""
+    if not include and not exclude:
+        return hostfile
+    names = [h.name for h in hostfile.hosts]
+    wanted = [n.strip() for n in include.split(",")] if include else names
+    dropped = {n.strip() for n in exclude.split(",")} if exclude else set()
+    for flag, given in (("--include", wanted if include else []), ("--exclude", dropped)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise ConfigError(f"{hostfile.path or '<hostfile>'}: {flag}: no host named {', '.join(map(repr, unknown))} "
+                              f"(hosts: {', '.join(names)})")
+    kept = [h for h in hostfile.hosts if h.name in wanted and h.name not in dropped]
+    if not kept:
+        raise ConfigError(f"{hostfile.path or '<hostfile>'}: --include/--exclude leave no host to run on")
+    return hostfile.model_copy(update={"hosts": kept})

@@ -11,12 +11,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, Field
 
 from orchestrator.backends import choose
-from orchestrator.hostfile import ConfigError, Hostfile, load_hostfile, local_hostfile, parse_env_assignment
+from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_hostfile, local_hostfile, parse_env_assignment,
+                                  select_hosts)
 from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job, write_files
@@ -28,8 +29,12 @@ if TYPE_CHECKING:
 
 
 class RunRequest(BaseModel):
-    script: str
+    script: str  # the program: a file path (script), a module name (module), or an executable (command)
+    program: Literal["script", "module", "command"] = "script"
     script_args: list[str] = Field(default_factory=list)
+    hosts: Optional[str] = None  # --hosts mac1,mac2 instead of a hostfile
+    include: Optional[str] = None
+    exclude: Optional[str] = None
     n: Optional[int] = None
     hostfile: Optional[str] = None
     backend: Optional[str] = None
@@ -84,15 +89,31 @@ def check_values(req: RunRequest) -> None:
 def _load_cluster(req: RunRequest) -> Hostfile:
     if req.hostfile and req.n is not None:
         raise ConfigError("give either -n N (local ranks) or --hostfile FILE, not both")
+    if req.hostfile and req.hosts:
+        raise ConfigError("give either --hosts NAMES or --hostfile FILE, not both")
     if req.hostfile:
-        return load_hostfile(req.hostfile)
-    return local_hostfile(req.n if req.n is not None else 1)
+        hostfile = load_hostfile(req.hostfile)
+    elif req.hosts:
+        hostfile = hosts_hostfile(req.hosts, req.n or 1)
+    else:
+        if req.include or req.exclude:
+            raise ConfigError("--include/--exclude pick hosts of a hostfile or --hosts; add --hostfile FILE")
+        return local_hostfile(req.n if req.n is not None else 1)
+    return select_hosts(hostfile, req.include, req.exclude)
 
 
 def _check_script(req: RunRequest) -> str:
+    """The program, checked where this machine can check it; returns what names the run."""
+    if req.program == "module":
+        if not all(part.isidentifier() for part in req.script.split(".")):
+            raise ConfigError(f"-m {req.script}: not a module name (use e.g. -m mlx_lm)")
+        return req.script
+    if req.program == "command":
+        return req.script
     path = Path(req.script)
     if not path.is_file():
-        raise ConfigError(f"{req.script}: no such script; give the path of the Python file to run on every rank")
+        raise ConfigError(f"{req.script}: no such script; give the path of the Python file to run on every rank "
+                          "(or -m MODULE, or -- PROGRAM ARGS for any other program)")
     return str(path.resolve())
 
 
@@ -126,7 +147,8 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
         if plan.backend == "ring" and r.listen:
             env["ORCH_LISTEN"] = r.listen[0]
         specs.append(RankSpec(
-            rank=r.rank, host=r.host, host_index=r.host_index, script=script, script_args=list(req.script_args),
+            rank=r.rank, host=r.host, host_index=r.host_index, script=script, program=req.program,
+            script_args=list(req.script_args),
             python=req.python or host.python, env=env, cwd=req.cwd or host.cwd, mlx_hostfile_json=files.get("MLX_HOSTFILE"),
         ))
     return specs

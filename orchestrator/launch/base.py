@@ -71,6 +71,12 @@ class RankSpec:
     cwd: Optional[str] = None
     host_index: int = 0
     mlx_hostfile_json: Optional[str] = None
+    program: str = "script"  # "script" (a file), "module" (python -m), "command" (any executable)
+
+    def program_argv(self, script: Optional[str] = None) -> list[str]:
+        """What the bootstrap runs: ``SCRIPT ARGS``, ``-m MODULE ARGS`` or ``--exec PROGRAM ARGS``."""
+        flag = {"script": [], "module": ["-m"], "command": ["--exec"]}[self.program]
+        return [*flag, script or self.script, *self.script_args]
 
     def rank_argv(self, python: str, script: Optional[str] = None, guard_flags: tuple[str, ...] = ()) -> list[str]:
         """The guarded command line of this rank.
@@ -80,7 +86,7 @@ class RankSpec:
         cost of site's .pth hooks before the rank itself can start.
         """
         return [python, "-S", "-m", "orchestrator.runtime.guard", *guard_flags, "--",
-                python, "-m", "orchestrator.runtime.bootstrap", script or self.script, *self.script_args]
+                python, "-m", "orchestrator.runtime.bootstrap", *self.program_argv(script)]
 
 
 @dataclass

@@ -132,7 +132,7 @@ async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
     stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
     token = new_token()
     # A --deferred guard reads its token from the configuration line (not a separate token line).
-    config = {"env": spec.env, "argv": [spec.script, *spec.script_args], "cwd": spec.cwd, "token": token}
+    config = {"env": spec.env, "argv": spec.program_argv(), "cwd": spec.cwd, "token": token}
     stdin.write(json.dumps(config).encode() + b"\n")
     return PrestartedRank(spec, proc, stdin, *readers, token=token)
 

@@ -476,7 +476,7 @@ class SSHLauncher(Launcher):
             site = self._sites.get(spec.host_index)
             if site is None:
                 site = self._sites[spec.host_index] = _Site(index=spec.host_index, link=link, label="", stage_code=False)
-            if not spec.cwd:
+            if not spec.cwd and spec.program == "script":  # a module or command runs from what is installed there
                 site.stage_code = True
         for i, site in self._sites.items():
             site.label = self._site_label(i)

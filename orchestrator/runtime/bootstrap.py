@@ -156,25 +156,38 @@ def main() -> None:
     config_fd = os.environ.pop("ORCH_CONFIG_FD", None)
     if config_fd is not None:
         _configure_deferred(int(config_fd))
-    if len(sys.argv) < 2:
-        print("usage: python -m orchestrator.runtime.bootstrap SCRIPT [ARGS...]", file=sys.stderr)
+    if len(sys.argv) < 2 or (sys.argv[1] in ("-m", "--exec") and len(sys.argv) < 3):
+        print("usage: python -m orchestrator.runtime.bootstrap (SCRIPT | -m MODULE | --exec PROGRAM) [ARGS...]",
+              file=sys.stderr)
         sys.exit(2)
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
+    kind, target, args = _program(sys.argv[1:])
     _materialise_hostfile()
+    if kind == "exec":  # not Python: the program replaces us, with the environment and files in place
+        _signal_init(b"")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            os.execvp(target, [target, *args])
+        except OSError as e:
+            print(f"orch: cannot run {target!r}: {e.strerror}", file=sys.stderr)
+            sys.exit(127)
+    sys.argv = [target, *args]
     if not (events.enabled() and _install_init_hook()):
         _signal_init(b"")  # no hook, no byte: the guard need not watch
     if os.environ.get("ORCH_BACKEND") == "mpi":
         _prepare_mpi()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if kind == "script":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+    else:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
     if os.environ.get("ORCH_BACKEND") != "mpi":
-        runpy.run_path(script, run_name="__main__")
+        _run(kind, target)
         return
     # Under MPI a rank that fails must not reach MPI_Finalize at exit: it is
     # collective, so the failed rank would wait there forever for peers that
     # are themselves blocked in a collective waiting for it.
     try:
-        runpy.run_path(script, run_name="__main__")
+        _run(kind, target)
     except SystemExit as e:
         if e.code in (0, None):
             raise
@@ -184,6 +197,39 @@ def main() -> None:
     except BaseException:
         traceback.print_exc()
         _hard_exit(1)
+
+
+def _program(argv: list[str]) -> tuple[str, str, list[str]]:
+    """("script" | "module" | "exec", target, args) from ``SCRIPT ARGS``, ``-m MODULE ARGS``, ``--exec PROGRAM ARGS``.
+
+    A command that is a Python console script (``mlx_lm.lora``: a file on PATH
+    whose ``#!`` line names a Python) runs here as a script, so its
+    ``mx.distributed.init`` is seen like ours; anything else is exec'd.
+    """
+    if argv[0] == "-m":
+        return "module", argv[1], argv[2:]
+    if argv[0] != "--exec":
+        return "script", argv[0], argv[1:]
+    program, args = argv[1], argv[2:]
+    import shutil
+
+    path = program if os.sep in program else shutil.which(program)
+    if path and os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(256)
+        except OSError:
+            first = b""
+        if first.startswith(b"#!") and b"python" in first:
+            return "script", path, args
+    return "exec", program, args
+
+
+def _run(kind: str, target: str) -> None:
+    if kind == "module":
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target, run_name="__main__")
 
 
 def _hard_exit(code: int) -> None:
