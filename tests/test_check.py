@@ -18,8 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.health import check as chk
 from orchestrator.health import probes
+from orchestrator.health.collective import expected_speed_note
+from orchestrator.health.hosts import host_checks, mlx_agreement, mpi_check
+from orchestrator.health.links import Edge, evaluate_link, ring_edges
+from orchestrator.health.report import HostResult, LinkResult, Report, render
+from orchestrator.health.runner import describe_probe_exit
 from orchestrator.hostfile import Hostfile, Host
 from tests.orch_helpers import ROOT, finish
 
@@ -332,8 +336,8 @@ def test_interfaces_linux_and_macos():
 # ----------------------------------------------------------------------------- per-link verdicts
 
 
-def edge(ip="10.213.1.2", port=5002, subnet="10.213.1.0/30") -> chk.Edge:
-    return chk.Edge(id="e1", from_rank=1, to_rank=2, from_index=1, to_index=2, ip=ip, port=port,
+def edge(ip="10.213.1.2", port=5002, subnet="10.213.1.0/30") -> Edge:
+    return Edge(id="e1", from_rank=1, to_rank=2, from_index=1, to_index=2, ip=ip, port=port,
                     subnet=ipaddress.ip_network(subnet) if subnet else None)
 
 
@@ -347,7 +351,7 @@ def connected(src, route_out, system="Linux", reply="NONCE"):
 
 def test_link_passes_and_names_the_interface():
     route = LINUX_ROUTE_LINK.replace("10.213.0.2", "10.213.1.2").replace("10.213.0.1", "10.213.1.1")
-    r = chk.evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.1.1", route), nonce="NONCE",
+    r = evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.1.1", route), nonce="NONCE",
                           s_system="Linux", r_system="Linux")
     assert r.ok and r.detail == "mac1 -> mac2 10.213.1.2:5002 via ring_r from 10.213.1.1 (connect 0.20 ms)"
     assert (r.from_host, r.to_host, r.address, r.short) == ("mac1", "mac2", "10.213.1.2:5002", "via ring_r")
@@ -357,12 +361,12 @@ def test_link_passes_and_names_the_interface():
 def test_link_through_the_wrong_interface_fails_when_the_hostfile_has_prefixes():
     # Constructed in the recorded shape: the kernel picked the Ethernet port (mgmt0) for a ring address.
     route = '[{"dst":"10.213.1.2","gateway":"10.213.200.12","dev":"mgmt0","prefsrc":"10.213.200.11","flags":[],"uid":0,"cache":[]}]'
-    r = chk.evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.200.11", route), nonce="NONCE",
+    r = evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.200.11", route), nonce="NONCE",
                           s_system="Linux", r_system="Linux")
     assert not r.ok and r.detail.startswith("route via the wrong interface: mac1 reaches 10.213.1.2:5002 through mgmt0 "
                                             "(source 10.213.200.11, not on 10.213.1.0/30)")
     # Without prefixes there is no expectation: the interface is only named.
-    r = chk.evaluate_link(edge(subnet=None), NAMES, bind=BOUND, conn=connected("10.213.200.11", route), nonce="NONCE",
+    r = evaluate_link(edge(subnet=None), NAMES, bind=BOUND, conn=connected("10.213.200.11", route), nonce="NONCE",
                           s_system="Linux", r_system="Linux")
     assert r.ok and "via mgmt0" in r.detail
 
@@ -370,7 +374,7 @@ def test_link_through_the_wrong_interface_fails_when_the_hostfile_has_prefixes()
 def test_macos_link_over_a_vpn_tunnel_is_the_wrong_interface():
     route = (MACOS / "route_get_1__utun3_vpn__neofetch2361.txt").read_text()  # recorded: lands on utun3
     e = edge(ip="192.168.0.2", subnet="192.168.0.0/30")
-    r = chk.evaluate_link(e, NAMES, bind=BOUND, conn=connected("10.8.0.2", route), nonce="NONCE",
+    r = evaluate_link(e, NAMES, bind=BOUND, conn=connected("10.8.0.2", route), nonce="NONCE",
                           s_system="Darwin", r_system="Darwin")
     assert not r.ok and "through utun3 (source 10.8.0.2, not on 192.168.0.0/30)" in r.detail
 
@@ -378,11 +382,11 @@ def test_macos_link_over_a_vpn_tunnel_is_the_wrong_interface():
 @pytest.mark.parametrize("system, in_use, not_avail", [("Linux", 98, 99), ("Darwin", 48, 49)])
 def test_listener_failures_port_in_use_and_foreign_address(system, in_use, not_avail):
     holder = 'LISTEN 0 128 10.213.1.2:5002 0.0.0.0:* users:(("python",pid=4892,fd=3))'
-    r = chk.evaluate_link(edge(), NAMES, bind={"id": "e1", "bound": False, "errno": in_use, "error": "Address already in use",
+    r = evaluate_link(edge(), NAMES, bind={"id": "e1", "bound": False, "errno": in_use, "error": "Address already in use",
                                                "holder": holder}, conn=None, nonce="N", s_system=system, r_system=system)
     assert not r.ok and r.short == "port in use"
     assert r.detail.startswith("port 5002 is already in use on mac2 at 10.213.1.2:5002") and "pid=4892" in r.detail
-    r = chk.evaluate_link(edge(), NAMES, bind={"id": "e1", "bound": False, "errno": not_avail, "error": "x"}, conn=None,
+    r = evaluate_link(edge(), NAMES, bind={"id": "e1", "bound": False, "errno": not_avail, "error": "x"}, conn=None,
                           nonce="N", s_system=system, r_system=system, r_ifaces=probes.parse_linux_addrs(LINUX_ADDRS))
     assert not r.ok and r.detail.startswith("10.213.1.2 is not an address of mac2")
 
@@ -394,14 +398,14 @@ def test_unreachable_address_suggests_the_right_side_and_a_down_link_says_so():
     receiver = [probes.Iface("ring_l", True, "up", [ipaddress.ip_interface("10.213.0.2/30")]),
                 probes.Iface("ring_r", True, "up", [ipaddress.ip_interface("10.213.2.1/30")])]
     conn = {"id": "e1", "connected": False, "errno": 101, "error": "Network is unreachable", "route": LINUX_ROUTE_UNREACHABLE}
-    r = chk.evaluate_link(edge(ip="10.213.2.1", subnet=None), NAMES, bind=BOUND, conn=conn, nonce="N", s_system="Linux",
+    r = evaluate_link(edge(ip="10.213.2.1", subnet=None), NAMES, bind=BOUND, conn=conn, nonce="N", s_system="Linux",
                           r_system="Linux", s_ifaces=sender, r_ifaces=receiver)
     assert not r.ok and r.short == "unreachable"
     assert r.detail.startswith("mac1 cannot reach mac2 at 10.213.2.1:5002: network unreachable, no route from mac1")
     assert "mac2's addresses on a network mac1 is on: 10.213.0.2 (ring_l)" in r.detail
     # Same target on a cable that is down at the sender: "link down", naming the interface.
     sender_down = [i for i in sender if i.name != "ring_r"] + probes.parse_linux_addrs(LINUX_RING_R_DOWN)
-    r = chk.evaluate_link(edge(ip="10.213.0.2", subnet="10.213.0.0/30"), NAMES, bind=BOUND, conn=conn, nonce="N",
+    r = evaluate_link(edge(ip="10.213.0.2", subnet="10.213.0.0/30"), NAMES, bind=BOUND, conn=conn, nonce="N",
                           s_system="Linux", r_system="Linux", s_ifaces=sender_down, r_ifaces=receiver)
     assert not r.ok and r.short == "link down"
     assert r.detail == ("link down: mac1 cannot reach mac2 at 10.213.0.2:5002 (network unreachable); "
@@ -410,17 +414,17 @@ def test_unreachable_address_suggests_the_right_side_and_a_down_link_says_so():
 
 def test_refused_timeout_wrong_host_and_not_checked():
     base = {"id": "e1", "route": {"rc": 0, "out": LINUX_ROUTE_LINK, "err": ""}}
-    r = chk.evaluate_link(edge(), NAMES, bind=BOUND, conn={**base, "connected": False, "errno": 111, "error": "x"},
+    r = evaluate_link(edge(), NAMES, bind=BOUND, conn={**base, "connected": False, "errno": 111, "error": "x"},
                           nonce="N", s_system="Linux", r_system="Linux")
     assert r.short == "refused" and "connection refused although rank 2's test listener runs on mac2" in r.detail
     mac_route = {"rc": 0, "out": (MACOS / "route_get_0__en0__neofetch2361.txt").read_text(), "err": ""}
-    r = chk.evaluate_link(edge(), NAMES, bind=BOUND, conn={"id": "e1", "route": mac_route, "connected": False, "errno": 60,
+    r = evaluate_link(edge(), NAMES, bind=BOUND, conn={"id": "e1", "route": mac_route, "connected": False, "errno": 60,
                                                            "error": "x"}, nonce="N", s_system="Darwin", r_system="Darwin")
     assert r.short == "timeout" and "no answer (timed out) via en0 gateway 10.62.96.1" in r.detail
-    r = chk.evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.1.1", LINUX_ROUTE_LINK, reply="other"),
+    r = evaluate_link(edge(), NAMES, bind=BOUND, conn=connected("10.213.1.1", LINUX_ROUTE_LINK, reply="other"),
                           nonce="N", s_system="Linux", r_system="Linux")
     assert r.short == "wrong host" and not r.ok
-    r = chk.evaluate_link(edge(), NAMES, bind=None, conn=None, nonce="N", s_system="Linux", r_system="Linux",
+    r = evaluate_link(edge(), NAMES, bind=None, conn=None, nonce="N", s_system="Linux", r_system="Linux",
                           not_checked="no listener on mac2 (see mac2's ssh check)")
     assert not r.ok and r.detail == "not checked: no listener on mac2 (see mac2's ssh check)"
 
@@ -432,37 +436,37 @@ def test_ring_edges_follow_the_plan_and_carry_the_hostfile_prefix():
         [["192.168.0.1/30", "192.168.0.14/30"], ["192.168.0.2/30", "192.168.0.5/30"],
          ["192.168.0.6/30", "192.168.0.9/30"], ["192.168.0.10/30", "192.168.0.13/30"]])])
     plan = plan_job(hf, "ring", 1, 40000)
-    edges = chk.ring_edges(hf, plan)
+    edges = ring_edges(hf, plan)
     assert [(e.from_rank, e.to_rank, e.address, str(e.subnet)) for e in edges] == [
         (0, 1, f"192.168.0.2:{plan.ranks[1].listen[0].split(':')[1]}", "192.168.0.0/30"),
         (1, 2, f"192.168.0.6:{plan.ranks[2].listen[0].split(':')[1]}", "192.168.0.4/30"),
         (2, 3, f"192.168.0.10:{plan.ranks[3].listen[0].split(':')[1]}", "192.168.0.8/30"),
         (3, 0, f"192.168.0.14:{plan.ranks[0].listen[0].split(':')[1]}", "192.168.0.12/30")]
-    assert chk.ring_edges(hf, plan_job(hf, "mpi")) == []
+    assert ring_edges(hf, plan_job(hf, "mpi")) == []
     one = Hostfile(hosts=[Host(name="localhost", ips=["127.0.0.1"])])
-    assert chk.ring_edges(one, plan_job(one, "ring")) == []
+    assert ring_edges(one, plan_job(one, "ring")) == []
 
 
 # ----------------------------------------------------------------------------- host verdicts
 
 
-def hosts4(local=False) -> list[chk.HostResult]:
-    return [chk.HostResult(i, f"mac{i}", local) for i in range(4)]
+def hosts4(local=False) -> list[HostResult]:
+    return [HostResult(i, f"mac{i}", local) for i in range(4)]
 
 
 def test_mlx_minority_fails_naming_every_version():
     hosts = hosts4()
     for h in hosts:
         h.add("mlx", "pass", "x")
-    chk.mlx_agreement(hosts, {0: "0.32.4", 1: "0.32.4", 2: "0.32.4", 3: "0.31.0"})
+    mlx_agreement(hosts, {0: "0.32.4", 1: "0.32.4", 2: "0.32.4", 3: "0.31.0"})
     assert [h.checks["mlx"].status for h in hosts] == ["pass", "pass", "pass", "fail"]
     assert hosts[3].checks["mlx"].detail.startswith("mlx 0.31.0 here, but 0.32.4 on mac0, mac1, mac2")
     assert "0.31.0 on mac3" in hosts[3].checks["mlx"].detail
     tie = hosts4()
-    chk.mlx_agreement(tie, {0: "0.32.4", 1: "0.32.4", 2: "0.31.0", 3: "0.31.0"})
+    mlx_agreement(tie, {0: "0.32.4", 1: "0.32.4", 2: "0.31.0", 3: "0.31.0"})
     assert all(h.checks["mlx"].status == "fail" and "no version has a majority" in h.checks["mlx"].detail for h in tie)
     same = hosts4()
-    chk.mlx_agreement(same, {0: "0.32.4", 1: "0.32.4"})
+    mlx_agreement(same, {0: "0.32.4", 1: "0.32.4"})
     assert all("mlx" not in h.checks for h in same)
 
 
@@ -482,45 +486,45 @@ REPORT = {"python": "/usr/bin/python3", "python_version": "3.12.1", "system": "D
 
 
 def test_host_checks_disk_warning_metal_and_clock_skew():
-    h = chk.HostResult(0, "mac0", False)
-    chk.host_checks(h, REPORT, [(100.0, 102.5, 100.01)], backend="ring", mpi_local=None, mpi_error=None, mpi_prefix=None)
+    h = HostResult(0, "mac0", False)
+    host_checks(h, REPORT, [(100.0, 102.5, 100.01)], backend="ring", mpi_local=None, mpi_error=None, mpi_prefix=None)
     c = h.checks
     assert c["disk"].status == "warn" and "under 2 GiB" in c["disk"].detail and c["disk"].ok
     assert c["metal"].status == "pass" and c["metal"].detail == "Metal working set limit 96.0 GiB of 128.0 GiB"
     assert c["clock"].status == "warn" and c["clock"].detail.startswith("offset +2.495 s")
     assert c["python"].ok and c["mlx"].detail == "mlx 0.32.4" and c["memory"].ok
     assert h.ok  # warnings do not fail
-    bad = chk.HostResult(1, "mac1", False)
-    chk.host_checks(bad, {**REPORT, "mlx": {"error": "ModuleNotFoundError: No module named 'mlx'"}}, [], backend="ring",
+    bad = HostResult(1, "mac1", False)
+    host_checks(bad, {**REPORT, "mlx": {"error": "ModuleNotFoundError: No module named 'mlx'"}}, [], backend="ring",
                     mpi_local=None, mpi_error=None, mpi_prefix=None)
     assert bad.checks["mlx"].status == "fail" and "No module named 'mlx'" in bad.checks["mlx"].detail
     assert "metal" not in bad.checks and not bad.ok
 
 
 def test_mpi_check_on_remote_hosts():
-    h = chk.HostResult(1, "mac1", False)
-    chk.mpi_check(h, {"path": None, "searched": ["/opt/ompi/bin/mpirun"]}, None, None, "/opt/ompi")
+    h = HostResult(1, "mac1", False)
+    mpi_check(h, {"path": None, "searched": ["/opt/ompi/bin/mpirun"]}, None, None, "/opt/ompi")
     assert h.checks["mpi"].status == "fail" and "--prefix /opt/ompi" in h.checks["mpi"].detail
-    chk.mpi_check(h, {"path": "/opt/ompi/bin/mpirun", "version": "mpirun (Open MPI) 5.0.11\n\nReport bugs"}, None, None, "/opt/ompi")
+    mpi_check(h, {"path": "/opt/ompi/bin/mpirun", "version": "mpirun (Open MPI) 5.0.11\n\nReport bugs"}, None, None, "/opt/ompi")
     assert h.checks["mpi"].status == "pass" and h.checks["mpi"].short == "5.0.11"
-    chk.mpi_check(h, {"path": "/usr/bin/mpirun", "version": "HYDRA build details:"}, None, None, None)
+    mpi_check(h, {"path": "/usr/bin/mpirun", "version": "HYDRA build details:"}, None, None, None)
     assert h.checks["mpi"].status == "fail" and "not Open MPI" in h.checks["mpi"].detail
-    chk.mpi_check(h, {}, None, "no Open MPI found for --backend mpi; searched: PATH", None)
+    mpi_check(h, {}, None, "no Open MPI found for --backend mpi; searched: PATH", None)
     assert h.checks["mpi"].status == "fail" and "this machine" in h.checks["mpi"].detail
 
 
 def test_probe_exit_words():
-    assert chk.describe_probe_exit("python3", 127, "bash: line 1: python3: command not found\n") == \
+    assert describe_probe_exit("python3", 127, "bash: line 1: python3: command not found\n") == \
         "python3: not found on this host (set \"python\" in the hostfile or --python)"
-    assert chk.describe_probe_exit("/x/py", 126, "") == "/x/py: not executable"
-    assert chk.describe_probe_exit("py", 1, "Traceback...\nMemoryError\n") == "py exited with code 1: MemoryError"
+    assert describe_probe_exit("/x/py", 126, "") == "/x/py: not executable"
+    assert describe_probe_exit("py", 1, "Traceback...\nMemoryError\n") == "py exited with code 1: MemoryError"
 
 
 def test_thunderbolt_speed_is_a_note():
     hf = Hostfile(hosts=[Host(name="mac0", links=[{"peer": "mac1", "iface": "en2", "ip": "192.168.0.1"}]), Host(name="mac1")])
-    note = chk.expected_speed_note(hf, 2.5)
+    note = expected_speed_note(hf, 2.5)
     assert "40 Gb/s" in note and "80 Gb/s" in note and "50% of 40 Gb/s" in note
-    assert chk.expected_speed_note(Hostfile(hosts=[Host(name="a")]), 2.5) is None
+    assert expected_speed_note(Hostfile(hosts=[Host(name="a")]), 2.5) is None
 
 
 def test_render_marks_and_problems():
@@ -529,9 +533,9 @@ def test_render_marks_and_problems():
         h.add("ssh", "pass", "ok", "0.4 ms")
     hosts[2].add("mlx", "fail", "MLX is not importable", "not importable")
     hosts[3].add("disk", "warn", "1.0 GiB free", "1.0 GiB free")
-    links = [chk.LinkResult(0, 1, "mac0", "mac1", "10.0.0.2:5001", "pass", "via en2", "via en2"),
-             chk.LinkResult(1, 2, "mac1", "mac2", "10.0.0.6:5002", "fail", "link down: ...", "link down")]
-    text = chk.render(chk.Report(backend="ring", world_size=4, hosts=hosts, links=links))
+    links = [LinkResult(0, 1, "mac0", "mac1", "10.0.0.2:5001", "pass", "via en2", "via en2"),
+             LinkResult(1, 2, "mac1", "mac2", "10.0.0.6:5002", "fail", "link down: ...", "link down")]
+    text = render(Report(backend="ring", world_size=4, hosts=hosts, links=links))
     assert "✗ not importable" in text and "! 1.0 GiB free" in text
     assert "✗ rank 1 mac1 -> rank 2 mac2  10.0.0.6:5002  link down" in text
     assert "  ✗ mac2 mlx: MLX is not importable" in text and "FAILED (2 failing)" in text
