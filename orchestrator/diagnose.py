@@ -53,7 +53,15 @@ def _own_address(rank: int, plan) -> str:
     return ",".join(plan.ranks[rank].listen) or "its listen address"
 
 
-def classify(lines: Iterable[str], rank: int = 0, plan=None) -> Optional[Diagnosis]:
+def classify(lines: Iterable[str], rank: int = 0, plan=None, signal: Optional[int] = None,
+             initialised: Optional[bool] = None) -> Optional[Diagnosis]:
+    lines = list(lines)
+    if getattr(plan, "backend", None) in ("jaccl", "jaccl-ring"):
+        from orchestrator.backends import jaccl  # here: backends import the plan, which imports this module's users
+
+        f = jaccl.classify(lines, rank, plan, signal=signal, initialised=initialised)
+        if f is not None:
+            return Diagnosis(f.cause, f.message, f.secondary)
     text = "\n".join(lines)
 
     m = re.search(r"\[ring\] Couldn't connect \(error: (\d+)\)", text)

@@ -137,6 +137,7 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             ORCH_BACKEND=plan.backend,
             ORCH_WORLD_SIZE=str(plan.world_size),
             ORCH_GRACE_S=str(req.grace),
+            ORCH_GUARD_RSS="1",  # the guard samples every rank's memory, whatever the program
         )
         if req.bind:
             env["ORCH_BIND"] = f"{i}/{host.slots}"

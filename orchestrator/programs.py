@@ -243,3 +243,34 @@ class ProgramOutput:
         if m:
             return self._metric(None, {"test_loss": _float(m["loss"]), "test_ppl": _float(m["ppl"])})
         return []
+
+
+_THREAD_HEAD = re.compile(r"^(Current thread|Thread) 0x[0-9a-fA-F]+ \(most recent call first\):\s*$")
+_FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)\s*$')
+
+
+def top_frames(lines: list[str], mark: str, depth: int = 2) -> Optional[str]:
+    """Where a rank is, from the ``faulthandler`` dump that follows the last ``mark`` in its output.
+
+    ``"_average at trainer.py:255 (from step at trainer.py:300)"``. faulthandler
+    lists threads newest first, so the main thread, where a training loop waits
+    in a collective, is the last block. None when there is no dump (a stopped
+    rank cannot answer; a program that is not Python has no stacks).
+    """
+    try:
+        start = len(lines) - 1 - lines[::-1].index(mark)
+    except ValueError:
+        return None
+    blocks: list[list[tuple[str, str, str]]] = []
+    for line in lines[start + 1:]:
+        if _THREAD_HEAD.match(line):
+            blocks.append([])
+            continue
+        m = _FRAME.match(line)
+        if m and blocks:
+            blocks[-1].append((m["func"], m["file"].rsplit("/", 1)[-1], m["line"]))
+    frames = next((b for b in reversed(blocks) if b), None)
+    if not frames:
+        return None
+    here = [f"{func} at {file}:{line}" for func, file, line in frames[:depth]]
+    return here[0] + (f" (from {', '.join(here[1:])})" if len(here) > 1 else "")

@@ -47,6 +47,13 @@ CONTROL_RELEASE = "release"
 # starts its rank: ``token <hex>``. (A ``--deferred`` guard finds the token in
 # its configuration line instead, under the key ``"token"``.)
 CONTROL_TOKEN = "token"
+# ``dump``: the guard sends its rank DUMP_SIGNAL, on which the bootstrap has
+# registered ``faulthandler``: every thread's Python stack goes to the rank's
+# stderr (so into its log), and the hang diagnosis quotes the top frames.
+# SIGURG because its default action is to do nothing: a program the bootstrap
+# exec'd (not Python) is not harmed by it.
+CONTROL_DUMP = "dump"
+DUMP_SIGNAL_NAME = "SIGURG"
 
 # Events only the guard may send. They carry the attempt's token (``"token"``),
 # which the guard got on its stdin, a pipe the rank never sees: the controller
@@ -176,7 +183,22 @@ class PhaseEvent(_Base):
     mlx_peak_bytes: Optional[int]
 
 
+class RssEvent(_Base):
+    """The guard's sample of its rank's memory (any program): ``ORCH_GUARD_RSS=1``, every ~2 s.
+
+    ``tree_rss_bytes`` adds the rank's descendants (data loaders, a shell's child);
+    ``system_available_bytes`` is None where the platform gives no reading the
+    guard can parse with the standard library.
+    """
+
+    kind: Literal["rss"]
+    rss_bytes: int
+    tree_rss_bytes: Optional[int]
+    system_available_bytes: Optional[int]
+
+
 Event = Union[
+    RssEvent,
     SpawnedEvent,
     ExitedEvent,
     InitStartEvent,

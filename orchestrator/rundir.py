@@ -44,6 +44,20 @@ class MemorySummary(BaseModel):
     metal_max_recommended_working_set_size: Optional[int] = None
 
 
+class PhaseSummary(BaseModel):
+    """One ``with report.phase(name):`` block of a rank: time, and memory before/after."""
+
+    name: str
+    duration_s: float
+    ok: bool = True
+    rss_before_bytes: Optional[int] = None
+    rss_after_bytes: Optional[int] = None
+    rss_peak_bytes: Optional[int] = None
+    mlx_active_before_bytes: Optional[int] = None
+    mlx_active_after_bytes: Optional[int] = None
+    mlx_peak_bytes: Optional[int] = None
+
+
 class RankSummary(BaseModel):
     rank: int
     host: str
@@ -54,6 +68,7 @@ class RankSummary(BaseModel):
     last_loss: Optional[float] = None
     samples_per_s: Optional[float] = None
     memory: Optional[MemorySummary] = None
+    phases: list[PhaseSummary] = Field(default_factory=list)
 
 
 class AttemptSummary(BaseModel):

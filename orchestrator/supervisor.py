@@ -37,16 +37,18 @@ from dataclasses import dataclass, field
 from typing import IO, Callable, Optional
 
 from orchestrator import events as event_validation
-from orchestrator import protocol
+from orchestrator import programs, protocol
 from orchestrator.diagnose import Diagnosis, classify
 from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec, signal_name
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
-from orchestrator.rundir import MemorySummary, RankSummary, RunDir, RunSummary
+from orchestrator.rundir import MemorySummary, PhaseSummary, RankSummary, RunDir, RunSummary
 from orchestrator.units import human_bytes
 
-TAIL_LINES = 40  # kept per rank for diagnoses; the last SHOW_LINES are shown on failure
+TAIL_LINES = 200  # kept per rank (a stack dump fits) for diagnoses; the last SHOW_LINES are shown on failure
 SHOW_LINES = 15
+STACK_WAIT_S = 1.5  # how long a hang diagnosis waits for the ranks' stack dumps
+STACK_MARK = "orch: hang: stacks requested"
 # How long to keep collecting rank exits after the first failure before naming
 # the root cause: when one rank dies its ring neighbours fail within
 # milliseconds ("connection to a peer was lost"), and asyncio may report theirs first.
@@ -149,9 +151,14 @@ class RankState:
     last_step_wall: Optional[float] = None
     pumps: list = field(default_factory=list)  # the output readers of this rank's streams
     guard_signal: Optional[int] = None  # the signal number the guard's authenticated "exited" event gave
+    # Progress read from the output of programs that are not ours (mlx-lm's report lines).
+    program: programs.ProgramOutput = field(default_factory=programs.ProgramOutput)
+    phases: list = field(default_factory=list)  # PhaseSummary per `report.phase(...)` the rank ended
+    killed: bool = False  # orch had to SIGKILL it (the guard did not stop it in time)
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
-        return classify(self.tail, self.rank, plan)
+        signal_ = self.status.signal if self.status else None
+        return classify(self.tail, self.rank, plan, signal=signal_, initialised=self.ready)
 
     @property
     def rank(self) -> int:
@@ -196,19 +203,26 @@ class _LineOut:
                 continue
             text, payload = protocol.split_line(piece.decode("utf-8", "surrogateescape"))
             if payload is not None:
-                try:
-                    self.sup._on_event(self.state, payload)
-                except Exception as e:  # a bad event must never stop the output of a rank
-                    self.sup._note(f"orch: ignoring an event from rank {self.state.rank} that could not be handled: {e!r}\n")
+                self.state.program.note_event(payload)
+                self._event(payload)
             if text is None and not self.size:
                 continue
-            data = (text or "").encode("utf-8", "surrogateescape")
+            for fields in self.state.program.feed(text or ""):  # e.g. mlx-lm's "iter train_loss ..." rows
+                self._event({**fields, "rank": self.state.rank, "t": time.time(), "source": "output"})
+            # Colour codes (rich forces them on even into a pipe) are dropped from the log and the console.
+            data = programs.strip_ansi(text or "").encode("utf-8", "surrogateescape")
             if not data.endswith(b"\n"):
                 data += b"\n"
             log += data
             shown.append(self._line(data))
         self._log(bytes(log))
         self._show(shown)
+
+    def _event(self, payload: dict) -> None:
+        try:
+            self.sup._on_event(self.state, payload)
+        except Exception as e:  # a bad event must never stop the output of a rank
+            self.sup._note(f"orch: ignoring an event from rank {self.state.rank} that could not be handled: {e!r}\n")
 
     def _line(self, data: bytes) -> str:
         """The complete line ``data`` ends as the console shows it (and the tail keeps it)."""
@@ -384,6 +398,7 @@ class Supervisor:
                     self._init_timed_out()
                 hang = self._hang_deadline()
                 if hang is not None and now >= hang:
+                    await self._dump_stacks()
                     self._hang_detected()
             self._wake.clear()
 
@@ -395,6 +410,23 @@ class Supervisor:
         if not active:
             return None
         return self._last_progress + (self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout)
+
+    async def _dump_stacks(self) -> None:
+        """Ask every running rank's guard for its Python stacks (into its stderr, so its log and tail).
+
+        Bounded: the dump is written by faulthandler from a signal handler, so a
+        rank that is running at all answers within milliseconds; one stopped
+        (SIGSTOP) or stuck in C code without the GIL still answers (faulthandler
+        needs no GIL), a stopped one does not, and we do not wait for it.
+        """
+        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
+        for s in running:
+            s.tail.append(STACK_MARK)  # the frames that follow in the tail are this dump's
+            try:
+                s.handle.send(protocol.CONTROL_DUMP)
+            except Exception:
+                pass
+        await asyncio.sleep(STACK_WAIT_S if running else 0)
 
     def _hang_detected(self) -> None:
         limit = self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout
@@ -420,7 +452,16 @@ class Supervisor:
                 note = self._stopped_note(st)
                 if note:
                     parts[-1] += f" (rank {st.rank} {note})"
-        lowest = (by_step.get(None) or (by_step[known[0]] if known else []))
+        if parts:
+            parts.append("every rank's Python stacks are in its log (logs/rank-N.log)")
+        for st in running:
+            where = programs.top_frames(list(st.tail), STACK_MARK)
+            if where:
+                parts.append(f"rank {st.rank} is in {where}")
+        # Programs whose progress only rank 0 prints (mlx-lm): ranks that never
+        # report are not suspects for that alone.
+        silent_by_design = None in by_step and bool(known)
+        lowest = (by_step.get(None) if not silent_by_design else None) or (by_step[known[0]] if known else [])
         if len(stopped) == 1:
             suspect = stopped[0]
         elif len(lowest) == 1 and len(running) > 1:
@@ -510,6 +551,7 @@ class Supervisor:
         if pending:
             for s in running:
                 if not s.exited.is_set():
+                    s.killed = True
                     s.handle.kill()
             await asyncio.wait(pending, timeout=2.0)
         for t in waits:
@@ -653,6 +695,15 @@ class Supervisor:
             m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
             m.metal_max_recommended_working_set_size = payload.get("metal_max_recommended_working_set_size")
             state.memory = m
+        elif kind == "rss":  # the guard's sampling: memory for any program, ours or not
+            m = state.memory or MemorySummary()
+            m.rss_peak_bytes = max(m.rss_peak_bytes, payload["rss_bytes"])
+            avail = payload.get("system_available_bytes")
+            if avail is not None:
+                m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
+            state.memory = m
+        elif kind == "phase":
+            state.phases.append(PhaseSummary.model_validate({k: payload.get(k) for k in PhaseSummary.model_fields}))
         elif kind == "metric":
             self.metrics.update(payload.get("values", {}))
         self.live.on_event(state, payload)
@@ -702,6 +753,7 @@ class Supervisor:
                 last_loss=s.last_loss,
                 samples_per_s=s.samples_per_s,
                 memory=s.memory,
+                phases=s.phases,
             )
             for s in self.states
         ]
@@ -711,6 +763,8 @@ class Supervisor:
             failed_rank=self.failure.rank if self.failure and status == "failed" else None,
             reason=self.failure.reason if self.failure and status == "failed" else None,
             diagnosis=self.diagnosis.message if self.diagnosis and status == "failed" else None,
+            diagnosis_cause=self.diagnosis.cause if self.diagnosis and status == "failed" else None,
+            warnings=self._warnings(),
             duration_s=round(duration, 3),
             started_at=started_at,
             script=self.script,
@@ -721,7 +775,26 @@ class Supervisor:
             metrics=self.metrics,
         )
 
+    def _warnings(self) -> list[str]:
+        """What a person must know after the run; today: JACCL ranks that had to be SIGKILLed.
+
+        JACCL survivors of a dead peer can spin and ignore SIGTERM (MLX #3910,
+        #4278), so the grace-then-SIGKILL path is their normal end, and a
+        SIGKILLed process can leave its RDMA-registered memory wired until reboot.
+        """
+        if self.plan.backend not in ("jaccl", "jaccl-ring"):
+            return []
+        from orchestrator.backends import jaccl
+
+        killed = [s for s in self.states if s.killed or (s.status is not None and s.status.signal == signal.SIGKILL)]
+        if not killed:
+            return []
+        where = ", ".join(f"rank {s.rank} on {s.spec.host}" for s in killed)
+        return [f"{jaccl.SIGKILL_WARNING} ({where})"]
+
     def _report(self, summary: RunSummary) -> None:
+        for w in summary.warnings:
+            self._note(f"orch: warning: {w}\n")
         self.live.clear()
         table = self.live.final_table()
         if table:

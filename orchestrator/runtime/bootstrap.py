@@ -172,6 +172,7 @@ def main() -> None:
             print(f"orch: cannot run {target!r}: {e.strerror}", file=sys.stderr)
             sys.exit(127)
     sys.argv = [target, *args]
+    _register_stack_dump()
     if not (events.enabled() and _install_init_hook()):
         _signal_init(b"")  # no hook, no byte: the guard need not watch
     if os.environ.get("ORCH_BACKEND") == "mpi":
@@ -197,6 +198,19 @@ def main() -> None:
     except BaseException:
         traceback.print_exc()
         _hard_exit(1)
+
+
+def _register_stack_dump() -> None:
+    """On ``protocol.DUMP_SIGNAL_NAME``, write every thread's Python stack to stderr (the hang diagnosis reads it)."""
+    import faulthandler
+    import signal
+
+    from orchestrator import protocol
+
+    try:
+        faulthandler.register(getattr(signal, protocol.DUMP_SIGNAL_NAME), all_threads=True, chain=False)
+    except (AttributeError, ValueError, RuntimeError, OSError):  # no such signal here, or stderr unusable
+        pass
 
 
 def _program(argv: list[str]) -> tuple[str, str, list[str]]:
