@@ -678,6 +678,11 @@ class Guard:
                         held_since = None
                 elif word == protocol.CONTROL_GO:
                     self.open_gate()
+                elif word == protocol.CONTROL_DUMP:  # Python stacks to the rank's stderr (faulthandler)
+                    try:
+                        os.kill(self.child.pid, getattr(signal, protocol.DUMP_SIGNAL_NAME))
+                    except (ProcessLookupError, PermissionError, AttributeError):
+                        pass
             if not self.watch_stdin and now >= next_parent:
                 next_parent = now + PARENT_EVERY_S
                 if os.getppid() != parent:
