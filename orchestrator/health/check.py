@@ -16,6 +16,11 @@ What is checked (each with a bound on its time; see ``probes.py`` for what runs 
   exact ``ip:port`` of the plan, and a connection to it *from rank i's host*: wrong-side
   addresses, downed links, ports in use, an address that is not the host's, and routes
   through the wrong interface are named per link.
+* **jaccl** (``--backend jaccl|jaccl-ring``, or a hostfile whose backend is, or whose ``rdma``
+  matrix makes, jaccl*): per host macOS >= 26.2 with one build everywhere, RDMA enabled
+  (``rdma_ctl status``), the hostfile's ``rdma_*`` devices present (``ibv_devices``), a
+  Thunderbolt 5 link behind each, and no Thunderbolt Bridge holding those ports
+  (``jaccl_checks.py``).
 * **collective** (``--collective``): a real all_sum across all ranks through ``orch run``'s
   own machinery (``orchestrator/runtime/probe_collective.py``): result checked, algorithm and
   bus bandwidth, small-message latency.
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Optional
 
 from orchestrator.health import probes
 from orchestrator.health.collective import run_collective
+from orchestrator.health.jaccl_checks import build_agreement, device_names, jaccl_host_checks
 from orchestrator.health.hosts import STAGING_DIR, host_checks, mlx_agreement
 from orchestrator.health.links import check_links, ring_edges
 from orchestrator.health.report import HostResult, Report, render
@@ -45,6 +51,8 @@ if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds i
     from orchestrator.hostfile import Hostfile
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # orchestrator.hostfile.BACKENDS (not imported: pydantic)
+JACCL_BACKENDS = ("jaccl", "jaccl-ring")
 CLOCK_SAMPLES = 3
 
 
@@ -103,10 +111,8 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
     if opts.timeout <= 0:
         raise ConfigError(f"--timeout {opts.timeout:g}: must be positive")
     hostfile = _load(opts)
-    backend = opts.backend or hostfile.backend or "ring"
-    if backend not in ("ring", "mpi"):
-        raise ConfigError(f"--backend {backend}: unknown backend; use ring or mpi")
-    plan = plan_job(hostfile, backend, 1, opts.starting_port)
+    plan = plan_job(hostfile, opts.backend, 1, opts.starting_port)  # as orch run: asked for, the hostfile's, or chosen
+    backend = plan.backend
     hosts = [HostResult(i, h.name, h.is_local) for i, h in enumerate(hostfile.hosts)]
     names = [h.name for h in hostfile.hosts]
     report = Report(backend=backend, world_size=plan.world_size, hosts=hosts)
@@ -145,6 +151,13 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
         reports = await _probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix)
         versions = {i: r["mlx"]["version"] for i, r in reports.items() if (r.get("mlx") or {}).get("version")}
         mlx_agreement(hosts, versions)
+        if backend in JACCL_BACKENDS:
+            builds = {}
+            for i, rep in reports.items():
+                facts = jaccl_host_checks(hosts[i], rep, device_names(hostfile.hosts[i].rdma))
+                if facts is not None and facts.build:
+                    builds[i] = facts.build
+            build_agreement(hosts, builds)
         edges = ring_edges(hostfile, plan)
         if edges:
             report.links = await check_links(edges, names, hosts, runners, reports, opts)
@@ -178,8 +191,10 @@ def _ssh_short(hc) -> str:
 
 
 async def _probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix) -> dict[int, dict]:
-    config = {"staging": STAGING_DIR, "deadline": opts.timeout + 30, "mpi": backend == "mpi", "mpi_prefix": mpi_prefix}
-    software = ["python", "mlx", "disk", "memory", "clock"] + (["mpi"] if backend == "mpi" else [])
+    config = {"staging": STAGING_DIR, "deadline": opts.timeout + 30, "mpi": backend == "mpi", "mpi_prefix": mpi_prefix,
+              "macos": backend in JACCL_BACKENDS, "macos_budget": opts.timeout * 0.7}
+    software = (["python", "mlx", "disk", "memory", "clock"] + (["mpi"] if backend == "mpi" else [])
+                + (["macos", "rdma", "thunderbolt", "bridge"] if backend in JACCL_BACKENDS else []))
 
     async def one(i: int) -> Optional[dict]:
         h = hosts[i]
@@ -243,7 +258,8 @@ def add_check_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--hostfile", help="JSON hostfile (the one orch run will use)")
     where.add_argument("-n", "--nproc", dest="n", type=int, help="check N local ranks (no hostfile)")
-    p.add_argument("--backend", choices=["ring", "mpi"], help="backend to check for (default: hostfile's, else ring)")
+    p.add_argument("--backend", choices=list(BACKENDS),
+                   help="backend to check for (default: the hostfile's, else chosen from its rdma matrix as orch run does)")
     p.add_argument("--python", help="python interpreter the ranks will use (default: the hostfile's, python3 remotely)")
     p.add_argument("--collective", action="store_true", help="also run a real all_sum over all ranks: result, bandwidth, latency")
     p.add_argument("--collective-mib", type=float, default=64.0, help="size of the bandwidth all_sum in MiB (default 64)")

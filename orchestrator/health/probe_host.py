@@ -209,7 +209,7 @@ def host_facts(cfg, end):
     if cfg.get("mpi"):
         r["mpi"] = mpi(cfg.get("mpi_prefix"))
     if cfg.get("macos") and DARWIN:
-        r["macos"] = macos_facts(end)
+        r["macos"] = macos_facts(min(end, time.monotonic() + float(cfg.get("macos_budget", 10))))
     r["time"] = time.time()
     return r
 
