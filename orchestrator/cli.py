@@ -94,6 +94,12 @@ def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
         from orchestrator.health.check import add_check_arguments
 
         add_check_arguments(chk)
+    env = sub.add_parser("env", help="describe every host (OS, Python, MLX, orch, Metal, Thunderbolt, RDMA) for a bug report",
+                         description="Describe every host for a bug report (this machine without --hostfile).")
+    if with_check_options:
+        from orchestrator.health.env import add_env_arguments
+
+        add_env_arguments(env)
     gen = sub.add_parser("hostfile", help="write a hostfile from a host list (Ethernet or Thunderbolt ring)",
                          description="Write a hostfile that orch run and mlx.launch both accept.")
     gen.add_argument("--hosts", required=True, help="comma-separated SSH names, e.g. mac1,mac2,mac3")
@@ -310,7 +316,7 @@ def _stdout_to_devnull() -> None:
 
 
 def _main(own: list[str], after: list[str]) -> int:
-    parser = build_parser(with_check_options=bool(own) and own[0] == "check" or "-h" in own or "--help" in own)
+    parser = build_parser(with_check_options=bool(own) and own[0] in ("check", "env") or "-h" in own or "--help" in own)
     if own and own[0] == "run":
         try:
             _check_routing(parser._subparsers._group_actions[0].choices["run"], own[1:])
@@ -342,6 +348,10 @@ def _main(own: list[str], after: list[str]) -> int:
             from orchestrator.health.check import cmd_check
 
             return cmd_check(args)
+        if args.command == "env":
+            from orchestrator.health.env import cmd_env
+
+            return cmd_env(args)
         if args.command == "hostfile":
             from orchestrator.health.hostfile_gen import cmd_hostfile
 

@@ -103,7 +103,6 @@ def _load(opts: CheckOptions) -> Hostfile:
 async def run_check(opts: CheckOptions, err=None) -> Report:
     """Everything ``orch check`` does; ConfigError for a bad hostfile or option (nothing is contacted then)."""
     from orchestrator.hostfile import ConfigError
-    from orchestrator.job import RunRequest
     from orchestrator.plan import plan_job
 
     err = err or sys.stderr
@@ -127,28 +126,11 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
         except ConfigError as e:
             mpi_error = str(e)
 
-    req = RunRequest(script="orch-check", ssh_config=opts.ssh_config, known_hosts=opts.known_hosts,
-                     identity=list(opts.identity), ssh_accept_new=opts.ssh_accept_new, connect_timeout=opts.timeout)
-    remote = [i for i, h in enumerate(hostfile.hosts) if not h.is_local]
     conns: dict = {}
     runners: dict[int, Runner] = {}
     try:
-        if remote:
-            from orchestrator.launch.ssh import connect_hosts
-
-            conns = await connect_hosts(hostfile, req, remote, err=err)
-        for i, h in enumerate(hostfile.hosts):
-            env = {**hostfile.env, **h.env}
-            if h.is_local:
-                hosts[i].add("ssh", "pass", "this machine (no SSH)", "local")
-                runners[i] = Runner(h.name, _python_for(opts, h), env)
-                continue
-            hc = conns[i]
-            if not hc.ok:
-                hosts[i].add("ssh", "fail", f"cannot reach {h.name}: {hc.error}", _ssh_short(hc))
-                continue
-            runners[i] = Runner(h.name, _python_for(opts, h), env, conn=hc.conn)
-        reports = await _probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix)
+        conns, runners = await connect_runners(hostfile, opts, hosts, err)
+        reports = await probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix)
         versions = {i: r["mlx"]["version"] for i, r in reports.items() if (r.get("mlx") or {}).get("version")}
         mlx_agreement(hosts, versions)
         if backend in JACCL_BACKENDS:
@@ -162,12 +144,7 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
         if edges:
             report.links = await check_links(edges, names, hosts, runners, reports, opts)
     finally:
-        for r in runners.values():
-            r.kill_all()
-        if conns:
-            from orchestrator.launch.ssh import close_connections
-
-            await close_connections(conns)
+        await close_runners(conns, runners)
     if opts.collective:
         if not all(h.ok for h in hosts) or not all(l.ok for l in report.links):
             report.collective = {"ok": False, "detail": "not run: fix the failures above first (a broken ring only hangs)"}
@@ -175,6 +152,43 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
             report.collective = await run_collective(opts, hostfile, backend, err)
     report.seconds = time.monotonic() - t0
     return report
+
+
+async def connect_runners(hostfile: Hostfile, opts: CheckOptions, hosts: list[HostResult], err) -> tuple[dict, dict]:
+    """SSH to every remote host at once; a ``Runner`` per reachable host, an ``ssh`` row for every host.
+    Close with ``close_runners`` (also after a failure: the caller's ``finally``)."""
+    from orchestrator.job import RunRequest
+
+    req = RunRequest(script="orch-check", ssh_config=opts.ssh_config, known_hosts=opts.known_hosts,
+                     identity=list(opts.identity), ssh_accept_new=opts.ssh_accept_new, connect_timeout=opts.timeout)
+    remote = [i for i, h in enumerate(hostfile.hosts) if not h.is_local]
+    conns: dict = {}
+    runners: dict[int, Runner] = {}
+    if remote:
+        from orchestrator.launch.ssh import connect_hosts
+
+        conns = await connect_hosts(hostfile, req, remote, err=err)
+    for i, h in enumerate(hostfile.hosts):
+        env = {**hostfile.env, **h.env}
+        if h.is_local:
+            hosts[i].add("ssh", "pass", "this machine (no SSH)", "local")
+            runners[i] = Runner(h.name, _python_for(opts, h), env)
+            continue
+        hc = conns[i]
+        if not hc.ok:
+            hosts[i].add("ssh", "fail", f"cannot reach {h.name}: {hc.error}", _ssh_short(hc))
+            continue
+        runners[i] = Runner(h.name, _python_for(opts, h), env, conn=hc.conn)
+    return conns, runners
+
+
+async def close_runners(conns: dict, runners: dict) -> None:
+    for r in runners.values():
+        r.kill_all()
+    if conns:
+        from orchestrator.launch.ssh import close_connections
+
+        await close_connections(conns)
 
 
 def _ssh_short(hc) -> str:
@@ -190,9 +204,13 @@ def _ssh_short(hc) -> str:
     return "unreachable"
 
 
-async def _probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix) -> dict[int, dict]:
+async def probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local=None, mpi_error=None, mpi_prefix=None,
+                      macos: bool = False) -> dict[int, dict]:
+    """The host probe on every runner at once -> {host index: report}; the host rows filled in as it goes.
+    ``macos``: also collect the raw macOS facts (JACCL checks, ``orch env``)."""
+    macos = macos or backend in JACCL_BACKENDS
     config = {"staging": STAGING_DIR, "deadline": opts.timeout + 30, "mpi": backend == "mpi", "mpi_prefix": mpi_prefix,
-              "macos": backend in JACCL_BACKENDS, "macos_budget": opts.timeout * 0.7}
+              "macos": macos, "macos_budget": opts.timeout * 0.7}
     software = (["python", "mlx", "disk", "memory", "clock"] + (["mpi"] if backend == "mpi" else [])
                 + (["macos", "rdma", "thunderbolt", "bridge"] if backend in JACCL_BACKENDS else []))
 
