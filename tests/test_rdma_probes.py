@@ -209,3 +209,39 @@ def test_probe_runs_as_a_program_and_reports():
     rep = probes.parse_report(p.stdout)
     assert p.returncode == 0 and rep["python"] == sys.executable and rep["mlx"]["version"]
     assert "macos" not in rep  # Linux: the macOS branch stays off
+
+
+# ----------------------------------------------------------------------------- orch check on the new backends, for real
+
+
+def orch_check(*args: str) -> subprocess.CompletedProcess:
+    from tests.orch_helpers import ROOT, orch_argv
+
+    return subprocess.run(orch_argv("check", *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_orch_check_jaccl_hostfile_on_linux_fails_the_macos_row(tmp_path):
+    import json
+
+    hf = tmp_path / "h.json"  # no backend named: the full rdma mesh makes it jaccl, as orch run would choose
+    hf.write_text(json.dumps({"hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"], "rdma": [None, "rdma_en3"]},
+                                        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": ["rdma_en3", None]}]}))
+    p = orch_check("--hostfile", str(hf), "--json")
+    assert p.returncode == 1, p.stderr
+    res = json.loads(p.stdout)
+    assert res["backend"] == "jaccl"
+    for h in res["hosts"]:
+        c = {x["name"]: x for x in h["checks"]}
+        assert c["mlx"]["ok"] and not c["macos"]["ok"] and "this host runs Linux" in c["macos"]["detail"]
+        assert c["rdma"]["status"] == "skip"
+    hf.write_text(json.dumps({"backend": "jaccl", "hosts": [{"ssh": "localhost", "rdma": [None, None]},
+                                                            {"ssh": "127.0.0.1", "rdma": ["rdma_en3", None]}]}))
+    p = orch_check("--hostfile", str(hf))
+    assert p.returncode == 2 and "no RDMA device is listed for localhost to 127.0.0.1" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_orch_check_accepts_nccl():
+    p = orch_check("-n", "2", "--backend", "nccl")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "nccl backend" in p.stdout and "ring links" not in p.stdout
