@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
-import sys
 
 import mlx.core as mx
 
