@@ -15,21 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-ERRNO = {
-    98: "address already in use",
-    101: "network unreachable",
-    104: "connection reset",
-    110: "timed out",
-    111: "connection refused: nobody listening there",
-    113: "no route to host",
-    # macOS numbering
-    48: "address already in use",
-    51: "network unreachable",
-    54: "connection reset",
-    60: "timed out",
-    61: "connection refused: nobody listening there",
-    65: "no route to host",
-}
+from orchestrator.errnos import BY_NUMBER as ERRNO  # errno -> words, Linux and macOS numbering
 
 
 @dataclass

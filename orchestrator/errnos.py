@@ -46,11 +46,9 @@ def _either_numbering() -> dict[int, str]:
     out = {}
     for table in (LINUX, DARWIN):
         for name, n in table.items():
-            if name == "EADDRNOTAVAIL":
-                continue
             out[n] = WORDS[name] + (f": {HINTS[name]}" if name in HINTS else "")
     return out
 
 
-# diagnose.py's ERRNO: ``from orchestrator.errnos import BY_NUMBER as ERRNO``.
+# What orchestrator.diagnose words a rank's errno with.
 BY_NUMBER = _either_numbering()

@@ -299,7 +299,10 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     summary = summary.model_copy(update={
         "attempts": attempts if req.max_restarts else [], "restarts": len(attempts) - 1,
         "duration_s": round(time.monotonic() - t0, 3)})
-    rundir.write_summary(summary)
+    try:
+        rundir.write_summary(summary)
+    except OSError as e:  # a full disk at the very end: say so in one line; the exit code still tells the outcome
+        sys.stderr.write(f"orch: could not write {rundir.path / 'summary.json'}: {e.strerror or e}\n")
     rundir.close()
     return summary
 

@@ -204,12 +204,14 @@ class RunDir:
         return self.write_json("summary.json", summary.model_dump(mode="json"))
 
     def close(self) -> None:
-        for f in self._logs.values():
-            f.close()
+        """Close every file; a flush that fails now (disk full) was already reported as the run's failure."""
+        for f in [*self._logs.values(), *([self._events] if self._events is not None else [])]:
+            try:
+                f.close()
+            except OSError:
+                pass
         self._logs.clear()
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        self._events = None
         self.unlock()
 
 

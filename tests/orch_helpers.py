@@ -81,22 +81,39 @@ def alive(pids, timeout: float = 0.0) -> list[int]:
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: float = 60) -> list[str]:
-    """Read proc.stdout until `needle` has appeared `count` times (bounded)."""
+    """Read proc.stdout until `needle` has appeared `count` times (bounded).
+
+    Reads the raw descriptor with os.read into our own buffer: a buffered
+    readline() after select() can pull several lines into Python's buffer, and
+    the next select() would then wait for bytes that already arrived.
+    """
+    import os
     import selectors
 
     seen: list[str] = []
+    pending = b""
+    fd = proc.stdout.fileno()
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
-    while sum(needle in l for l in seen) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} x{count} not seen in {timeout}s; got {seen}")
-        if not sel.select(timeout=0.5):
-            if proc.poll() is not None:
-                raise AssertionError(f"orch exited {proc.returncode} before {needle!r}; got {seen}")
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"orch closed stdout before {needle!r}; got {seen}")
-        seen.append(line)
+    try:
+        while sum(needle in l for l in seen) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} x{count} not seen in {timeout}s; got {seen}")
+            if not sel.select(timeout=0.5):
+                if proc.poll() is not None:
+                    raise AssertionError(f"orch exited {proc.returncode} before {needle!r}; got {seen}")
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                if pending:
+                    seen.append(pending.decode(errors="replace"))
+                if sum(needle in l for l in seen) >= count:
+                    break
+                raise AssertionError(f"orch closed stdout before {needle!r}; got {seen}")
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            seen.extend(l.decode(errors="replace") + "\n" for l in lines)
+    finally:
+        sel.close()
     return seen
