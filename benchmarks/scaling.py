@@ -28,6 +28,17 @@ ranks reach when they never communicate (contention for cores, memory
 bandwidth and the controller, without communication). The target is orch
 efficiency >= 0.9 at 8 ranks; the issue's anchor for a hand-written loop on a
 16-core machine is 0.95 / 0.83 / 0.63 at 2 / 4 / 8 ranks.
+
+Gradient dtype on the wire (``--grad-dtypes float32,bfloat16``): the orch arm
+runs once per dtype (``bench_mlp --grad-dtype D``, the runtime's own
+``gradcomm``), the dtypes alternating which goes first from one (repeat, N)
+to the next, and a second table gives, per N and dtype, the efficiency, the
+grad-avg share and its milliseconds, and the box's ceiling (the same step in
+the same processes with the all-reduce switched off), then the bf16/fp32
+ratio of the grad-avg share at the largest N (the target: <= 0.5, i.e.
+halved) and whether efficiency reaches ``--target-eff`` where the ceiling
+allows it. N=1 never communicates, so its runs of both dtypes are pooled into
+the one-rank throughput every efficiency is measured against.
 """
 
 from __future__ import annotations
@@ -182,6 +193,9 @@ def orch_once(n: int, *, bind: bool, steps: int, warmup: int, profile_steps: int
     if profile_steps:
         res["allreduce_share"] = statistics.mean(b["profile"]["allreduce_share"] for b in bench)
         res["profile"] = [b["profile"] for b in bench]
+        res["allreduce_ms"] = statistics.mean(b["profile"]["allreduce_s"] for b in bench) * 1e3
+        res["compute_ms"] = statistics.mean(b["profile"]["compute_s"] for b in bench) * 1e3
+        res["compute_ms_max"] = max(b["profile"]["compute_s"] for b in bench) * 1e3
     if noreduce_steps:
         per_rank = per_step // n
         res["noreduce_samples_per_s"] = sum(per_rank / b["noreduce"]["step_s"] for b in bench)
@@ -384,6 +398,50 @@ def table(rows: dict[int, dict], ranks: list[int], baseline: bool, bare: bool = 
     return "\n".join(lines)
 
 
+def dtype_table(rows: dict[int, dict], ranks: list[int], dtypes: list[str], target_eff: float) -> str:
+    """Per N and wire dtype: efficiency, grad-avg share and ms, and the no-all-reduce ceiling; then the verdicts."""
+    one = [x for d in dtypes for x in rows[1].get(f"orch:{d}", {}).get("samples_per_s", [])] if 1 in rows else []
+    t1 = med(one)
+    head = ("| N | grad dtype | orch samples/s | eff | grad-avg share | grad-avg ms | compute ms (mean / slowest rank) "
+            "| ceiling: no-allreduce eff | eff / ceiling | runs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    stats: dict[tuple[int, str], dict] = {}
+    for n in ranks:
+        for d in dtypes:
+            o = rows[n].get(f"orch:{d}", {})
+            ot = med(o.get("samples_per_s", []))
+            eff = ot / (n * t1) if ot and t1 else None
+            nr = med(o.get("noreduce_samples_per_s", []))
+            ceil = nr / (n * t1) if nr and t1 else None
+            share = med(o.get("allreduce_share", []))
+            stats[n, d] = {"eff": eff, "ceil": ceil, "share": share}
+            lines.append(
+                f"| {n} | {d} | {fmt(ot, ',.0f')} | {fmt(eff, '.3f')} | {fmt(share, '.1%')} | "
+                f"{fmt(med(o.get('allreduce_ms', [])), '.2f')} | {fmt(med(o.get('compute_ms', [])), '.1f')} / "
+                f"{fmt(med(o.get('compute_ms_max', [])), '.1f')} | {fmt(ceil, '.3f')} | "
+                f"{fmt(eff / ceil if eff and ceil else None, '.3f')} | {len(o.get('samples_per_s', []))} |")
+    lines.append("")
+    top = max(ranks)
+    if top > 1 and len(dtypes) >= 2:
+        a, b = dtypes[0], dtypes[1]
+        sa, sb = stats[top, a]["share"], stats[top, b]["share"]
+        lines.append(f"At N={top}: grad-avg share {b}/{a} = {fmt(sb / sa if sa and sb else None, '.2f')} "
+                     f"({fmt(sb, '.1%')} / {fmt(sa, '.1%')}; target <= 0.50, halved).")
+    for n in ranks:
+        if n == 1:
+            continue
+        for d in dtypes:
+            st = stats[n, d]
+            if st["eff"] is None or st["ceil"] is None:
+                continue
+            if st["ceil"] < target_eff:
+                verdict = f"ceiling {st['ceil']:.3f} < {target_eff}: the box does not allow the target"
+            else:
+                verdict = "met" if st["eff"] >= target_eff else "not met"
+            lines.append(f"N={n} {d}: efficiency {st['eff']:.3f} vs target {target_eff} -> {verdict}.")
+    return "\n".join(lines)
+
+
 def exit_on_sigterm() -> None:
     """`timeout` sends SIGTERM: unwind (so run_measured stops the launch in flight) instead of dying."""
     def stop(signum, _frame):
@@ -406,6 +464,10 @@ def main() -> None:
     ap.add_argument("--model-args", default="", help="recipe flags given to both loops, e.g. '--hidden 256 --batch-size 128'")
     ap.add_argument("--orch-args", default="", help="extra bench_mlp flags for orch only, e.g. '--all-reduce-size 0'")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the mlx.launch loop")
+    ap.add_argument("--grad-dtypes", default="",
+                    help="e.g. 'float32,bfloat16': one orch arm per gradient dtype on the wire (--grad-dtype), "
+                         "alternating, and the dtype table")
+    ap.add_argument("--target-eff", type=float, default=0.92, help="efficiency target the dtype table checks")
     ap.add_argument("--bare", action="store_true",
                     help="also run the hand-written loop started by bare Popen (no launcher process)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per launch")
@@ -429,17 +491,21 @@ def main() -> None:
     common, extra = shlex.split(a.model_args), shlex.split(a.orch_args)
     info = machine_info()
     print(f"# machine: {info}", flush=True)
-    rows: dict[int, dict] = {n: {"orch": {}, "mlx": {}, "bare": {}} for n in ranks}
+    dtypes = [d for d in a.grad_dtypes.split(",") if d]
+    orch_arms = [f"orch:{d}" for d in dtypes] or ["orch"]
+    rows: dict[int, dict] = {n: {**{w: {} for w in orch_arms}, "mlx": {}, "bare": {}} for n in ranks}
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-scaling-"))
     started = time.time()
     failures: list[str] = []
 
     def one(rep: int, n: int, which: str) -> None:
-        if which == "orch":
+        if which.startswith("orch"):
+            dt = which.partition(":")[2]
             res = orch_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, profile_steps=a.profile_steps,
-                            noreduce_steps=a.noreduce_steps, common=common, extra=extra, tmp=tmp,
-                            tag=f"n{n}-r{rep}", timeout=a.timeout)
+                            noreduce_steps=a.noreduce_steps, common=common,
+                            extra=extra + (["--grad-dtype", dt] if dt else []), tmp=tmp,
+                            tag=f"n{n}-r{rep}-{dt or 'default'}", timeout=a.timeout)
             note = (f"share {res.get('allreduce_share', 0):.1%}  noreduce {res.get('noreduce_samples_per_s', 0):,.0f}  "
                     f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s  threads {res['rank_threads']}")
         elif which == "mlx":
@@ -450,13 +516,14 @@ def main() -> None:
             note = ""
         for k, v in res.items():
             rows[n][which].setdefault(k, []).append(v)
-        print(f"  rep {rep} N={n} {which:<5} {res['samples_per_s']:>10,.0f} samples/s  {note}  "
+        print(f"  rep {rep} N={n} {which:<13} {res['samples_per_s']:>10,.0f} samples/s  {note}  "
               f"rank cpu/wall {res['rank_cpu_per_wall']:.2f}  load {res['load_before']:.2f}", flush=True)
 
     try:
         for rep in range(a.repeats):
-            for n in ranks:
-                order = ["orch"] + (["mlx"] if a.baseline else []) + (["bare"] if a.bare else [])
+            for i, n in enumerate(ranks):
+                arms = orch_arms if i % 2 == 0 else orch_arms[::-1]  # dtypes alternate who goes first (with rep % 2 below)
+                order = arms + (["mlx"] if a.baseline else []) + (["bare"] if a.bare else [])
                 if rep % 2:  # alternate who goes first, so drifting load hits both alike
                     order.reverse()
                 for which in order:
@@ -471,7 +538,10 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    text = table(rows, ranks, a.baseline, a.bare)
+    if dtypes:
+        text = dtype_table(rows, ranks, dtypes, a.target_eff)
+    else:
+        text = table(rows, ranks, a.baseline, a.bare)
     print()
     print(text)
     for n in ranks:

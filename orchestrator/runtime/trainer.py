@@ -95,17 +95,23 @@ def optimizer_from(hp: Hparams) -> optim.Optimizer:
 
 
 def _expected_world_size() -> Optional[int]:
-    """The size the launcher planned, from the ring hostfile or the MPI environment."""
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    """The size the launcher planned: MPI's environment, NCCL's ``MLX_WORLD_SIZE``, or the ring / JACCL file.
+
+    Without it ``init`` is not strict, and a backend that fails to initialise
+    (NCCL on a machine without CUDA, say) silently gives every rank a singleton
+    group: N independent trainings that all "succeed".
+    """
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if hostfile:
-        try:
-            with open(hostfile) as fh:
-                return len(json.load(fh))
-        except (OSError, ValueError, TypeError):
-            return None
+    for var in ("MLX_HOSTFILE", "MLX_IBV_DEVICES"):  # ring: one entry per rank; jaccl: the N x N rdma matrix
+        path = os.environ.get(var)
+        if path:
+            try:
+                with open(path) as fh:
+                    return len(json.load(fh))
+            except (OSError, ValueError, TypeError):
+                return None
     return None
 
 
