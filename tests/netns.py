@@ -351,6 +351,17 @@ class NetnsHost:
         return [ip for ip in (self.right_ip, self.left_ip) if ip]
 
 
+@dataclass
+class ExtraLink:
+    """A cable added with ``NetnsCluster.add_link``: host a is ``ip_a`` and host b ``ip_b`` on a /30, both on ``iface``."""
+    index: int
+    a: int
+    b: int
+    ip_a: str
+    ip_b: str
+    iface: str
+
+
 class NetnsCluster:
     """N namespace "hosts" in a ring, each with its own sshd.  Context manager.
 
@@ -764,6 +775,48 @@ class NetnsCluster:
 
     def link_up(self, link: int) -> None:
         self._set_link(link, "up")
+
+    def add_link(self, a: int, b: int) -> "ExtraLink":
+        """One more point-to-point "cable" (a veth pair) between hosts a and b, e.g. the chords of a full mesh.
+
+        Extra link k is ``10.213.<100+k>.0/30`` (a is .1, b is .2), interface ``mesh<k>`` at both ends;
+        it goes away with the namespaces at teardown."""
+        if a == b or not (0 <= a < self.n and 0 <= b < self.n):
+            raise ValueError(f"add_link({a}, {b}): two different hosts of 0..{self.n - 1}")
+        extra = getattr(self, "extra_links", None)
+        if extra is None:
+            extra = self.extra_links = []
+        k = len(extra)
+        if k >= 100:
+            raise NetnsError("at most 100 extra links")
+        link = ExtraLink(index=k, a=a, b=b, ip_a=f"10.213.{100 + k}.1", ip_b=f"10.213.{100 + k}.2",
+                         iface=f"mesh{k}")
+        _ip_batch([f"link add {link.iface} netns {self.namespaces[a]} type veth "
+                   f"peer name {link.iface} netns {self.namespaces[b]}"])
+        _ip_batch([f"addr add {link.ip_a}/30 dev {link.iface}", f"link set {link.iface} up"], self.namespaces[a])
+        _ip_batch([f"addr add {link.ip_b}/30 dev {link.iface}", f"link set {link.iface} up"], self.namespaces[b])
+        extra.append(link)
+        return link
+
+    def full_mesh(self) -> list["ExtraLink"]:
+        """Add a cable between every pair of hosts the ring does not already join (4 hosts: 0-2 and 1-3)."""
+        ring = {frozenset((i, (i + 1) % self.n)) for i in range(self.n)} if self.n >= 2 else set()
+        return [self.add_link(a, b) for a in range(self.n) for b in range(a + 1, self.n)
+                if frozenset((a, b)) not in ring]
+
+    def shape(self, i: int, iface: str, mbit: float) -> None:
+        """Limit what host i sends out of ``iface`` to ``mbit`` Mbit/s (tc tbf); ``unshape`` removes it
+        (teardown does too, with the namespace)."""
+        burst = max(96, int(mbit * 1000 / 8 / 100))  # tc's kb (KiB): ~10 ms at that rate, at least one 64 KiB GSO packet
+        _run(["ip", "netns", "exec", self.namespaces[i], "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
+              "rate", f"{mbit}mbit", "burst", f"{burst}kb", "latency", "400ms"])
+
+    def unshape(self, i: int, iface: str) -> None:
+        _run(["ip", "netns", "exec", self.namespaces[i], "tc", "qdisc", "del", "dev", iface, "root"], check=False)
+
+    def qdiscs(self, i: int) -> str:
+        """``tc qdisc show`` inside host i (tests check that shaping was removed)."""
+        return _run(["ip", "netns", "exec", self.namespaces[i], "tc", "qdisc", "show"], check=False).stdout
 
     def iface_counters(self, i: int, *, mgmt: bool = False) -> dict[str, dict[str, int]]:
         """{iface: {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"}} for host i's ring

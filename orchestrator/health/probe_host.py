@@ -16,6 +16,9 @@ that closes. Modes:
 * ``listen``: bind and listen at the exact ``ip:port`` a rank will listen on (reporting
   bind errors: port in use, and by whom; an address that is not this host's), then answer
   each connection's token with a nonce, until stdin closes or the deadline.
+* ``linkbw``: the bandwidth of each link (``orch run/hostfile --ring-order measured``): listen on the
+  given addresses, count what arrives for ``seconds``; for each target line on stdin, send to it
+  and report what its receiver counted.
 * ``connect``: for each target, the route the kernel picks (``ip -j route get`` on Linux,
   ``route -n get`` on macOS), a TCP connect with a timeout, the source address it used,
   and the listener's nonce.
@@ -32,6 +35,7 @@ import platform
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -300,7 +304,118 @@ def connect(cfg, end):
     out({"results": results, "ifaces": ifaces()})
 
 
-MODES = {"host": host, "listen": listen, "connect": connect}
+def _bw_serve(conn, window):
+    """One measured transfer, receiving side: count bytes for ``window`` seconds from the first one, answer the rate."""
+    conn.settimeout(max(5.0, 4 * window))
+    total = first = 0
+    t0 = now = None
+    try:
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            now = time.monotonic()
+            if t0 is None:
+                t0, first = now, len(data)
+            total += len(data)
+            if now - t0 >= window:
+                break
+        res = {"bytes": total - first, "seconds": (now - t0) if t0 is not None else 0.0}
+        conn.sendall((json.dumps(res) + "\n").encode())
+        conn.settimeout(2.0)
+        while conn.recv(1 << 20):  # until the sender closes: our answer is never lost to a reset
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _bw_accept(s, window):
+    while True:
+        try:
+            c, _ = s.accept()
+        except OSError:
+            return
+        threading.Thread(target=_bw_serve, args=(c, window), daemon=True).start()
+
+
+def _bw_send(t, window, connect_timeout):
+    """One measured transfer, sending side: send until the receiver answers with what it counted."""
+    res = {"id": t["id"]}
+    try:
+        s = socket.create_connection((t["ip"], t["port"]), timeout=connect_timeout)
+    except socket.timeout:
+        res.update(error="timed out", errno=errno.ETIMEDOUT)
+        return res
+    except OSError as e:
+        res.update(error=e.strerror or str(e), errno=e.errno)
+        return res
+    buf = memoryview(bytearray(1 << 20))
+    reply = b""
+    end = time.monotonic() + 4 * window + 5
+    try:
+        s.setblocking(False)
+        while b"\n" not in reply:
+            left = end - time.monotonic()
+            if left <= 0:
+                res["error"] = "no answer from the receiver"
+                return res
+            r, w, _ = select.select([s], [s], [], left)
+            if r:
+                chunk = s.recv(65536)
+                if not chunk:
+                    res["error"] = "the receiver closed the connection"
+                    return res
+                reply += chunk
+            elif w:
+                try:
+                    s.send(buf)
+                except (BlockingIOError, InterruptedError):
+                    pass
+        got = json.loads(reply.split(b"\n", 1)[0].decode())
+        res.update(bytes=got["bytes"], seconds=got["seconds"])
+        return res
+    except (OSError, ValueError, KeyError) as e:
+        res["error"] = getattr(e, "strerror", None) or str(e)
+        return res
+    finally:
+        # Reset rather than close: what is still queued would keep the link busy into the next measurement.
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        s.close()
+
+
+def linkbw(cfg, end):
+    """Link bandwidth: listen on each of ``cfg["listen"]`` (a free port each) and measure what arrives; then, for
+    every ``{"id", "ip", "port"}`` line on stdin, send to that address and report what the receiver counted."""
+    window = float(cfg.get("seconds", 0.3))
+    ports, socks = {}, []
+    for ip in cfg.get("listen", []):
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((ip, 0))
+            s.listen(16)
+            ports[ip] = s.getsockname()[1]
+            socks.append(s)
+            threading.Thread(target=_bw_accept, args=(s, window), daemon=True).start()
+        except OSError as e:
+            s.close()
+            ports[ip] = {"error": e.strerror or str(e), "errno": e.errno}
+    out({"ports": ports})
+    for line in stdin_lines(end):
+        try:
+            t = json.loads(line)
+        except ValueError:
+            continue
+        out(_bw_send(t, window, float(cfg.get("connect_timeout", 3))))
+    for s in socks:
+        s.close()
+
+
+MODES = {"host": host, "listen": listen, "connect": connect, "linkbw": linkbw}
 
 
 def main(argv):
