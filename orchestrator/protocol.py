@@ -197,7 +197,27 @@ class RssEvent(_Base):
     system_available_bytes: Optional[int]
 
 
+class RebalanceEvent(_Base):
+    """``--balance speed`` set the per-rank batches at a step boundary (``runtime/balance.py``).
+
+    Every rank sends the same one; ``shares[r]`` is rank r's samples per
+    micro-batch (they sum to the unchanged global micro-batch), ``speeds`` each
+    rank's measured compute samples/s. ``reason``: ``start`` (the shares a run
+    begins with), ``calibration`` (the first measured split) or ``drift``.
+    """
+
+    kind: Literal["rebalance"]
+    step: int
+    shares: list[int]
+    previous: list[int]
+    speeds: list[float]
+    reason: str
+    predicted_step_s: Optional[float]
+    previous_step_s: Optional[float]
+
+
 Event = Union[
+    RebalanceEvent,
     RssEvent,
     SpawnedEvent,
     ExitedEvent,

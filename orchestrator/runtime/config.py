@@ -24,6 +24,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # Dtypes gradients may travel in for the all-reduce (``--grad-dtype``); names as in ``mlx.core``.
 GRAD_DTYPES = ("float32", "bfloat16", "float16")
 
+# --balance: equal per-rank batches, or shares proportional to each rank's speed (runtime/balance.py).
+BALANCE_MODES = ("none", "speed")
+
 # Value of --resume given without a path: the newest complete checkpoint.
 RESUME_LATEST = "latest"
 
@@ -69,6 +72,20 @@ class Hparams:
         default=False,
         metadata={"help": "ZeRO-1: each rank keeps the optimizer state of 1/N of the parameters, "
                           "updates that slice and all-gathers the result"},
+    )
+    balance: str = field(
+        default="none",
+        metadata={"help": "speed: each rank's share of the global batch proportional to its measured speed "
+                          "(the global batch, world x --batch-size x --grad-accum, and the update stay the same)",
+                  "choices": BALANCE_MODES},
+    )
+    balance_every: int = field(default=10, metadata={"help": "--balance speed: re-check the speeds every N steps"})
+    balance_warmup: int = field(
+        default=3, metadata={"help": "--balance speed: steps measured (after the first) before the first split"}
+    )
+    balance_threshold: float = field(
+        default=0.1,
+        metadata={"help": "--balance speed: re-balance only if the predicted step time drops by more than this fraction"},
     )
 
 H = TypeVar("H", bound=Hparams)
@@ -133,6 +150,12 @@ def validate(hp: Hparams) -> None:
         problems.append("--batch-size must be >= 1")
     if hp.grad_accum < 1:
         problems.append("--grad-accum must be >= 1")
+    if hp.balance_every < 1:
+        problems.append("--balance-every must be >= 1")
+    if hp.balance_warmup < 1:
+        problems.append("--balance-warmup must be >= 1")
+    if not 0.0 <= hp.balance_threshold < 1.0:
+        problems.append("--balance-threshold must be in [0, 1)")
     for name in ("checkpoint_every", "keep_checkpoints", "stats_every", "log_every", "eval_every"):
         if getattr(hp, name) < 0:
             problems.append(f"{flag_name(name)} must be >= 0")

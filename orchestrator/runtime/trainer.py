@@ -11,7 +11,9 @@ this module does the rest the same way for every recipe:
   cannot save/restore its random state, so this is what makes a resumed run
   bit-identical to an uninterrupted one;
 * shards data by rank (``data.ShardedSampler``), so N ranks x batch b == 1
-  rank x batch N*b;
+  rank x batch N*b; with ``--balance speed`` each rank's share of the same
+  global batch follows its measured speed and gradients are weighted by
+  sample count (``balance``), so the update is still the global-batch mean;
 * per step: ``nn.value_and_grad`` (over ``--grad-accum`` micro-batches),
   the gradient all-reduce (``gradcomm``: ``nn.average_gradients``, in
   ``--grad-dtype`` on the wire), optimizer update (with ``--shard-optimizer``
@@ -39,6 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orchestrator.runtime import checkpoint as ckpt
+from orchestrator.runtime.balance import BalancedSampler, Balancer, Decision
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
@@ -198,6 +201,7 @@ class Trainer:
         self.averager = GradientAverager(group, hp.grad_dtype)
         self.sharded: Optional[ShardedOptimizer] = None  # --shard-optimizer
         self._resume_optimizer: Optional[dict] = None  # rank 0's per-parameter state, for the sharded optimizer
+        self._resume_shares: Optional[list] = None  # --balance speed: the shares the checkpoint was written with
 
         self.step = 0
         self.position = DataPosition()  # handed to the sampler, which advances it
@@ -218,10 +222,22 @@ class Trainer:
             self.optimizer.init(self.model.trainable_parameters())
             self._sync_from_rank0()
 
-        self.sampler = ShardedSampler(
-            len(self.dataset), rank=self.rank, world=self.world, batch_size=hp.batch_size,
-            grad_accum=hp.grad_accum, seed=hp.seed, position=self.position,
-        )
+        self.balancer: Optional[Balancer] = None  # --balance speed
+        if hp.balance == "speed" and self.world > 1:
+            self.balancer = Balancer(
+                world=self.world, rank=self.rank, global_micro=self.world * hp.batch_size, gather=self._gather,
+                every=hp.balance_every, warmup=hp.balance_warmup, threshold=hp.balance_threshold,
+                shares=self._initial_shares(),
+            )
+            self.sampler: ShardedSampler = BalancedSampler(
+                len(self.dataset), rank=self.rank, world=self.world, batch_size=hp.batch_size,
+                grad_accum=hp.grad_accum, seed=hp.seed, position=self.position, shares=self.balancer.shares,
+            )
+        else:
+            self.sampler = ShardedSampler(
+                len(self.dataset), rank=self.rank, world=self.world, batch_size=hp.batch_size,
+                grad_accum=hp.grad_accum, seed=hp.seed, position=self.position,
+            )
         self.throughput = Throughput(self.sampler.samples_per_step, _tokens_per_sample(recipe, hp))
         self.memory = MemorySampler()
         self.last_checkpoint: Optional[Path] = None
@@ -252,6 +268,7 @@ class Trainer:
                 errors.append(str(e))
                 continue
             state = cand.state
+            self._resume_shares = state.get("balance_shares")
             self.step = int(state["step"])
             self.position = DataPosition(epoch=int(state["epoch"]), offset=int(state["offset"]))
             self.resumed_from = cand.path
@@ -331,6 +348,37 @@ class Trainer:
         if failed:
             raise RuntimeError(f"stopping: {failed} other rank(s) failed to start (see their output)")
 
+    # -- balance (--balance speed) -------------------------------------------
+
+    def _gather(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order: an all_sum where each rank fills its own slot (exact)."""
+        mine = np.zeros(self.world, dtype=np.float32)
+        mine[self.rank] = value
+        out = mx.distributed.all_sum(mx.array(mine), group=self.group)
+        return [float(v) for v in np.array(out)]
+
+    def _initial_shares(self) -> Optional[list[int]]:
+        """Rank 0's shares from the checkpoint it resumed (same world and batch), else equal: the same on every rank."""
+        hp, shares = self.hp, self._resume_shares
+        ok = (self.rank == 0 and isinstance(shares, list) and len(shares) == self.world
+              and all(isinstance(b, int) and b >= 1 for b in shares) and sum(shares) == self.world * hp.batch_size)
+        mine = np.array(shares if ok else [0] * self.world, dtype=np.float32)
+        (synced,) = broadcast_from_rank0([mx.array(mine)], self.group)
+        got = [int(v) for v in np.array(synced)]
+        return got if min(got) >= 1 else None
+
+    def _rebalanced(self, decision: Decision) -> None:
+        """Apply a check's outcome at this step boundary; report it if the shares changed."""
+        if not decision.changed:
+            return
+        assert isinstance(self.sampler, BalancedSampler)
+        self.sampler.set_shares(decision.shares)
+        emit("rebalance", **decision.event_fields())
+        speeds = ", ".join(f"{s:,.0f}" for s in decision.speeds)
+        self.say(f"rebalance at step {decision.step} ({decision.reason}): per-rank batch "
+                 f"{decision.previous} -> {decision.shares} (measured samples/s {speeds}; predicted step "
+                 f"{1000 * decision.previous_step_s:.1f} -> {1000 * decision.predicted_step_s:.1f} ms of compute)")
+
     # -- one step -----------------------------------------------------------
 
     def _batch(self, indices: np.ndarray) -> list[mx.array]:
@@ -338,6 +386,7 @@ class Trainer:
 
     def train_step(self) -> tuple[mx.array, int]:
         """One optimizer step; returns (loss averaged over ranks and micro-batches, epoch)."""
+        started = time.perf_counter()
         epoch, micro_batches = self.sampler.next_step()
         mx.random.seed(step_seed(self.hp.seed, self.step, self.rank))
 
@@ -356,6 +405,14 @@ class Trainer:
         if k > 1:
             grad_sum = tree_map(lambda g: g / k, grad_sum)
             loss_sum = loss_sum / k
+        if self.balancer is not None:
+            # This rank's own compute, without the wait for the others in the all-reduce: its speed.
+            mx.eval(loss_sum, grad_sum)
+            self.balancer.record(time.perf_counter() - started, samples=k * len(micro_batches[0]))
+            w = self.balancer.weight
+            if w != 1.0:  # sample-count weighting: the all-reduce's mean is then the global-batch mean
+                grad_sum = tree_map(lambda g: g * w, grad_sum)
+                loss_sum = loss_sum * w
         grads, loss = self._average(grad_sum, loss_sum)
         if self.sharded is not None:
             self.sharded.update(self.model, grads)
@@ -388,6 +445,7 @@ class Trainer:
             "offset": self.position.offset,
             "seed": self.hp.seed,
             "world_size": self.world,
+            "balance_shares": list(self.balancer.shares) if self.balancer is not None else None,
             "recipe": self.say.name,
             "hparams": to_dict(self.hp),
         }
@@ -439,6 +497,13 @@ class Trainer:
             f"steps {self.step}->{hp.steps}"
         )
         emit("train_start", step=self.step, total_steps=hp.steps)
+        if self.balancer is not None:
+            self.balancer.start(self.step)
+            shares = self.balancer.shares
+            emit("rebalance", step=self.step, shares=list(shares), previous=list(shares), speeds=[],
+                 reason="start", predicted_step_s=None, previous_step_s=None)
+            self.say(f"--balance speed: per-rank batch {shares} of {sum(shares)}; speeds measured after "
+                     f"{hp.balance_warmup} step(s), then every {hp.balance_every}")
         last_loss: Optional[float] = None
         first_step = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
@@ -446,6 +511,10 @@ class Trainer:
             started = time.perf_counter()
             loss, epoch = self.train_step()
             step_time = time.perf_counter() - started
+            if self.balancer is not None and self.step < hp.steps:
+                decision = self.balancer.check(self.step)
+                if decision is not None:
+                    self._rebalanced(decision)
             last_loss = loss.item()
             samples_per_s, tokens_per_s = self.throughput.rates(step_time)
             emit("step", step=self.step, epoch=epoch, loss=last_loss, samples_per_s=samples_per_s,
