@@ -67,6 +67,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=1.0, help="seconds between SIGTERM and SIGKILL when stopping ranks (default 1)")
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring connections per address (like mlx.launch)")
     p.add_argument("--starting-port", type=int, help="first ring port (default: a free random range)")
+    p.add_argument("--ring-order", choices=["hostfile", "measured"], default="hostfile",
+                   help="ring backend: the hostfile's order (default), or measure every link between the hosts first "
+                        "and use the ring whose slowest link is fastest (full meshes, Ethernet plus Thunderbolt)")
     p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout (rank output goes to stderr)")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own block of CPU cores (Linux; no-op on macOS)")
@@ -102,7 +105,15 @@ def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
         add_env_arguments(env)
     gen = sub.add_parser("hostfile", help="write a hostfile from a host list (Ethernet or Thunderbolt ring)",
                          description="Write a hostfile that orch run and mlx.launch both accept.")
-    gen.add_argument("--hosts", required=True, help="comma-separated SSH names, e.g. mac1,mac2,mac3")
+    gen_from = gen.add_mutually_exclusive_group(required=True)
+    gen_from.add_argument("--hosts", help="comma-separated SSH names, e.g. mac1,mac2,mac3")
+    gen_from.add_argument("--hostfile", help="start from this hostfile (e.g. every cable's address of a full mesh) "
+                                             "and write it again in --ring-order")
+    gen.add_argument("--ring-order", choices=["hostfile", "measured"], default="hostfile",
+                     help="measured: measure every link between the hosts (over SSH) and write them in the order of "
+                          "the ring whose slowest link is fastest")
+    gen.add_argument("--python", help="with --ring-order measured: the interpreter for the link probe on every host "
+                                      "(default: the hostfile's, else python3)")
     gen.add_argument("--over", choices=["ethernet", "thunderbolt"], default="ethernet")
     gen.add_argument("-o", "--output", help="file to write (default: stdout)")
     gen.add_argument("--ips", help="ethernet: the addresses, in host order (default: resolve the names)")
@@ -219,6 +230,7 @@ def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
         first_step_timeout=args.first_step_timeout,
         connections_per_ip=args.connections_per_ip,
         starting_port=args.starting_port,
+        ring_order=args.ring_order,
         echo=not args.quiet,
         bind=args.bind,
         json_output=args.json,

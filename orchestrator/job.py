@@ -52,6 +52,7 @@ class RunRequest(BaseModel):
     restart_backoff: float = 1.0
     connections_per_ip: int = 1
     starting_port: Optional[int] = None
+    ring_order: Literal["hostfile", "measured"] = "hostfile"  # measured: the fastest ring over the hosts' links
     echo: bool = True
     bind: bool = False
     json_output: bool = False
@@ -192,6 +193,9 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
         except ValueError as err:
             raise ConfigError(f"--env: {err}") from None
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
+    if req.ring_order == "measured" and plan.backend != "ring":
+        raise ConfigError(f"--ring-order measured: only the ring backend has a ring order to choose (this run uses "
+                          f"{plan.backend}); drop --ring-order or use --backend ring")
     if req.fallback_backend:
         if backend not in ("jaccl", "jaccl-ring"):
             raise ConfigError(f"--fallback-backend {req.fallback_backend}: only a jaccl or jaccl-ring run can fall back "
@@ -243,6 +247,11 @@ async def run_job_async(req: RunRequest) -> RunSummary:
     """Run the job; with --max-restarts, start it again from the last checkpoint after a failure."""
     hostfile, plan, rundir, script, mpi = prepare(req)
     try:
+        if req.ring_order == "measured":
+            measured = await _measured_ring(req, hostfile, plan, rundir, script)
+            if isinstance(measured, RunSummary):  # could not measure: the run failed before it started
+                return measured
+            hostfile, plan = measured
         return await _run_attempts(req, hostfile, plan, rundir, script, mpi)
     finally:
         rundir.close()  # also releases the run directory's lock when interrupted
@@ -257,7 +266,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     backend = plan.backend
     for attempt in range(req.max_restarts + 1):
         if attempt > 0:
-            plan = plan_job(hostfile, backend, req.connections_per_ip, None)
+            plan = plan_job(hostfile, backend, req.connections_per_ip, None).model_copy(update={"ring_order": plan.ring_order})
             rundir.start_attempt(attempt)
         attempt_req = req.model_copy(update={"script_args": _resume_args(req, rundir) if attempt else list(req.script_args)})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
@@ -320,6 +329,36 @@ def _fallback_note(req: RunRequest, backend: str, summary: RunSummary) -> Option
         return None
     return (f"JACCL failed to start ({summary.diagnosis}); restarting on the {req.fallback_backend} backend over the same "
             "hosts from the latest checkpoint")
+
+
+async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir,
+                         script: str) -> "tuple[Hostfile, JobPlan] | RunSummary":
+    """--ring-order measured: measure every link between the hosts, put them in the order of the fastest ring.
+
+    The ring all_sum runs at the speed of the ring's slowest link, so the order that maximises it is
+    chosen (``ringorder.py``) and the hostfile re-planned in that order; the choice, the bottleneck
+    and the whole link matrix go into plan.json. Hosts that cannot be reached, or no ring over
+    working links, fail the run before anything starts (exit 1), as an unreachable host does.
+    """
+    from orchestrator.health.linkbw import measure_hostfile, needs_measuring
+    from orchestrator.ringorder import NoRingError, apply_order, choose_ring
+
+    why_not = needs_measuring(hostfile)
+    if why_not:
+        sys.stderr.write(f"orch: --ring-order measured: nothing to choose ({why_not}); keeping the hostfile's order\n")
+        return hostfile, plan
+    try:
+        matrix = await measure_hostfile(hostfile, ssh_request=req, python=req.python,
+                                        timeout=max(5.0, min(req.connect_timeout, 30.0)))
+        choice = choose_ring(matrix)
+    except (ConfigError, NoRingError) as e:
+        summary = _failed_before_start(req, plan, rundir, script, f"--ring-order measured: {e}")
+        rundir.write_summary(summary)
+        return summary
+    sys.stderr.write(f"orch: {choice.words()} (links measured in {matrix.seconds:.1f}s)\n")
+    ordered = apply_order(hostfile, choice)
+    new_plan = plan_job(ordered, plan.backend, req.connections_per_ip, req.starting_port)
+    return ordered, new_plan.model_copy(update={"ring_order": choice.model_dump(mode="json")})
 
 
 def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,

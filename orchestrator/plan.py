@@ -65,6 +65,7 @@ class JobPlan(BaseModel):
     backend_reason: str = ""  # why this backend: printed by the CLI, kept in plan.json
     coordinator: Optional[str] = None  # jaccl: MLX_JACCL_COORDINATOR; nccl: NCCL_HOST_IP:NCCL_PORT
     rdma: Optional[list[list[Any]]] = None  # jaccl: the matrix behind MLX_IBV_DEVICES
+    ring_order: Optional[dict[str, Any]] = None  # --ring-order measured: ringorder.RingChoice (order, bottleneck, links)
 
     @property
     def mlx_hostfile(self) -> list[list[str]]:

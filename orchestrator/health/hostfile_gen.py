@@ -6,7 +6,9 @@ earlier with ``--from-dir``), finds which port is cabled to which Mac, finds a
 ring (or says which cables are missing), gives every cable its own /30, prints
 the ``ifconfig``/``route`` commands per host, and runs them with ``--apply``
 where passwordless sudo exists. ``--over ethernet`` resolves each host's
-address (or takes ``--ips``).
+address (or takes ``--ips``). ``--hostfile FILE --ring-order measured`` measures every link between
+the hosts of an existing hostfile (a full mesh of cables, Ethernet plus Thunderbolt) and writes it
+again in the order of the ring whose slowest link is fastest (``ringorder.py``, ``linkbw.py``).
 
 Why the care with ``--apply``: the commands run as root on every host, and the
 interface names in them come from each host's ``networksetup`` output, i.e. from
@@ -28,7 +30,7 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from orchestrator.health.thunderbolt import (NETMASK_30, NoRingError, TopologyError, build_cable_graph,
                                              plan_thunderbolt_ring)
@@ -181,21 +183,79 @@ def _confirmed(args, n_hosts: int) -> bool:
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
+def measured_order(data, source: str, args) -> tuple[Any, str]:
+    """``--ring-order measured``: the hostfile JSON ``data`` rewritten in the order of the fastest ring, and the words.
+
+    The raw entries are kept as they were (every field, every shape); only their order changes and,
+    for entries with ``ips``, which address comes first (the one on the fastest path to the left
+    neighbour, ``ringorder.apply_order``).
+    """
+    from orchestrator.health.linkbw import measure_hostfile, needs_measuring
+    from orchestrator.ringorder import NoRingError, apply_order, choose_ring
+
+    hostfile = parse_hostfile(data, source)
+    why_not = needs_measuring(hostfile)
+    if why_not:
+        return data, f"--ring-order measured: nothing to choose ({why_not}); the order is unchanged"
+    try:
+        matrix = asyncio.run(measure_hostfile(hostfile, ssh_request=_ssh_request(args), python=getattr(args, "python", None),
+                                              timeout=args.connect_timeout))
+        choice = choose_ring(matrix)
+    except NoRingError as e:
+        raise ConfigError(f"--ring-order measured: {e}") from None
+    ordered = apply_order(hostfile, choice)
+    entries = data if isinstance(data, list) else data["hosts"]
+    new_entries = []
+    for k, i in enumerate(choice.order):
+        entry = entries[i]
+        if isinstance(entry, dict) and isinstance(entry.get("ips"), list):
+            entry = {**entry, "ips": list(ordered.hosts[k].ips)}
+        new_entries.append(entry)
+    words = choice.words() + f" (links measured in {matrix.seconds:.1f}s)"
+    return (new_entries if isinstance(data, list) else {**data, "hosts": new_entries}), words
+
+
+def _read_json(path: str):
+    from orchestrator.hostfile import load_hostfile
+
+    load_hostfile(path)  # every check orch run makes (file type, encoding, fields), with its one-line errors
+    return json.loads(Path(path).read_text())
+
+
 def cmd_hostfile(args) -> int:
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    if len(hosts) < 2:
-        raise ConfigError("--hosts needs at least two hosts, e.g. --hosts mac1,mac2")
     commands: dict[str, list[list[str]]] = {}
-    if args.over == "thunderbolt":
+    measured = getattr(args, "ring_order", "hostfile") == "measured"
+    if getattr(args, "hostfile", None):
+        data = _read_json(args.hostfile)
+        if not measured:
+            raise ConfigError(f"--hostfile {args.hostfile}: nothing to do; add --ring-order measured to write it in the "
+                              "order of the fastest ring")
+        data, words = measured_order(data, args.hostfile, args)
+        sys.stderr.write(f"orch: {words}\n")
+        hosts = []
+    else:
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        if len(hosts) < 2:
+            raise ConfigError("--hosts needs at least two hosts, e.g. --hosts mac1,mac2")
+    if hosts and args.over == "thunderbolt":
+        if measured:
+            raise ConfigError("--ring-order measured measures links that already carry addresses: write the Thunderbolt "
+                              "hostfile and set its addresses (--apply) first, then run orch hostfile --hostfile FILE "
+                              "--ring-order measured")
         outputs = saved_outputs(Path(args.from_dir), hosts) if args.from_dir else asyncio.run(_ssh_outputs(hosts, args))
         data, commands = thunderbolt_hostfile(outputs, args.base)
-    else:
+    elif hosts:
         data = ethernet_hostfile(hosts, args.ips.split(",") if args.ips else None)
+        if measured:
+            data, words = measured_order(data, "<generated>", args)
+            sys.stderr.write(f"orch: {words}\n")
     parse_hostfile(data, args.output or "<generated>")  # what we write must load
     text = json.dumps(data, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
-        sys.stderr.write(f"orch: wrote {args.output} ({len(data['hosts'])} hosts, ring order {', '.join(h['ssh'] for h in data['hosts'])})\n")
+        entries = data if isinstance(data, list) else data["hosts"]
+        names = [parse_hostfile(data, args.output).hosts[i].name for i in range(len(entries))]
+        sys.stderr.write(f"orch: wrote {args.output} ({len(entries)} hosts, ring order {', '.join(names)})\n")
     else:
         sys.stdout.write(text)
     if commands:
