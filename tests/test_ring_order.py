@@ -210,3 +210,124 @@ def test_a_path_with_one_failed_direction_counts_as_no_link():
     p = PathMeasurement(a=0, b=1, ip_a="x", ip_b="y", a_to_b_gbit_s=5.0, b_to_a_gbit_s=None, error="timed out")
     assert p.gbit_s == 0.0
     assert LinkMatrix(hosts=["a", "b"], paths=[p]).matrix() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------- linkbw: paths, rounds, the probe
+
+
+def test_candidate_paths_one_per_shared_subnet_and_rounds_never_share_a_host():
+    from orchestrator.health.linkbw import candidate_paths, needs_measuring, rounds_of
+
+    hf, pairs = mesh_hostfile()
+    paths = candidate_paths(hf.hosts)
+    assert sorted((a, b) for a, b, _, _ in paths) == sorted(tuple(sorted(p)) for p in pairs)
+    assert (0, 1, "10.9.0.1", "10.9.0.2") in paths
+    rounds = rounds_of(paths)
+    assert len(rounds) == 3 and sum(len(r) for r in rounds) == 6
+    for r in rounds:
+        used = [h for a, b, _, _ in r for h in (a, b)]
+        assert len(used) == len(set(used))
+    assert needs_measuring(hf) is None
+    # Ethernet (/24) plus a Thunderbolt cable (/30) between the same two hosts: two paths, worth measuring.
+    two = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["192.168.1.10/24", "10.0.0.1/30"]},
+                                    {"ssh": "b", "ips": ["192.168.1.11/24", "10.0.0.2/30"]}]}, "two.json")
+    assert len(candidate_paths(two.hosts)) == 2 and needs_measuring(two) is None
+    # Plain addresses: one path per pair; three hosts with one path each make only one ring.
+    plain = parse_hostfile({"hosts": [{"ssh": n, "ips": [f"10.1.0.{k}"]} for k, n in enumerate("abc", 1)]}, "p.json")
+    assert candidate_paths(plain.hosts) == [(0, 1, "10.1.0.1", "10.1.0.2"), (0, 2, "10.1.0.1", "10.1.0.3"),
+                                            (1, 2, "10.1.0.2", "10.1.0.3")]
+    assert "only one ring" in needs_measuring(plain)
+    local = parse_hostfile({"hosts": [{"ssh": "localhost", "slots": 2}]}, "l.json")
+    assert "this machine" in needs_measuring(local)
+
+
+def test_link_probe_measures_loopback_paths_and_names_an_address_it_cannot_listen_on():
+    """The real probe (local runners, loopback addresses): every path gets a rate both ways, except the one whose
+    address is not on this machine, which says why."""
+    import asyncio
+    import sys
+
+    from orchestrator.health.linkbw import measure_links
+    from orchestrator.health.runner import Runner
+
+    hf = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["127.0.0.1/8"]}, {"ssh": "b", "ips": ["127.0.0.2/8"]},
+                                   {"ssh": "c", "ips": ["127.0.0.3/8"]}, {"ssh": "d", "ips": ["127.0.0.4/8"]}]}, "lo.json")
+    runners = {i: Runner(h.name, sys.executable, {}) for i, h in enumerate(hf.hosts)}
+    m = asyncio.run(asyncio.wait_for(measure_links(hf, runners, seconds=0.05, timeout=20), 60))
+    assert len(m.paths) == 6
+    for p in m.paths:
+        assert p.error is None and p.a_to_b_gbit_s > 0 and p.b_to_a_gbit_s > 0, p
+    assert choose_ring(m).exact
+
+    # 192.0.2.0/24 (TEST-NET-1) is on no interface here: neither side can listen, and each direction says so.
+    bad = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["192.0.2.1/24"]}, {"ssh": "b", "ips": ["192.0.2.2/24"]}]},
+                         "bad.json")
+    mb = asyncio.run(measure_links(bad, {0: Runner("a", sys.executable, {}), 1: Runner("b", sys.executable, {})},
+                                   seconds=0.05))
+    assert mb.paths[0].gbit_s == 0 and "cannot listen on 192.0.2." in mb.paths[0].error, mb.paths[0]
+    with pytest.raises(NoRingError, match="a-b"):
+        choose_ring(mb)
+    # Different subnets: no path at all.
+    apart = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["127.0.0.1/8"]}, {"ssh": "b", "ips": ["10.254.254.254/8"]}]}, "y")
+    assert asyncio.run(measure_links(apart, {}, seconds=0.05)).paths == []
+    hf2 = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["127.0.0.1/8"]}, {"ssh": "b", "ips": ["127.0.0.2/8"]}]}, "x")
+    # Host b's runner is missing (as when SSH to it failed): the path is reported failed, naming it.
+    m2 = asyncio.run(measure_links(hf2, {0: Runner("a", sys.executable, {})}, seconds=0.05))
+    assert m2.paths[0].gbit_s == 0 and "b is not reachable" in m2.paths[0].error
+
+
+# ----------------------------------------------------------------------------- the commands: what they say
+
+
+def test_commands_refuse_what_has_no_ring_order_in_one_line(tmp_path):
+    import json
+
+    from tests.orch_helpers import RECIPES, run_orch
+
+    r = run_orch("run", "-n", "2", "--backend", "mpi", "--ring-order", "measured", str(RECIPES / "allsum_check.py"),
+                 "--run-dir", str(tmp_path / "mpi"), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "--ring-order measured: only the ring backend" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]}))
+    r = run_orch("hostfile", "--hostfile", str(hf), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "add --ring-order measured" in r.stderr, r.stderr
+    r = run_orch("hostfile", "--hosts", "a,b", "--over", "thunderbolt", "--ring-order", "measured", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "--hostfile FILE --ring-order measured" in r.stderr, r.stderr
+    r = run_orch("hostfile", "--hostfile", str(tmp_path / "missing.json"), "--ring-order", "measured", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_local_run_has_nothing_to_measure_and_runs_in_the_hostfile_order(tmp_path):
+    import json
+
+    from tests.orch_helpers import RECIPES, run_orch
+
+    rd = tmp_path / "run"
+    r = run_orch("run", "-n", "2", "--ring-order", "measured", str(RECIPES / "allsum_check.py"), "--run-dir", str(rd),
+                 cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to choose (every rank runs on this machine)" in r.stderr
+    assert json.loads((rd / "plan.json").read_text()).get("ring_order") is None
+
+
+def test_unreachable_hosts_fail_the_run_before_it_starts_naming_them(tmp_path):
+    """Nothing listens on port 1 of 127.0.0.2-5 (SSH hosts, not this machine by name): exit 1, summary says why."""
+    import json
+
+    from tests.orch_helpers import RECIPES, run_orch
+
+    pairs = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (1, 3)]
+    ips = {i: [] for i in range(4)}
+    for k, (a, b) in enumerate(pairs):
+        ips[a].append(f"10.9.{k}.1/30")
+        ips[b].append(f"10.9.{k}.2/30")
+    hf = tmp_path / "mesh.json"
+    hf.write_text(json.dumps({"hosts": [{"ssh": f"127.0.0.{i + 2}", "port": 1, "ips": ips[i]} for i in range(4)]}))
+    rd = tmp_path / "run"
+    r = run_orch("run", "--hostfile", str(hf), "--ring-order", "measured", "--connect-timeout", "5",
+                 str(RECIPES / "allsum_check.py"), "--run-dir", str(rd), cwd=tmp_path, timeout=90)
+    assert r.returncode == 1, r.stderr
+    assert "--ring-order measured: cannot reach 127.0.0.2:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    s = json.loads((rd / "summary.json").read_text())
+    assert s["status"] == "failed" and "cannot reach" in s["reason"]

@@ -201,7 +201,7 @@ def measured_order(data, source: str, args) -> tuple[Any, str]:
         matrix = asyncio.run(measure_hostfile(hostfile, ssh_request=_ssh_request(args), python=getattr(args, "python", None),
                                               timeout=args.connect_timeout))
         choice = choose_ring(matrix)
-    except NoRingError as e:
+    except (NoRingError, ConfigError) as e:
         raise ConfigError(f"--ring-order measured: {e}") from None
     ordered = apply_order(hostfile, choice)
     entries = data if isinstance(data, list) else data["hosts"]

@@ -175,7 +175,7 @@ async def measure_hostfile(hostfile: "Hostfile", *, ssh_request, python: Optiona
             conns = await connect_hosts(hostfile, ssh_request, remote, err=err)
             down = [f"{hostfile.hosts[i].name}: {hc.error}" for i, hc in sorted(conns.items()) if not hc.ok]
             if down:
-                raise ConfigError("--ring-order measured: cannot reach " + "; ".join(down))
+                raise ConfigError("cannot reach " + "; ".join(down))
         for i, h in enumerate(hostfile.hosts):
             py = python or h.python or (sys.executable if h.is_local else REMOTE_PYTHON)
             env = {**hostfile.env, **h.env}
