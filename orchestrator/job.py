@@ -264,9 +264,12 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     summary: Optional[RunSummary] = None
     host_failures: dict[str, int] = {}
     backend = plan.backend
+    fell_back: Optional[str] = None  # why the backend changed (--fallback-backend), for plan.json
     for attempt in range(req.max_restarts + 1):
         if attempt > 0:
             plan = plan_job(hostfile, backend, req.connections_per_ip, None).model_copy(update={"ring_order": plan.ring_order})
+            if fell_back:
+                plan.backend_reason = fell_back
             rundir.start_attempt(attempt)
         attempt_req = req.model_copy(update={"script_args": _resume_args(req, rundir) if attempt else list(req.script_args)})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
@@ -280,25 +283,30 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
         else:
             sup = Supervisor(plan, specs, launcher, rundir, script, out=sys.stderr if req.json_output else sys.stdout, options=SupervisorOptions(
                 init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
-                first_step_timeout=req.first_step_timeout, attempt=attempt))
+                first_step_timeout=req.first_step_timeout, attempt=attempt,
+                # The guard SIGKILLs a rank that ignores SIGTERM after --grace; the controller's own
+                # last resort comes only after that (a JACCL survivor spinning must get the full grace).
+                stop_timeout=max(3.0, req.grace + 2.0)))
             summary = await sup.run()
         cause = (attempts[-1].diagnosis or attempts[-1].reason) if attempts else None
         attempts.append(AttemptSummary(
             attempt=attempt, cause=cause, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
             reason=summary.reason, diagnosis=summary.diagnosis, started_at=summary.started_at,
-            duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0))
+            duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0,
+            backend=plan.backend, diagnosis_cause=summary.diagnosis_cause))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
-        fallback = _fallback_note(req, backend, summary)
+        fallback = _fallback_note(req, backend, summary, (rundir.checkpoints / "latest.json").exists())
         if fallback:
             backend = req.fallback_backend
+            fell_back = f"--fallback-backend {backend}: JACCL failed to start in attempt {attempt} ({summary.diagnosis_cause})"
             sys.stderr.write(f"orch: {fallback}\n")
             attempts[-1].note = fallback
         if req.exclude_failed_host and summary.failed_rank is not None:
             hostfile, note = _exclude_twice_failed(hostfile, plan, summary.failed_rank, host_failures)
             if note:
                 sys.stderr.write(f"orch: {note}\n")
-                attempts[-1].note = note
+                attempts[-1].note = f"{attempts[-1].note}; {note}" if attempts[-1].note else note
         delay = min(30.0, req.restart_backoff * 2 ** attempt)
         sys.stderr.write(f"orch: restart {attempt + 1}/{req.max_restarts} in {delay:g}s"
                          f"{' from the latest checkpoint' if (rundir.checkpoints / 'latest.json').exists() else ''}\n")
@@ -316,7 +324,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     return summary
 
 
-def _fallback_note(req: RunRequest, backend: str, summary: RunSummary) -> Optional[str]:
+def _fallback_note(req: RunRequest, backend: str, summary: RunSummary, has_checkpoint: bool) -> Optional[str]:
     """--fallback-backend: an attempt that failed while JACCL was coming up restarts on (say) the ring.
 
     Only failures of JACCL's initialisation qualify (RDMA not enabled, a device
@@ -327,8 +335,9 @@ def _fallback_note(req: RunRequest, backend: str, summary: RunSummary) -> Option
 
     if not req.fallback_backend or backend not in ("jaccl", "jaccl-ring") or summary.diagnosis_cause not in jaccl.INIT_FAILURES:
         return None
+    start = "from the latest checkpoint" if has_checkpoint else "from the start (no checkpoint yet)"
     return (f"JACCL failed to start ({summary.diagnosis}); restarting on the {req.fallback_backend} backend over the same "
-            "hosts from the latest checkpoint")
+            f"hosts {start}")
 
 
 async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir,

@@ -96,15 +96,26 @@ class JobPlan(BaseModel):
         return env
 
 
+def file_name(var: str) -> str:
+    """The name of the file behind ``var`` in a run directory, local or remote (the same on every host)."""
+    return FILE_NAMES.get(var, var.lower() + ".json")
+
+
+def file_text(content: str) -> str:
+    """What mlx.launch's ``echo CONTENT > $fname`` leaves: the text and a newline."""
+    return content + "\n"
+
+
 def write_files(plan: JobPlan, directory: str | os.PathLike) -> dict[str, str]:
     """Write ``plan.files()`` into ``directory`` (the run dir); ``{env var: path}`` for ``rank_env``.
 
-    Content is what mlx.launch's ``echo CONTENT > $fname`` leaves: the text and a newline.
+    Remote ranks cannot read these: the SSH launcher stages the same content
+    (``RankSpec.files``) into each host's run directory under the same names.
     """
     paths = {}
     for var, content in plan.files().items():
-        path = Path(directory) / FILE_NAMES.get(var, var.lower() + ".json")
-        path.write_text(content + "\n")
+        path = Path(directory) / file_name(var)
+        path.write_text(file_text(content))
         paths[var] = str(path)
     return paths
 

@@ -69,6 +69,19 @@ class RankSummary(BaseModel):
     samples_per_s: Optional[float] = None
     memory: Optional[MemorySummary] = None
     phases: list[PhaseSummary] = Field(default_factory=list)
+    batch_share: Optional[int] = None  # --balance speed: this rank's samples per micro-batch at the end
+
+
+class RebalanceSummary(BaseModel):
+    """One change of the per-rank batches under ``--balance speed`` (``rebalance`` events, rank 0's copy)."""
+
+    step: int
+    reason: str  # start | calibration | drift
+    shares: list[int]
+    previous: list[int] = Field(default_factory=list)
+    speeds: list[float] = Field(default_factory=list)  # each rank's compute samples/s that decided it
+    predicted_step_s: Optional[float] = None
+    previous_step_s: Optional[float] = None
 
 
 class AttemptSummary(BaseModel):
@@ -83,6 +96,8 @@ class AttemptSummary(BaseModel):
     duration_s: float
     resumed: bool = False
     note: Optional[str] = None  # what orch changed after this attempt (e.g. a host excluded)
+    backend: Optional[str] = None  # the backend this attempt ran on (--fallback-backend may change it)
+    diagnosis_cause: Optional[str] = None  # the diagnosis' key (e.g. "jaccl_queue_pair")
 
 
 class RunSummary(BaseModel):
@@ -103,6 +118,7 @@ class RunSummary(BaseModel):
     metrics: dict = Field(default_factory=dict)
     restarts: int = 0
     attempts: list[AttemptSummary] = Field(default_factory=list)
+    rebalances: list[RebalanceSummary] = Field(default_factory=list)  # --balance speed
 
 
 def default_run_dir(script: str, root: str | os.PathLike = "runs") -> Path:

@@ -42,7 +42,7 @@ from orchestrator.diagnose import Diagnosis, classify
 from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec, signal_name
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
-from orchestrator.rundir import MemorySummary, PhaseSummary, RankSummary, RunDir, RunSummary
+from orchestrator.rundir import MemorySummary, PhaseSummary, RankSummary, RebalanceSummary, RunDir, RunSummary
 from orchestrator.units import human_bytes
 
 TAIL_LINES = 200  # kept per rank (a stack dump fits) for diagnoses; the last SHOW_LINES are shown on failure
@@ -59,6 +59,17 @@ SETTLE_S = 0.3
 SECONDARY_WAIT_S = 3.0
 CONSOLE_LINE_MAX = 16 * 1024  # bytes of one output line shown on the console; the log keeps all
 PUMP_EOF_WAIT_S = 1.0  # after a rank exits, how long its output may still take to arrive
+# The idle-hang watchdog (programs that report no steps): a rank's CPU time "advanced"
+# between two of its guard's samples when it grew by more than this share of one core
+# (and at least IDLE_CPU_MIN_S). A rank blocked in a collective or a sleep uses ~0; a
+# poll loop of a few wake-ups a second stays under it.
+IDLE_CPU_RATE = 0.02
+IDLE_CPU_MIN_S = 0.02
+# The guard samples every ~2 s: the idle watchdog fires only once every rank's CPU
+# reading covers the whole window (a sample taken after it ended), waiting at most
+# this long past the window for one (a guard too stuck to sample does not save a hang).
+IDLE_SAMPLE_WAIT_S = 6.0
+STOPPED_NOTE = "is stopped (SIGSTOP/SIGTSTP), not running"
 
 
 class Console:
@@ -125,6 +136,12 @@ class SupervisorOptions:
     hang_timeout: float = 300.0  # no step from any rank for this long, once training started
     first_step_timeout: float = 120.0  # from a trainer's start to its first step
     attempt: int = 0
+    # --stdin: the controller's stdin (one relay for every attempt) and the ranks that read it.
+    stdin_relay: Optional[object] = None
+    stdin_ranks: tuple = ()
+    # While no rank has reported a step: a hang is no output and no CPU progress on any rank
+    # for hang_timeout. Off for runs where silence is expected (a rank waiting for typed input).
+    idle_watchdog: bool = True
 
 
 @dataclass
@@ -155,10 +172,16 @@ class RankState:
     program: programs.ProgramOutput = field(default_factory=programs.ProgramOutput)
     phases: list = field(default_factory=list)  # PhaseSummary per `report.phase(...)` the rank ended
     killed: bool = False  # orch had to SIGKILL it (the guard did not stop it in time)
+    batch_share: Optional[int] = None  # --balance speed: samples per micro-batch (rebalance events)
+    cpu_s: Optional[float] = None  # CPU seconds of its process tree, from the guard's last sample
+    cpu_t: Optional[float] = None  # when that sample arrived (monotonic)
+    stopped: Optional[bool] = None  # the guard's latest word: the rank's process is stopped (SIGSTOP)
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
         signal_ = self.status.signal if self.status else None
-        return classify(self.tail, self.rank, plan, signal=signal_, initialised=self.ready)
+        # A rank that trained was initialised, even if no init hook reported it (a program that is not ours).
+        initialised = self.ready or self.training or self.steps is not None
+        return classify(self.tail, self.rank, plan, signal=signal_, initialised=initialised)
 
     @property
     def rank(self) -> int:
@@ -215,6 +238,8 @@ class _LineOut:
                 data += b"\n"
             log += data
             shown.append(self._line(data))
+        if log:
+            self.sup._activity()
         self._log(bytes(log))
         self._show(shown)
 
@@ -307,6 +332,7 @@ class Supervisor:
         self.on_event = on_event
         self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated, held=plan.ranks[s.rank].held) for s in specs]
         self.metrics: dict = {}
+        self.rebalances: list[RebalanceSummary] = []  # --balance speed, from rank 0's events
         self.diagnosis: Optional[Diagnosis] = None
         self.failure: Optional[Failure] = None
         self.interrupted: Optional[int] = None
@@ -319,6 +345,7 @@ class Supervisor:
         self._first_failure_t: float = 0.0
         self._last_progress: Optional[float] = None
         self._any_step = False
+        self._last_activity: Optional[float] = None  # output or CPU progress of any rank (idle watchdog)
         self._unwritable: set = set()  # log/event files that failed to write (reported once each)
         self.live = LiveView(self.states, err=self.err, tty=self.opts.live)
 
@@ -331,10 +358,17 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._interrupt, sig)
         tasks: list[asyncio.Task] = []
+        self._last_activity = time.monotonic()
+        forward = None
         try:
             await self._start_all(tasks)
+            if self.opts.stdin_relay is not None and self.opts.stdin_ranks:
+                forward = asyncio.create_task(self._forward_stdin())
             await self._monitor()
         finally:
+            if forward is not None:  # what is not yet taken stays in the relay for the next attempt
+                forward.cancel()
+                await asyncio.gather(forward, return_exceptions=True)
             await self._stop_all()
             await self._drain(tasks)
             await self.launcher.aclose()
@@ -344,6 +378,24 @@ class Supervisor:
         summary = self._summary(time.monotonic() - t0, started_at)
         self._report(summary)
         return summary
+
+    async def _forward_stdin(self) -> None:
+        """``--stdin``: the controller's input to the chosen ranks' guards, framed as control lines.
+
+        End of file here is ``stdin-eof`` there (the rank reads end of file and
+        runs on); only the control channel's own end of file stops a rank.
+        """
+        from orchestrator.stdin_relay import stdin_line
+
+        targets = [s for s in self.states if s.rank in self.opts.stdin_ranks]
+        while True:
+            data = await self.opts.stdin_relay.get()
+            line = protocol.CONTROL_STDIN_EOF if data is None else stdin_line(data)
+            for s in targets:
+                if s.handle is not None and not s.exited.is_set():
+                    s.handle.send(line)
+            if data is None:
+                return
 
     def _interrupt(self, sig: int) -> None:
         if self.interrupted is None:
@@ -389,6 +441,9 @@ class Supervisor:
             hang = self._hang_deadline()
             if hang is not None:
                 deadlines.append(hang)
+            idle = self._idle_deadline()
+            if idle is not None:
+                deadlines.append(idle if time.monotonic() < idle else idle + IDLE_SAMPLE_WAIT_S)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -397,10 +452,13 @@ class Supervisor:
                 if self.init_deadline is not None and now >= self.init_deadline:
                     self._init_timed_out()
                 hang = self._hang_deadline()
-                if hang is not None and now >= hang:
+                if self.failure is None and hang is not None and now >= hang:
                     await self._dump_stacks()
                     self._hang_detected()
             self._wake.clear()
+            if self.failure is None and self.interrupted is None and self._idle_due(time.monotonic()):
+                await self._dump_stacks()
+                self._hang_detected(idle=True)
 
     def _hang_deadline(self) -> Optional[float]:
         """When the watchdog fires: armed once a trainer starts, until every trainer finished."""
@@ -411,25 +469,79 @@ class Supervisor:
             return None
         return self._last_progress + (self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout)
 
+    def _idle_deadline(self) -> Optional[float]:
+        """When the idle watchdog fires: for programs that report no steps (not ours, or not yet).
+
+        Such a program gives the step watchdog nothing to time, so a hang is
+        what is left to see from outside: for ``hang_timeout``, no rank printed
+        anything and no rank's CPU time advanced. Armed only while no rank has
+        ever reported a step, and only once every running rank's guard has sent
+        a CPU sample (without one we cannot tell idle from busy).
+        """
+        if not self.opts.idle_watchdog or self._any_step or self._last_activity is None:
+            return None
+        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
+        if not running or any(s.cpu_s is None for s in running):
+            return None
+        return self._last_activity + self.opts.hang_timeout
+
+    def _idle_due(self, now: float) -> bool:
+        """The idle window has passed and every running rank's CPU reading covers it (or waiting for one is over)."""
+        idle = self._idle_deadline()
+        if idle is None or now < idle:
+            return False
+        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
+        return now >= idle + IDLE_SAMPLE_WAIT_S or all(s.cpu_t is not None and s.cpu_t >= idle for s in running)
+
+    def _activity(self, now: Optional[float] = None) -> None:
+        """A rank printed something or used CPU: the idle watchdog starts over."""
+        self._last_activity = time.monotonic() if now is None else now
+
+    def _cpu_sample(self, state: RankState, cpu_s) -> None:
+        if type(cpu_s) not in (int, float):
+            return
+        now = time.monotonic()
+        first = state.cpu_s is None
+        if not first and cpu_s - state.cpu_s > max(IDLE_CPU_MIN_S, IDLE_CPU_RATE * (now - state.cpu_t)):
+            self._activity(now)
+        state.cpu_s, state.cpu_t = float(cpu_s), now
+        idle = self._idle_deadline()
+        if first or (idle is not None and now >= idle):
+            self._wake.set()  # this sample may arm the idle watchdog, or complete its evidence
+
     async def _dump_stacks(self) -> None:
         """Ask every running rank's guard for its Python stacks (into its stderr, so its log and tail).
 
         Bounded: the dump is written by faulthandler from a signal handler, so a
-        rank that is running at all answers within milliseconds; one stopped
-        (SIGSTOP) or stuck in C code without the GIL still answers (faulthandler
-        needs no GIL), a stopped one does not, and we do not wait for it.
+        rank that is running at all answers within milliseconds, even one stuck
+        in C code without the GIL (faulthandler needs no GIL). A stopped one
+        (SIGSTOP) cannot: its guard answers a ``dump`` event saying so instead,
+        and we do not wait for it.
         """
         running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
         for s in running:
             s.tail.append(STACK_MARK)  # the frames that follow in the tail are this dump's
+            s.stopped = None  # the guard's answer to this dump says it afresh
             try:
                 s.handle.send(protocol.CONTROL_DUMP)
             except Exception:
                 pass
         await asyncio.sleep(STACK_WAIT_S if running else 0)
 
-    def _hang_detected(self) -> None:
-        limit = self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout
+    def _hang_detected(self, idle: bool = False) -> None:
+        """Fail the run as hung, saying where each rank is.
+
+        ``idle``: the idle watchdog fired (no rank ever reported a step; no
+        output and no CPU progress anywhere). Each rank gets one of: its top
+        frames from the stack dump just requested, or "is stopped" when its
+        guard found it stopped (a stopped process cannot dump its stack).
+        """
+        if idle:
+            limit, option = self.opts.hang_timeout, "--hang-timeout"
+        elif self._any_step:
+            limit, option = self.opts.hang_timeout, "--hang-timeout"
+        else:
+            limit, option = self.opts.first_step_timeout, "--first-step-timeout"
         running = [s for s in self.states if not s.exited.is_set()]
         by_step: dict = {}
         for s in running:
@@ -438,22 +550,30 @@ class Supervisor:
         parts = []
         suspect = None
         stopped = [s for s in running if self._stopped_note(s)]
-        order = ([None] if None in by_step else []) + known
-        for k in order:
-            group = by_step[k]
-            ranks = ",".join(str(s.rank) for s in group)
-            label = f"rank{'s' if len(group) > 1 else ''} {ranks}"
-            if k is None:
-                parts.append(f"{label} never reported a step")
+        if idle:
+            for st in stopped:
+                parts.append(f"rank {st.rank} {self._stopped_note(st)}")
+        else:
+            order = ([None] if None in by_step else []) + known
+            for k in order:
+                group = by_step[k]
+                ranks = ",".join(str(s.rank) for s in group)
+                label = f"rank{'s' if len(group) > 1 else ''} {ranks}"
+                if k is None:
+                    parts.append(f"{label} never reported a step")
+                else:
+                    when = time.strftime("%H:%M:%S", time.localtime(group[0].last_step_wall)) if group[0].last_step_wall else "?"
+                    parts.append(f"{label} last reported step {k} at {when}")
+                for st in group:
+                    note = self._stopped_note(st)
+                    if note:
+                        parts[-1] += f" (rank {st.rank} {note})"
+        if running:
+            if stopped:
+                parts.append("the running ranks' Python stacks are in their logs (logs/rank-N.log); "
+                             "a stopped process cannot dump its stack")
             else:
-                when = time.strftime("%H:%M:%S", time.localtime(group[0].last_step_wall)) if group[0].last_step_wall else "?"
-                parts.append(f"{label} last reported step {k} at {when}")
-            for st in group:
-                note = self._stopped_note(st)
-                if note:
-                    parts[-1] += f" (rank {st.rank} {note})"
-        if parts:
-            parts.append("every rank's Python stacks are in its log (logs/rank-N.log)")
+                parts.append("every rank's Python stacks are in its log (logs/rank-N.log)")
         for st in running:
             where = programs.top_frames(list(st.tail), STACK_MARK)
             if where:
@@ -464,15 +584,22 @@ class Supervisor:
         lowest = (by_step.get(None) if not silent_by_design else None) or (by_step[known[0]] if known else [])
         if len(stopped) == 1:
             suspect = stopped[0]
-        elif len(lowest) == 1 and len(running) > 1:
+        elif not idle and len(lowest) == 1 and len(running) > 1:
             suspect = lowest[0]
-        if suspect is not None:
-            parts.append(f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
-        self._fail(suspect.rank if suspect else None, 1,
-                   f"hang: no rank made progress for {limit:g}s (--hang-timeout): " + "; ".join(parts))
+        if suspect is not None and len(running) > 1:
+            parts.append(f"the others may be waiting for rank {suspect.rank}" if idle else
+                         f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
+        if idle:
+            head = (f"hang: no rank printed anything or used CPU for {limit:g}s ({option}), "
+                    "and no rank reports steps")
+        else:
+            head = f"hang: no rank made progress for {limit:g}s ({option})"
+        self._fail(suspect.rank if suspect else None, 1, head + (": " + "; ".join(parts) if parts else ""))
 
     def _stopped_note(self, state: RankState) -> str:
-        """For ranks on this machine, what the OS says about a silent rank."""
+        """What is known about a silent rank's process: its guard's word, else (local ranks) the OS's."""
+        if state.stopped is not None:
+            return STOPPED_NOTE if state.stopped else ""
         if not state.pid or self.launcher.name != "local":
             return ""
         try:
@@ -481,7 +608,7 @@ class Supervisor:
             st = psutil.Process(state.pid).status()
         except Exception:
             return ""
-        return "is stopped (SIGSTOP/SIGTSTP)" if st == psutil.STATUS_STOPPED else ""
+        return STOPPED_NOTE if st == psutil.STATUS_STOPPED else ""
 
     def _secondary(self, state: RankState) -> bool:
         d = state.diagnosis(self.plan)
@@ -646,6 +773,8 @@ class Supervisor:
             self._record(payload)
             return
         self._record(payload)
+        if kind not in ("rss", "dump"):  # a rank's own event is a sign of life; the guard's samples are not
+            self._activity()
         if kind == "spawned":
             pid = payload["pid"]
             # Only the guard's own word, once per attempt, and never 0/1 (or a group-wide -1).
@@ -695,17 +824,27 @@ class Supervisor:
             m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
             m.metal_max_recommended_working_set_size = payload.get("metal_max_recommended_working_set_size")
             state.memory = m
-        elif kind == "rss":  # the guard's sampling: memory for any program, ours or not
+        elif kind == "rss":  # the guard's sampling: memory, CPU and run state for any program, ours or not
+            self._cpu_sample(state, payload.get("cpu_s"))
+            if type(payload.get("stopped")) is bool:
+                state.stopped = payload["stopped"]
             m = state.memory or MemorySummary()
             m.rss_peak_bytes = max(m.rss_peak_bytes, payload["rss_bytes"])
             avail = payload.get("system_available_bytes")
             if avail is not None:
                 m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
             state.memory = m
+        elif kind == "dump":  # the guard's answer to a stack-dump request
+            state.stopped = payload["stopped"]
         elif kind == "phase":
             state.phases.append(PhaseSummary.model_validate({k: payload.get(k) for k in PhaseSummary.model_fields}))
         elif kind == "metric":
             self.metrics.update(payload.get("values", {}))
+        elif kind == "rebalance":  # every rank sends the same shares; each keeps its own, rank 0's go to the summary
+            shares = payload["shares"]
+            state.batch_share = shares[state.rank] if state.rank < len(shares) else None
+            if state.rank == 0:
+                self.rebalances.append(RebalanceSummary.model_validate({k: payload.get(k) for k in RebalanceSummary.model_fields if payload.get(k) is not None}))
         self.live.on_event(state, payload)
         if self.on_event is not None:
             self.on_event(state, payload)
@@ -754,6 +893,7 @@ class Supervisor:
                 samples_per_s=s.samples_per_s,
                 memory=s.memory,
                 phases=s.phases,
+                batch_share=s.batch_share,
             )
             for s in self.states
         ]
@@ -773,6 +913,7 @@ class Supervisor:
             run_dir=str(self.rundir.path),
             ranks=ranks,
             metrics=self.metrics,
+            rebalances=self.rebalances,
         )
 
     def _warnings(self) -> list[str]:

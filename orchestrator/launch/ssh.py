@@ -55,6 +55,7 @@ from typing import Any, Optional
 import asyncssh
 
 from orchestrator import collect, staging
+from orchestrator.plan import FILE_NAMES, file_name
 from orchestrator.launch.base import (
     TOKEN_LINE_FLAG,
     ExitStatus,
@@ -80,12 +81,25 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def remote_env(spec: RankSpec, *, run_dir: str, pythonpath: str) -> dict[str, str]:
-    """Exactly what the rank gets on top of the remote login environment: ``spec.env``, adapted to the host."""
+def staged_files(spec: RankSpec) -> dict[str, str]:
+    """``{env var: local path}``: the per-job files (``plan.write_files``, e.g. ``MLX_IBV_DEVICES``) this rank's
+    environment names, which must exist on its host. ``prepare`` copies each into the host's remote run
+    directory under the same name and ``remote_env`` points the variable there. ``MLX_HOSTFILE`` is not
+    among them: its content travels in ``ORCH_MLX_HOSTFILE_JSON`` and the bootstrap writes it."""
+    return {var: spec.env[var] for var in FILE_NAMES if var != "MLX_HOSTFILE" and spec.env.get(var)}
+
+
+def remote_env(spec: RankSpec, *, run_dir: str, pythonpath: str, files_dir: Optional[str] = None) -> dict[str, str]:
+    """Exactly what the rank gets on top of the remote login environment: ``spec.env``, adapted to the host.
+
+    ``files_dir``: where ``prepare`` staged the ``staged_files`` on that host (default ``run_dir``).
+    """
     env = dict(spec.env)
     env.pop("MLX_HOSTFILE", None)  # a local path; the bootstrap writes the remote copy
     if spec.mlx_hostfile_json is not None:
         env["ORCH_MLX_HOSTFILE_JSON"] = spec.mlx_hostfile_json
+    for var in staged_files(spec):  # a local path too: the staged copy on that host instead
+        env[var] = f"{(files_dir or run_dir).rstrip('/')}/{file_name(var)}"
     env["ORCH_RUN_DIR"] = run_dir
     env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -585,7 +599,8 @@ class SSHLauncher(Launcher):
 
         async def site_dirs(site: _Site) -> None:
             await st.makedirs(site.run_root)
-            await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d))
+            await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d),
+                                 self._stage_files(link, site))
             if site.code_dir and code_tree is not None:
                 await st.materialise(code_tree, site.code_dir, "code")
             await self._stage_checkpoint(link, site)
@@ -595,6 +610,21 @@ class SSHLauncher(Launcher):
 
         await asyncio.gather(runtime(), *(site_dirs(s) for s in sites))
         link.stats.seconds = round(time.monotonic() - t0, 4)
+
+    async def _stage_files(self, link: _Link, site: _Site) -> None:
+        """The per-job files the ranks' environment names (MLX_IBV_DEVICES), into the site's run root.
+
+        Beside ``run/``, not in it: they are inputs, so collection never brings them
+        back, and retiring the run root removes them with the rest.
+        """
+        files: dict[str, str] = {}
+        for spec in self._specs:
+            if spec.host_index == site.index:
+                files.update({file_name(var): path for var, path in staged_files(spec).items()})
+        for name, local in sorted(files.items()):
+            await link.sftp.put(local, f"{site.run_root}/{name}")
+            link.stats.uploaded_files += 1
+            link.stats.uploaded_bytes += os.path.getsize(local)
 
     async def _stage_checkpoint(self, link: _Link, site: _Site) -> None:
         """A restarted attempt (--max-restarts) resumes from the checkpoint the last one brought home.
@@ -638,7 +668,7 @@ class SSHLauncher(Launcher):
             cwd, script = spec.cwd or site.link.home, spec.script
         else:
             cwd, script = site.code_dir, f"{site.code_dir}/{self._script_rel}"
-        env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir)
+        env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir, files_dir=site.run_root)
         argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,))
         return "read -r orch_go && " + build_command(argv, env, cwd)
 

@@ -1,0 +1,112 @@
+"""MLX_IBV_DEVICES reaches remote ranks: the file is staged into each host's run directory and the
+variable names that copy, not the controller's local path.
+
+The hosts are network namespaces with real sshd (tests/netns.py). They share this machine's
+filesystem, so a rank handed the controller's own path would read the right matrix by accident:
+the test therefore checks *where* the file is (the host's remote run root from staging.json) as
+well as what it holds (the hostfile's rdma matrix, parsed as JACCL parses it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launch.base import RankSpec
+from orchestrator.launch.ssh import remote_env, staged_files
+from tests.netns import make_cluster_fixture
+from tests.orch_helpers import SCRIPTS, run_orch
+
+CONTRACT = SCRIPTS / "jaccl_contract.py"
+REMOTE_RUNS = Path.home() / ".cache" / "mlx-orch" / "runs"  # the hosts share this filesystem
+
+
+# ----------------------------------------------------------------------------- unit: the rewrite
+
+
+def test_remote_env_points_file_variables_at_the_staged_copy():
+    spec = RankSpec(rank=1, host="mac1", script="s.py", env={
+        "MLX_IBV_DEVICES": "/local/run/mlx-ibv-devices.json", "MLX_HOSTFILE": "/local/run/mlx-hostfile.json",
+        "MLX_JACCL_COORDINATOR": "10.0.0.1:5000"}, mlx_hostfile_json="[]")
+    assert staged_files(spec) == {"MLX_IBV_DEVICES": "/local/run/mlx-ibv-devices.json"}  # MLX_HOSTFILE travels inline
+    env = remote_env(spec, run_dir="/r/x-h1/run", pythonpath="/rt", files_dir="/r/x-h1")
+    assert env["MLX_IBV_DEVICES"] == "/r/x-h1/mlx-ibv-devices.json"
+    assert "MLX_HOSTFILE" not in env and env["ORCH_MLX_HOSTFILE_JSON"] == "[]"
+    assert env["MLX_JACCL_COORDINATOR"] == "10.0.0.1:5000"  # an address, not a file: unchanged
+    assert staged_files(RankSpec(rank=0, host="h", script="s.py", env={"A": "1"})) == {}
+
+
+# ----------------------------------------------------------------------------- netns hosts
+
+
+c3 = make_cluster_fixture(3, scope="module", name="c3")
+
+
+@pytest.fixture(autouse=True)
+def _clean(request):
+    yield
+    if "c3" not in request.fixturenames:
+        return
+    c = request.getfixturevalue("c3")
+    deadline = time.monotonic() + 8
+    while c.running_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = c.running_processes()
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for d in REMOTE_RUNS.glob(".trash-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"still running on the hosts: {left}"
+
+
+def matrix(n: int) -> list[list]:
+    """mlx.distributed_config's shape: host i reaches host j over a distinct device."""
+    return [[None if i == j else f"rdma_en{2 + (i + j) % 4}" for j in range(n)] for i in range(n)]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["jaccl", "jaccl-ring"])
+def test_remote_ranks_read_the_hostfiles_rdma_matrix_from_their_own_run_dir(c3, tmp_path, backend):
+    c = c3
+    rdma = matrix(c.n)
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": backend, "hosts": [
+        {"ssh": h.name, "ips": [h.mgmt_ip], "rdma": rdma[h.index]} for h in c.hosts]}))
+    rd = tmp_path / "run"
+    r = run_orch("run", str(CONTRACT), "--hostfile", str(hf), "--ssh-config", c.ssh_config_path,
+                 "--known-hosts", c.known_hosts_path, "--python", sys.executable, "--run-dir", str(rd),
+                 cwd=tmp_path, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    seen = {}
+    for i in range(c.n):
+        lines = [l for l in (rd / "logs" / f"rank-{i}.log").read_text().splitlines() if l.startswith("JACCL ")]
+        assert len(lines) == 1, (i, lines)
+        seen[i] = json.loads(lines[0][len("JACCL "):])
+    remote = json.loads((rd / "staging.json").read_text())["remote_dirs"]
+    plan = json.loads((rd / "plan.json").read_text())
+    for i, got in seen.items():
+        host = c.hosts[i]
+        assert got["rank"] == i and got["host"] == host.name
+        assert got["matrix"] == rdma  # what JACCL reads: the hostfile's matrix, all N rows
+        # The host's own staged copy, not the controller's file (which this shared filesystem could also reach).
+        assert got["path"] == f"{remote[host.name]}/mlx-ibv-devices.json", got["path"]
+        assert not got["realpath"].startswith(os.path.realpath(rd))
+        assert got["coordinator"] == plan["coordinator"] and plan["coordinator"].startswith(f"{c.hosts[0].mgmt_ip}:")
+        assert got["ring"] == ("1" if backend == "jaccl-ring" else None)
+    assert json.loads((rd / "mlx-ibv-devices.json").read_text()) == rdma  # the controller's copy (mlx.launch's)
+    # Inputs are not collected back as if the ranks had written them; the remote run roots are retired.
+    assert not list((rd / "hosts").rglob("mlx-ibv-devices.json")) if (rd / "hosts").exists() else True
+    assert not any(Path(d).exists() for d in remote.values())
