@@ -34,6 +34,15 @@ def fmt_eta(seconds: Optional[float]) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def _shares(states) -> dict[int, str]:
+    """``--balance speed``: each rank's batch share as \"b (p%)\" of the global micro-batch; {} when not balancing."""
+    known = {s.rank: getattr(s, "batch_share", None) for s in states}
+    if not any(v is not None for v in known.values()):
+        return {}
+    total = sum(v for v in known.values() if v is not None) or 1
+    return {r: (f"{v} ({100 * v / total:.0f}%)" if v is not None else "-") for r, v in known.items()}
+
+
 class LiveView:
     def __init__(self, states, err: IO[str] = sys.stderr, tty: Optional[bool] = None, plain_every_s: float = 10.0,
                  redraw_every_s: float = 0.25):
@@ -72,7 +81,9 @@ class LiveView:
             head = f"[{bar}] {step or 0}/{total} {frac:4.0%} ETA {fmt_eta(eta)}"
         else:
             head = f"step {step if step is not None else '-'}"
-        rows = [head, f"{'rank':>4} {'host':<14} {'step':>7} {'loss':>10} {'samples/s':>10} {'mlx peak':>10} {'rss peak':>10}"]
+        shares = _shares(self.states)
+        rows = [head, f"{'rank':>4} {'host':<14} {'step':>7} {'loss':>10} {'samples/s':>10} {'mlx peak':>10} {'rss peak':>10}"
+                + (f" {'batch':>11}" if shares else "")]
         for s in self.states:
             mem = s.memory
             status = ""
@@ -81,7 +92,8 @@ class LiveView:
             rows.append(
                 f"{s.rank:>4} {s.spec.host[:14]:<14} {s.steps if s.steps is not None else '-':>7} "
                 f"{(f'{s.last_loss:.4g}' if s.last_loss is not None else '-'):>10} {human_rate(s.samples_per_s):>10} "
-                f"{human_bytes(mem.mlx_peak_bytes if mem else None):>10} {human_bytes(mem.rss_peak_bytes if mem else None):>10}{status}"
+                f"{human_bytes(mem.mlx_peak_bytes if mem else None):>10} {human_bytes(mem.rss_peak_bytes if mem else None):>10}"
+                f"{(' ' + shares[s.rank].rjust(11)) if shares else ''}{status}"
             )
         return [r[:width] for r in rows]
 
@@ -139,8 +151,9 @@ class LiveView:
         """The per-rank memory and throughput table printed when the run ends."""
         if not any(s.steps is not None or s.memory is not None for s in self.states):
             return ""
+        shares = _shares(self.states)
         rows = [f"{'rank':>4} {'host':<14} {'steps':>6} {'last loss':>10} {'samples/s':>10} {'mlx peak':>10} "
-                f"{'mlx active':>10} {'rss peak':>10} {'sys avail min':>13}"]
+                f"{'mlx active':>10} {'rss peak':>10} {'sys avail min':>13}" + (f" {'batch':>11}" if shares else "")]
         for s in self.states:
             m = s.memory
             rows.append(
@@ -148,5 +161,6 @@ class LiveView:
                 f"{(f'{s.last_loss:.4g}' if s.last_loss is not None else '-'):>10} {human_rate(s.samples_per_s):>10} "
                 f"{human_bytes(m.mlx_peak_bytes if m else None):>10} {human_bytes(m.mlx_active_bytes if m else None):>10} "
                 f"{human_bytes(m.rss_peak_bytes if m else None):>10} {human_bytes(m.system_available_min_bytes if m else None):>13}"
+                + ((' ' + shares[s.rank].rjust(11)) if shares else "")
             )
         return "\n".join(rows) + "\n"

@@ -178,6 +178,8 @@ def summary_from_events(events: list[dict], plan: Optional[dict], status: str) -
             m["mlx_peak_bytes"] = max(m["mlx_peak_bytes"], e.get("mlx_peak_bytes") or 0)
             m["rss_peak_bytes"] = max(m["rss_peak_bytes"], e.get("rss_bytes") or 0)
             m["mlx_active_bytes"] = e.get("mlx_active_bytes")
+        elif k == "rebalance" and isinstance(e.get("shares"), list) and r < len(e["shares"]):
+            row["batch_share"] = e["shares"][r]
     times = [t for t in map(_t, events) if t is not None]
     metrics: dict = {}
     for e in events:
@@ -192,6 +194,7 @@ def summary_from_events(events: list[dict], plan: Optional[dict], status: str) -
         "backend": (plan or {}).get("backend"),
         "ranks": [ranks[r] for r in sorted(ranks)],
         "metrics": metrics,
+        "rebalances": [e for e in events if e["kind"] == "rebalance" and _rank_of(e) == 0],
     }
 
 
@@ -305,6 +308,24 @@ def _rank_cells(r: dict) -> list[str]:
 RANK_HEADERS = ["rank", "host", "exit", "steps", "last loss", "samples/s", "mlx peak", "rss peak"]
 
 
+BALANCE_HEADERS = ["step", "why", "per-rank batch", "measured samples/s per rank", "predicted step (compute)"]
+
+
+def _rebalance_rows(s: dict) -> list[list[str]]:
+    """``--balance speed``: one row per change of the per-rank batches (summary's ``rebalances``)."""
+    rows = []
+    for b in s.get("rebalances") or []:
+        if not isinstance(b, dict):
+            continue
+        speeds = b.get("speeds") or []
+        before, after = b.get("previous_step_s"), b.get("predicted_step_s")
+        pred = f"{_num(before, '{:.4g}')} s -> {_num(after, '{:.4g}')} s" if after is not None else "-"
+        rows.append([_num(b.get("step"), "{}"), str(b.get("reason", "?")),
+                     " : ".join(str(x) for x in b.get("shares") or []),
+                     " : ".join(_num(x, "{:,.0f}") for x in speeds) or "-", pred])
+    return rows
+
+
 def _text_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
@@ -340,6 +361,9 @@ def format_summary(data: RunData) -> str:
         lines += ["", _text_table(RANK_HEADERS, [_rank_cells(r) for r in ranks])]
     if not data.steps:
         lines += ["", NO_STEPS]
+    balance = _rebalance_rows(data.summary)
+    if balance:
+        lines += ["", "batch shares (--balance speed):", _text_table(BALANCE_HEADERS, balance)]
     metrics = data.summary.get("metrics") or {}
     if metrics:
         lines += ["", "metrics: " + ", ".join(f"{k} {_num(v)}" for k, v in metrics.items())]
@@ -509,6 +533,9 @@ def render_html(data: RunData, plots: list[tuple[str, Path]]) -> str:
         parts += ["<h2>Attempts</h2>", _html_table(["attempt", "cause", "started"], rows)]
     ranks = [r for r in s.get("ranks") or [] if isinstance(r, dict)]
     parts += ["<h2>Ranks</h2>", _html_table(RANK_HEADERS, [_rank_cells(r) for r in ranks]) if ranks else "<p>no ranks recorded</p>"]
+    balance = _rebalance_rows(s)
+    if balance:
+        parts += ["<h2>Batch shares (--balance speed)</h2>", _html_table(BALANCE_HEADERS, balance)]
     metrics = s.get("metrics") or {}
     parts += ["<h2>Metrics</h2>",
               _html_table(["metric", "value"], [[k, _num(v)] for k, v in metrics.items()]) if metrics else "<p>no metrics reported</p>"]

@@ -242,3 +242,52 @@ def test_measured_balance_on_real_timings_keeps_the_global_batch(tmp_path):
         assert all(e["speeds"] and min(e["speeds"]) > 0 for e in events[1:])
     assert ranks[0].of_kind("rebalance") == [{**e, "rank": 0, "t": a["t"]} for e, a in
                                              zip(ranks[1].of_kind("rebalance"), ranks[0].of_kind("rebalance"))]
+
+
+# ----------------------------------------------------------------------------- where it shows
+
+
+def test_the_live_view_shows_each_ranks_batch_share_only_when_balancing():
+    import io
+
+    from orchestrator.launch.base import RankSpec
+    from orchestrator.live import LiveView
+    from orchestrator.supervisor import RankState
+
+    ss = [RankState(spec=RankSpec(rank=r, host=f"mac{r}", script="x.py")) for r in range(2)]
+    for s in ss:
+        s.steps, s.total_steps, s.last_loss, s.samples_per_s = 5, 10, 0.5, 100.0
+    view = LiveView(ss, err=io.StringIO(), tty=True)
+    assert "batch" not in "\n".join(view._lines()) and "batch" not in view.final_table()
+    ss[0].batch_share, ss[1].batch_share = 12, 4
+    lines = view._lines()
+    assert "batch" in lines[1] and lines[2].endswith("12 (75%)") and lines[3].endswith("4 (25%)")
+    table = view.final_table().splitlines()
+    assert "batch" in table[0] and table[1].endswith("12 (75%)") and table[2].endswith("4 (25%)")
+
+
+@pytest.mark.slow
+def test_orch_run_records_the_rebalances_in_the_summary_the_final_table_and_the_report(tmp_path):
+    from orchestrator.report import format_summary, load_run, render_html
+    from tests.orch_helpers import run_orch, summary
+
+    run_dir = tmp_path / "run"
+    r = run_orch("run", str(MLP), "-n", "2", "--run-dir", str(run_dir), "--env", f"{TEST_SPEEDS_ENV}=1,3@0;3,1@10",
+                 "--", *SMALL, "--steps", "20", "--batch-size", "8", "--balance", "speed", "--balance-every", "5",
+                 cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    s = summary(run_dir)
+    assert [(b["step"], b["reason"], b["shares"]) for b in s["rebalances"]] == [
+        (0, "start", [8, 8]), (4, "calibration", [4, 12]), (14, "drift", [12, 4])]
+    assert s["rebalances"][1]["speeds"] == [1.0, 3.0] and s["rebalances"][2]["previous"] == [4, 12]
+    assert [rank["batch_share"] for rank in s["ranks"]] == [12, 4]
+    assert "rebalance at step 14 (drift): per-rank batch [4, 12] -> [12, 4]" in r.stdout
+    assert "12 (75%)" in r.stderr and "4 (25%)" in r.stderr  # the end-of-run table
+    text = format_summary(load_run(run_dir))
+    assert "batch shares (--balance speed)" in text and "4 : 12" in text and "12 : 4" in text
+    html = render_html(load_run(run_dir), [])
+    assert "<h2>Batch shares (--balance speed)</h2>" in html and "<td>12 : 4</td>" in html
+    # The same from events alone (a run whose controller never wrote summary.json).
+    (run_dir / "summary.json").unlink()
+    text = format_summary(load_run(run_dir))
+    assert "12 : 4" in text and "drift" in text
