@@ -119,7 +119,6 @@ class RunSummary(BaseModel):
     restarts: int = 0
     attempts: list[AttemptSummary] = Field(default_factory=list)
     rebalances: list[RebalanceSummary] = Field(default_factory=list)  # --balance speed
-    rebalances: list[RebalanceSummary] = Field(default_factory=list)  # --balance speed
 
 
 def default_run_dir(script: str, root: str | os.PathLike = "runs") -> Path:

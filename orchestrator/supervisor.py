@@ -173,7 +173,6 @@ class RankState:
     phases: list = field(default_factory=list)  # PhaseSummary per `report.phase(...)` the rank ended
     killed: bool = False  # orch had to SIGKILL it (the guard did not stop it in time)
     batch_share: Optional[int] = None  # --balance speed: samples per micro-batch (rebalance events)
-    batch_share: Optional[int] = None  # --balance speed: samples per micro-batch (rebalance events)
     cpu_s: Optional[float] = None  # CPU seconds of its process tree, from the guard's last sample
     cpu_t: Optional[float] = None  # when that sample arrived (monotonic)
     stopped: Optional[bool] = None  # the guard's latest word: the rank's process is stopped (SIGSTOP)
@@ -841,11 +840,6 @@ class Supervisor:
             state.phases.append(PhaseSummary.model_validate({k: payload.get(k) for k in PhaseSummary.model_fields}))
         elif kind == "metric":
             self.metrics.update(payload.get("values", {}))
-        elif kind == "rebalance":  # every rank sends the same shares; each keeps its own, rank 0's go to the summary
-            shares = payload["shares"]
-            state.batch_share = shares[state.rank] if state.rank < len(shares) else None
-            if state.rank == 0:
-                self.rebalances.append(RebalanceSummary.model_validate({k: payload.get(k) for k in RebalanceSummary.model_fields if payload.get(k) is not None}))
         elif kind == "rebalance":  # every rank sends the same shares; each keeps its own, rank 0's go to the summary
             shares = payload["shares"]
             state.batch_share = shares[state.rank] if state.rank < len(shares) else None
