@@ -84,8 +84,18 @@ def _wait_gate(timeout_s: float) -> None:
 def _install_init_hook() -> bool:
     try:
         import mlx.core as mx
+    except ModuleNotFoundError as e:
+        if e.name not in ("mlx", "mlx.core"):
+            raise
+        return False  # no MLX here: a script that does not use it runs without the hook
     except ImportError:
-        return False
+        # MLX is installed but failed to load: e.g. its CUDA build on a rank whose CUDA_VISIBLE_DEVICES
+        # names no GPU ("cudaMallocManaged ... no CUDA-capable device"). Swallowing this is worse than
+        # failing: the script's own import then finds half-registered types and nanobind aborts the rank
+        # with "refusing to add duplicate key", hiding the cause. Report the cause, once, and stop.
+        traceback.print_exc()
+        print("orch: the rank cannot import mlx.core (above); nothing else was run", file=sys.stderr)
+        sys.exit(1)
     real_init = mx.distributed.init
     state = {"done": False}
 
