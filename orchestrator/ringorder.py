@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 EXACT_MAX = 16  # exact search up to this many hosts (2^15 subsets: ~0.15 s in pure Python)
 DEFAULT_TOLERANCE = 0.10  # bandwidths within 10% of each other are a tie (measurement noise)
+SAME_MACHINE_GBIT_S = 1000.0  # two hostfile entries on one machine: memory, never the ring's bottleneck
 
 
 class PathMeasurement(BaseModel):
@@ -63,6 +64,7 @@ class LinkMatrix(BaseModel):
 
     hosts: list[str]
     paths: list[PathMeasurement] = Field(default_factory=list)
+    same_machine: list[tuple[int, int]] = Field(default_factory=list)  # entries on one machine (a < b): not measured
     seconds: Optional[float] = None  # how long the measurement took
 
     def best_path(self, i: int, j: int) -> Optional[PathMeasurement]:
@@ -71,6 +73,8 @@ class LinkMatrix(BaseModel):
         return max(cands, key=lambda p: p.gbit_s) if cands else None
 
     def bandwidth(self, i: int, j: int) -> float:
+        if (min(i, j), max(i, j)) in self.same_machine:
+            return SAME_MACHINE_GBIT_S
         p = self.best_path(i, j)
         return p.gbit_s if p is not None else 0.0
 

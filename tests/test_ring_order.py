@@ -331,3 +331,21 @@ def test_unreachable_hosts_fail_the_run_before_it_starts_naming_them(tmp_path):
     assert "--ring-order measured: cannot reach 127.0.0.2:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     s = json.loads((rd / "summary.json").read_text())
     assert s["status"] == "failed" and "cannot reach" in s["reason"]
+
+
+def test_two_entries_of_one_machine_are_never_measured_nor_the_bottleneck():
+    from orchestrator.health.linkbw import candidate_paths, needs_measuring, same_machine_pairs
+
+    hf = parse_hostfile({"hosts": [{"ssh": "m1", "ips": ["10.0.0.1/24"]}, {"ssh": "m2", "ips": ["10.0.0.2/24"]},
+                                   {"ssh": "m1", "ips": ["10.0.0.11/24"]}, {"ssh": "m3", "ips": ["10.0.0.3/24"]}]}, "d.json")
+    assert same_machine_pairs(hf.hosts) == [(0, 2)]
+    assert all({a, b} != {0, 2} for a, b, _, _ in candidate_paths(hf.hosts))
+    assert needs_measuring(hf) is None
+    assert "single host" in needs_measuring(parse_hostfile({"hosts": [{"ssh": "m", "ips": ["10.0.0.1/24"]},
+                                                                       {"ssh": "m", "ips": ["10.0.0.2/24"]}]}, "s"))
+    paths = [PathMeasurement(a=a, b=b, ip_a=ia, ip_b=ib, a_to_b_gbit_s=5.0, b_to_a_gbit_s=5.0)
+             for a, b, ia, ib in candidate_paths(hf.hosts)]
+    m = LinkMatrix(hosts=["m1", "m2", "m1", "m3"], paths=paths, same_machine=same_machine_pairs(hf.hosts))
+    assert m.bandwidth(0, 2) == ringorder.SAME_MACHINE_GBIT_S
+    choice = choose_ring(m)
+    assert choice.bottleneck_gbit_s == 5.0

@@ -31,13 +31,22 @@ if TYPE_CHECKING:
 DEFAULT_SECONDS = 0.3
 
 
+def machine(host: "Host") -> str:
+    """Entries on one machine share a key: every local entry is this machine; others by SSH name."""
+    return "\0local" if host.is_local else host.name
+
+
+def same_machine_pairs(hosts: list["Host"]) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(len(hosts)) for b in range(a + 1, len(hosts)) if machine(hosts[a]) == machine(hosts[b])]
+
+
 def candidate_paths(hosts: list["Host"]) -> list[tuple[int, int, str, str]]:
-    """(a, b, ip_a, ip_b) for every pair a < b and every way they are connected (see the module docstring)."""
+    """(a, b, ip_a, ip_b) for every pair a < b on different machines and every way they are connected (see above)."""
     out = []
     for a in range(len(hosts)):
         for b in range(a + 1, len(hosts)):
             ha, hb = hosts[a], hosts[b]
-            if not ha.ips or not hb.ips:
+            if not ha.ips or not hb.ips or machine(ha) == machine(hb):
                 continue
             pa = [ipaddress.ip_interface(ip) for ip in ha.ips if "/" in ip]
             pb = [ipaddress.ip_interface(ip) for ip in hb.ips if "/" in ip]
@@ -139,7 +148,8 @@ async def measure_links(hostfile: "Hostfile", runners: dict[int, Runner], *, sec
         await asyncio.gather(*(p.finish() for p in procs.values()), return_exceptions=True)
         for r in runners.values():
             r.kill_all()
-    return LinkMatrix(hosts=names, paths=[results[p] for p in paths], seconds=round(time.monotonic() - t0, 3))
+    return LinkMatrix(hosts=names, paths=[results[p] for p in paths], same_machine=same_machine_pairs(hosts),
+                      seconds=round(time.monotonic() - t0, 3))
 
 
 def needs_measuring(hostfile: "Hostfile") -> Optional[str]:
@@ -147,7 +157,7 @@ def needs_measuring(hostfile: "Hostfile") -> Optional[str]:
     hosts = hostfile.hosts
     if all(h.is_local for h in hosts):
         return "every rank runs on this machine"
-    if len(hosts) < 2:
+    if len({machine(h) for h in hosts}) < 2:
         return "a single host"
     paths = candidate_paths(hosts)
     pairs = {(a, b) for a, b, _, _ in paths}
