@@ -450,7 +450,79 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+# ----------------------------------------------------------------------------- raw all_sum, float32 vs bfloat16
+
+
+def wire_rank(argv: list[str]) -> None:
+    """Rank side of --wire: raw ``all_sum`` of float32 and bfloat16 buffers of the same element count.
+
+    No trainer, no cast, no packing: whether halving the bytes halves the
+    collective at all on this machine's links. Each timing starts after a
+    barrier; the dtypes alternate which goes first. Rank 0 prints WIRE_JSON.
+    """
+    import mlx.core as mx
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes-mib", default="0.57,12.6,27.4")
+    ap.add_argument("--iters", type=int, default=10)
+    a = ap.parse_args(argv)
+    g = mx.distributed.init()
+
+    def barrier() -> None:
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=g))
+
+    out = {}
+    for mib in (float(x) for x in a.sizes_mib.split(",")):
+        n = int(mib * 2**20 / 4)
+        bufs = {"float32": mx.ones((n,), dtype=mx.float32), "bfloat16": mx.ones((n,), dtype=mx.bfloat16)}
+        mx.eval(list(bufs.values()))
+        times: dict[str, list[float]] = {d: [] for d in bufs}
+        cast = []
+        for it in range(a.iters + 1):
+            for d in (("float32", "bfloat16") if it % 2 == 0 else ("bfloat16", "float32")):
+                barrier()
+                t0 = time.perf_counter()
+                y = mx.distributed.all_sum(bufs[d], group=g)
+                mx.eval(y)
+                if it:
+                    times[d].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mx.eval(bufs["float32"].astype(mx.bfloat16).astype(mx.float32))
+            if it:
+                cast.append(time.perf_counter() - t0)
+        assert float(y[0].item()) == g.size(), "wrong all_sum"
+        out[str(mib)] = {d: statistics.median(v) for d, v in times.items()} | {"cast_s": statistics.median(cast)}
+    if g.rank() == 0:
+        print("WIRE_JSON " + json.dumps({"size": g.size(), "seconds": out}), flush=True)
+
+
+def wire(ranks: list[int], sizes: str, iters: int, timeout: float) -> str:
+    """Driver of --wire: ``orch run benchmarks/scaling.py -n N -- --wire-rank ...`` for each N; one table."""
+    lines = ["| N | buffer (float32 MiB) | float32 all_sum ms | bfloat16 all_sum ms | float32/bfloat16 | "
+             "cast f32->bf16->f32 ms (local) |", "|---|---|---|---|---|---|"]
+    for n in ranks:
+        run_dir = Path(tempfile.mkdtemp(prefix="orch-wire-")) / "run"
+        cmd = [sys.executable, "-m", "orchestrator", "run", str(Path(__file__).resolve()), "-n", str(n), "--quiet",
+               "--run-dir", str(run_dir), "--", "--wire-rank", "--sizes-mib", sizes, "--iters", str(iters)]
+        r, wall, _ = run_measured(cmd, timeout)
+        log = (run_dir / "logs" / "rank-0.log")
+        found = [ln for ln in (log.read_text().splitlines() if log.exists() else []) if "WIRE_JSON " in ln]
+        if r.returncode != 0 or not found:
+            lines.append(f"| {n} | failed (exit {r.returncode}) | {r.stderr.decode()[-200:]!r} | | | |")
+            continue
+        res = json.loads(found[0].split("WIRE_JSON ", 1)[1])
+        for mib, v in res["seconds"].items():
+            f, b = v["float32"] * 1e3, v["bfloat16"] * 1e3
+            lines.append(f"| {n} | {mib} | {f:.2f} | {b:.2f} | {f / b:.2f}x | {v['cast_s'] * 1e3:.2f} |")
+        print(lines[-1], flush=True)
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--wire-rank"]:
+        wire_rank(sys.argv[2:])
+        return
     exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", default="1,2,4,8", help="comma-separated rank counts (1 is added: efficiency needs it)")
@@ -476,7 +548,18 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a title for the markdown section")
     ap.add_argument("--contention", metavar="KxC,...",
                     help="instead of the sweep: K independent unlaunched bench_mlp processes pinned to C CPUs each")
+    ap.add_argument("--wire", action="store_true",
+                    help="instead of the sweep: raw all_sum of float32 vs bfloat16 buffers under orch run -n N")
+    ap.add_argument("--sizes-mib", default="0.57,12.6,27.4", help="buffer sizes for --wire (float32 MiB)")
     a = ap.parse_args()
+    if a.wire:
+        text = wire(sorted({int(x) for x in a.ranks.split(",")} - {1}), a.sizes_mib, a.profile_steps, a.timeout)
+        print(text)
+        if a.markdown:
+            with open(a.markdown, "a") as f:
+                f.write(f"\n### {a.label or 'raw all_sum, float32 vs bfloat16'}\n\n`python benchmarks/scaling.py "
+                        f"{shlex.join(sys.argv[1:])}`\n\n{text}\n")
+        return
     if a.contention:
         text = contention(a.contention, a.profile_steps, shlex.split(a.model_args), a.timeout)
         if a.markdown:
