@@ -143,3 +143,22 @@ def test_orch_run_measured_order_avoids_the_slow_cable_and_is_faster(mesh, tmp_p
     ratio = fast_bw / slow_bw
     print(f"all_sum bus bandwidth: hostfile order {slow_bw:.4f} GB/s, measured order {fast_bw:.4f} GB/s, ratio {ratio:.1f}x")
     assert ratio >= 1.5, (slow_bw, fast_bw)
+
+
+def test_orch_check_link_bandwidth_shows_every_link_and_the_fastest_ring(mesh, tmp_path):
+    c, chords = mesh
+    hostfile = mesh_hostfile(c, chords, tmp_path / "mesh.json")
+    argv = ["check", "--hostfile", str(hostfile), *ssh_args(c), "--timeout", "10", "--link-bandwidth"]
+    r = run_orch(*argv, "--json", cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lb = json.loads(r.stdout)["link_bandwidth"]
+    paths = lb["matrix"]["paths"]
+    assert len(paths) == 6 and all(p["error"] is None for p in paths), paths
+    slow = [p for p in paths if {p["a"], p["b"]} == {0, 1}][0]
+    fast = [p for p in paths if {p["a"], p["b"]} != {0, 1}]
+    assert max(slow["a_to_b_gbit_s"], slow["b_to_a_gbit_s"]) < 0.1  # 20 Mbit/s, measured by the receiver
+    assert min(min(p["a_to_b_gbit_s"], p["b_to_a_gbit_s"]) for p in fast) > 0.1
+    assert SLOW not in ring_pairs(lb["ring"]["hosts"])
+    r = run_orch(*argv, cwd=tmp_path, timeout=90)
+    assert r.returncode == 0 and "link bandwidth (each way" in r.stdout and "--ring-order measured" in r.stdout, r.stdout
+    assert "host0 <-> host1  10.213.0.1 / 10.213.0.2  " in r.stdout and "Mbit/s" in r.stdout, r.stdout

@@ -64,6 +64,7 @@ class CheckOptions:
     python: Optional[str] = None
     collective: bool = False
     collective_mib: float = 64.0
+    link_bandwidth: bool = False  # measure every link between the hosts and name the fastest ring (linkbw.py)
     json_output: bool = False
     ssh_config: Optional[str] = None
     known_hosts: Optional[str] = None
@@ -143,6 +144,8 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
         edges = ring_edges(hostfile, plan)
         if edges:
             report.links = await check_links(edges, names, hosts, runners, reports, opts)
+        if opts.link_bandwidth:
+            report.link_bandwidth = await link_bandwidth(hostfile, runners, reports, opts, backend)
     finally:
         await close_runners(conns, runners)
     if opts.collective:
@@ -152,6 +155,33 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
             report.collective = await run_collective(opts, hostfile, backend, err)
     report.seconds = time.monotonic() - t0
     return report
+
+
+async def link_bandwidth(hostfile: Hostfile, runners: dict, reports: dict, opts: CheckOptions, backend: str) -> dict:
+    """``--link-bandwidth``: every link between the hosts measured (``linkbw.py``), and the fastest ring beside the
+    hostfile's (``ringorder.py``). Informational: it never fails the check, a path that failed is named in it."""
+    from orchestrator.health.linkbw import measure_links, needs_measuring
+    from orchestrator.ringorder import NoRingError, choose_ring
+
+    if backend != "ring":
+        return {"detail": f"not measured: the {backend} backend has no ring order to choose"}
+    why_not = needs_measuring(hostfile)
+    usable = {i: r for i, r in runners.items() if i in reports}  # the link probe needs a python that started
+    matrix = await measure_links(hostfile, usable, timeout=opts.timeout, connect_timeout=opts.connect_timeout)
+    out: dict = {"matrix": matrix.model_dump(mode="json")}
+    if why_not:
+        out["detail"] = f"nothing to choose ({why_not})"
+        return out
+    try:
+        choice = choose_ring(matrix)
+    except NoRingError as e:
+        out["detail"] = str(e)
+        return out
+    out["ring"] = choice.model_dump(mode="json", exclude={"matrix"})
+    out["detail"] = choice.words() + ("" if choice.kept_hostfile_order else
+                                      "; run with --ring-order measured, or rewrite the hostfile with "
+                                      "orch hostfile --hostfile FILE --ring-order measured")
+    return out
 
 
 async def connect_runners(hostfile: Hostfile, opts: CheckOptions, hosts: list[HostResult], err) -> tuple[dict, dict]:
@@ -281,6 +311,9 @@ def add_check_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--python", help="python interpreter the ranks will use (default: the hostfile's, python3 remotely)")
     p.add_argument("--collective", action="store_true", help="also run a real all_sum over all ranks: result, bandwidth, latency")
     p.add_argument("--collective-mib", type=float, default=64.0, help="size of the bandwidth all_sum in MiB (default 64)")
+    p.add_argument("--link-bandwidth", action="store_true",
+                   help="also measure every link between the hosts (each way) and name the ring whose slowest link is "
+                        "fastest (what orch run --ring-order measured would use)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds each check may take (default 15)")
     p.add_argument("--starting-port", type=int, help="first ring port, as orch run will get it (default: a free random range)")
@@ -296,7 +329,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> CheckOptions:
     return CheckOptions(
         hostfile=args.hostfile, n=args.n, backend=args.backend, python=args.python, collective=args.collective,
-        collective_mib=args.collective_mib, json_output=args.json, ssh_config=args.ssh_config,
+        collective_mib=args.collective_mib, link_bandwidth=getattr(args, "link_bandwidth", False), json_output=args.json, ssh_config=args.ssh_config,
         known_hosts=args.known_hosts, identity=list(args.identity or []), ssh_accept_new=args.ssh_accept_new,
         timeout=args.timeout, starting_port=args.starting_port, mpirun=args.mpirun)
 

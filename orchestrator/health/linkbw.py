@@ -102,7 +102,7 @@ async def measure_links(hostfile: "Hostfile", runners: dict[int, Runner], *, sec
     async def start(i: int) -> None:
         runner = runners.get(i)
         if runner is None:
-            failed[i] = f"{names[i]} is not reachable"
+            failed[i] = f"no link probe could run on {names[i]} (not reachable, or no python there)"
             return
         cfg = {"listen": sorted(listen[i]), "seconds": seconds, "connect_timeout": connect_timeout, "deadline": deadline}
         try:

@@ -79,6 +79,7 @@ class Report:
     hosts: list[HostResult]
     links: list[LinkResult] = field(default_factory=list)
     collective: Optional[dict] = None
+    link_bandwidth: Optional[dict] = None  # --link-bandwidth: {"detail", "matrix": LinkMatrix, "ring": RingChoice}
     seconds: float = 0.0
 
     @property
@@ -89,7 +90,24 @@ class Report:
     def as_json(self) -> dict:
         return {"ok": self.ok, "backend": self.backend, "world_size": self.world_size,
                 "hosts": [h.as_json() for h in self.hosts], "links": [l.as_json() for l in self.links],
-                "collective": self.collective, "seconds": round(self.seconds, 3)}
+                "collective": self.collective, "seconds": round(self.seconds, 3),
+                **({"link_bandwidth": self.link_bandwidth} if self.link_bandwidth is not None else {})}
+
+
+def _bandwidth_lines(lb: dict) -> list[str]:
+    from orchestrator.ringorder import LinkMatrix, fmt_gbit
+
+    lines = []
+    if lb.get("matrix"):
+        m = LinkMatrix.model_validate(lb["matrix"])
+        for p in m.paths:
+            a, b = m.hosts[p.a], m.hosts[p.b]
+            if p.error or p.a_to_b_gbit_s is None or p.b_to_a_gbit_s is None:
+                lines.append(f"  ✗ {a} <-> {b}  {p.ip_a} / {p.ip_b}  {p.error or 'not measured'}")
+            else:
+                lines.append(f"  {a} <-> {b}  {p.ip_a} / {p.ip_b}  {fmt_gbit(p.a_to_b_gbit_s)} / {fmt_gbit(p.b_to_a_gbit_s)}")
+    lines.append(f"  {lb.get('detail', '')}")
+    return lines
 
 
 def render(report: Report) -> str:
@@ -115,6 +133,9 @@ def render(report: Report) -> str:
     if report.collective is not None:
         c = report.collective
         lines += ["", f"{MARK['pass' if c.get('ok') else 'fail']} collective: {c.get('detail')}"]
+    if report.link_bandwidth is not None:
+        lines += ["", "link bandwidth (each way; the ring all_sum runs at its slowest link)"]
+        lines += _bandwidth_lines(report.link_bandwidth)
     problems = [(h.host, c) for h in report.hosts for c in h.checks.values() if c.status in ("fail", "warn")]
     failed_links = [l for l in report.links if not l.ok]
     if problems or failed_links:
