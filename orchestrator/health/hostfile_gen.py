@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.health.thunderbolt import (NETMASK_30, NoRingError, TopologyError, build_cable_graph,
+from orchestrator.health.thunderbolt import (NETMASK_30, NoRingError, TopologyError, build_cable_graph, plan_rdma,
                                              plan_thunderbolt_ring)
 from orchestrator.hostfile import ConfigError, parse_hostfile
 
@@ -40,6 +40,7 @@ IFACE = re.compile(r"^[a-z][a-z0-9]{0,15}$")  # BSD interface names: en5, bridge
 
 SP_COMMAND = ["system_profiler", "SPThunderboltDataType", "-json"]
 NETWORKSETUP_COMMAND = ["networksetup", "-listallhardwareports"]
+IBV_DEVICES_COMMAND = ["ibv_devices"]  # macOS 26.2+; absent or failing: no RDMA on that host (as mlx.distributed_config)
 
 
 def saved_outputs(directory: Path, hosts: list[str]) -> dict[str, tuple[str, str]]:
@@ -53,6 +54,11 @@ def saved_outputs(directory: Path, hosts: list[str]) -> dict[str, tuple[str, str
                               f"{shlex.join(SP_COMMAND)} > {sp.name}; {shlex.join(NETWORKSETUP_COMMAND)} > {ns.name})")
         out[h] = (sp.read_text(), ns.read_text())
     return out
+
+
+def saved_ibv_devices(directory: Path, hosts: list[str]) -> dict[str, Optional[str]]:
+    """``<host>.ibv_devices.txt`` for each host, None where there is none (that host: no RDMA)."""
+    return {h: (p.read_text() if p.is_file() else None) for h in hosts for p in [directory / f"{h}.ibv_devices.txt"]}
 
 
 def _ssh_request(args):
@@ -81,17 +87,22 @@ async def _on_hosts(hosts: list[str], args, work) -> list:
         await close_connections(conns)
 
 
-async def _ssh_outputs(hosts: list[str], args) -> dict[str, tuple[str, str]]:
-    async def one(host: str, conn) -> tuple[str, str]:
+async def _ssh_outputs(hosts: list[str], args) -> tuple[dict[str, tuple[str, str]], dict[str, Optional[str]], dict[str, str]]:
+    """Per host: (system_profiler, networksetup), the ``ibv_devices`` output (None if it fails there), and
+    the address the SSH connection reached (the JACCL coordinator's candidate: reachable from here)."""
+    async def one(host: str, conn) -> tuple[tuple[str, str], Optional[str], str]:
         sp = await conn.run(shlex.join(SP_COMMAND), check=True, timeout=60)
         ns = await conn.run(shlex.join(NETWORKSETUP_COMMAND), check=True, timeout=30)
-        return str(sp.stdout), str(ns.stdout)
+        ibv = await conn.run(shlex.join(IBV_DEVICES_COMMAND), check=False, timeout=30)
+        peer = conn.get_extra_info("peername") or ("",)
+        return (str(sp.stdout), str(ns.stdout)), (str(ibv.stdout) if ibv.exit_status == 0 else None), str(peer[0])
 
     results = await _on_hosts(hosts, args, one)
     failed = [f"{h} ({type(r).__name__}: {r})" for h, r in zip(hosts, results) if isinstance(r, BaseException)]
     if failed:
         raise ConfigError("could not read the Thunderbolt topology from " + "; ".join(failed))
-    return dict(zip(hosts, results))
+    return ({h: r[0] for h, r in zip(hosts, results)}, {h: r[1] for h, r in zip(hosts, results)},
+            {h: r[2] for h, r in zip(hosts, results) if r[2]})
 
 
 def _iface(host: str, name: Optional[str], what: str) -> str:
@@ -109,7 +120,13 @@ def _ipv4(host: str, value: str) -> str:
 
 
 def thunderbolt_hostfile(outputs: dict[str, tuple[str, str]], base: str) -> tuple[dict, dict[str, list[list[str]]]]:
-    """The hostfile and, per host, the commands (argument lists) that set its Thunderbolt addresses.
+    """The (ring) hostfile and, per host, the commands (argument lists) that set its Thunderbolt addresses."""
+    plan, commands = thunderbolt_plan(outputs, base)
+    return plan.hostfile, commands
+
+
+def thunderbolt_plan(outputs: dict[str, tuple[str, str]], base: str):
+    """The ``ThunderboltPlan`` and, per host, the commands (argument lists) that set its Thunderbolt addresses.
 
     The commands are built here from checked parts, not taken as text: an interface
     name must match ``IFACE`` and every address must parse.
@@ -138,7 +155,53 @@ def thunderbolt_hostfile(outputs: dict[str, tuple[str, str]], base: str) -> tupl
             cmds.append(["sudo", "ifconfig", iface, "inet", _ipv4(h, me.ip), "netmask", NETMASK_30])
             cmds.append(["sudo", "route", "change", _ipv4(peer.host, peer.ip), "-interface", iface])
         commands[h] = cmds
-    return plan.hostfile, commands
+    return plan, commands
+
+
+def rdma_hostfile(plan, ibv: dict[str, Optional[str]], coordinator_ips: dict[str, str]) -> tuple[dict, str]:
+    """``plan.hostfile`` with the ``rdma`` matrix and JACCL backend where every host lists its devices, and why.
+
+    ``ibv``: each host's ``ibv_devices`` output (None: not available there). When every
+    host has RDMA devices, the hostfile gets the ``rdma`` matrix of the same cables and
+    ``backend`` jaccl (every pair cabled) or jaccl-ring, as ``mlx.distributed_config``
+    writes it (``thunderbolt.plan_rdma``); otherwise it stays a ring hostfile.
+
+    ``ibv_devices`` is parsed strictly (the recorded shape only; anything else is an
+    error naming the host). JACCL's ranks meet at rank 0's first address
+    (``MLX_JACCL_COORDINATOR``), which every host must reach: with two hosts that is
+    rank 0's address on their cable; with more, a Thunderbolt /30 reaches only one
+    neighbour, so each host's ``ips`` become its address from ``coordinator_ips``
+    (the SSH address, or ``--ips``), as ``mlx.distributed_config`` writes them (en0's);
+    the per-cable addresses stay in ``links``.
+    """
+    from orchestrator.health.jaccl_checks import Unreadable, parse_ibv_devices
+
+    devices: dict[str, Optional[list[str]]] = {}
+    for h in plan.ring:
+        text = ibv.get(h)
+        try:
+            devices[h] = None if text is None else parse_ibv_devices(text)
+        except Unreadable as e:
+            raise ConfigError(f"{h}: {e}") from None
+    try:
+        rp = plan_rdma(plan, devices)
+    except TopologyError as e:
+        raise ConfigError(str(e)) from None
+    reason = f"backend {rp.backend}: {rp.reason}"
+    if rp.rdma is None:
+        return plan.hostfile, reason
+    entries = [dict(e) for e in plan.hostfile["hosts"]]
+    if len(entries) > 2:
+        missing = [e["ssh"] for e in entries if not coordinator_ips.get(e["ssh"])]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: no address that every host reaches (JACCL's ranks meet at rank 0's "
+                              "first address; a Thunderbolt /30 reaches one neighbour only): give each host's Ethernet or "
+                              "Wi-Fi address with --ips a,b,c in --hosts order")
+        for e in entries:
+            e["ips"] = [_ipv4(e["ssh"], coordinator_ips[e["ssh"]])]
+    for e, row in zip(entries, rp.rdma):
+        e["rdma"] = row
+    return {**plan.hostfile, "backend": rp.backend, "hosts": entries}, reason
 
 
 def ethernet_hostfile(hosts: list[str], ips: Optional[list[str]]) -> dict:
@@ -242,8 +305,19 @@ def cmd_hostfile(args) -> int:
             raise ConfigError("--ring-order measured measures links that already carry addresses: write the Thunderbolt "
                               "hostfile and set its addresses (--apply) first, then run orch hostfile --hostfile FILE "
                               "--ring-order measured")
-        outputs = saved_outputs(Path(args.from_dir), hosts) if args.from_dir else asyncio.run(_ssh_outputs(hosts, args))
-        data, commands = thunderbolt_hostfile(outputs, args.base)
+        addresses: dict[str, str] = {}
+        if args.from_dir:
+            outputs, ibv = saved_outputs(Path(args.from_dir), hosts), saved_ibv_devices(Path(args.from_dir), hosts)
+        else:
+            outputs, ibv, addresses = asyncio.run(_ssh_outputs(hosts, args))
+        if args.ips:
+            given = [ip.strip() for ip in args.ips.split(",")]
+            if len(given) != len(hosts):
+                raise ConfigError(f"--ips gives {len(given)} addresses for {len(hosts)} hosts")
+            addresses = dict(zip(hosts, given))
+        plan, commands = thunderbolt_plan(outputs, args.base)
+        data, reason = rdma_hostfile(plan, ibv, addresses)
+        sys.stderr.write(f"orch: {reason}\n")
     elif hosts:
         data = ethernet_hostfile(hosts, args.ips.split(",") if args.ips else None)
         if measured:

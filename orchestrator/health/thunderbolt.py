@@ -498,3 +498,74 @@ def plan_thunderbolt_ring(
         })
     hostfile = {"backend": "ring", "envs": [], "hosts": entries}
     return ThunderboltPlan(ring=ring, links=links, commands=commands, hostfile=hostfile)
+
+
+# --------------------------------------------------------------------------------------
+# RDMA over the same cables (JACCL)
+
+
+def rdma_device(iface: str) -> str:
+    """The RDMA device of the Thunderbolt port whose network interface is ``iface``.
+
+    MLX's own rule (``configure_jaccl`` in ``mlx/_distributed_utils/config.py``):
+    ``rdma_`` + the BSD device that ``networksetup -listallhardwareports`` gives the
+    port "Thunderbolt <receptacle>". No recording shows ``networksetup`` and
+    ``ibv_devices`` of the same Mac (tests/fixtures/macos/SOURCES.md), so the name is
+    only ever *checked* against that host's ``ibv_devices``, never assumed to exist.
+    """
+    return f"rdma_{iface}"
+
+
+class RdmaPlan(_Model):
+    """What ``mlx.distributed_config`` would write for the cables of a ``ThunderboltPlan``."""
+
+    backend: str  # "jaccl" (every pair cabled), "jaccl-ring" (ring neighbours only) or "ring" (no RDMA)
+    rdma: Optional[list[list[Any]]] = None  # rows and columns in ring order, null on the diagonal
+    reason: str  # one line: why this backend
+
+
+def plan_rdma(plan: ThunderboltPlan, devices: Mapping[str, Optional[list[str]]]) -> RdmaPlan:
+    """The ``rdma`` matrix of the planned cables, from each host's ``ibv_devices`` device list.
+
+    ``devices[host]`` is None when ``ibv_devices`` could not be run there. Any host
+    without devices: no matrix, the ring backend (as ``mlx.distributed_config`` decides).
+    Otherwise every cable end's device (``rdma_device``) must be listed on its host, or
+    ``TopologyError`` names the host, port and device: a hostfile naming a device that
+    does not exist makes stock MLX segfault at start (exo#2186). Several cables between
+    two hosts give a list of devices, the same count for every pair (MLX's ``count``).
+    """
+    ring = plan.ring
+    n = len(ring)
+    none = [h for h in ring if not devices.get(h)]
+    if none:
+        why = "; ".join(f"{h}: {'no ibv_devices output' if devices.get(h) is None else 'ibv_devices lists no device'}"
+                        for h in none)
+        return RdmaPlan(backend="ring", reason=f"no RDMA over Thunderbolt on every host ({why}): ring over TCP")
+    ends: dict[tuple[str, str], list[str]] = {}  # (host, peer) -> that host's devices towards peer, in link order
+    for ln in plan.links:
+        for me, peer in ((ln.a, ln.b), (ln.b, ln.a)):
+            dev = rdma_device(me.iface)
+            listed = devices[me.host] or []
+            if dev not in listed:
+                raise TopologyError(
+                    f"{me.host}: ibv_devices does not list {dev}, the RDMA device MLX names after {me.iface} (the port "
+                    f"cabled to {peer.host}); it lists {', '.join(listed)}. Is RDMA enabled and the cable on a "
+                    "Thunderbolt 5 port? (orch check --hostfile ... --backend jaccl checks every host)")
+            ends.setdefault((me.host, peer.host), []).append(dev)
+    pairs = [(x, y) for x in ring for y in ring if x != y]
+    mesh = all((x, y) in ends for x, y in pairs)
+    neighbours = {(ring[i], ring[(i + d) % n]) for i in range(n) for d in (-1, 1)}
+    used = pairs if mesh else [p for p in pairs if p in neighbours]
+    count = min(len(ends[p]) for p in used)
+    rows = []
+    for x in ring:
+        row: list[Any] = []
+        for y in ring:
+            devs = ends.get((x, y), [])[:count] if (x, y) in used else []
+            row.append(None if not devs else devs[0] if count == 1 else devs)
+        rows.append(row)
+    if mesh:
+        return RdmaPlan(backend="jaccl", rdma=rows,
+                        reason=f"every pair of the {n} hosts is cabled and every host lists its RDMA devices: jaccl")
+    return RdmaPlan(backend="jaccl-ring", rdma=rows,
+                    reason="the cables form a ring but not a full mesh, and every host lists its RDMA devices: jaccl-ring")
