@@ -110,3 +110,39 @@ def test_remote_ranks_read_the_hostfiles_rdma_matrix_from_their_own_run_dir(c3, 
     # Inputs are not collected back as if the ranks had written them; the remote run roots are retired.
     assert not list((rd / "hosts").rglob("mlx-ibv-devices.json")) if (rd / "hosts").exists() else True
     assert not any(Path(d).exists() for d in remote.values())
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_fallback_over_ssh_continues_on_the_ring_links_from_the_checkpoint(c3, tmp_path):
+    """The JACCL attempt's remote stand-ins replay the recorded init failure (exo#1390); the ring attempt
+    resumes on the same hosts over their ring links from the checkpoint an earlier run left."""
+    from tests.test_jaccl_fallback import RTR_0, RTR_1, SMALL, STANDIN
+
+    c = c3
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": "jaccl", "hosts": [
+        {"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"], "rdma": matrix(c.n)[h.index]} for h in c.hosts]}))
+    rd = tmp_path / "run"
+    common = ["--hostfile", str(hf), "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
+              "--python", sys.executable, "--run-dir", str(rd), "--stage", str(STANDIN.parents[2] / "recipes" / "mlp_regression.py")]
+    r = run_orch("run", str(STANDIN), *common, "--backend", "ring", "--", *SMALL, "--steps", "10", "--checkpoint-every", "5",
+                 cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Remote ranks get only what --env says (the recordings are on the filesystem the hosts share).
+    env = ["--env", "JACCL_STANDIN=init_fail", "--env", f"JACCL_STDERR_0={RTR_0}", "--env", f"JACCL_STDERR_1={RTR_1}",
+           "--env", f"JACCL_STDERR_2={RTR_1}"]
+    r = run_orch("run", str(STANDIN), *common, *env, "--max-restarts", "1", "--restart-backoff", "0.1",
+                 "--fallback-backend", "ring", "--", *SMALL, "--steps", "20", "--checkpoint-every", "5",
+                 cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((rd / "summary.json").read_text())
+    assert [a["backend"] for a in s["attempts"]] == ["jaccl", "ring"]
+    assert s["attempts"][0]["diagnosis_cause"] == "jaccl_queue_pair" and s["attempts"][1]["resumed"]
+    assert "from the latest checkpoint" in s["attempts"][0]["note"]
+    steps = sorted(e["step"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
+                   if e["kind"] == "step" and e.get("attempt") == 1 and e["rank"] == 0)
+    assert steps[0] == 11 and steps[-1] == 20
+    plan = json.loads((rd / "plan.json").read_text())
+    assert [p["listen"][0].split(":")[0] for p in plan["ranks"]] == [h.left_ip for h in c.hosts]  # the ring links
