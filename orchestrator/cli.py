@@ -73,6 +73,16 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout (rank output goes to stderr)")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own block of CPU cores (Linux; no-op on macOS)")
+    p.add_argument("--stdin", choices=["none", "rank0", "all"], default="none",
+                   help="forward orch's stdin to rank 0 or to every rank (pdb, chat-style scripts); the others read "
+                        "/dev/null (default: none, every rank reads /dev/null)")
+    p.add_argument("--resume-from", metavar="GLOB",
+                   help="with --resume-arg: the files a restarted attempt resumes from (the newest match wins); "
+                        "relative to the run directory, e.g. 'adapters/*_adapters.safetensors'")
+    p.add_argument("--resume-arg", metavar="TEMPLATE",
+                   help="with --max-restarts and --resume-from: words added to the program's arguments on a restart, "
+                        "{latest} replaced by the newest match, e.g. '--resume-adapter-file {latest}' "
+                        "(a single word: --resume-arg=--resume-from={latest})")
     ssh = p.add_argument_group("remote hosts (SSH)")
     ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
     ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
@@ -173,9 +183,14 @@ def _did_you_mean(parser: argparse.ArgumentParser, option: str) -> str:
 def _check_routing(parser: argparse.ArgumentParser, own: list[str]) -> None:
     """Before ``--`` every option is orch's: unknown ones and ones given twice are errors."""
     seen: dict[str, str] = {}
+    waiting: Optional[str] = None  # an option whose value is the next word
     for token in own:
-        if not token.startswith("-") or token == "-" or _is_number(token):
-            continue
+        if waiting and token.startswith("-") and token != "-" and not _is_number(token) and " " not in token:
+            raise UsageError(f"{waiting} needs a value; one that starts with '-' is written {waiting}=VALUE "
+                             f"(e.g. {waiting}={token})")
+        waiting = None
+        if not token.startswith("-") or token == "-" or _is_number(token) or " " in token:
+            continue  # with a space it is a value (--resume-arg '--resume-adapter-file {latest}'), as argparse reads it
         name = token.split("=", 1)[0]
         action = parser._option_string_actions.get(name)
         if action is None:
@@ -186,6 +201,8 @@ def _check_routing(parser: argparse.ArgumentParser, own: list[str]) -> None:
             else:
                 raise UsageError(f"unknown option {name}{_did_you_mean(parser, name)}; "
                                  "the program's own arguments go after --")
+        if action.nargs is None and "=" not in token:
+            waiting = name
         if isinstance(action, argparse._AppendAction):
             continue
         if action.dest in seen:
@@ -233,6 +250,9 @@ def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
         ring_order=args.ring_order,
         echo=not args.quiet,
         bind=args.bind,
+        stdin=args.stdin,
+        resume_from=args.resume_from,
+        resume_arg=args.resume_arg,
         json_output=args.json,
         ssh_config=args.ssh_config,
         known_hosts=args.known_hosts,
@@ -259,7 +279,7 @@ def _prestart_local_ranks(args: argparse.Namespace) -> None:
     another Python or backend) starts ranks the ordinary way.
     """
     if (args.command != "run" or not args.n or not 1 <= args.n <= 1024 or args.hostfile or args.hosts
-            or args.python or args.backend not in (None, "ring")):
+            or args.python or args.backend not in (None, "ring") or args.stdin != "none"):
         return
     from orchestrator.launch import prespawn
 

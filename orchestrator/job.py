@@ -7,7 +7,11 @@ decide lives here, so tests and other front-ends can call ``run_job`` directly.
 from __future__ import annotations
 
 import asyncio
+import glob
 import math
+import os
+import shlex
+import stat
 import sys
 import time
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from orchestrator import protocol
 from orchestrator.backends import choose
 from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_hostfile, local_hostfile, parse_env_assignment,
                                   select_hosts)
@@ -22,6 +27,7 @@ from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job, write_files
 from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
+from orchestrator.stdin_relay import StdinRelay, stdin_ranks
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 
 if TYPE_CHECKING:
@@ -55,6 +61,9 @@ class RunRequest(BaseModel):
     ring_order: Literal["hostfile", "measured"] = "hostfile"  # measured: the fastest ring over the hosts' links
     echo: bool = True
     bind: bool = False
+    stdin: Literal["none", "rank0", "all"] = "none"  # which ranks read orch's stdin (the others: /dev/null)
+    resume_from: Optional[str] = None  # --resume-from GLOB: what a restarted attempt resumes from (newest match)
+    resume_arg: Optional[str] = None  # --resume-arg TEMPLATE: the words that hand it to the program, with {latest}
     json_output: bool = False
     # SSH (remote hosts)
     ssh_config: Optional[str] = None
@@ -85,6 +94,63 @@ def check_values(req: RunRequest) -> None:
         raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
     if req.n is not None and req.n < 1:
         raise ConfigError(f"-n {req.n}: the number of ranks must be at least 1")
+    resume_words(req)
+
+
+def resume_words(req: RunRequest) -> list[str]:
+    """--resume-arg's words (``{latest}`` still in them), after checking the pair of options makes sense."""
+    if req.resume_arg is None and req.resume_from is None:
+        return []
+    if req.resume_arg is None:
+        raise ConfigError("--resume-from: add --resume-arg TEMPLATE, the words that hand the file to the program "
+                          "(e.g. --resume-arg '--resume-adapter-file {latest}')")
+    if req.resume_from is None or not req.resume_from.strip():
+        raise ConfigError("--resume-arg: add --resume-from GLOB, the files to resume from, relative to the run directory "
+                          "(e.g. --resume-from 'adapters/*_adapters.safetensors')")
+    try:
+        words = shlex.split(req.resume_arg)
+    except ValueError as e:
+        raise ConfigError(f"--resume-arg {req.resume_arg!r}: {e}; quote the template as one argument") from None
+    if not any("{latest}" in w for w in words):
+        raise ConfigError(f"--resume-arg {req.resume_arg!r}: no {{latest}} in it; write where the file goes, "
+                          "e.g. '--resume-adapter-file {latest}'")
+    if req.max_restarts < 1:
+        raise ConfigError("--resume-arg: it is used when a failed attempt is restarted; add --max-restarts 1 (or more)")
+    return words
+
+
+def newest_match(pattern: str, base: Path) -> Optional[str]:
+    """The newest regular file matching ``pattern`` (relative to ``base`` unless absolute; ``**`` recurses).
+
+    Newest by modification time, then by name (zero-padded step numbers sort
+    right when two files share a timestamp). An absolute path, so a rank with
+    another working directory finds it.
+    """
+    full = os.path.expanduser(pattern)
+    if not os.path.isabs(full):
+        full = str(base / full)
+    best: Optional[tuple[tuple[int, str], str]] = None
+    for name in glob.glob(full, recursive=True):
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (best is None or (st.st_mtime_ns, name) > best[0]):
+            best = ((st.st_mtime_ns, name), name)
+    return os.path.abspath(best[1]) if best else None
+
+
+def _resume_arg_args(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[list[str], Optional[str], str]:
+    """A restart with --resume-arg: (program arguments, the file resumed from or None, a note for the summary)."""
+    latest = newest_match(req.resume_from, rundir.path)
+    if latest is None:
+        note = (f"no file matched --resume-from {req.resume_from} (in {rundir.path}): attempt {attempt} started "
+                "without --resume-arg")
+        sys.stderr.write(f"orch: {note}\n")
+        return list(req.script_args), None, note
+    words = [w.replace("{latest}", latest) for w in resume_words(req)]
+    sys.stderr.write(f"orch: attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})\n")
+    return [*req.script_args, *words], latest, f"resumed from {latest} (--resume-arg)"
 
 
 def _load_cluster(req: RunRequest) -> Hostfile:
@@ -148,6 +214,8 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             env["ORCH_HOLD"] = "1"
         if plan.backend == "ring" and r.listen:
             env["ORCH_LISTEN"] = r.listen[0]
+        if r.rank in stdin_ranks(req.stdin, plan.world_size):
+            env[protocol.ENV_STDIN] = "pipe"  # the guard feeds this rank's stdin from orch's (--stdin)
         specs.append(RankSpec(
             rank=r.rank, host=r.host, host_index=r.host_index, script=script, program=req.program,
             script_args=list(req.script_args),
@@ -179,6 +247,12 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     backend = choice.name
     script = _check_script(req)
     mpi = None
+    if backend == "mpi" and req.stdin == "all":
+        raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
+                          "one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
+    if req.resume_arg and not all(h.is_local for h in hostfile.hosts):
+        raise ConfigError("--resume-arg: the resume file is looked up in the local run directory, which remote hosts "
+                          "cannot read; use it with local ranks (-n N), or resume through the program's own option")
     if backend == "mpi":
         from orchestrator.launch.mpi import find_mpi
 
@@ -265,13 +339,21 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     host_failures: dict[str, int] = {}
     backend = plan.backend
     fell_back: Optional[str] = None  # why the backend changed (--fallback-backend), for plan.json
+    # --stdin: one reader of orch's stdin for every attempt (see stdin_relay.py).
+    stdin_relay = StdinRelay() if req.stdin != "none" else None
     for attempt in range(req.max_restarts + 1):
         if attempt > 0:
             plan = plan_job(hostfile, backend, req.connections_per_ip, None).model_copy(update={"ring_order": plan.ring_order})
             if fell_back:
                 plan.backend_reason = fell_back
             rundir.start_attempt(attempt)
-        attempt_req = req.model_copy(update={"script_args": _resume_args(req, rundir) if attempt else list(req.script_args)})
+        resumed_from: Optional[str] = None
+        resume_note: Optional[str] = None
+        if attempt and req.resume_arg:
+            script_args, resumed_from, resume_note = _resume_arg_args(req, rundir, attempt)
+        else:
+            script_args = _resume_args(req, rundir) if attempt else list(req.script_args)
+        attempt_req = req.model_copy(update={"script_args": script_args})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
         specs = build_specs(attempt_req, hostfile, plan, rundir, script)
         rundir.write_json("plan.json", plan.model_dump(mode="json"))
@@ -286,13 +368,15 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
                 first_step_timeout=req.first_step_timeout, attempt=attempt,
                 # The guard SIGKILLs a rank that ignores SIGTERM after --grace; the controller's own
                 # last resort comes only after that (a JACCL survivor spinning must get the full grace).
-                stop_timeout=max(3.0, req.grace + 2.0)))
+                stop_timeout=max(3.0, req.grace + 2.0),
+                stdin_relay=stdin_relay, stdin_ranks=stdin_ranks(req.stdin, plan.world_size)))
             summary = await sup.run()
         cause = (attempts[-1].diagnosis or attempts[-1].reason) if attempts else None
         attempts.append(AttemptSummary(
             attempt=attempt, cause=cause, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
             reason=summary.reason, diagnosis=summary.diagnosis, started_at=summary.started_at,
-            duration_s=summary.duration_s, resumed="--resume" in attempt_req.script_args and attempt > 0,
+            duration_s=summary.duration_s, note=resume_note,
+            resumed=resumed_from is not None if req.resume_arg else "--resume" in attempt_req.script_args and attempt > 0,
             backend=plan.backend, diagnosis_cause=summary.diagnosis_cause))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
@@ -301,7 +385,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             backend = req.fallback_backend
             fell_back = f"--fallback-backend {backend}: JACCL failed to start in attempt {attempt} ({summary.diagnosis_cause})"
             sys.stderr.write(f"orch: {fallback}\n")
-            attempts[-1].note = fallback
+            attempts[-1].note = f"{attempts[-1].note}; {fallback}" if attempts[-1].note else fallback
         if req.exclude_failed_host and summary.failed_rank is not None:
             hostfile, note = _exclude_twice_failed(hostfile, plan, summary.failed_rank, host_failures)
             if note:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import Optional
 
+from orchestrator import protocol
 from orchestrator.launch import prespawn
 from orchestrator.launch.base import TOKEN_LINE_FLAG, ExitStatus, Launcher, RankHandle, RankSpec, new_token, token_line
 
@@ -141,7 +142,8 @@ class LocalLauncher(Launcher):
     name = "local"
 
     async def start(self, spec: RankSpec) -> RankHandle:
-        proc = prespawn.take() if spec.python is None else None
+        # A pre-started guard started its rank with /dev/null as stdin: --stdin ranks start fresh.
+        proc = prespawn.take() if spec.python is None and protocol.ENV_STDIN not in spec.env else None
         if proc is not None:
             return await _adopt(spec, proc)
         env = dict(os.environ)

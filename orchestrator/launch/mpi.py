@@ -218,8 +218,10 @@ class MPIRank(RankHandle):
         self.stderr = asyncio.StreamReader(limit=1 << 20)
         self.status: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    def send(self, line: str) -> None:  # no gate under MPI
-        return None
+    def send(self, line: str) -> None:
+        """No gate under MPI; ``--stdin rank0``: stdin lines go to mpirun, which forwards its stdin to rank 0."""
+        if self.rank == 0 and line.split(" ", 1)[0] in (protocol.CONTROL_STDIN, protocol.CONTROL_STDIN_EOF):
+            self.launcher.write_stdin(line)
 
     def stop(self) -> None:
         self.launcher.terminate()
@@ -282,8 +284,11 @@ class MPILauncher(Launcher):
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         cmd = self.command()
         (self.rundir_path / "mpirun-command.txt").write_text(" ".join(cmd) + "\n")
+        # --stdin rank0: mpirun forwards its stdin to rank 0's guard, framed as control lines by us,
+        # because Open MPI 5 never forwards the end of file (a rank reading to EOF would wait forever).
+        stdin = asyncio.subprocess.PIPE if protocol.ENV_STDIN in self.specs[0].env else asyncio.subprocess.DEVNULL
         self.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *cmd, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, cwd=self.specs[0].cwd, start_new_session=True, limit=1 << 20,
         )
         self._pumps = [asyncio.create_task(self._demux(self.proc.stdout)), asyncio.create_task(self._demux(self.proc.stderr))]
@@ -352,6 +357,13 @@ class MPILauncher(Launcher):
                 else:
                     h.status.set_result(ExitStatus(code=rc if rc > 0 else None, signal=-rc if rc < 0 else None,
                                                    reason="ended by mpirun"))
+
+    def write_stdin(self, line: str) -> None:
+        if self.proc is not None and self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            try:
+                self.proc.stdin.write(line.encode() + b"\n")
+            except (OSError, RuntimeError):
+                pass
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.returncode is None and not self._terminated:
