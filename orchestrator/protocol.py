@@ -18,8 +18,7 @@ A rank talks to its controller with *event lines* on its own stdout::
 The controller sends *control lines* the other way, on the rank guard's stdin
 (see ``runtime/guard.py``): ``go`` opens the start gate of a rank that waits
 for its ring neighbours to listen; ``release`` lets a rank held after it
-started listening run on; ``stdin``/``stdin-eof`` carry the program's stdin
-(``--stdin``); end of file means "stop now".
+started listening run on; end of file means "stop now".
 
 Why TypedDicts and not pydantic models here: this module is imported by every
 rank at start-up, and defining pydantic models costs ~0.2 s of import time per
@@ -52,21 +51,10 @@ CONTROL_TOKEN = "token"
 # registered ``faulthandler``: every thread's Python stack goes to the rank's
 # stderr (so into its log), and the hang diagnosis quotes the top frames.
 # SIGURG because its default action is to do nothing: a program the bootstrap
-# exec'd (not Python) is not harmed by it.
+# exec'd (not Python) is not harmed by it. The guard answers with a ``dump``
+# event saying whether it signalled the rank or found it stopped.
 CONTROL_DUMP = "dump"
 DUMP_SIGNAL_NAME = "SIGURG"
-# ``--stdin rank0|all``: the program's stdin travels on the same control channel,
-# framed so it can never be read as a control word: ``stdin <base64>`` carries
-# bytes the guard writes to a pipe that is the rank's stdin, ``stdin-eof``
-# closes that pipe (the rank reads end of file). End of file on the channel
-# itself still means "stop now". ``ENV_STDIN=pipe`` (set by the controller on
-# the chosen ranks, removed by the guard) asks the guard for that pipe; any
-# other rank's stdin is /dev/null. A chunk is at most STDIN_CHUNK bytes before
-# encoding, so a control line stays under 64 KiB.
-CONTROL_STDIN = "stdin"
-CONTROL_STDIN_EOF = "stdin-eof"
-ENV_STDIN = "ORCH_STDIN"
-STDIN_CHUNK = 48 * 1024
 
 # Events only the guard may send. They carry the attempt's token (``"token"``),
 # which the guard got on its stdin, a pipe the rank never sees: the controller
@@ -74,7 +62,9 @@ STDIN_CHUNK = 48 * 1024
 # nothing a rank prints can make orch signal another process. Guards started
 # without a stdin (``--no-stdin``, under mpirun) send these without a token;
 # the controller then never uses their pids.
-GUARD_KINDS = frozenset({"spawned", "listening", "exited"})
+# ``rss`` and ``dump`` are here too: a rank that printed a fake sample could hide
+# its own hang (CPU "progress") or be called stopped when it is not.
+GUARD_KINDS = frozenset({"spawned", "listening", "exited", "rss", "dump"})
 TOKEN_FIELD = "token"
 
 # An event payload longer than this is not parsed at all (it is kept as user
@@ -197,17 +187,37 @@ class PhaseEvent(_Base):
 
 
 class RssEvent(_Base):
-    """The guard's sample of its rank's memory (any program): ``ORCH_GUARD_RSS=1``, every ~2 s.
+    """The guard's sample of its rank's memory and CPU (any program): ``ORCH_GUARD_RSS=1``, every ~2 s.
 
     ``tree_rss_bytes`` adds the rank's descendants (data loaders, a shell's child);
     ``system_available_bytes`` is None where the platform gives no reading the
-    guard can parse with the standard library.
+    guard can parse with the standard library. ``cpu_s``: CPU seconds (user +
+    system) the rank's process tree has used so far (on Linux with its exited,
+    waited-for children); the controller's idle-hang watchdog reads whether it
+    still advances. ``stopped``: the rank's process is stopped (SIGSTOP,
+    SIGTSTP, a tracer), so it runs nothing and cannot dump its stack.
     """
 
     kind: Literal["rss"]
     rss_bytes: int
     tree_rss_bytes: Optional[int]
     system_available_bytes: Optional[int]
+    cpu_s: Optional[float]
+    stopped: Optional[bool]
+
+
+class DumpEvent(_Base):
+    """The guard's answer to a ``dump`` control line.
+
+    ``signalled``: the dump signal was sent (the stacks follow on the rank's
+    stderr). ``stopped``: the rank's process is stopped, so no stack will come;
+    the guard does not signal it then (the dump would otherwise pop out
+    whenever it is resumed, long after the diagnosis).
+    """
+
+    kind: Literal["dump"]
+    signalled: bool
+    stopped: bool
 
 
 class RebalanceEvent(_Base):
@@ -232,6 +242,7 @@ class RebalanceEvent(_Base):
 Event = Union[
     RebalanceEvent,
     RssEvent,
+    DumpEvent,
     SpawnedEvent,
     ExitedEvent,
     InitStartEvent,

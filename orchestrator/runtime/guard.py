@@ -26,16 +26,6 @@ cannot clean up at all. So the guard
   port;
 * reads control lines on its stdin: ``go`` opens the rank's start gate (a pipe
   whose read end the rank gets as ``ORCH_GATE_FD``), ``release`` ends a hold;
-* with ``ORCH_STDIN=pipe`` (``orch run --stdin``) gives the rank a pipe as its
-  stdin and writes to it what ``stdin <base64>`` lines carry; ``stdin-eof``
-  closes it. The program's input and the control channel share one stream
-  (an SSH channel has only one stdin) but cannot be confused: user bytes only
-  ever arrive base64-encoded, so the channel's own end of file still means
-  "stop". Writes never block the loop: what the rank has not read yet waits
-  in memory. Without ``ORCH_STDIN`` the rank's stdin is /dev/null. A
-  ``--no-stdin`` guard (mpirun forwards its stdin to rank 0 only, and never
-  its end of file) reads only ``stdin`` lines there, and its end of file
-  ends the rank's input, nothing more;
 * with ``--token-line`` reads ``token <hex>`` as its first stdin line *before*
   it starts the rank (a ``--deferred`` guard finds it in its configuration
   line under ``"token"``) and puts it in every event it writes: the rank never
@@ -49,8 +39,12 @@ cannot clean up at all. So the guard
 * when the rank exits, kills what is left of its group and descendants and
   exits the same way the rank did (same code, or re-raises the same signal),
   so the controller sees the rank's own status;
-* with ``ORCH_GUARD_RSS=1`` (and ``ORCH_EVENTS=1``) reports the rank's memory
-  every 2 s as ``rss`` events, for any program, ours or not.
+* with ``ORCH_GUARD_RSS=1`` (and ``ORCH_EVENTS=1``) reports the rank's memory,
+  its process tree's CPU time and whether it is stopped every 2 s as ``rss``
+  events, for any program, ours or not (the controller's idle-hang watchdog
+  reads the CPU time);
+* on a ``dump`` control line sends the rank the stack-dump signal, or, if the
+  rank is stopped (it could not answer), says so in its ``dump`` event.
 
 The hold (``ORCH_HOLD=1``, rank 0 of a ring): once the rank listens the guard
 SIGSTOPs it inside ``accept()``; the kernel still completes the first
@@ -81,7 +75,6 @@ Only the standard library, on every platform branch: this runs as
 
 from __future__ import annotations
 
-import binascii
 import json
 import os
 import select
@@ -365,6 +358,53 @@ def rss_bytes(pids: list[int]) -> dict[int, int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU time (user + system, seconds) each pid that still exists has used.
+
+    Linux: ``/proc/<pid>/stat``, with the time of its exited children it has
+    waited for (``cutime``/``cstime``), so a shell loop of short commands shows
+    progress too. macOS: ``ps -o time=`` (the process itself only).
+    """
+    out: dict[int, float] = {}
+    if _linux():
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+                out[pid] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+    if not pids:
+        return out
+    r = _run(["ps", "-o", "pid=,time=", "-p", ",".join(map(str, pids))])
+    for line in (r.stdout.splitlines() if r is not None else ()):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            secs = parse_ps_time(parts[1])
+            if secs is not None:
+                out[int(parts[0])] = secs
+    return out
+
+
+def parse_ps_time(text: str) -> float | None:
+    """``ps``'s cumulative CPU time: macOS ``M:SS.ss`` (minutes may pass 59), procps ``[DD-]HH:MM:SS``."""
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not rest or len(parts) > 3:
+        return None
+    try:
+        total = 0.0
+        for part in parts:
+            if not part.replace(".", "", 1).isdigit():
+                return None
+            total = total * 60 + float(part)
+        return total + (int(days) * 86400 if days else 0)
+    except ValueError:
+        return None
+
+
 def system_available_bytes() -> int | None:
     """Linux: MemAvailable. macOS: None (no recorded vm_stat output to parse against yet)."""
     if not _linux():
@@ -454,10 +494,6 @@ class Guard:
         self.gate_w: int | None = None
         self.events = False
         self.finished = False
-        # --stdin: the write end of the rank's stdin pipe, and what the rank has not read yet.
-        self.stdin_w: int | None = None
-        self.stdin_pending = bytearray()
-        self.stdin_eof = False
 
     # -- events
     def emit(self, kind: str, **fields) -> None:
@@ -560,10 +596,6 @@ class Guard:
             env[ENV_INIT_FD] = str(init_w)
         for var in (ENV_GUARD_RSS, ENV_HOLD_MAX_S):
             env.pop(var, None)
-        stdin_r = None
-        if env.pop(protocol.ENV_STDIN, None) == "pipe" and not self.deferred:
-            stdin_r, self.stdin_w = os.pipe()
-            os.set_blocking(self.stdin_w, False)
 
         guard_pid = os.getpid()
 
@@ -579,14 +611,14 @@ class Guard:
                 env=env,
                 start_new_session=True,
                 pass_fds=tuple(fd for fd in (gate_r, cfg_r, init_w) if fd is not None),
-                stdin=stdin_r if stdin_r is not None else subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=in_child if _linux() else None,
             )
         except (OSError, subprocess.SubprocessError) as e:
             print(f"orch guard: cannot start {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             return 127
         finally:
-            for fd in (gate_r, cfg_r, init_w, stdin_r):
+            for fd in (gate_r, cfg_r, init_w):
                 if fd is not None:
                     os.close(fd)
         self.pgid = self.child.pid
@@ -658,8 +690,7 @@ class Guard:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         if self.init_r is not None:
             sel.register(self.init_r, selectors.EVENT_READ, "init")
-        # A --no-stdin guard still reads its stdin when it feeds the rank's (only stdin lines count).
-        stdin_fd = sys.stdin.fileno() if sys.stdin is not None and (self.watch_stdin or self.stdin_w is not None) else None
+        stdin_fd = sys.stdin.fileno() if self.watch_stdin else None
         if stdin_fd is not None:
             try:
                 sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
@@ -669,9 +700,6 @@ class Guard:
                 # so behave as with --no-stdin and watch our parent instead.
                 stdin_fd = None
                 self.watch_stdin = False
-                self.stdin_eof = True  # and the rank's input ends at once
-        if stdin_fd is None:
-            self.stdin_eof = True  # nothing can ever feed the rank's input (e.g. no stdin at all)
 
         listen = os.environ.get("ORCH_LISTEN")
         listen_port = int(listen.rpartition(":")[2]) if listen else None
@@ -693,8 +721,6 @@ class Guard:
             # Control lines.
             while b"\n" in self.buf:
                 cmd, self.buf = self.buf.split(b"\n", 1)
-                if self.take_stdin_line(cmd) or not self.watch_stdin:
-                    continue  # a --no-stdin guard's stdin carries only the rank's input
                 word = cmd.strip().decode(errors="replace")
                 if word == protocol.CONTROL_RELEASE:
                     released = True
@@ -704,11 +730,7 @@ class Guard:
                 elif word == protocol.CONTROL_GO:
                     self.open_gate()
                 elif word == protocol.CONTROL_DUMP:  # Python stacks to the rank's stderr (faulthandler)
-                    try:
-                        os.kill(self.child.pid, getattr(signal, protocol.DUMP_SIGNAL_NAME))
-                    except (ProcessLookupError, PermissionError, AttributeError):
-                        pass
-            self.feed_rank(sel)
+                    self.dump()
             if not self.watch_stdin and now >= next_parent:
                 next_parent = now + PARENT_EVERY_S
                 if os.getppid() != parent:
@@ -768,19 +790,14 @@ class Guard:
                     if got and listen_port is not None:  # EOF without a byte: this rank will not init
                         watch_next = time.monotonic()
                         watch_deadline = watch_next + WATCH_TOTAL_S
-                elif key.data == "feed":
-                    self.feed_rank(sel)
                 else:
                     try:
-                        chunk = os.read(stdin_fd, 65536)
+                        chunk = os.read(stdin_fd, 4096)
                     except (BlockingIOError, InterruptedError):
                         continue
                     if not chunk:
                         sel.unregister(stdin_fd)
-                        if self.watch_stdin:
-                            self.stop_signal.append(0)
-                        else:  # mpirun's forwarded stdin ended: so does the rank's input, nothing else
-                            self.stdin_eof = True
+                        self.stop_signal.append(0)
                         continue
                     self.buf += chunk
 
@@ -791,55 +808,6 @@ class Guard:
         code, sig = (None, -status) if status is not None and status < 0 else (status, None)
         self.emit("exited", code=code, signal=sig)
         return status
-
-    def take_stdin_line(self, cmd: bytes) -> bool:
-        """``stdin <base64>`` / ``stdin-eof`` (``orch run --stdin``): True if ``cmd`` was one.
-
-        Bytes arriving when the rank has no stdin pipe, or after its input ended,
-        are dropped; a line that is not valid base64 is dropped too.
-        """
-        word, _, data = cmd.strip().partition(b" ")
-        if word == protocol.CONTROL_STDIN_EOF.encode():
-            self.stdin_eof = True
-            return True
-        if word != protocol.CONTROL_STDIN.encode():
-            return False
-        if self.stdin_w is not None and not self.stdin_eof:
-            try:
-                self.stdin_pending += binascii.a2b_base64(data)
-            except (binascii.Error, ValueError):
-                pass
-        return True
-
-    def feed_rank(self, sel: selectors.BaseSelector) -> None:
-        """Write what the rank has not read yet, without blocking; close its stdin after ``stdin-eof``.
-
-        Registered for writing only while something waits, so the loop sleeps
-        when the rank is not reading. EPIPE (the rank closed its stdin or is
-        gone) drops the rest.
-        """
-        if self.stdin_w is None:
-            return
-        while self.stdin_pending:
-            try:
-                n = os.write(self.stdin_w, self.stdin_pending[:65536])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.stdin_pending.clear()
-                self.stdin_eof = True
-                break
-            del self.stdin_pending[:n]
-        registered = self.stdin_w in sel.get_map()
-        if self.stdin_eof and not self.stdin_pending:
-            if registered:
-                sel.unregister(self.stdin_w)
-            os.close(self.stdin_w)
-            self.stdin_w = None
-        elif self.stdin_pending and not registered:
-            sel.register(self.stdin_w, selectors.EVENT_WRITE, "feed")
-        elif not self.stdin_pending and registered:
-            sel.unregister(self.stdin_w)
 
     def hold(self) -> bool:
         """SIGSTOP the rank inside accept(); False (and running again) where that is too late."""
@@ -856,12 +824,41 @@ class Guard:
         return False
 
     def sample_rss(self) -> None:
+        """Memory, CPU time and run state of the rank (one ``rss`` event): what we can see of any program.
+
+        CPU time is the whole tree's, so a rank whose work runs in a child (a
+        shell script, a data loader) still shows progress; the controller's
+        idle-hang watchdog reads it for programs that report no steps.
+        """
         pid = self.child.pid
-        sizes = rss_bytes(sorted(self.tree.members() | {pid}))
+        members = sorted(self.tree.members() | {pid})
+        sizes = rss_bytes(members)
         if pid not in sizes:
             return
+        cpu = cpu_seconds(members)
         self.emit("rss", rss_bytes=sizes[pid], tree_rss_bytes=sum(sizes.values()),
-                  system_available_bytes=system_available_bytes())
+                  system_available_bytes=system_available_bytes(),
+                  cpu_s=round(sum(cpu.values()), 3) if pid in cpu else None, stopped=is_stopped(pid))
+
+    def dump(self) -> None:
+        """Ask the rank for its Python stacks, and tell the controller whether it can answer.
+
+        A stopped process (SIGSTOP, Ctrl-Z, a tracer) runs no signal handler, so
+        faulthandler cannot write its stacks: the controller hears "stopped"
+        instead of waiting for nothing, and the diagnosis says so. The signal is
+        not sent then: it would stay pending and dump whenever the rank is
+        resumed, long after the diagnosis.
+        """
+        pid = self.child.pid
+        stopped = is_stopped(pid)
+        signalled = False
+        if not stopped:
+            try:
+                os.kill(pid, getattr(signal, protocol.DUMP_SIGNAL_NAME))
+                signalled = True
+            except (ProcessLookupError, PermissionError, AttributeError):
+                pass
+        self.emit("dump", signalled=signalled, stopped=stopped)
 
 
 def _mirror(status: int | None) -> int:
