@@ -2,13 +2,13 @@
 
 Each pair of hosts has its own /30 (the ring's four links plus two chords, ``NetnsCluster.full_mesh``),
 every host lists all its cable addresses, and the cable host0-host1 — which the hostfile's own order
-host0 -> host1 -> host2 -> host3 uses — is limited to 20 Mbit/s each way with ``tc tbf``. Then:
+host0 -> host1 -> host2 -> host3 uses — is limited to 10 Mbit/s each way with ``tc tbf``. Then:
 
 * ``orch hostfile --hostfile mesh.json --ring-order measured`` writes a ring that avoids that cable;
 * ``orch run --ring-order measured`` measures at start, says the order and the bottleneck, records them in
   plan.json, and its all_sum (``runtime/probe_collective.py``, through the real launcher over SSH) is at
-  least 1.5x the bus bandwidth of the same run in the hostfile's order, both measured in this test. With a 20
-  Mbit/s cable against unshaped veths the ratio is 4-7x here (the fast ring is CPU-bound on 2 cores), so the
+  least 1.5x the bus bandwidth of the same run in the hostfile's order, both measured in this test. With a 10
+  Mbit/s cable against unshaped veths the ratio was 6-7x here under load (the fast ring is CPU-bound on 2 cores), so the
   bound holds under load and still fails when the order is not applied (ratio ~1).
 
 The shaping is removed (and checked gone) at the end, also when a test fails.
@@ -30,7 +30,7 @@ from tests.orch_helpers import ROOT, run_orch
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 
-SLOW_MBIT = 20
+SLOW_MBIT = 10
 PROBE = ROOT / "orchestrator" / "runtime" / "probe_collective.py"
 REMOTE_RUNS = Path.home() / ".cache" / "mlx-orch" / "runs"  # the hosts share this filesystem
 
@@ -114,7 +114,7 @@ def busbw(run_dir: Path) -> float:
 def test_orch_run_measured_order_avoids_the_slow_cable_and_is_faster(mesh, tmp_path):
     c, chords = mesh
     hostfile = mesh_hostfile(c, chords, tmp_path / "mesh.json")
-    probe_args = ["--", "--size-mib", "2", "--iters", "3", "--latency-iters", "3"]
+    probe_args = ["--", "--size-mib", "2", "--iters", "2", "--latency-iters", "3"]
 
     def run(order: str) -> tuple[float, Path, str]:
         rd = tmp_path / f"run-{order}"
@@ -156,7 +156,7 @@ def test_orch_check_link_bandwidth_shows_every_link_and_the_fastest_ring(mesh, t
     assert len(paths) == 6 and all(p["error"] is None for p in paths), paths
     slow = [p for p in paths if {p["a"], p["b"]} == {0, 1}][0]
     fast = [p for p in paths if {p["a"], p["b"]} != {0, 1}]
-    assert max(slow["a_to_b_gbit_s"], slow["b_to_a_gbit_s"]) < 0.1  # 20 Mbit/s, measured by the receiver
+    assert max(slow["a_to_b_gbit_s"], slow["b_to_a_gbit_s"]) < 0.1  # 10 Mbit/s, measured by the receiver
     assert min(min(p["a_to_b_gbit_s"], p["b_to_a_gbit_s"]) for p in fast) > 0.1
     assert SLOW not in ring_pairs(lb["ring"]["hosts"])
     r = run_orch(*argv, cwd=tmp_path, timeout=90)
