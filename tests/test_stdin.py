@@ -303,3 +303,21 @@ def test_ssh_controller_sigkill_with_stdin_leaves_no_remote_rank(c2, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+def test_a_rank_waiting_for_typed_input_is_not_an_idle_hang(tmp_path):
+    """With --stdin, silence without CPU is a person not typing yet: the idle-hang watchdog stays off."""
+    rd = tmp_path / "run"
+    p = subprocess.Popen(orch_argv("run", str(ECHO), "-n", "1", "--stdin", "rank0", "--hang-timeout", "1",
+                                   "--run-dir", str(rd)),
+                         cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        wait_for_line_in_log(rd / "events.jsonl", '"kind":"spawned"')
+        time.sleep(4)  # four hang timeouts without a keystroke
+        out, err = p.communicate(b"typed at last\n", timeout=60)
+        assert p.returncode == 0, err.decode()
+        assert "rank 0 got 'typed at last'" in out.decode() and "hang" not in err.decode()
+    finally:
+        kill_tree(p.pid)
