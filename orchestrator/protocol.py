@@ -18,7 +18,8 @@ A rank talks to its controller with *event lines* on its own stdout::
 The controller sends *control lines* the other way, on the rank guard's stdin
 (see ``runtime/guard.py``): ``go`` opens the start gate of a rank that waits
 for its ring neighbours to listen; ``release`` lets a rank held after it
-started listening run on; end of file means "stop now".
+started listening run on; ``stdin``/``stdin-eof`` carry the program's stdin
+(``--stdin``); end of file means "stop now".
 
 Why TypedDicts and not pydantic models here: this module is imported by every
 rank at start-up, and defining pydantic models costs ~0.2 s of import time per
@@ -55,6 +56,18 @@ CONTROL_TOKEN = "token"
 # event saying whether it signalled the rank or found it stopped.
 CONTROL_DUMP = "dump"
 DUMP_SIGNAL_NAME = "SIGURG"
+# ``--stdin rank0|all``: the program's stdin travels on the same control channel,
+# framed so it can never be read as a control word: ``stdin <base64>`` carries
+# bytes the guard writes to a pipe that is the rank's stdin, ``stdin-eof``
+# closes that pipe (the rank reads end of file). End of file on the channel
+# itself still means "stop now". ``ENV_STDIN=pipe`` (set by the controller on
+# the chosen ranks, removed by the guard) asks the guard for that pipe; any
+# other rank's stdin is /dev/null. A chunk is at most STDIN_CHUNK bytes before
+# encoding, so a control line stays under 64 KiB.
+CONTROL_STDIN = "stdin"
+CONTROL_STDIN_EOF = "stdin-eof"
+ENV_STDIN = "ORCH_STDIN"
+STDIN_CHUNK = 48 * 1024
 
 # Events only the guard may send. They carry the attempt's token (``"token"``),
 # which the guard got on its stdin, a pipe the rank never sees: the controller

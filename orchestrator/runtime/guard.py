@@ -26,6 +26,16 @@ cannot clean up at all. So the guard
   port;
 * reads control lines on its stdin: ``go`` opens the rank's start gate (a pipe
   whose read end the rank gets as ``ORCH_GATE_FD``), ``release`` ends a hold;
+* with ``ORCH_STDIN=pipe`` (``orch run --stdin``) gives the rank a pipe as its
+  stdin and writes to it what ``stdin <base64>`` lines carry; ``stdin-eof``
+  closes it. The program's input and the control channel share one stream
+  (an SSH channel has only one stdin) but cannot be confused: user bytes only
+  ever arrive base64-encoded, so the channel's own end of file still means
+  "stop". Writes never block the loop: what the rank has not read yet waits
+  in memory. Without ``ORCH_STDIN`` the rank's stdin is /dev/null. A
+  ``--no-stdin`` guard (mpirun forwards its stdin to rank 0 only, and never
+  its end of file) reads only ``stdin`` lines there, and its end of file
+  ends the rank's input, nothing more;
 * with ``--token-line`` reads ``token <hex>`` as its first stdin line *before*
   it starts the rank (a ``--deferred`` guard finds it in its configuration
   line under ``"token"``) and puts it in every event it writes: the rank never
@@ -75,6 +85,7 @@ Only the standard library, on every platform branch: this runs as
 
 from __future__ import annotations
 
+import binascii
 import json
 import os
 import select
@@ -494,6 +505,10 @@ class Guard:
         self.gate_w: int | None = None
         self.events = False
         self.finished = False
+        # --stdin: the write end of the rank's stdin pipe, and what the rank has not read yet.
+        self.stdin_w: int | None = None
+        self.stdin_pending = bytearray()
+        self.stdin_eof = False
 
     # -- events
     def emit(self, kind: str, **fields) -> None:
@@ -596,6 +611,10 @@ class Guard:
             env[ENV_INIT_FD] = str(init_w)
         for var in (ENV_GUARD_RSS, ENV_HOLD_MAX_S):
             env.pop(var, None)
+        stdin_r = None
+        if env.pop(protocol.ENV_STDIN, None) == "pipe" and not self.deferred:
+            stdin_r, self.stdin_w = os.pipe()
+            os.set_blocking(self.stdin_w, False)
 
         guard_pid = os.getpid()
 
@@ -611,14 +630,14 @@ class Guard:
                 env=env,
                 start_new_session=True,
                 pass_fds=tuple(fd for fd in (gate_r, cfg_r, init_w) if fd is not None),
-                stdin=subprocess.DEVNULL,
+                stdin=stdin_r if stdin_r is not None else subprocess.DEVNULL,
                 preexec_fn=in_child if _linux() else None,
             )
         except (OSError, subprocess.SubprocessError) as e:
             print(f"orch guard: cannot start {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             return 127
         finally:
-            for fd in (gate_r, cfg_r, init_w):
+            for fd in (gate_r, cfg_r, init_w, stdin_r):
                 if fd is not None:
                     os.close(fd)
         self.pgid = self.child.pid
@@ -690,7 +709,8 @@ class Guard:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         if self.init_r is not None:
             sel.register(self.init_r, selectors.EVENT_READ, "init")
-        stdin_fd = sys.stdin.fileno() if self.watch_stdin else None
+        # A --no-stdin guard still reads its stdin when it feeds the rank's (only stdin lines count).
+        stdin_fd = sys.stdin.fileno() if sys.stdin is not None and (self.watch_stdin or self.stdin_w is not None) else None
         if stdin_fd is not None:
             try:
                 sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
@@ -700,6 +720,9 @@ class Guard:
                 # so behave as with --no-stdin and watch our parent instead.
                 stdin_fd = None
                 self.watch_stdin = False
+                self.stdin_eof = True  # and the rank's input ends at once
+        if stdin_fd is None:
+            self.stdin_eof = True  # nothing can ever feed the rank's input (e.g. no stdin at all)
 
         listen = os.environ.get("ORCH_LISTEN")
         listen_port = int(listen.rpartition(":")[2]) if listen else None
@@ -721,6 +744,8 @@ class Guard:
             # Control lines.
             while b"\n" in self.buf:
                 cmd, self.buf = self.buf.split(b"\n", 1)
+                if self.take_stdin_line(cmd) or not self.watch_stdin:
+                    continue  # a --no-stdin guard's stdin carries only the rank's input
                 word = cmd.strip().decode(errors="replace")
                 if word == protocol.CONTROL_RELEASE:
                     released = True
@@ -731,6 +756,7 @@ class Guard:
                     self.open_gate()
                 elif word == protocol.CONTROL_DUMP:  # Python stacks to the rank's stderr (faulthandler)
                     self.dump()
+            self.feed_rank(sel)
             if not self.watch_stdin and now >= next_parent:
                 next_parent = now + PARENT_EVERY_S
                 if os.getppid() != parent:
@@ -790,14 +816,19 @@ class Guard:
                     if got and listen_port is not None:  # EOF without a byte: this rank will not init
                         watch_next = time.monotonic()
                         watch_deadline = watch_next + WATCH_TOTAL_S
+                elif key.data == "feed":
+                    self.feed_rank(sel)
                 else:
                     try:
-                        chunk = os.read(stdin_fd, 4096)
+                        chunk = os.read(stdin_fd, 65536)
                     except (BlockingIOError, InterruptedError):
                         continue
                     if not chunk:
                         sel.unregister(stdin_fd)
-                        self.stop_signal.append(0)
+                        if self.watch_stdin:
+                            self.stop_signal.append(0)
+                        else:  # mpirun's forwarded stdin ended: so does the rank's input, nothing else
+                            self.stdin_eof = True
                         continue
                     self.buf += chunk
 
@@ -808,6 +839,55 @@ class Guard:
         code, sig = (None, -status) if status is not None and status < 0 else (status, None)
         self.emit("exited", code=code, signal=sig)
         return status
+
+    def take_stdin_line(self, cmd: bytes) -> bool:
+        """``stdin <base64>`` / ``stdin-eof`` (``orch run --stdin``): True if ``cmd`` was one.
+
+        Bytes arriving when the rank has no stdin pipe, or after its input ended,
+        are dropped; a line that is not valid base64 is dropped too.
+        """
+        word, _, data = cmd.strip().partition(b" ")
+        if word == protocol.CONTROL_STDIN_EOF.encode():
+            self.stdin_eof = True
+            return True
+        if word != protocol.CONTROL_STDIN.encode():
+            return False
+        if self.stdin_w is not None and not self.stdin_eof:
+            try:
+                self.stdin_pending += binascii.a2b_base64(data)
+            except (binascii.Error, ValueError):
+                pass
+        return True
+
+    def feed_rank(self, sel: selectors.BaseSelector) -> None:
+        """Write what the rank has not read yet, without blocking; close its stdin after ``stdin-eof``.
+
+        Registered for writing only while something waits, so the loop sleeps
+        when the rank is not reading. EPIPE (the rank closed its stdin or is
+        gone) drops the rest.
+        """
+        if self.stdin_w is None:
+            return
+        while self.stdin_pending:
+            try:
+                n = os.write(self.stdin_w, self.stdin_pending[:65536])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.stdin_pending.clear()
+                self.stdin_eof = True
+                break
+            del self.stdin_pending[:n]
+        registered = self.stdin_w in sel.get_map()
+        if self.stdin_eof and not self.stdin_pending:
+            if registered:
+                sel.unregister(self.stdin_w)
+            os.close(self.stdin_w)
+            self.stdin_w = None
+        elif self.stdin_pending and not registered:
+            sel.register(self.stdin_w, selectors.EVENT_WRITE, "feed")
+        elif not self.stdin_pending and registered:
+            sel.unregister(self.stdin_w)
 
     def hold(self) -> bool:
         """SIGSTOP the rank inside accept(); False (and running again) where that is too late."""
