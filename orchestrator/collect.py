@@ -42,7 +42,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from orchestrator.report import REPORT_DIR, REPORT_HTML
 from orchestrator.rundir import LOCK_FILE
@@ -57,9 +57,11 @@ GiB = 1 << 30
 SKIP_PREFIXES = (".tmp-", ".trash-")
 # Top-level names in the local run dir that belong to the controller (lower case; names starting
 # with "." are reserved too): remote files by these names go to the fallback, or are skipped.
+# What rank 0 wrote in its remote working directory (the staged copy of the script's directory).
+WORKDIR = "workdir"
 RESERVED = frozenset({
     "summary.json", "events.jsonl", "logs", ckpt.CHECKPOINTS_DIR, "plan.json", "mlx-hostfile.json",
-    "staging.json", "hosts", REPORT_HTML, REPORT_DIR, LOCK_FILE,
+    "staging.json", "hosts", REPORT_HTML, REPORT_DIR, LOCK_FILE, WORKDIR,
 })
 
 
@@ -309,8 +311,11 @@ async def _pull_checkpoint(sftp, cp: RemoteCheckpoint, local_run_dir: Path, repo
 
 async def pull_files(sftp, remote_run_dir: str, local_run_dir: Path, prefix: Sequence[str], report: CollectReport,
                      *, fallback_prefix: Optional[Sequence[str]] = None, limits: Limits = DEFAULT_LIMITS,
-                     budget: Optional[Budget] = None) -> None:
+                     budget: Optional[Budget] = None, skip: Optional[Callable[[str, int], bool]] = None) -> None:
     """Every regular file under the remote run dir except ``checkpoints/``, to ``<local>/<prefix>/<rel>``.
+
+    ``skip(rel, size)`` True leaves a file out without a note (e.g. the files
+    staging itself put in a working directory).
 
     With ``fallback_prefix``, a file whose destination already exists locally, or
     whose top-level name is reserved for the controller (``reserved()``), goes under
@@ -321,14 +326,15 @@ async def pull_files(sftp, remote_run_dir: str, local_run_dir: Path, prefix: Seq
     budget = budget if budget is not None else Budget()
     try:
         await asyncio.wait_for(_pull_files(sftp, remote_run_dir, Path(os.path.realpath(local_run_dir)), list(prefix),
-                                           report, fallback_prefix, limits, budget), limits.host_timeout_s)
+                                           report, fallback_prefix, limits, budget, skip), limits.host_timeout_s)
     except asyncio.TimeoutError:
         report.errors.append(f"collection stopped after {limits.host_timeout_s:g}s; "
                              f"files not yet downloaded stay in {remote_run_dir}")
 
 
 async def _pull_files(sftp, remote_run_dir: str, local_root: Path, prefix: list[str], report: CollectReport,
-                      fallback_prefix: Optional[Sequence[str]], limits: Limits, budget: Budget) -> None:
+                      fallback_prefix: Optional[Sequence[str]], limits: Limits, budget: Budget,
+                      skip: Optional[Callable[[str, int], bool]] = None) -> None:
     import asyncssh
 
     async def walk(remote_dir: str, rel: list[str], depth: int) -> None:
@@ -366,6 +372,8 @@ async def _pull_files(sftp, remote_run_dir: str, local_root: Path, prefix: list[
             size = e.attrs.size
             if not isinstance(size, int) or size < 0:
                 report.skipped.append(f"{shown} (no size in the listing)")
+                continue
+            if skip is not None and skip(shown, size):
                 continue
             if size > limits.file_bytes:
                 report.skipped.append(f"{shown} ({human_bytes(size)}, over the {human_bytes(limits.file_bytes)} per-file limit)")

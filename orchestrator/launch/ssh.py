@@ -603,6 +603,7 @@ class SSHLauncher(Launcher):
                                  self._stage_files(link, site))
             if site.code_dir and code_tree is not None:
                 await st.materialise(code_tree, site.code_dir, "code")
+                self._staged_code = {f.rel: f.size for f in code_tree.files}
             await self._stage_checkpoint(link, site)
 
         async def runtime() -> None:
@@ -739,6 +740,16 @@ class SSHLauncher(Launcher):
         for site in first:
             await collect.pull_files(site.link.sftp, site.run_dir, self._local_run_dir, [], reports[site.index],
                                      fallback_prefix=["hosts", site.label])
+        # What rank 0 wrote in its working directory, when that is the staged copy of the script's
+        # directory (not a --cwd or home directory, which stay the user's): to workdir/, every file
+        # staging did not put there (new, or now of another size), bytecode caches left out.
+        rank0 = next((s for s in self._specs if s.rank == 0), None)
+        staged = getattr(self, "_staged_code", None)
+        for site in first:
+            if rank0 is not None and not rank0.cwd and site.stage_code and site.code_dir and staged is not None:
+                await collect.pull_files(
+                    site.link.sftp, site.code_dir, self._local_run_dir, [collect.WORKDIR], reports[site.index],
+                    skip=lambda rel, size: staged.get(rel) == size or "__pycache__" in rel.split("/"))
         results = await asyncio.gather(*(collect.pull_files(s.link.sftp, s.run_dir, self._local_run_dir, ["hosts", s.label],
                                                             reports[s.index]) for s in rest), return_exceptions=True)
         for site, r in zip(rest, results):
