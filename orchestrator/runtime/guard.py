@@ -399,6 +399,28 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+def ps_sample(pids: list[int]) -> tuple[dict[int, int], dict[int, float], set[int]]:
+    """macOS: RSS (bytes), CPU time (s) and the stopped ones of ``pids``, from one ``ps``."""
+    sizes: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    stopped: set[int] = set()
+    if not pids:
+        return sizes, cpu, stopped
+    r = _run(["ps", "-o", "pid=,rss=,time=,stat=", "-p", ",".join(map(str, pids))])
+    for line in (r.stdout.splitlines() if r is not None else ()):
+        parts = line.split()
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        pid = int(parts[0])
+        sizes[pid] = int(parts[1]) * 1024  # ps reports KiB
+        secs = parse_ps_time(parts[2])
+        if secs is not None:
+            cpu[pid] = secs
+        if parts[3].startswith("T"):
+            stopped.add(pid)
+    return sizes, cpu, stopped
+
+
 def parse_ps_time(text: str) -> float | None:
     """``ps``'s cumulative CPU time: macOS ``M:SS.ss`` (minutes may pass 59), procps ``[DD-]HH:MM:SS``."""
     days, _, rest = text.rpartition("-")
@@ -912,13 +934,18 @@ class Guard:
         """
         pid = self.child.pid
         members = sorted(self.tree.members() | {pid})
-        sizes = rss_bytes(members)
+        if _linux():
+            sizes = rss_bytes(members)
+            cpu = cpu_seconds(members) if pid in sizes else {}
+            stopped = is_stopped(pid)
+        else:  # one ps for all three (each ps costs 5-10 ms)
+            sizes, cpu, stopped_pids = ps_sample(members)
+            stopped = pid in stopped_pids
         if pid not in sizes:
             return
-        cpu = cpu_seconds(members)
         self.emit("rss", rss_bytes=sizes[pid], tree_rss_bytes=sum(sizes.values()),
                   system_available_bytes=system_available_bytes(),
-                  cpu_s=round(sum(cpu.values()), 3) if pid in cpu else None, stopped=is_stopped(pid))
+                  cpu_s=round(sum(cpu.values()), 3) if pid in cpu else None, stopped=stopped)
 
     def dump(self) -> None:
         """Ask the rank for its Python stacks, and tell the controller whether it can answer.
