@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import BaseModel, Field
 
 from orchestrator import protocol
-from orchestrator import protocol
 from orchestrator.backends import choose
 from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_hostfile, local_hostfile, parse_env_assignment,
                                   select_hosts)
@@ -28,7 +27,6 @@ from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job, write_files
 from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
-from orchestrator.stdin_relay import StdinRelay, stdin_ranks
 from orchestrator.stdin_relay import StdinRelay, stdin_ranks
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 
@@ -153,63 +151,6 @@ def _resume_arg_args(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[lis
     words = [w.replace("{latest}", latest) for w in resume_words(req)]
     sys.stderr.write(f"orch: attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})\n")
     return [*req.script_args, *words], latest, f"resumed from {latest} (--resume-arg)"
-    resume_words(req)
-
-
-def resume_words(req: RunRequest) -> list[str]:
-    """--resume-arg's words (``{latest}`` still in them), after checking the pair of options makes sense."""
-    if req.resume_arg is None and req.resume_from is None:
-        return []
-    if req.resume_arg is None:
-        raise ConfigError("--resume-from: add --resume-arg TEMPLATE, the words that hand the file to the program "
-                          "(e.g. --resume-arg '--resume-adapter-file {latest}')")
-    if req.resume_from is None or not req.resume_from.strip():
-        raise ConfigError("--resume-arg: add --resume-from GLOB, the files to resume from, relative to the run directory "
-                          "(e.g. --resume-from 'adapters/*_adapters.safetensors')")
-    try:
-        words = shlex.split(req.resume_arg)
-    except ValueError as e:
-        raise ConfigError(f"--resume-arg {req.resume_arg!r}: {e}; quote the template as one argument") from None
-    if not any("{latest}" in w for w in words):
-        raise ConfigError(f"--resume-arg {req.resume_arg!r}: no {{latest}} in it; write where the file goes, "
-                          "e.g. '--resume-adapter-file {latest}'")
-    if req.max_restarts < 1:
-        raise ConfigError("--resume-arg: it is used when a failed attempt is restarted; add --max-restarts 1 (or more)")
-    return words
-
-
-def newest_match(pattern: str, base: Path) -> Optional[str]:
-    """The newest regular file matching ``pattern`` (relative to ``base`` unless absolute; ``**`` recurses).
-
-    Newest by modification time, then by name (zero-padded step numbers sort
-    right when two files share a timestamp). An absolute path, so a rank with
-    another working directory finds it.
-    """
-    full = os.path.expanduser(pattern)
-    if not os.path.isabs(full):
-        full = str(base / full)
-    best: Optional[tuple[tuple[int, str], str]] = None
-    for name in glob.glob(full, recursive=True):
-        try:
-            st = os.stat(name)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and (best is None or (st.st_mtime_ns, name) > best[0]):
-            best = ((st.st_mtime_ns, name), name)
-    return os.path.abspath(best[1]) if best else None
-
-
-def _resume_arg_args(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[list[str], Optional[str], str]:
-    """A restart with --resume-arg: (program arguments, the file resumed from or None, a note for the summary)."""
-    latest = newest_match(req.resume_from, rundir.path)
-    if latest is None:
-        note = (f"no file matched --resume-from {req.resume_from} (in {rundir.path}): attempt {attempt} started "
-                "without --resume-arg")
-        sys.stderr.write(f"orch: {note}\n")
-        return list(req.script_args), None, note
-    words = [w.replace("{latest}", latest) for w in resume_words(req)]
-    sys.stderr.write(f"orch: attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})\n")
-    return [*req.script_args, *words], latest, f"resumed from {latest} (--resume-arg)"
 
 
 def _load_cluster(req: RunRequest) -> Hostfile:
@@ -275,8 +216,6 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             env["ORCH_LISTEN"] = r.listen[0]
         if r.rank in stdin_ranks(req.stdin, plan.world_size):
             env[protocol.ENV_STDIN] = "pipe"  # the guard feeds this rank's stdin from orch's (--stdin)
-        if r.rank in stdin_ranks(req.stdin, plan.world_size):
-            env[protocol.ENV_STDIN] = "pipe"  # the guard feeds this rank's stdin from orch's (--stdin)
         specs.append(RankSpec(
             rank=r.rank, host=r.host, host_index=r.host_index, script=script, program=req.program,
             script_args=list(req.script_args),
@@ -308,12 +247,6 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     backend = choice.name
     script = _check_script(req)
     mpi = None
-    if backend == "mpi" and req.stdin == "all":
-        raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
-                          "one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
-    if req.resume_arg and not all(h.is_local for h in hostfile.hosts):
-        raise ConfigError("--resume-arg: the resume file is looked up in the local run directory, which remote hosts "
-                          "cannot read; use it with local ranks (-n N), or resume through the program's own option")
     if backend == "mpi" and req.stdin == "all":
         raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
                           "one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
@@ -406,8 +339,6 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     host_failures: dict[str, int] = {}
     backend = plan.backend
     fell_back: Optional[str] = None  # why the backend changed (--fallback-backend), for plan.json
-    # --stdin: one reader of orch's stdin for every attempt (see stdin_relay.py).
-    stdin_relay = StdinRelay() if req.stdin != "none" else None
     # --stdin: one reader of orch's stdin for every attempt (see stdin_relay.py).
     stdin_relay = StdinRelay() if req.stdin != "none" else None
     for attempt in range(req.max_restarts + 1):
