@@ -43,6 +43,33 @@ def test_remote_env_points_file_variables_at_the_staged_copy():
     assert staged_files(RankSpec(rank=0, host="h", script="s.py", env={"A": "1"})) == {}
 
 
+def test_the_bootstrap_writes_the_ring_hostfile_into_the_remote_run_root_not_tmp(tmp_path):
+    """MLX_HOSTFILE travels inline (ORCH_MLX_HOSTFILE_JSON); the bootstrap writes it beside the other staged files."""
+    import subprocess
+
+    root = tmp_path / "runs" / "x-h1"
+    (root / "run").mkdir(parents=True)
+    script = tmp_path / "show.py"
+    script.write_text("import os; print(os.environ['MLX_HOSTFILE']); print(open(os.environ['MLX_HOSTFILE']).read())\n")
+    content = json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5001"]])
+    for run_dir, where in ((root / "run", str(root)), (tmp_path / "gone" / "run", None)):
+        env = {**os.environ, "ORCH_MLX_HOSTFILE_JSON": content, "ORCH_RUN_DIR": str(run_dir),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env.pop("ORCH_EVENTS", None)
+        r = subprocess.run([sys.executable, "-m", "orchestrator.runtime.bootstrap", str(script)], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        path, text = r.stdout.split("\n", 1)
+        assert text.strip() == content
+        if where is None:  # no run root there: the system's temporary directory, as before
+            import tempfile
+
+            assert os.path.dirname(path) == tempfile.gettempdir()
+            os.unlink(path)
+        else:
+            assert os.path.dirname(path) == where
+
+
 # ----------------------------------------------------------------------------- netns hosts
 
 

@@ -39,7 +39,12 @@ def _materialise_hostfile() -> None:
     content = os.environ.pop("ORCH_MLX_HOSTFILE_JSON", None)
     if content is None:
         return
-    fd, path = tempfile.mkstemp(prefix="mlx-hostfile-", suffix=".json")
+    # In the remote run root (ORCH_RUN_DIR's parent, where the launcher stages the other per-job
+    # files such as MLX_IBV_DEVICES, and which is retired with the run), not in /tmp, where one file
+    # per rank and run would pile up; /tmp only when that directory is not there.
+    run_dir = (os.environ.get("ORCH_RUN_DIR") or "").rstrip("/")
+    root = os.path.dirname(run_dir) if run_dir else ""
+    fd, path = tempfile.mkstemp(prefix="mlx-hostfile-", suffix=".json", dir=root if root and os.path.isdir(root) else None)
     with os.fdopen(fd, "w") as f:
         f.write(content)
     os.environ["MLX_HOSTFILE"] = path
