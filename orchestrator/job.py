@@ -140,17 +140,22 @@ def newest_match(pattern: str, base: Path) -> Optional[str]:
     return os.path.abspath(best[1]) if best else None
 
 
-def _resume_arg_args(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[list[str], Optional[str], str]:
-    """A restart with --resume-arg: (program arguments, the file resumed from or None, a note for the summary)."""
+def _resume_arg_file(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[Optional[str], str]:
+    """A restart with --resume-arg: (the local file it resumes from, or None; a note for the summary).
+
+    The launchers add the template's words to the program's arguments (see
+    ``RankSpec.resume_words``): locally with this path, over SSH with the copy
+    each host gets.
+    """
     latest = newest_match(req.resume_from, rundir.path)
     if latest is None:
         note = (f"no file matched --resume-from {req.resume_from} (in {rundir.path}): attempt {attempt} started "
                 "without --resume-arg")
         sys.stderr.write(f"orch: {note}\n")
-        return list(req.script_args), None, note
+        return None, note
     words = [w.replace("{latest}", latest) for w in resume_words(req)]
     sys.stderr.write(f"orch: attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})\n")
-    return [*req.script_args, *words], latest, f"resumed from {latest} (--resume-arg)"
+    return latest, f"resumed from {latest} (--resume-arg)"
 
 
 def _load_cluster(req: RunRequest) -> Hostfile:
@@ -250,9 +255,9 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     if backend == "mpi" and req.stdin == "all":
         raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
                           "one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
-    if req.resume_arg and not all(h.is_local for h in hostfile.hosts):
-        raise ConfigError("--resume-arg: the resume file is looked up in the local run directory, which remote hosts "
-                          "cannot read; use it with local ranks (-n N), or resume through the program's own option")
+    if req.resume_arg and backend == "mpi" and not all(h.is_local for h in hostfile.hosts):
+        raise ConfigError("--resume-arg: under the mpi backend remote hosts cannot be given the resume file (mpirun "
+                          "stages nothing); use the ring backend over SSH, which copies it to every host")
     if backend == "mpi":
         from orchestrator.launch.mpi import find_mpi
 
@@ -350,12 +355,16 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
         resumed_from: Optional[str] = None
         resume_note: Optional[str] = None
         if attempt and req.resume_arg:
-            script_args, resumed_from, resume_note = _resume_arg_args(req, rundir, attempt)
+            script_args = list(req.script_args)
+            resumed_from, resume_note = _resume_arg_file(req, rundir, attempt)
         else:
             script_args = _resume_args(req, rundir) if attempt else list(req.script_args)
         attempt_req = req.model_copy(update={"script_args": script_args})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
         specs = build_specs(attempt_req, hostfile, plan, rundir, script)
+        if resumed_from is not None:
+            for spec in specs:
+                spec.resume_words, spec.resume_file = resume_words(req), resumed_from
         rundir.write_json("plan.json", plan.model_dump(mode="json"))
         try:
             await launcher.prepare(specs)

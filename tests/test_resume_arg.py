@@ -9,14 +9,17 @@ combinations of the options are one line and exit 2, before anything starts.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.job import newest_match
+from tests.netns import make_cluster_fixture
 from tests.orch_helpers import SCRIPTS, orch_argv, run_orch, summary
 
 COUNTER = SCRIPTS / "resume_counter.py"
@@ -37,7 +40,7 @@ def test_a_crashed_program_resumes_from_the_newest_file_and_finishes(tmp_path):
     latest = str(rd / "out" / "step-0003.txt")
     # The second attempt was handed the newest file and did only the steps after it.
     assert "[0] crashing after step 3" in r.stdout
-    assert "[0] resuming from step 3 (step-0003.txt)" in r.stdout and "[0] ran steps 4 5 6" in r.stdout
+    assert f"[0] resuming from step 3 ({latest})" in r.stdout and "[0] ran steps 4 5 6" in r.stdout
     assert f"orch: attempt 1 resumes from {latest} (--start-from {latest})" in r.stderr
     assert sorted(p.name for p in (rd / "out").iterdir()) == [f"step-{i:04d}.txt" for i in range(1, 7)]
     s = summary(rd)
@@ -78,13 +81,13 @@ def test_bad_combinations_are_one_line_exit_2(tmp_path, args, words):
     assert not (tmp_path / "run").exists()  # refused before anything was created
 
 
-def test_remote_hosts_are_refused_in_one_line(tmp_path):
+def test_remote_hosts_under_mpi_are_refused_in_one_line(tmp_path):
     hf = tmp_path / "hosts.json"
     hf.write_text('{"hosts": [{"ssh": "mac-remote-1", "ips": ["10.9.0.1"]}, {"ssh": "mac-remote-2", "ips": ["10.9.0.2"]}]}')
-    r = subprocess.run(orch_argv("run", str(COUNTER), "--hostfile", str(hf), "--max-restarts", "1", "--resume-from",
-                                 "a/*", "--resume-arg", "--x {latest}", "--run-dir", str(tmp_path / "run")),
+    r = subprocess.run(orch_argv("run", str(COUNTER), "--hostfile", str(hf), "--backend", "mpi", "--max-restarts", "1",
+                                 "--resume-from", "a/*", "--resume-arg", "--x {latest}", "--run-dir", str(tmp_path / "run")),
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "remote hosts" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "mpi backend remote hosts" in r.stderr, r.stderr
 
 
 def test_a_template_that_starts_with_dashes_is_a_value_not_an_unknown_option(tmp_path):
@@ -110,3 +113,34 @@ def test_newest_match_is_by_modification_time_then_name_and_files_only(tmp_path)
     assert newest_match(str(d / "*.safetensors"), Path("/nonexistent")) == str(d / "0000100_adapters.safetensors")
     assert newest_match("**/0000200_*", tmp_path) == str(d / "0000200_adapters.safetensors")
     assert newest_match("adapters/*.npz", tmp_path) is None
+
+
+# ----------------------------------------------------------------------------- over SSH (netns hosts, real sshd)
+
+c2r = make_cluster_fixture(2, scope="module", name="c2r")
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.timeout(240)
+def test_remote_restart_gets_its_own_copy_of_the_collected_file(c2r, tmp_path):
+    """Rank 0 writes its files on a remote host; they come home; the restart's hosts each get the newest one."""
+    c = c2r
+    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c.hosts]
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    rd = tmp_path / "run"
+    r = run_orch("run", str(COUNTER), "--hostfile", str(hf), "--ssh-config", c.ssh_config_path,
+                 "--known-hosts", str(c.known_hosts_path), "--python", sys.executable, "--run-dir", str(rd),
+                 "--env", f"CRASH_MARKER={tmp_path / 'crashed'}", "--max-restarts", "1", "--restart-backoff", "0",
+                 "--resume-from", "out/step-*.txt", "--resume-arg", "--start-from {latest}",
+                 "--", "--steps", "6", "--crash-at", "3", cwd=tmp_path, timeout=200)
+    assert r.returncode == 0, r.stderr
+    assert "[0] resuming from step 3 (" in r.stdout and "[0] ran steps 4 5 6" in r.stdout
+    # The rank read a copy on its own host (in its run root, beside run/), not the controller's file.
+    said = next(l for l in r.stdout.splitlines() if "[0] resuming from step 3 (" in l)
+    assert str(rd) not in said and said.endswith("/resume/step-0003.txt)"), said
+    assert sorted(p.name for p in (rd / "out").iterdir()) == [f"step-{i:04d}.txt" for i in range(1, 7)]
+    assert not (rd / "resume").exists()  # the copy is an input: it does not come back
+    second = summary(rd)["attempts"][1]
+    assert second["resumed"] is True and second["note"] == f"resumed from {rd / 'out' / 'step-0003.txt'} (--resume-arg)"

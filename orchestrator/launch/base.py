@@ -72,13 +72,21 @@ class RankSpec:
     host_index: int = 0
     mlx_hostfile_json: Optional[str] = None
     program: str = "script"  # "script" (a file), "module" (python -m), "command" (any executable)
+    # --resume-arg on a restart: the template's words ({latest} still in them) and the local file
+    # found for them. Each launcher gives the path its rank can read (SSH: that host's copy).
+    resume_words: list[str] = field(default_factory=list)
+    resume_file: Optional[str] = None
 
-    def program_argv(self, script: Optional[str] = None) -> list[str]:
+    def program_argv(self, script: Optional[str] = None, resume_path: Optional[str] = None) -> list[str]:
         """What the bootstrap runs: ``SCRIPT ARGS``, ``-m MODULE ARGS`` or ``--exec PROGRAM ARGS``."""
         flag = {"script": [], "module": ["-m"], "command": ["--exec"]}[self.program]
-        return [*flag, script or self.script, *self.script_args]
+        resume = []
+        if self.resume_file and self.resume_words:
+            resume = [w.replace("{latest}", resume_path or self.resume_file) for w in self.resume_words]
+        return [*flag, script or self.script, *self.script_args, *resume]
 
-    def rank_argv(self, python: str, script: Optional[str] = None, guard_flags: tuple[str, ...] = ()) -> list[str]:
+    def rank_argv(self, python: str, script: Optional[str] = None, guard_flags: tuple[str, ...] = (),
+                  resume_path: Optional[str] = None) -> list[str]:
         """The guarded command line of this rank.
 
         The guard runs with ``-S`` (no site-packages: it needs only the standard
@@ -86,7 +94,7 @@ class RankSpec:
         cost of site's .pth hooks before the rank itself can start.
         """
         return [python, "-S", "-m", "orchestrator.runtime.guard", *guard_flags, "--",
-                python, "-m", "orchestrator.runtime.bootstrap", *self.program_argv(script)]
+                python, "-m", "orchestrator.runtime.bootstrap", *self.program_argv(script, resume_path)]
 
 
 @dataclass

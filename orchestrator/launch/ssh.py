@@ -605,6 +605,7 @@ class SSHLauncher(Launcher):
                 await st.materialise(code_tree, site.code_dir, "code")
                 self._staged_code = {f.rel: f.size for f in code_tree.files}
             await self._stage_checkpoint(link, site)
+            await self._stage_resume_file(link, site)
 
         async def runtime() -> None:
             await st.shared_tree(runtime_tree, "runtime")
@@ -626,6 +627,23 @@ class SSHLauncher(Launcher):
             await link.sftp.put(local, f"{site.run_root}/{name}")
             link.stats.uploaded_files += 1
             link.stats.uploaded_bytes += os.path.getsize(local)
+
+    def _resume_path(self, site: _Site) -> Optional[str]:
+        """--resume-arg on a restart: where this host's copy of the file to resume from is."""
+        local = self._specs[0].resume_file if self._specs else None
+        return f"{site.run_root}/resume/{Path(local).name}" if local and site.run_root else None
+
+    async def _stage_resume_file(self, link: _Link, site: _Site) -> None:
+        """Every host gets the file the restarted attempt resumes from (every rank may load it, as
+        mlx-lm loads an adapter file), beside ``run/`` so collection does not bring it back."""
+        remote = self._resume_path(site)
+        if remote is None:
+            return
+        local = self._specs[0].resume_file
+        await link.sftp.mkdir(remote.rpartition("/")[0])
+        await link.sftp.put(local, remote)
+        link.stats.uploaded_files += 1
+        link.stats.uploaded_bytes += os.path.getsize(local)
 
     async def _stage_checkpoint(self, link: _Link, site: _Site) -> None:
         """A restarted attempt (--max-restarts) resumes from the checkpoint the last one brought home.
@@ -670,7 +688,7 @@ class SSHLauncher(Launcher):
         else:
             cwd, script = site.code_dir, f"{site.code_dir}/{self._script_rel}"
         env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir, files_dir=site.run_root)
-        argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,))
+        argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,), resume_path=self._resume_path(site))
         return "read -r orch_go && " + build_command(argv, env, cwd)
 
     async def start(self, spec: RankSpec) -> RankHandle:

@@ -26,7 +26,7 @@ out.mkdir(exist_ok=True)
 first = 1
 if args.start_from:
     first = int(Path(args.start_from).read_text()) + 1
-    print(f"resuming from step {first - 1} ({Path(args.start_from).name})", flush=True)
+    print(f"resuming from step {first - 1} ({args.start_from})", flush=True)
 marker = Path(os.environ["CRASH_MARKER"])
 ran = []
 for step in range(first, args.steps + 1):
