@@ -521,7 +521,6 @@ class Supervisor:
         running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
         for s in running:
             s.tail.append(STACK_MARK)  # the frames that follow in the tail are this dump's
-            s.stopped = None  # the guard's answer to this dump says it afresh
             try:
                 s.handle.send(protocol.CONTROL_DUMP)
             except Exception:
