@@ -321,3 +321,21 @@ def test_a_rank_waiting_for_typed_input_is_not_an_idle_hang(tmp_path):
         assert "rank 0 got 'typed at last'" in out.decode() and "hang" not in err.decode()
     finally:
         kill_tree(p.pid)
+
+
+@pytest.mark.slow
+def test_pdb_on_rank0_is_driven_through_orch_stdin(tmp_path):
+    """mlx.launch users debug with pdb: a breakpoint on rank 0 reads its commands from orch's stdin."""
+    p = subprocess.Popen(orch_argv("run", str(SCRIPTS / "pdb_stop.py"), "-n", "2", "--stdin", "rank0",
+                                   "--run-dir", str(tmp_path / "run")),
+                         cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True, env={**os.environ, "PYTHONBREAKPOINT": "pdb.set_trace"})
+    try:
+        out, err = p.communicate(b"p answer + 1000\nanswer = 7\nc\n", timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_tree(p.pid)
+        raise
+    out = out.decode()
+    assert p.returncode == 0, err.decode()
+    assert "1042" in out  # pdb evaluated what was typed
+    assert "rank 0 finished, answer=7" in out and "rank 1 finished, answer=42" in out
