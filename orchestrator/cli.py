@@ -82,7 +82,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume-arg", metavar="TEMPLATE",
                    help="with --max-restarts and --resume-from: words added to the program's arguments on a restart, "
                         "{latest} replaced by the newest match, e.g. '--resume-adapter-file {latest}' "
-                        "(a single word: --resume-arg=--resume-from={latest})")
+                        "(one word that starts with '-' is written --resume-arg=--checkpoint={latest})")
     ssh = p.add_argument_group("remote hosts (SSH)")
     ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
     ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")

@@ -144,3 +144,36 @@ def test_remote_restart_gets_its_own_copy_of_the_collected_file(c2r, tmp_path):
     assert not (rd / "resume").exists()  # the copy is an input: it does not come back
     second = summary(rd)["attempts"][1]
     assert second["resumed"] is True and second["note"] == f"resumed from {rd / 'out' / 'step-0003.txt'} (--resume-arg)"
+
+
+# ----------------------------------------------------------------------------- mlx-lm, unmodified
+
+CRASH_AFTER_SAVE = SCRIPTS / "crash_after_adapter_save"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlx_lm_lora_restarts_from_its_newest_adapter_file(tmp_path):
+    """The README example: mlx_lm.lora dies after saving an adapter; the restart gets --resume-adapter-file."""
+    pytest.importorskip("mlx_lm")
+    from tests.mlxlm_fixture import OFFLINE_ENV, build
+
+    fx = build(tmp_path / "fixture")
+    rd = tmp_path / "run"
+    marker = tmp_path / "crashed"
+    env = {**OFFLINE_ENV, "ORCH_TEST_CRASH_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(CRASH_AFTER_SAVE), os.environ.get("PYTHONPATH")) if p)}
+    r = run_orch("run", "-n", "2", "--max-restarts", "1", "--restart-backoff", "0", "--run-dir", str(rd),
+                 "--resume-from", "adapters/*_adapters.safetensors", "--resume-arg", "--resume-adapter-file {latest}",
+                 "--", "mlx_lm.lora", *fx.lora_args(rd / "adapters", iters=10), "--save-every", "5",
+                 cwd=tmp_path, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr
+    first_save = str(rd / "adapters" / "0000005_adapters.safetensors")
+    assert marker.read_text() == first_save  # the crash really happened, right after that save
+    first, second = summary(rd)["attempts"]
+    assert first["status"] == "failed" and first["failed_rank"] == 0 and first["exit_code"] == 3
+    assert second["status"] == "succeeded" and second["resumed"] is True
+    assert second["note"] == f"resumed from {first_save} (--resume-arg)"
+    log = (rd / "logs" / "attempt-1" / "rank-0.log").read_text()
+    assert "Loading fine-tuned weights from" in log and first_save in log  # (rich may wrap a long path)
+    assert (rd / "adapters" / "adapters.safetensors").is_file() and (rd / "adapters" / "0000010_adapters.safetensors").is_file()
