@@ -68,6 +68,13 @@ CONTROL_STDIN = "stdin"
 CONTROL_STDIN_EOF = "stdin-eof"
 ENV_STDIN = "ORCH_STDIN"
 STDIN_CHUNK = 48 * 1024
+# Flow control, so a rank that reads slowly (or never) holds orch's input back instead of
+# piling it up in memory: the guard reports the bytes it has fed its rank so far in a
+# ``stdin_read`` event every STDIN_ACK_EVERY bytes; the controller keeps at most
+# STDIN_WINDOW bytes unreported per rank (far more than one step, so it only waits
+# for a rank that really does not read).
+STDIN_WINDOW = 4 << 20
+STDIN_ACK_EVERY = 256 << 10
 
 # Events only the guard may send. They carry the attempt's token (``"token"``),
 # which the guard got on its stdin, a pipe the rank never sees: the controller
@@ -77,7 +84,7 @@ STDIN_CHUNK = 48 * 1024
 # the controller then never uses their pids.
 # ``rss`` and ``dump`` are here too: a rank that printed a fake sample could hide
 # its own hang (CPU "progress") or be called stopped when it is not.
-GUARD_KINDS = frozenset({"spawned", "listening", "exited", "rss", "dump"})
+GUARD_KINDS = frozenset({"spawned", "listening", "exited", "rss", "dump", "stdin_read"})
 TOKEN_FIELD = "token"
 
 # An event payload longer than this is not parsed at all (it is kept as user
@@ -233,6 +240,18 @@ class DumpEvent(_Base):
     stopped: bool
 
 
+class StdinReadEvent(_Base):
+    """``--stdin`` flow control from the guard: ``bytes`` fed to the rank's stdin so far.
+
+    ``closed``: the rank's stdin is closed (it closed it, or it ended), so
+    nothing more is fed and the controller stops waiting for this rank.
+    """
+
+    kind: Literal["stdin_read"]
+    bytes: int
+    closed: bool
+
+
 class RebalanceEvent(_Base):
     """``--balance speed`` set the per-rank batches at a step boundary (``runtime/balance.py``).
 
@@ -253,6 +272,7 @@ class RebalanceEvent(_Base):
 
 
 Event = Union[
+    StdinReadEvent,
     RebalanceEvent,
     RssEvent,
     DumpEvent,

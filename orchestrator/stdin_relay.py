@@ -11,8 +11,10 @@ regular files and /dev/null), and a blocking ``read`` on a terminal cannot be
 cancelled. So one daemon thread per process reads, and the loop takes its
 chunks. The relay outlives an attempt: bytes read while a restart waits go to
 the next attempt's ranks, and an end of file already seen is told to them at
-once. At most ``max_waiting`` chunks wait unread here, so ``cat big | orch run
---stdin rank0`` does not read the whole input into the controller's memory.
+once. At most ``max_waiting`` chunks wait unread here, and the supervisor
+forwards no further than ``protocol.STDIN_WINDOW`` bytes ahead of what each
+rank's guard says it has fed its rank, so ``cat big | orch run --stdin rank0``
+to a slow reader holds the input back instead of piling it up in memory.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class StdinRelay:
         data = self._chunks.popleft()
         self._room.release()
         return data
+
+    def unget(self, data: bytes) -> None:
+        """Put a chunk back in front (an attempt ended before it could be forwarded)."""
+        self._chunks.appendleft(data)
+        self._ready.set()
 
 
 def stdin_line(data: bytes) -> str:

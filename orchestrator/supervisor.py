@@ -338,6 +338,10 @@ class Supervisor:
         self.interrupted: Optional[int] = None
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
+        # --stdin: bytes each rank's guard has fed it, the ranks whose stdin is closed, and a wake-up.
+        self._stdin_read: dict[int, int] = {}
+        self._stdin_closed: set[int] = set()
+        self._stdin_more = asyncio.Event()
         self._gate_open = False
         self._released = False
         self._failed: list[RankState] = []
@@ -388,14 +392,37 @@ class Supervisor:
         from orchestrator.stdin_relay import stdin_line
 
         targets = [s for s in self.states if s.rank in self.opts.stdin_ranks]
+        sent = {s.rank: 0 for s in targets}
         while True:
             data = await self.opts.stdin_relay.get()
+            if data is not None:
+                try:
+                    await self._stdin_room(targets, sent)
+                except asyncio.CancelledError:  # the attempt ended: this chunk is the next attempt's
+                    self.opts.stdin_relay.unget(data)
+                    raise
             line = protocol.CONTROL_STDIN_EOF if data is None else stdin_line(data)
             for s in targets:
                 if s.handle is not None and not s.exited.is_set():
                     s.handle.send(line)
+                    sent[s.rank] += len(data or b"")
             if data is None:
                 return
+
+    async def _stdin_room(self, targets: list["RankState"], sent: dict[int, int]) -> None:
+        """Wait until no rank that still reads has STDIN_WINDOW bytes it has not been fed (its guard's
+        ``stdin_read`` events say); rechecked every second, so a rank that exits frees the others."""
+        while True:
+            full = [s for s in targets if s.handle is not None and not s.exited.is_set()
+                    and s.rank not in self._stdin_closed
+                    and sent[s.rank] - self._stdin_read.get(s.rank, 0) >= protocol.STDIN_WINDOW]
+            if not full:
+                return
+            self._stdin_more.clear()
+            try:
+                await asyncio.wait_for(self._stdin_more.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
 
     def _interrupt(self, sig: int) -> None:
         if self.interrupted is None:
@@ -770,6 +797,12 @@ class Supervisor:
         if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank", "attempt")}) is None:
             payload["kind"] = f"unknown:{payload.get('kind')}"
             self._record(payload)
+            return
+        if kind == "stdin_read":  # --stdin flow control (not logged: one per line typed, or per 256 KiB piped)
+            self._stdin_read[state.rank] = max(self._stdin_read.get(state.rank, 0), payload["bytes"])
+            if payload["closed"]:
+                self._stdin_closed.add(state.rank)
+            self._stdin_more.set()
             return
         self._record(payload)
         if kind not in ("rss", "dump"):  # a rank's own event is a sign of life; the guard's samples are not

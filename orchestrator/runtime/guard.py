@@ -531,6 +531,8 @@ class Guard:
         self.stdin_w: int | None = None
         self.stdin_pending = bytearray()
         self.stdin_eof = False
+        self.stdin_fed = 0  # bytes written into the rank's stdin so far
+        self.stdin_told = 0  # ... as last reported to the controller (stdin_read: its flow control)
 
     # -- events
     def emit(self, kind: str, **fields) -> None:
@@ -900,12 +902,17 @@ class Guard:
                 self.stdin_eof = True
                 break
             del self.stdin_pending[:n]
+            self.stdin_fed += n
+        if self.stdin_fed - self.stdin_told >= protocol.STDIN_ACK_EVERY:  # (the window is 16 of these)
+            self.stdin_told = self.stdin_fed
+            self.emit("stdin_read", bytes=self.stdin_fed, closed=False)
         registered = self.stdin_w in sel.get_map()
         if self.stdin_eof and not self.stdin_pending:
             if registered:
                 sel.unregister(self.stdin_w)
             os.close(self.stdin_w)
             self.stdin_w = None
+            self.emit("stdin_read", bytes=self.stdin_fed, closed=True)  # the controller stops waiting for us
         elif self.stdin_pending and not registered:
             sel.register(self.stdin_w, selectors.EVENT_WRITE, "feed")
         elif not self.stdin_pending and registered:
