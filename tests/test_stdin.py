@@ -388,3 +388,16 @@ def test_a_rank_that_does_not_read_holds_orch_input_back_and_loses_nothing(tmp_p
         assert f"rank 0 read {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}" in out.decode()
     finally:
         kill_tree(p.pid)
+
+
+@pytest.mark.slow
+def test_a_restarted_attempt_finds_the_input_already_ended(tmp_path):
+    """orch's stdin ended during attempt 0: attempt 1's rank reads end of file at once instead of waiting forever."""
+    rd = tmp_path / "run"
+    r = orch_with_input("run", str(ECHO), "-n", "1", "--stdin", "rank0", "--max-restarts", "1", "--restart-backoff", "0",
+                        "--run-dir", str(rd), "--", "--crash-once", str(tmp_path / "crashed"),
+                        cwd=tmp_path, data=b"only once\n")
+    assert r.returncode == 0, r.stderr
+    assert rank_lines(r.stdout, 0) == ["rank 0 got 'only once'", "rank 0 eof after 1 lines", "rank 0 crashing once",
+                                       "rank 0 eof after 0 lines"]
+    assert [a["status"] for a in summary(rd)["attempts"]] == ["failed", "succeeded"]
