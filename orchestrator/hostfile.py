@@ -11,6 +11,7 @@ Accepted shapes (all normalised into one ``Hostfile`` model):
 * Per host, optionally: ``slots`` (ranks on that host, default 1), ``user``,
   ``port`` (SSH port), ``python``, ``cwd``, ``env`` (mapping), and ``links``
   (Thunderbolt cables, as written by ``orch hostfile --over thunderbolt``).
+  ``memory_gb`` (what a run may use there; its ranks' memory plans read it).
 
 ``ips`` keep MLX's meaning (the addresses this host's rank listens on; several
 mean several connections). An entry may carry a prefix length
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.protocol import MEMORY_BUDGET_ENV
 
 BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # what mlx.launch 0.32 launches
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
@@ -101,6 +104,9 @@ class Host(BaseModel):
     cwd: Optional[str] = None
     env: dict[str, str] = Field(default_factory=dict)
     links: list[Link] = Field(default_factory=list)
+    # The memory a run may use on this host (mixed Macs: a 16 GB one next to a 192 GB one). Its ranks share it,
+    # and each gets its part as ORCH_MEMORY_BUDGET_BYTES: the runtime's memory plan (runtime/memfit.py) reads it.
+    memory_gb: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -161,6 +167,19 @@ class Host(BaseModel):
         for key, value in env.items():
             parse_env_assignment(f"{key}={value}")
         return env
+
+    @field_validator("memory_gb")
+    @classmethod
+    def _check_memory_gb(cls, gb: Optional[float]) -> Optional[float]:
+        if gb is not None and not (0 < gb < 1e6):
+            raise ValueError(f"memory_gb is {gb}; give the memory this host may use in GB, e.g. 16")
+        return gb
+
+    @model_validator(mode="after")
+    def _memory_budget_env(self) -> "Host":
+        if self.memory_gb is not None:
+            self.env.setdefault(MEMORY_BUDGET_ENV, str(int(self.memory_gb * 2**30 / self.slots)))
+        return self
 
     @field_validator("port")
     @classmethod
@@ -278,7 +297,7 @@ def _validation_message(path: str, err: ValidationError) -> str:
     elif first["type"] == "extra_forbidden":
         msg = (
             f"unknown field '{_name(first['loc'][-1])}'; known host fields are ssh/hostname, ips/local_ip, rdma, "
-            "slots, user, port, python, cwd, env, links"
+            "slots, user, port, python, cwd, env, links, memory_gb"
         )
     where = f"{path}: {loc}: " if loc else f"{path}: "
     return where + msg

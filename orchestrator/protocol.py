@@ -87,6 +87,10 @@ STDIN_ACK_EVERY = 256 << 10
 GUARD_KINDS = frozenset({"spawned", "listening", "exited", "rss", "dump", "stdin_read"})
 TOKEN_FIELD = "token"
 
+# A rank's memory budget in bytes, set from the hostfile's per-host ``memory_gb`` (divided
+# among the host's ranks); read by ``runtime/memfit.py`` before it looks anywhere else.
+MEMORY_BUDGET_ENV = "ORCH_MEMORY_BUDGET_BYTES"
+
 # An event payload longer than this is not parsed at all (it is kept as user
 # text): a hostile or broken rank cannot make the controller parse megabytes
 # of JSON or recurse through deeply nested arrays.
@@ -271,9 +275,36 @@ class RebalanceEvent(_Base):
     previous_step_s: Optional[float]
 
 
+class MemoryPlanEvent(_Base):
+    """A rank's memory plan before its first step (``runtime/memfit.py``).
+
+    ``probes``: ``[batch, MLX peak bytes]`` of the two probe steps; ``budget_*``:
+    what the rank may use and where that was read (None: unknown);
+    ``planned_peak_bytes`` the predicted process peak at its planned ``batch``,
+    ``predicted_peak_bytes`` at ``micro_batch`` (``pieces`` of them per
+    micro-batch with ``--fit-memory``); ``fits`` False means it refused.
+    """
+
+    kind: Literal["memory_plan"]
+    step: int
+    probes: list[list[int]]
+    host: str
+    budget_bytes: Optional[int]
+    budget_source: Optional[str]
+    batch: int
+    micro_batch: int
+    pieces: int
+    predicted_peak_bytes: int
+    predicted_mlx_peak_bytes: int
+    planned_peak_bytes: int
+    fits: bool
+    per_sample_bytes: float
+
+
 Event = Union[
     StdinReadEvent,
     RebalanceEvent,
+    MemoryPlanEvent,
     RssEvent,
     DumpEvent,
     SpawnedEvent,

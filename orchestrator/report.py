@@ -178,6 +178,8 @@ def summary_from_events(events: list[dict], plan: Optional[dict], status: str) -
             m["mlx_peak_bytes"] = max(m["mlx_peak_bytes"], e.get("mlx_peak_bytes") or 0)
             m["rss_peak_bytes"] = max(m["rss_peak_bytes"], e.get("rss_bytes") or 0)
             m["mlx_active_bytes"] = e.get("mlx_active_bytes")
+        elif k == "memory_plan":
+            row["memory_plan"] = {f: e.get(f) for f in PLAN_FIELDS}
         elif k == "rebalance" and isinstance(e.get("shares"), list) and r < len(e["shares"]):
             row["batch_share"] = e["shares"][r]
     times = [t for t in map(_t, events) if t is not None]
@@ -308,6 +310,30 @@ def _rank_cells(r: dict) -> list[str]:
 RANK_HEADERS = ["rank", "host", "exit", "steps", "last loss", "samples/s", "mlx peak", "rss peak"]
 
 
+PLAN_PLOT = "memory_plan.png"
+PLAN_FIELDS = ("budget_bytes", "budget_source", "batch", "micro_batch", "pieces", "predicted_peak_bytes",
+               "predicted_mlx_peak_bytes", "planned_peak_bytes", "fits")
+PLAN_HEADERS = ["rank", "host", "budget", "batch", "micro x pieces", "predicted peak", "measured rss peak",
+                "predicted mlx peak", "measured mlx peak"]
+
+
+def _plan_rows(s: dict) -> list[list[str]]:
+    """Per rank: the memory plan made before the first step next to the peaks the run then measured."""
+    rows = []
+    for r in s.get("ranks") or []:
+        p = r.get("memory_plan") if isinstance(r, dict) else None
+        if not isinstance(p, dict):
+            continue
+        mem = r.get("memory") or {}
+        budget = human_bytes(p.get("budget_bytes")) + (f" ({p['budget_source']})" if p.get("budget_source") else "")
+        rows.append([str(r.get("rank", "?")), str(r.get("host", "?")), budget, _num(p.get("batch"), "{}"),
+                     f"{_num(p.get('micro_batch'), '{}')} x {_num(p.get('pieces'), '{}')}"
+                     + ("" if p.get("fits", True) else " (refused)"),
+                     human_bytes(p.get("predicted_peak_bytes")), human_bytes(mem.get("rss_peak_bytes")),
+                     human_bytes(p.get("predicted_mlx_peak_bytes")), human_bytes(mem.get("mlx_peak_bytes"))])
+    return rows
+
+
 BALANCE_HEADERS = ["step", "why", "per-rank batch", "measured samples/s per rank", "predicted step (compute)"]
 
 
@@ -361,6 +387,9 @@ def format_summary(data: RunData) -> str:
         lines += ["", _text_table(RANK_HEADERS, [_rank_cells(r) for r in ranks])]
     if not data.steps:
         lines += ["", NO_STEPS]
+    plans = _plan_rows(data.summary)
+    if plans:
+        lines += ["", "memory plan (predicted before the first step) vs measured:", _text_table(PLAN_HEADERS, plans)]
     balance = _rebalance_rows(data.summary)
     if balance:
         lines += ["", "batch shares (--balance speed):", _text_table(BALANCE_HEADERS, balance)]
@@ -468,6 +497,38 @@ def _memory_plot(Figure, data: RunData):
     return fig
 
 
+def _plan_matters(r) -> bool:
+    """Draw the plan when it did something: a user-set budget, a split micro-batch, a refusal (else the table says it)."""
+    p = r.get("memory_plan") if isinstance(r, dict) else None
+    return isinstance(p, dict) and (p.get("budget_source") == "hostfile memory_gb" or (p.get("pieces") or 1) > 1
+                                    or p.get("fits") is False)
+
+
+def _plan_plot(Figure, data: RunData):
+    """Per rank, bars: its budget, the peak predicted before the first step, the RSS peak it reached."""
+    ranks = [r for r in data.summary.get("ranks") or [] if isinstance(r, dict) and isinstance(r.get("memory_plan"), dict)]
+    series = (("budget", lambda r: r["memory_plan"].get("budget_bytes")),
+              ("predicted peak", lambda r: r["memory_plan"].get("predicted_peak_bytes")),
+              ("measured RSS peak", lambda r: (r.get("memory") or {}).get("rss_peak_bytes")))
+    values = [[(get(r) or 0) for r in ranks] for _, get in series]
+    # A budget of all free memory dwarfs the peaks; draw it cut at 4x the largest peak, labelled with its value.
+    top = max([v for vs in values[1:] for v in vs] or [1]) * 4
+    div, unit = _byte_unit(min(max([v for vs in values for v in vs] or [1]), top))
+    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, ((name, _), vs) in enumerate(zip(series, values)):
+        xs = [k + (i - 1) * width for k in range(len(ranks))]
+        bars = ax.bar(xs, [min(v, top) / div for v in vs], width, label=name, color=f"C{i}")
+        if i == 0:
+            ax.bar_label(bars, labels=[human_bytes(v) if v else "-" for v in vs], fontsize=7)
+    ax.set_xticks(range(len(ranks)), [f"rank {r.get('rank')}\n{r.get('host', '')}" for r in ranks])
+    ax.set(ylabel=unit, title="Memory plan per rank")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
 def write_plots(data: RunData) -> list[tuple[str, Path]]:
     """PNGs in RUN_DIR/report/ for what the run recorded; returns (title, path) per plot written."""
     Figure = _figure_class()
@@ -475,6 +536,7 @@ def write_plots(data: RunData) -> list[tuple[str, Path]]:
     out.mkdir(exist_ok=True)
     for name in PLOT_NAMES:  # a plot from an earlier report must not outlive its data
         (out / name).unlink(missing_ok=True)
+    (out / PLAN_PLOT).unlink(missing_ok=True)  # drawn only when a memory plan did something
     figs = []
     if data.steps:
         figs.append(("loss", "Loss vs step", _step_plot(Figure, data, "loss", "loss", "Loss", True, log_ok=True)))
@@ -482,6 +544,8 @@ def write_plots(data: RunData) -> list[tuple[str, Path]]:
                      _step_plot(Figure, data, "samples_per_s", "samples/s", "Throughput (samples/s, as each rank measured it)", False)))
     if data.memory:
         figs.append(("memory", "Memory per rank over time", _memory_plot(Figure, data)))
+    if any(_plan_matters(r) for r in data.summary.get("ranks") or []):
+        figs.append(("memory_plan", "Memory plan: budget, predicted and measured peak per rank", _plan_plot(Figure, data)))
     written = []
     for name, title, fig in figs:
         path = out / f"{name}.png"
@@ -533,6 +597,9 @@ def render_html(data: RunData, plots: list[tuple[str, Path]]) -> str:
         parts += ["<h2>Attempts</h2>", _html_table(["attempt", "cause", "started"], rows)]
     ranks = [r for r in s.get("ranks") or [] if isinstance(r, dict)]
     parts += ["<h2>Ranks</h2>", _html_table(RANK_HEADERS, [_rank_cells(r) for r in ranks]) if ranks else "<p>no ranks recorded</p>"]
+    plans = _plan_rows(s)
+    if plans:
+        parts += ["<h2>Memory plan: predicted vs measured peak</h2>", _html_table(PLAN_HEADERS, plans)]
     balance = _rebalance_rows(s)
     if balance:
         parts += ["<h2>Batch shares (--balance speed)</h2>", _html_table(BALANCE_HEADERS, balance)]

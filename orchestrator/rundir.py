@@ -70,6 +70,25 @@ class RankSummary(BaseModel):
     memory: Optional[MemorySummary] = None
     phases: list[PhaseSummary] = Field(default_factory=list)
     batch_share: Optional[int] = None  # --balance speed: this rank's samples per micro-batch at the end
+    memory_plan: Optional[MemoryPlanSummary] = None  # predicted before the first step (runtime/memfit.py)
+
+
+class MemoryPlanSummary(BaseModel):
+    """A rank's memory plan (``memory_plan`` event): its budget, and the peak predicted before the first step.
+
+    The measured peaks are next to it in ``RankSummary.memory`` (``rss_peak_bytes``
+    for ``predicted_peak_bytes``, ``mlx_peak_bytes`` for ``predicted_mlx_peak_bytes``).
+    """
+
+    budget_bytes: Optional[int] = None
+    budget_source: Optional[str] = None
+    batch: int
+    micro_batch: int
+    pieces: int = 1
+    predicted_peak_bytes: int
+    predicted_mlx_peak_bytes: int
+    planned_peak_bytes: int
+    fits: bool = True
 
 
 class RebalanceSummary(BaseModel):

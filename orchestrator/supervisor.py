@@ -42,7 +42,9 @@ from orchestrator.diagnose import Diagnosis, classify
 from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec, signal_name
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
-from orchestrator.rundir import MemorySummary, PhaseSummary, RankSummary, RebalanceSummary, RunDir, RunSummary
+from orchestrator.rundir import (
+    MemoryPlanSummary, MemorySummary, PhaseSummary, RankSummary, RebalanceSummary, RunDir, RunSummary,
+)
 from orchestrator.units import human_bytes
 
 TAIL_LINES = 200  # kept per rank (a stack dump fits) for diagnoses; the last SHOW_LINES are shown on failure
@@ -173,6 +175,7 @@ class RankState:
     phases: list = field(default_factory=list)  # PhaseSummary per `report.phase(...)` the rank ended
     killed: bool = False  # orch had to SIGKILL it (the guard did not stop it in time)
     batch_share: Optional[int] = None  # --balance speed: samples per micro-batch (rebalance events)
+    memory_plan: Optional[MemoryPlanSummary] = None  # the rank's predicted peak and budget (memory_plan event)
     cpu_s: Optional[float] = None  # CPU seconds of its process tree, from the guard's last sample
     cpu_t: Optional[float] = None  # when that sample arrived (monotonic)
     stopped: Optional[bool] = None  # the guard's latest word: the rank's process is stopped (SIGSTOP)
@@ -872,6 +875,8 @@ class Supervisor:
             state.phases.append(PhaseSummary.model_validate({k: payload.get(k) for k in PhaseSummary.model_fields}))
         elif kind == "metric":
             self.metrics.update(payload.get("values", {}))
+        elif kind == "memory_plan":
+            state.memory_plan = MemoryPlanSummary.model_validate({k: payload.get(k) for k in MemoryPlanSummary.model_fields})
         elif kind == "rebalance":  # every rank sends the same shares; each keeps its own, rank 0's go to the summary
             shares = payload["shares"]
             state.batch_share = shares[state.rank] if state.rank < len(shares) else None
@@ -926,6 +931,7 @@ class Supervisor:
                 memory=s.memory,
                 phases=s.phases,
                 batch_share=s.batch_share,
+                memory_plan=s.memory_plan,
             )
             for s in self.states
         ]

@@ -79,6 +79,16 @@ class Hparams:
                           "(the global batch, world x --batch-size x --grad-accum, and the update stay the same)",
                   "choices": BALANCE_MODES},
     )
+    memory_check: bool = field(
+        default=True,
+        metadata={"help": "before the first step, predict each rank's peak memory from two small probe steps and "
+                          "refuse (one line) a batch that does not fit its host's budget"},
+    )
+    fit_memory: bool = field(
+        default=False,
+        metadata={"help": "instead of refusing, shrink that rank's micro-batch and accumulate more pieces "
+                          "(the global batch and the result stay the same)"},
+    )
     balance_every: int = field(default=10, metadata={"help": "--balance speed: re-check the speeds every N steps"})
     balance_warmup: int = field(
         default=3, metadata={"help": "--balance speed: steps measured (after the first) before the first split"}

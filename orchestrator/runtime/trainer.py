@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orchestrator.runtime import checkpoint as ckpt
+from orchestrator.runtime import memfit
 from orchestrator.runtime.balance import BalancedSampler, Balancer, Decision
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
@@ -240,6 +242,11 @@ class Trainer:
             )
         self.throughput = Throughput(self.sampler.samples_per_step, _tokens_per_sample(recipe, hp))
         self.memory = MemorySampler()
+        self.pieces = 1  # --fit-memory: this rank's share of each micro-batch is run in this many parts
+        self.memory_line: Optional[memfit.Line] = None
+        self.memory_budget: Optional[memfit.Budget] = None
+        if hp.memory_check:
+            self._plan_memory()
         self.last_checkpoint: Optional[Path] = None
         # A resumed run must not rewrite the checkpoint it started from.
         self.last_checkpoint_step = self.step if self.step > 0 else -1
@@ -373,11 +380,80 @@ class Trainer:
             return
         assert isinstance(self.sampler, BalancedSampler)
         self.sampler.set_shares(decision.shares)
+        if self.memory_line is not None and self.hp.fit_memory:  # a bigger share may need more pieces
+            self._apply_memory_plan(decision.shares[self.rank])
         emit("rebalance", **decision.event_fields())
         speeds = ", ".join(f"{s:,.0f}" for s in decision.speeds)
         self.say(f"rebalance at step {decision.step} ({decision.reason}): per-rank batch "
                  f"{decision.previous} -> {decision.shares} (measured samples/s {speeds}; predicted step "
                  f"{1000 * decision.previous_step_s:.1f} -> {1000 * decision.predicted_step_s:.1f} ms of compute)")
+
+    # -- memory plan (memfit) -------------------------------------------------
+
+    def _probe_peak(self, batch: int) -> int:
+        """MLX's peak over forward + backward at ``batch`` samples (no update: nothing changes)."""
+        idx = np.arange(batch) % len(self.dataset)
+        mx.reset_peak_memory()
+        loss, grads = self.loss_and_grad(self.model, *self._batch(idx))
+        mx.eval(loss, grads)
+        peak = int(mx.get_peak_memory())
+        del loss, grads
+        return peak
+
+    def _plan_memory(self) -> None:
+        """Predict this rank's peak at its planned micro-batch; refuse together, or (--fit-memory) split it."""
+        share = self.balancer.share if self.balancer is not None else self.hp.batch_size
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        points = [(b, self._probe_peak(b)) for b in sorted(set(memfit.probe_sizes(share)))]
+        mx.clear_cache()
+        mx.reset_peak_memory()  # the peaks reported from here on are training's own
+        param_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.trainable_parameters()))
+        # The update allocates new parameters and optimizer state while the old are alive; the gradient sum
+        # (accumulation) or the all-reduce's flat copy is one more parameter-sized set.
+        extra = 2 * param_bytes + self.optimizer_state_bytes()
+        sample = self.memory.sample(self.step)
+        metal = self.memory.metal_max_working_set
+        other = 0 if metal else max(0, sample["rss_bytes"] - sample["mlx_active_bytes"] - sample["mlx_cache_bytes"])
+        self.memory_line = memfit.fit(points, extra, other)
+        self.memory_budget = memfit.budget(sample["rss_bytes"], metal, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        plan = self._apply_memory_plan(share)
+        emit("memory_plan", step=self.step, probes=[list(p) for p in points], **plan.event_fields())
+        try:
+            self._stop_together(None if plan.fits else plan.refusal())
+        except RuntimeError as e:  # one line, no traceback: the controller shows it as this rank's last line
+            raise SystemExit(f"orch: {e}") from None
+
+    def _apply_memory_plan(self, share: int) -> memfit.Plan:
+        assert self.memory_line is not None
+        plan = memfit.decide(self.memory_line, share, self.memory_budget, platform.node(), self.hp.fit_memory)
+        if plan.fits and plan.pieces != self.pieces:
+            print(f"[{self.say.name}] --fit-memory: rank {self.rank} ({plan.host}) runs its {share} samples per "
+                  f"micro-batch as {plan.pieces} pieces of <= {plan.micro_batch} (predicted peak "
+                  f"{format_bytes(plan.planned_peak_bytes)} -> {format_bytes(plan.predicted_peak_bytes)}, budget "
+                  f"{format_bytes(plan.budget_bytes)} from the {plan.budget_source})", flush=True)
+        self.pieces = plan.pieces if plan.fits else 1
+        return plan
+
+    def _loss_and_grad(self, indices: np.ndarray) -> tuple[mx.array, Any]:
+        """Mean loss and gradient over ``indices``; in ``self.pieces`` parts when memory asks for it.
+
+        The parts' means are combined weighted by their sizes, which is the mean
+        over all of ``indices``: the same gradient, less memory at once.
+        """
+        if self.pieces == 1:
+            return self.loss_and_grad(self.model, *self._batch(indices))
+        n = len(indices)
+        loss_sum, grad_sum = None, None
+        for start, end in memfit.split_pieces(n, self.pieces):
+            loss, grads = self.loss_and_grad(self.model, *self._batch(indices[start:end]))
+            w = (end - start) / n
+            loss, grads = loss * w, tree_map(lambda g: g * w, grads)
+            if grad_sum is None:
+                loss_sum, grad_sum = loss, grads
+            else:
+                loss_sum, grad_sum = loss_sum + loss, tree_map(mx.add, grad_sum, grads)
+            mx.eval(loss_sum, grad_sum)  # one piece's graph at a time: the point of splitting
+        return loss_sum, grad_sum
 
     # -- one step -----------------------------------------------------------
 
@@ -393,7 +469,7 @@ class Trainer:
         k = len(micro_batches)
         loss_sum, grad_sum = None, None
         for j, indices in enumerate(micro_batches):
-            loss, grads = self.loss_and_grad(self.model, *self._batch(indices))
+            loss, grads = self._loss_and_grad(indices)
             if grad_sum is None:
                 loss_sum, grad_sum = loss, grads
             else:
