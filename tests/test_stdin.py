@@ -401,3 +401,24 @@ def test_a_restarted_attempt_finds_the_input_already_ended(tmp_path):
     assert rank_lines(r.stdout, 0) == ["rank 0 got 'only once'", "rank 0 eof after 1 lines", "rank 0 crashing once",
                                        "rank 0 eof after 0 lines"]
     assert [a["status"] for a in summary(rd)["attempts"]] == ["failed", "succeeded"]
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not _have_mpirun(), reason="needs Open MPI's mpirun")
+def test_mpi_over_ssh_rank0_on_a_remote_host_reads_orch_stdin(c2, tmp_path):
+    """mpirun's own ssh starts the ranks on the namespace hosts; its stdin forwarding reaches rank 0 there."""
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": "mpi", "hosts": [
+        {"ssh": h.name, "ips": [h.mgmt_ip], "python": sys.executable} for h in c2.hosts]}))
+    rd = tmp_path / "run"
+    r = orch_with_input("run", str(ECHO), "--hostfile", str(hf), "--ssh-config", str(c2.ssh_config_path),
+                        "--stdin", "rank0", "--run-dir", str(rd), cwd=tmp_path, data=b"via mpirun\n", timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert rank_lines(r.stdout, 0) == ["rank 0 got 'via mpirun'", "rank 0 eof after 1 lines"]
+    assert rank_lines(r.stdout, 1) == ["rank 1 eof after 0 lines"]
+    hosts = {e["rank"]: e["host"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
+             if e["kind"] == "spawned"}
+    assert hosts == {0: "host0", 1: "host1"}
+    assert not _hosts_clean(c2)
