@@ -422,3 +422,17 @@ def test_mpi_over_ssh_rank0_on_a_remote_host_reads_orch_stdin(c2, tmp_path):
              if e["kind"] == "spawned"}
     assert hosts == {0: "host0", 1: "host1"}
     assert not _hosts_clean(c2)
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.timeout(180)
+def test_ssh_input_beyond_the_flow_control_window_arrives_intact_on_both_hosts(c2, tmp_path):
+    data = hashlib.sha256(b"ssh").digest() * (384 << 10)  # 12 MiB: three windows' worth
+    args = _ssh_args(c2, tmp_path, tmp_path / "run", "--stdin", "all")
+    args[1] = str(DIGEST)
+    r = orch_with_input(*args, cwd=tmp_path, data=data, timeout=150)
+    assert r.returncode == 0, r.stderr
+    want = f"read {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}"
+    assert rank_lines(r.stdout, 0) == [f"rank 0 {want}"] and rank_lines(r.stdout, 1) == [f"rank 1 {want}"]
+    assert not _hosts_clean(c2)
