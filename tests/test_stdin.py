@@ -342,15 +342,18 @@ def test_pdb_on_rank0_is_driven_through_orch_stdin(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_that_does_not_read_holds_orch_input_back_and_loses_nothing(tmp_path):
-    """Flow control: orch takes only about STDIN_WINDOW bytes ahead of what the rank has read, then everything arrives."""
+@pytest.mark.parametrize("script", [DIGEST, SCRIPTS / "stdin_forger.py"], ids=["honest", "forged-ack"])
+def test_a_rank_that_does_not_read_holds_orch_input_back_and_loses_nothing(tmp_path, script):
+    """Flow control: orch takes only about STDIN_WINDOW bytes ahead of what the rank has read, then everything
+    arrives. A rank that prints a fake ``stdin_read`` (I read it all) changes nothing: only the guard's count."""
     import threading
 
     from orchestrator import protocol
 
     go = tmp_path / "go"
+    rd = tmp_path / "run"
     data = hashlib.sha256(b"seed").digest() * (2 << 20)  # 64 MiB
-    p = subprocess.Popen(orch_argv("run", str(DIGEST), "-n", "1", "--stdin", "rank0", "--run-dir", str(tmp_path / "run"),
+    p = subprocess.Popen(orch_argv("run", str(script), "-n", "1", "--stdin", "rank0", "--run-dir", str(rd),
                                    "--", "--wait-for", str(go)),
                          cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
@@ -386,6 +389,8 @@ def test_a_rank_that_does_not_read_holds_orch_input_back_and_loses_nothing(tmp_p
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
         assert f"rank 0 read {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}" in out.decode()
+        kinds = [json.loads(l)["kind"] for l in (rd / "events.jsonl").read_text().splitlines()]
+        assert kinds.count("forged:stdin_read") == (script != DIGEST)
     finally:
         kill_tree(p.pid)
 
