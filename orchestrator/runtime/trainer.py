@@ -390,23 +390,44 @@ class Trainer:
 
     # -- memory plan (memfit) -------------------------------------------------
 
+    @staticmethod
+    def _mlx_memory_fn(name: str) -> Optional[Callable]:
+        """``mx.<name>``, or ``mx.metal.<name>`` on MLX < 0.24; None where this MLX has neither."""
+        return getattr(mx, name, None) or getattr(getattr(mx, "metal", None), name, None)
+
     def _probe_peak(self, batch: int) -> int:
         """MLX's peak over forward + backward at ``batch`` samples (no update: nothing changes)."""
         idx = np.arange(batch) % len(self.dataset)
-        mx.reset_peak_memory()
+        self._mlx_memory_fn("reset_peak_memory")()
         loss, grads = self.loss_and_grad(self.model, *self._batch(idx))
         mx.eval(loss, grads)
-        peak = int(mx.get_peak_memory())
+        peak = int(self._mlx_memory_fn("get_peak_memory")())
         del loss, grads
         return peak
 
     def _plan_memory(self) -> None:
-        """Predict this rank's peak at its planned micro-batch; refuse together, or (--fit-memory) split it."""
+        """Predict this rank's peak at its planned micro-batch; refuse together, or (--fit-memory) split it.
+
+        Every rank reaches the collective at the end, also one whose MLX cannot
+        measure a peak (it makes no plan): hosts of a mixed cluster may run
+        different MLX versions, and a rank that skipped it would leave the
+        others waiting in a mismatched all_sum.
+        """
+        problem = None
+        if all(self._mlx_memory_fn(f) for f in ("reset_peak_memory", "get_peak_memory", "clear_cache")):
+            plan = self._make_memory_plan()
+            problem = None if plan.fits else plan.refusal()
+        try:
+            self._stop_together(problem)
+        except RuntimeError as e:  # one line, no traceback: the controller shows it as this rank's last line
+            raise SystemExit(f"orch: {e}") from None
+
+    def _make_memory_plan(self) -> memfit.Plan:
         share = self.balancer.share if self.balancer is not None else self.hp.batch_size
         mx.eval(self.model.parameters(), self.optimizer.state)
         points = [(b, self._probe_peak(b)) for b in sorted(set(memfit.probe_sizes(share)))]
-        mx.clear_cache()
-        mx.reset_peak_memory()  # the peaks reported from here on are training's own
+        self._mlx_memory_fn("clear_cache")()
+        self._mlx_memory_fn("reset_peak_memory")()  # the peaks reported from here on are training's own
         param_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.trainable_parameters()))
         # The update allocates new parameters and optimizer state while the old are alive; the gradient sum
         # (accumulation) or the all-reduce's flat copy is one more parameter-sized set.
@@ -418,10 +439,7 @@ class Trainer:
         self.memory_budget = memfit.budget(sample["rss_bytes"], metal, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
         plan = self._apply_memory_plan(share)
         emit("memory_plan", step=self.step, probes=[list(p) for p in points], **plan.event_fields())
-        try:
-            self._stop_together(None if plan.fits else plan.refusal())
-        except RuntimeError as e:  # one line, no traceback: the controller shows it as this rank's last line
-            raise SystemExit(f"orch: {e}") from None
+        return plan
 
     def _apply_memory_plan(self, share: int) -> memfit.Plan:
         assert self.memory_line is not None
