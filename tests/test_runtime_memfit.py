@@ -245,3 +245,28 @@ def test_orch_run_with_a_small_memory_gb_refuses_before_the_first_step_and_names
     plans = [rank["memory_plan"] for rank in s["ranks"]]
     assert all(p and not p["fits"] and p["budget_bytes"] == int(0.1 * 2**30 / 2) for p in plans)
     assert all(rank["steps"] is None for rank in s["ranks"])
+
+
+@pytest.mark.slow
+def test_orch_run_fits_a_small_host_and_the_report_draws_predicted_against_measured(tmp_path):
+    pytest.importorskip("matplotlib")
+    from orchestrator import report
+    from tests.orch_helpers import run_orch, summary
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps({"hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"], "slots": 2, "memory_gb": 0.35}]}))
+    run_dir = tmp_path / "run"
+    r = run_orch("run", str(MLP), "--hostfile", str(hosts), "--run-dir", str(run_dir), "--",
+                 *BIG, "--batch-size", "4096", "--samples", "16384", "--steps", "3", "--fit-memory",
+                 cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr
+    for rank in summary(run_dir)["ranks"]:
+        p, m = rank["memory_plan"], rank["memory"]
+        assert p["fits"] and p["pieces"] >= 2 and p["budget_source"] == "hostfile memory_gb"
+        assert m["rss_peak_bytes"] <= p["budget_bytes"]  # the plan held
+    text = report.format_summary(report.load_run(run_dir))
+    assert "memory plan (predicted before the first step) vs measured:" in text and "(hostfile memory_gb)" in text
+    page = report.write_report(run_dir).read_text()
+    assert "<h2>Memory plan: predicted vs measured peak</h2>" in page
+    assert (run_dir / "report" / "memory_plan.png").stat().st_size > 1000
+    assert "Memory plan: budget, predicted and measured peak per rank" in page
