@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.remote import add_ssh_arguments
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader went away
@@ -83,12 +85,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
                    help="with --max-restarts and --resume-from: words added to the program's arguments on a restart, "
                         "{latest} replaced by the newest match, e.g. '--resume-adapter-file {latest}' "
                         "(one word that starts with '-' is written --resume-arg=--checkpoint={latest})")
-    ssh = p.add_argument_group("remote hosts (SSH)")
-    ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
-    ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
-    ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    ssh.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them (like OpenSSH's accept-new); changed keys are still refused")
-    ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach each host (default 10)")
+    ssh = add_ssh_arguments(p)  # the same SSH options as orch check, env and hostfile (remote/ssh.py: SSHOptions)
     ssh.add_argument("--stage", action="append", default=[], metavar="PATH", help="also upload PATH to every host (the script's directory always is)")
     mpi = p.add_argument_group("MPI (--backend mpi)")
     mpi.add_argument("--mpirun", help="the Open MPI mpirun to use (default: this environment's, then PATH)")
@@ -131,11 +128,7 @@ def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--base", default="192.168.0.0", help="thunderbolt: first address of the /30s (default 192.168.0.0)")
     gen.add_argument("--apply", action="store_true", help="thunderbolt: run the ifconfig/route commands over SSH with sudo -n (asks first)")
     gen.add_argument("--yes", action="store_true", help="with --apply: do not ask (for scripts)")
-    gen.add_argument("--ssh-config", help="OpenSSH client config to honour")
-    gen.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
-    gen.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    gen.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them; changed keys are still refused")
-    gen.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach each host (default 10)")
+    add_ssh_arguments(gen)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html and plots; print the summary",
                          description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report/*.png.")
     rep.add_argument("run_dir", help="a run directory (with summary.json or events.jsonl)")

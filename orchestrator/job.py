@@ -235,9 +235,10 @@ def _launcher_for(hostfile: Hostfile, req: RunRequest) -> Launcher:
         return LocalLauncher()
     try:
         from orchestrator.launch.ssh import SSHLauncher
+        from orchestrator.remote.ssh import SSHOptions
     except ImportError as e:  # pragma: no cover - asyncssh is a hard dependency
         raise ConfigError(f"remote hosts need asyncssh ({e}); pip install asyncssh") from None
-    return SSHLauncher(hostfile, req)
+    return SSHLauncher(hostfile, SSHOptions.from_args(req), stage=req.stage)
 
 
 def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["MPIInstall"]]:
@@ -381,7 +382,11 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
                 stdin_relay=stdin_relay, stdin_ranks=stdin_ranks(req.stdin, plan.world_size),
                 # A rank waiting for typed input prints nothing and uses no CPU: not a hang.
                 idle_watchdog=req.stdin == "none"))
-            summary = await sup.run()
+            try:
+                summary = await sup.run()
+            finally:
+                await launcher.collect(rundir.path)  # results home (SSH), whatever the outcome
+                await launcher.aclose()
         cause = (attempts[-1].diagnosis or attempts[-1].reason) if attempts else None
         attempts.append(AttemptSummary(
             attempt=attempt, cause=cause, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
@@ -452,7 +457,9 @@ async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, run
         sys.stderr.write(f"orch: --ring-order measured: nothing to choose ({why_not}); keeping the hostfile's order\n")
         return hostfile, plan
     try:
-        matrix = await measure_hostfile(hostfile, ssh_request=req, python=req.python,
+        from orchestrator.remote.ssh import SSHOptions
+
+        matrix = await measure_hostfile(hostfile, SSHOptions.from_args(req), python=req.python,
                                         timeout=max(5.0, min(req.connect_timeout, 30.0)))
         choice = choose_ring(matrix)
     except (ConfigError, NoRingError) as e:

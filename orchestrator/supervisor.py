@@ -377,8 +377,7 @@ class Supervisor:
                 forward.cancel()
                 await asyncio.gather(forward, return_exceptions=True)
             await self._stop_all()
-            await self._drain(tasks)
-            await self.launcher.aclose()
+            await self._drain(tasks)  # the launcher is its owner's to collect from and close (job.py)
             if self.opts.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)

@@ -545,8 +545,7 @@ def test_render_marks_and_problems():
 
 
 def test_connect_hosts_reports_key_status_like_the_launcher(tmp_path):
-    from orchestrator.job import RunRequest
-    from orchestrator.launch.ssh import close_connections, connect_hosts
+    from orchestrator.remote.ssh import SSHOptions, close_connections, connect_hosts
     from tests.test_ssh_unit import _Server
 
     async def go():
@@ -554,8 +553,8 @@ def test_connect_hosts_reports_key_status_like_the_launcher(tmp_path):
             kh = tmp_path / "known_hosts"
 
             def req(accept_new=False):
-                return RunRequest(script="x", ssh_config=str(srv.ssh_config), known_hosts=str(kh),
-                                  identity=[str(srv.client_key_path)], ssh_accept_new=accept_new, connect_timeout=2)
+                return SSHOptions(ssh_config=str(srv.ssh_config), known_hosts=str(kh),
+                                  identity=[str(srv.client_key_path)], accept_new=accept_new, connect_timeout=2)
 
             hf = Hostfile(hosts=[Host(name="127.0.0.1", port=srv.port), Host(name="127.0.0.1", port=srv.port, slots=2)])
             kh.write_text("")

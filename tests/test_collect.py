@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from orchestrator import collect
+from orchestrator.remote import collect
 
 pytestmark = pytest.mark.timeout(60)
 

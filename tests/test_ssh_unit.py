@@ -17,24 +17,22 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from orchestrator import collect, staging
 from orchestrator.hostfile import Host, Hostfile
-from orchestrator.job import RunRequest
 from orchestrator.launch.base import ExitStatus, LaunchError, RankSpec
-from orchestrator.launch import ssh as ssh_mod
 from orchestrator.launch.ssh import (
     SSHLauncher,
     SSHRank,
-    _Link,
-    _Site,
     build_command,
-    describe_connect_error,
     exit_signal_status,
     kill_group_command,
+    rank_command,
     release_lines,
     remote_env,
     signal_number,
 )
+from orchestrator.remote import collect, sites, staging
+from orchestrator.remote.sites import HostLink, Site
+from orchestrator.remote.ssh import Connection, SSHOptions, describe_connect_error
 from orchestrator.runtime import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,14 +51,10 @@ HOSTILE = [
 # ----------------------------------------------------------------------------- command line
 
 
-def _launcher_with_site(tmp_path: Path, code_dir: Path, run_dir: Path) -> SSHLauncher:
-    hf = Hostfile(hosts=[Host(name="remote1", ips=["10.0.0.1"])])
-    launcher = SSHLauncher(hf, RunRequest(script="x.py"))
-    link = _Link(name="remote1", user=None, port=None, home="/", runtime_dir=str(REPO))
-    launcher._sites[0] = _Site(index=0, link=link, label="remote1", stage_code=True,
-                               run_root=str(tmp_path), code_dir=str(code_dir), run_dir=str(run_dir))
-    launcher._script_rel = "dump.py"
-    return launcher
+def _site(tmp_path: Path, code_dir: Path, run_dir: Path) -> Site:
+    link = HostLink(ssh=Connection(name="remote1"), home="/", runtime_dir=str(REPO))
+    return Site(index=0, link=link, label="remote1", stage_code=True,
+                run_root=str(tmp_path), code_dir=str(code_dir), run_dir=str(run_dir))
 
 
 DUMP = r"""
@@ -89,8 +83,7 @@ def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypa
     hostfile_json = json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5001 $(boom)"]])
     spec = RankSpec(rank=3, host="remote1", script="/local/path/dump.py", script_args=list(HOSTILE),
                     python=sys.executable, env=env, mlx_hostfile_json=hostfile_json)
-    launcher = _launcher_with_site(tmp_path, code_dir, run_dir)
-    cmd = launcher.command_for(spec)
+    cmd = rank_command(spec, _site(tmp_path, code_dir, run_dir))
 
     assert "ORCH_TEST_LOCAL_ONLY" not in cmd and "/local/only/hostfile.json" not in cmd
     assert cmd.startswith("read -r orch_go && cd ") and " && exec env " in cmd
@@ -133,9 +126,8 @@ def test_bad_env_name_is_refused():
 
 
 def test_command_for_cwd_runs_the_script_in_place(tmp_path):
-    launcher = _launcher_with_site(tmp_path, tmp_path / "code", tmp_path / "run")
     spec = RankSpec(rank=0, host="remote1", script="/shared/code/train.py", cwd="/shared/code", env={})
-    cmd = launcher.command_for(spec)
+    cmd = rank_command(spec, _site(tmp_path, tmp_path / "code", tmp_path / "run"))
     assert cmd.startswith("read -r orch_go && cd /shared/code && exec env ")
     assert cmd.endswith("python3 -m orchestrator.runtime.bootstrap /shared/code/train.py")
 
@@ -218,11 +210,9 @@ def test_kill_signals_nothing_without_an_authenticated_pid():
             pass
 
     async def go():
-        launcher = SSHLauncher(Hostfile(hosts=[Host(name="mac2", ips=["10.0.0.2"])]), RunRequest(script="x.py"))
         conn = Conn()
-        link = _Link(name="mac2", user=None, port=None, conn=conn)
         spec = RankSpec(rank=0, host="mac2", script="s.py")
-        handle = SSHRank(spec, link, Proc(), launcher)
+        handle = SSHRank(spec, Connection(name="mac2", conn=conn), Proc())
         handle.rank_pid = 4242  # but no token: a pid that cannot have come from the guard
         handle.kill()
         handle.token, handle.rank_pid = "ab" * 16, 1
@@ -241,18 +231,18 @@ def test_wait_maps_status_signal_and_lost_connection():
         spec = RankSpec(rank=1, host="mac2", script="s.py")
         results = []
         for status, sig in ((3, None), (-1, ("TERM", False, "", ""))):
-            link = _Link(name="mac2", user=None, port=None)
+            link = Connection(name="mac2")
             proc = _FakeProc(status, sig)
             proc._closed.set()
             results.append(await SSHRank(spec, link, proc, None).wait())
-        link = _Link(name="mac2", user=None, port=None, conn=object())
+        link = Connection(name="mac2", conn=object())
         proc = _FakeProc()  # the session never closes by itself: the connection is what goes
         handle = SSHRank(spec, link, proc, None)
         waiter = asyncio.ensure_future(handle.wait())
         await asyncio.sleep(0.01)
         assert not waiter.done()
         link.lost_exc = asyncssh.ConnectionLost("Server not responding to keepalive")
-        link.lost.set()
+        link.gone.set()
         results.append(await asyncio.wait_for(waiter, 2))
         return results
 
@@ -335,12 +325,11 @@ class _Server:
         key = key or self.host_key
         return f"[127.0.0.1]:{self.port} " + " ".join(key.export_public_key().decode().split()[:2]) + "\n"
 
-    def launcher(self, known_hosts: Path, script: Path, *, accept_new=False, extra_hosts=()) -> SSHLauncher:
+    def launcher(self, known_hosts: Path, script: Path, *, accept_new=False, extra_hosts=(), connect_timeout=2.0) -> SSHLauncher:
         hosts = [Host(name="127.0.0.1", port=self.port), *extra_hosts]
-        req = RunRequest(script=str(script), ssh_config=str(self.ssh_config), known_hosts=str(known_hosts),
-                         identity=[str(self.client_key_path)], ssh_accept_new=accept_new, connect_timeout=2)
-        launcher = SSHLauncher(Hostfile(hosts=hosts), req)
-        launcher.err = open(os.devnull, "w")
+        ssh = SSHOptions(ssh_config=str(self.ssh_config), known_hosts=str(known_hosts),
+                         identity=[str(self.client_key_path)], accept_new=accept_new, connect_timeout=connect_timeout)
+        launcher = SSHLauncher(Hostfile(hosts=hosts), ssh, err=open(os.devnull, "w"))
         return launcher
 
 
@@ -362,22 +351,21 @@ def project(tmp_path):
 
 
 def test_staging_uploads_once_then_nothing(tmp_path, project, monkeypatch):
-    monkeypatch.setattr(ssh_mod, "PURGE_DELAY_S", 0.0)
     async def go():
         async with _Server(tmp_path) as srv:
             kh = tmp_path / "known_hosts"
             kh.write_text(srv.known_hosts_line())
             first = srv.launcher(kh, project / "train.py")
             await first.prepare(_specs(project / "train.py", tmp_path / "runs" / "one"))
-            cmd = first.command_for(first._specs[0])
+            cmd = first.command_for(first.specs[0])
             await first.aclose()
             second = srv.launcher(kh, project / "train.py")
             await second.prepare(_specs(project / "train.py", tmp_path / "runs" / "two"))
             trash = srv.root / ".cache" / "mlx-orch" / "runs"
             assert sorted(p.name.split("-")[0] for p in trash.iterdir()) == [".trash", "two"]  # the first run, retired
-            await second._purge_trash()  # what a started run does in the background
+            await sites.purge_trash(second.links.values())  # what a started run does in the background
             assert [p.name.split("-")[0] for p in trash.iterdir()] == ["two"]
-            site = second._sites[0]
+            site = second.sites[0]
             staged = sorted(p.relative_to(srv.root / site.code_dir.lstrip("/")).as_posix()
                             for p in (srv.root / site.code_dir.lstrip("/")).rglob("*") if p.is_file())
             await second.aclose()
@@ -449,8 +437,7 @@ def test_every_unreachable_host_is_named_in_one_line(tmp_path, project):
                 Host(name="no-such-host.invalid"),
                 Host(name="127.0.0.1", port=closed_port),
                 Host(name="127.0.0.1", port=silent.getsockname()[1]),
-            ])
-            launcher.req.connect_timeout = 1.0
+            ], connect_timeout=1.0)
             with pytest.raises(LaunchError) as e:
                 await launcher.prepare(_specs(project / "train.py", tmp_path / "r", n_hosts=4))
             await launcher.aclose()
@@ -513,11 +500,11 @@ def test_code_tree_skips_caches_and_places_staged_paths(tmp_path):
     outside = tmp_path / "shared-data"
     outside.mkdir()
     (outside / "big.bin").write_bytes(b"\0" * 10)
-    tree = staging.code_tree(d, [str(outside), str(d / "sub")], staging._HashCache(tmp_path / "h.json"))
+    tree = staging.code_tree(d, [str(outside), str(d / "sub")], staging.HashCache(tmp_path / "h.json"))
     assert [f.rel for f in tree.files] == ["shared-data/big.bin", "sub/b.py", "tool.sh", "train.py"]
     assert next(f for f in tree.files if f.rel == "tool.sh").object_name.endswith(".x")
     assert tree.dirs == ["shared-data", "sub"]
-    again = staging.code_tree(d, [str(outside), str(d / "sub")], staging._HashCache(tmp_path / "h.json"))
+    again = staging.code_tree(d, [str(outside), str(d / "sub")], staging.HashCache(tmp_path / "h.json"))
     assert again.digest == tree.digest
 
 
@@ -533,7 +520,7 @@ def test_a_huge_script_directory_is_refused(tmp_path, monkeypatch):
     for i in range(5):
         (tmp_path / f"f{i}.py").write_text("x")
     with pytest.raises(staging.StagingError, match="--cwd"):
-        staging.code_tree(tmp_path, cache=staging._HashCache(tmp_path / "h.json"))
+        staging.code_tree(tmp_path, cache=staging.HashCache(tmp_path / "h.json"))
 
 
 # ----------------------------------------------------------------------------- collection path safety

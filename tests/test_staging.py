@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from orchestrator import staging
+from orchestrator.remote import staging
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,7 +90,7 @@ def project(tmp_path):
 
 
 def _tree(project: Path) -> staging.Tree:
-    return staging.code_tree(project, cache=staging._HashCache(project.parent / "hashes.json"))
+    return staging.code_tree(project, cache=staging.HashCache(project.parent / "hashes.json"))
 
 
 def _objects(base: Path) -> dict[str, Path]:
@@ -155,7 +155,7 @@ def test_a_poisoned_object_is_detected_and_sent_again(tmp_path, project):
 
 def test_a_changed_shared_runtime_is_rebuilt(tmp_path):
     base = tmp_path / "remote" / "cache"
-    rt = staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+    rt = staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as host:
@@ -247,7 +247,7 @@ def test_a_missing_interpreter_falls_back_to_sftp(tmp_path, project):
 
 def test_one_command_per_host_when_nothing_changed(tmp_path, project):
     base = tmp_path / "remote" / "cache"
-    tree, rt = _tree(project), staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+    tree, rt = _tree(project), staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as host:
@@ -268,7 +268,7 @@ def test_one_command_per_host_when_nothing_changed(tmp_path, project):
 def test_hosts_sharing_a_filesystem_stage_the_same_content_at_once(tmp_path, project):
     """Four hosts on one filesystem (an NFS home): all upload, repair and build together, all end up right."""
     base = tmp_path / "remote" / "cache"
-    tree, rt = _tree(project), staging.runtime_tree(staging._HashCache(tmp_path / "h.json"))
+    tree, rt = _tree(project), staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as a, _Host(tmp_path) as b:

@@ -46,9 +46,11 @@ from orchestrator.health.hosts import STAGING_DIR, host_checks, mlx_agreement
 from orchestrator.health.links import check_links, ring_edges
 from orchestrator.health.report import HostResult, Report, render
 from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
+from orchestrator.remote import add_ssh_arguments
 
 if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds its parser): pydantic loads on use
     from orchestrator.hostfile import Hostfile
+    from orchestrator.remote.ssh import SSHOptions
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # orchestrator.hostfile.BACKENDS (not imported: pydantic)
@@ -66,13 +68,16 @@ class CheckOptions:
     collective_mib: float = 64.0
     link_bandwidth: bool = False  # measure every link between the hosts and name the fastest ring (linkbw.py)
     json_output: bool = False
-    ssh_config: Optional[str] = None
-    known_hosts: Optional[str] = None
-    identity: list[str] = field(default_factory=list)
-    ssh_accept_new: bool = False
+    ssh: Optional["SSHOptions"] = None  # how to reach the hosts (remote/ssh.py); None: the defaults, --timeout to connect
     timeout: float = 15.0
     starting_port: Optional[int] = None
     mpirun: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.ssh is None:
+            from orchestrator.remote.ssh import SSHOptions
+
+            self.ssh = SSHOptions(connect_timeout=self.timeout)
 
     @property
     def connect_timeout(self) -> float:
@@ -187,17 +192,13 @@ async def link_bandwidth(hostfile: Hostfile, runners: dict, reports: dict, opts:
 async def connect_runners(hostfile: Hostfile, opts: CheckOptions, hosts: list[HostResult], err) -> tuple[dict, dict]:
     """SSH to every remote host at once; a ``Runner`` per reachable host, an ``ssh`` row for every host.
     Close with ``close_runners`` (also after a failure: the caller's ``finally``)."""
-    from orchestrator.job import RunRequest
-
-    req = RunRequest(script="orch-check", ssh_config=opts.ssh_config, known_hosts=opts.known_hosts,
-                     identity=list(opts.identity), ssh_accept_new=opts.ssh_accept_new, connect_timeout=opts.timeout)
     remote = [i for i, h in enumerate(hostfile.hosts) if not h.is_local]
     conns: dict = {}
     runners: dict[int, Runner] = {}
     if remote:
-        from orchestrator.launch.ssh import connect_hosts
+        from orchestrator.remote.ssh import connect_hosts
 
-        conns = await connect_hosts(hostfile, req, remote, err=err)
+        conns = await connect_hosts(hostfile, opts.ssh, remote, err=err)
     for i, h in enumerate(hostfile.hosts):
         env = {**hostfile.env, **h.env}
         if h.is_local:
@@ -216,7 +217,7 @@ async def close_runners(conns: dict, runners: dict) -> None:
     for r in runners.values():
         r.kill_all()
     if conns:
-        from orchestrator.launch.ssh import close_connections
+        from orchestrator.remote.ssh import close_connections
 
         await close_connections(conns)
 
@@ -318,20 +319,22 @@ def add_check_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=15.0, help="seconds each check may take (default 15)")
     p.add_argument("--starting-port", type=int, help="first ring port, as orch run will get it (default: a free random range)")
     p.add_argument("--mpirun", help="the Open MPI mpirun orch run will use (--backend mpi)")
-    ssh = p.add_argument_group("remote hosts (SSH)")
-    ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
-    ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
-    ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    ssh.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them")
+    add_ssh_arguments(p, connect_timeout=False)  # --timeout bounds the connect too
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> CheckOptions:
     return CheckOptions(
         hostfile=args.hostfile, n=args.n, backend=args.backend, python=args.python, collective=args.collective,
-        collective_mib=args.collective_mib, link_bandwidth=getattr(args, "link_bandwidth", False), json_output=args.json, ssh_config=args.ssh_config,
-        known_hosts=args.known_hosts, identity=list(args.identity or []), ssh_accept_new=args.ssh_accept_new,
-        timeout=args.timeout, starting_port=args.starting_port, mpirun=args.mpirun)
+        collective_mib=args.collective_mib, link_bandwidth=getattr(args, "link_bandwidth", False), json_output=args.json,
+        ssh=ssh_options(args), timeout=args.timeout, starting_port=args.starting_port, mpirun=args.mpirun)
+
+
+def ssh_options(args: argparse.Namespace) -> "SSHOptions":
+    """``orch check`` and ``orch env`` connect within their ``--timeout`` (they have no --connect-timeout)."""
+    from orchestrator.remote.ssh import SSHOptions
+
+    return SSHOptions.from_args(args, connect_timeout=args.timeout)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

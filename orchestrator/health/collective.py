@@ -31,8 +31,8 @@ async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, e
         hostfile=opts.hostfile, n=opts.n if not opts.hostfile else None, backend=backend, python=opts.python,
         run_dir=str(run_dir), init_timeout=max(opts.timeout, 10.0), first_step_timeout=budget, hang_timeout=budget,
         starting_port=opts.starting_port, echo=False, json_output=True,
-        ssh_config=opts.ssh_config, known_hosts=opts.known_hosts, identity=list(opts.identity),
-        ssh_accept_new=opts.ssh_accept_new, connect_timeout=opts.timeout, mpirun=opts.mpirun)
+        ssh_config=opts.ssh.ssh_config, known_hosts=opts.ssh.known_hosts, identity=list(opts.ssh.identity),
+        ssh_accept_new=opts.ssh.accept_new, connect_timeout=opts.ssh.connect_timeout, mpirun=opts.mpirun)
     try:
         summary = await asyncio.wait_for(run_job_async(req), budget + 60)
     except asyncio.TimeoutError:

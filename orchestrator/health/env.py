@@ -19,8 +19,9 @@ import sys
 from typing import Any, Optional
 
 from orchestrator import __version__
-from orchestrator.health.check import CheckOptions, close_runners, connect_runners, probe_hosts
+from orchestrator.health.check import CheckOptions, close_runners, connect_runners, probe_hosts, ssh_options
 from orchestrator.health.report import HostResult
+from orchestrator.remote import add_ssh_arguments
 from orchestrator.units import human_bytes
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -131,20 +132,15 @@ def add_env_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.add_argument("--python", help="python interpreter to describe (default: the hostfile's, python3 remotely)")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds each host may take (default 20)")
-    ssh = p.add_argument_group("remote hosts (SSH)")
-    ssh.add_argument("--ssh-config", help="OpenSSH client config to honour (default ~/.ssh/config)")
-    ssh.add_argument("--known-hosts", help="known_hosts file to verify host keys against (default ~/.ssh/known_hosts)")
-    ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
-    ssh.add_argument("--ssh-accept-new", action="store_true", help="trust unknown host keys on first use and record them")
+    add_ssh_arguments(p, connect_timeout=False)  # --timeout bounds the connect too
     return p
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     from orchestrator.hostfile import ConfigError
 
-    opts = CheckOptions(hostfile=args.hostfile, python=args.python, json_output=args.json, ssh_config=args.ssh_config,
-                        known_hosts=args.known_hosts, identity=list(args.identity or []),
-                        ssh_accept_new=args.ssh_accept_new, timeout=args.timeout)
+    opts = CheckOptions(hostfile=args.hostfile, python=args.python, json_output=args.json, ssh=ssh_options(args),
+                        timeout=args.timeout)
     try:
         hosts = asyncio.run(collect_env(opts))
     except ConfigError as e:

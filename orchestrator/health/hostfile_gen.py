@@ -61,22 +61,13 @@ def saved_ibv_devices(directory: Path, hosts: list[str]) -> dict[str, Optional[s
     return {h: (p.read_text() if p.is_file() else None) for h in hosts for p in [directory / f"{h}.ibv_devices.txt"]}
 
 
-def _ssh_request(args):
-    """The SSH options of ``orch hostfile`` as the launcher's connector takes them."""
-    from orchestrator.job import RunRequest
-
-    return RunRequest(script="orch-hostfile", ssh_config=args.ssh_config, known_hosts=args.known_hosts,
-                      identity=list(getattr(args, "identity", None) or []),
-                      ssh_accept_new=bool(getattr(args, "ssh_accept_new", False)), connect_timeout=args.connect_timeout)
-
-
 async def _on_hosts(hosts: list[str], args, work) -> list:
     """``await work(host, conn)`` on every host at once, over connections made like ``orch run`` makes them.
     A host that cannot be reached raises ConfigError naming it (and every other one) and why."""
     from orchestrator.hostfile import Host, Hostfile
-    from orchestrator.launch.ssh import close_connections, connect_hosts
+    from orchestrator.remote.ssh import SSHOptions, close_connections, connect_hosts
 
-    conns = await connect_hosts(Hostfile(hosts=[Host(name=h) for h in hosts]), _ssh_request(args),
+    conns = await connect_hosts(Hostfile(hosts=[Host(name=h) for h in hosts]), SSHOptions.from_args(args),
                                 list(range(len(hosts))))
     try:
         down = [f"{hosts[i]}: {hc.error}" for i, hc in sorted(conns.items()) if not hc.ok]
@@ -261,7 +252,9 @@ def measured_order(data, source: str, args) -> tuple[Any, str]:
     if why_not:
         return data, f"--ring-order measured: nothing to choose ({why_not}); the order is unchanged"
     try:
-        matrix = asyncio.run(measure_hostfile(hostfile, ssh_request=_ssh_request(args), python=getattr(args, "python", None),
+        from orchestrator.remote.ssh import SSHOptions
+
+        matrix = asyncio.run(measure_hostfile(hostfile, SSHOptions.from_args(args), python=getattr(args, "python", None),
                                               timeout=args.connect_timeout))
         choice = choose_ring(matrix)
     except (NoRingError, ConfigError) as e:

@@ -7,11 +7,12 @@ from typing import Any, Optional
 
 from orchestrator.health import probes
 from orchestrator.health.report import HostResult
+from orchestrator.remote import REMOTE_BASE
 from orchestrator.units import human_bytes
 
 DISK_WARN_BYTES = 2 << 30
 SKEW_WARN_S = 1.0
-STAGING_DIR = "~/.cache/mlx-orch"
+STAGING_DIR = f"~/{REMOTE_BASE}"
 
 
 def host_checks(h: HostResult, rep: dict, samples: list[tuple[float, float, float]], *, backend: str,

@@ -27,6 +27,7 @@ from orchestrator.ringorder import LinkMatrix, PathMeasurement
 
 if TYPE_CHECKING:
     from orchestrator.hostfile import Host, Hostfile
+    from orchestrator.remote.ssh import SSHOptions
 
 DEFAULT_SECONDS = 0.3
 
@@ -166,9 +167,9 @@ def needs_measuring(hostfile: "Hostfile") -> Optional[str]:
     return None
 
 
-async def measure_hostfile(hostfile: "Hostfile", *, ssh_request, python: Optional[str] = None,
+async def measure_hostfile(hostfile: "Hostfile", ssh: "SSHOptions", *, python: Optional[str] = None,
                            seconds: float = DEFAULT_SECONDS, timeout: float = 15.0, err=None) -> LinkMatrix:
-    """Connect to every host like ``orch run`` does (ssh_config, known_hosts, keys), measure, disconnect.
+    """Connect to every host with ``ssh`` as ``orch run`` does (remote/ssh.py), measure, disconnect.
 
     A host that cannot be reached is an error naming it (a ring through it could not run either).
     """
@@ -180,9 +181,9 @@ async def measure_hostfile(hostfile: "Hostfile", *, ssh_request, python: Optiona
     runners: dict[int, Runner] = {}
     try:
         if remote:
-            from orchestrator.launch.ssh import connect_hosts
+            from orchestrator.remote.ssh import connect_hosts
 
-            conns = await connect_hosts(hostfile, ssh_request, remote, err=err)
+            conns = await connect_hosts(hostfile, ssh, remote, err=err)
             down = [f"{hostfile.hosts[i].name}: {hc.error}" for i, hc in sorted(conns.items()) if not hc.ok]
             if down:
                 raise ConfigError("cannot reach " + "; ".join(down))
@@ -196,6 +197,6 @@ async def measure_hostfile(hostfile: "Hostfile", *, ssh_request, python: Optiona
         for r in runners.values():
             r.kill_all()
         if conns:
-            from orchestrator.launch.ssh import close_connections
+            from orchestrator.remote.ssh import close_connections
 
             await close_connections(conns)

@@ -13,6 +13,7 @@ import abc
 import secrets
 import signal as _signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Protocol
 
 from orchestrator import protocol
@@ -226,6 +227,16 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     async def start(self, spec: RankSpec) -> RankHandle: ...
 
+    async def collect(self, run_dir: "Path") -> None:
+        """After supervision, whatever the outcome: bring the ranks' results into ``run_dir``.
+
+        A stage of its own (``job.py`` calls it between supervising and closing). Local
+        ranks wrote there already, and mpirun stages and collects nothing (remote ranks
+        write ORCH_RUN_DIR at the same path on their host; a shared filesystem brings
+        it home): a no-op for both. Over SSH: checkpoints and files home, sites retired.
+        """
+        return None
+
     async def aclose(self) -> None:
-        """Release connections; called once after every rank has exited."""
+        """Release connections; called once after every rank has exited (after ``collect``)."""
         return None

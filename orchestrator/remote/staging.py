@@ -45,9 +45,12 @@ import shlex
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-PACKAGE_DIR = Path(__file__).resolve().parent  # .../orchestrator
+if TYPE_CHECKING:
+    from orchestrator.remote.sites import HostLink, Site
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../orchestrator
 
 # Directory names never staged (anywhere in the tree) and file suffixes never staged.
 IGNORED_DIRS = frozenset({
@@ -132,7 +135,7 @@ class StageStats:
 # ----------------------------------------------------------------------------- local side
 
 
-class _HashCache:
+class HashCache:
     """SHA-256 of local files, remembered by (size, mtime, inode) in ~/.cache/mlx-orch/hashes.json."""
 
     def __init__(self, path: Optional[Path] = None):
@@ -197,7 +200,7 @@ def _walk(root: Path) -> Iterable[tuple[Path, str]]:
             yield Path(dirpath) / name, rel.replace(os.sep, "/")
 
 
-def _entry(path: Path, rel: str, cache: _HashCache) -> Optional[FileEntry]:
+def _entry(path: Path, rel: str, cache: HashCache) -> Optional[FileEntry]:
     try:
         st = os.stat(path)
     except OSError:
@@ -208,9 +211,9 @@ def _entry(path: Path, rel: str, cache: _HashCache) -> Optional[FileEntry]:
                      executable=bool(st.st_mode & 0o111))
 
 
-def runtime_tree(cache: Optional[_HashCache] = None) -> Tree:
+def runtime_tree(cache: Optional[HashCache] = None) -> Tree:
     """What a rank imports from orch: the package marker, protocol.py and runtime/ (never the controller)."""
-    cache = cache or _HashCache()
+    cache = cache or HashCache()
     tree = Tree()
     for rel in ("__init__.py", "protocol.py"):
         e = _entry(PACKAGE_DIR / rel, f"orchestrator/{rel}", cache)
@@ -225,14 +228,14 @@ def runtime_tree(cache: Optional[_HashCache] = None) -> Tree:
     return tree
 
 
-def code_tree(script_dir: Path, extra: Iterable[str] = (), cache: Optional[_HashCache] = None) -> Tree:
+def code_tree(script_dir: Path, extra: Iterable[str] = (), cache: Optional[HashCache] = None) -> Tree:
     """The script's directory, plus ``--stage`` paths.
 
     A staged path inside the script's directory keeps its place; one outside
     lands at the top of the tree under its own name (so ``--stage ../data``
     is ``data/`` next to the script). Ignored names are skipped in both.
     """
-    cache = cache or _HashCache()
+    cache = cache or HashCache()
     script_dir = script_dir.resolve()
     by_rel: dict[str, FileEntry] = {}
     total = 0
@@ -830,3 +833,96 @@ def describe_sftp_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
         return f"local file vanished while staging: {exc.filename}"
     return f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- one run's staging on one host
+#
+# The launcher's pipeline per host: connect (``ssh.py``), ``open_host``, then ``stage_host``
+# while the ranks' login shells start. Paths come from ``sites.py``.
+
+
+def local_trees(script_dir: Path, need_code: bool, extra: Iterable[str] = ()) -> tuple[Tree, Optional[Tree]]:
+    """The runtime tree and (when a site runs the script from its staged copy) the script directory's tree."""
+    cache = HashCache()
+    rt = runtime_tree(cache)
+    code = code_tree(script_dir, extra, cache) if need_code else None
+    return rt, code
+
+
+@dataclass
+class SiteInputs:
+    """What one site gets besides the code: the per-job files its ranks' environment names
+    (``{remote name: local path}``, e.g. MLX_IBV_DEVICES), and on a restart the latest local
+    checkpoint (rank 0's site) and the --resume-arg file (every site)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    checkpoint: Optional[tuple[Path, Path]] = None  # (directory, latest.json): sites.latest_checkpoint
+    resume_file: Optional[str] = None
+
+
+async def open_host(link: "HostLink", runtime_tree: Tree, sites: Sequence["Site"], run_id: str) -> None:
+    """The host's SFTP session and every remote path of this run there (nothing is created yet)."""
+    from orchestrator.remote import sites as layout
+
+    link.sftp = await link.ssh.conn.start_sftp_client()
+    link.home = await link.sftp.realpath(".")
+    link.stager = RemoteStager(link.sftp, link.base, link.stats)
+    link.runtime_dir = link.stager.shared_tree_path(runtime_tree, "runtime")
+    for site in sites:
+        layout.place(site, run_id)
+
+
+async def stage_host(link: "HostLink", sites: Sequence["Site"], runtime_tree: Tree, code_tree: Optional[Tree],
+                     inputs: dict[int, SiteInputs]) -> None:
+    """Everything this run needs on one host: the shared runtime, and per site its directories, code and inputs."""
+    import time
+
+    t0 = time.monotonic()
+    st = link.stager
+
+    async def site_dirs(site: "Site") -> None:
+        got = inputs.get(site.index) or SiteInputs()
+        await st.makedirs(site.run_root)
+        await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d),
+                             _put_files(link, site, got.files))
+        if site.code_dir and code_tree is not None:
+            await st.materialise(code_tree, site.code_dir, "code")
+        if got.checkpoint is not None:
+            await _put_checkpoint(link, site, *got.checkpoint)
+        if got.resume_file:
+            await _put_resume_file(link, site, got.resume_file)
+
+    await asyncio.gather(st.shared_tree(runtime_tree, "runtime"), *(site_dirs(s) for s in sites))
+    link.stats.seconds = round(time.monotonic() - t0, 4)
+
+
+async def _put(link: "HostLink", local: str, remote: str) -> None:
+    await link.sftp.put(local, remote)
+    link.stats.uploaded_files += 1
+    link.stats.uploaded_bytes += os.path.getsize(local)
+
+
+async def _put_files(link: "HostLink", site: "Site", files: dict[str, str]) -> None:
+    """Per-job inputs into the site's run root, beside ``run/``: collection never brings them back,
+    and retiring the run root removes them with the rest."""
+    for name, local in sorted(files.items()):
+        await _put(link, local, f"{site.run_root}/{name}")
+
+
+async def _put_checkpoint(link: "HostLink", site: "Site", src: Path, manifest: Path) -> None:
+    """A restarted attempt resumes from the checkpoint the last one brought home; rank 0 shares it at start."""
+    dst = f"{site.run_dir}/checkpoints"
+    await link.sftp.mkdir(dst)
+    await link.sftp.put(str(src), f"{dst}/{src.name}", recurse=True)
+    await link.sftp.put(str(manifest), f"{dst}/latest.json")
+    link.stats.uploaded_files += sum(1 for p in src.iterdir() if p.is_file()) + 1
+
+
+async def _put_resume_file(link: "HostLink", site: "Site", local: str) -> None:
+    """Every site gets the file the restarted attempt resumes from (every rank may load it, as mlx-lm loads
+    an adapter file), beside ``run/`` so collection does not bring it back."""
+    from orchestrator.remote.sites import resume_path
+
+    remote = resume_path(site, local)
+    await link.sftp.mkdir(remote.rpartition("/")[0])
+    await _put(link, local, remote)

@@ -42,12 +42,15 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from orchestrator.report import REPORT_DIR, REPORT_HTML
 from orchestrator.rundir import LOCK_FILE
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.units import human_bytes
+
+if TYPE_CHECKING:
+    from orchestrator.remote.sites import Site
 
 MAX_DEPTH = 16
 MAX_FILES = 10_000
@@ -412,3 +415,66 @@ async def _pull_files(sftp, remote_run_dir: str, local_root: Path, prefix: list[
                 budget.files -= 0 if done else 1
 
     await walk(remote_run_dir, [], 0)
+
+
+# ----------------------------------------------------------------------------- one run's collection
+
+
+async def collect_run(local_run_dir: Path, sites: Sequence["Site"], rank0_index: Optional[int],
+                      staged_code: Optional[dict[str, int]], err) -> tuple[dict, set[int]]:
+    """Checkpoint and files of every site still reachable, home; ``(the "collected" stats, sites to keep)``.
+
+    ``staged_code``: ``{path: size}`` of the staged script directory when rank 0 runs in it (no
+    --cwd): what rank 0 wrote there comes to ``workdir/``, every file staging did not put there (new,
+    or now of another size), bytecode caches left out; None leaves working directories alone.
+    A site whose collection failed keeps its remote directory (and the report says where).
+    """
+    live = [s for s in sites if s.link.usable and s.run_dir]
+    reports = {s.index: CollectReport() for s in sites}
+    # The newest complete checkpoint on any host (normally only rank 0's has one).
+    found = await asyncio.gather(*(find_checkpoint(s.link.sftp, s.label, s.run_dir) for s in live),
+                                 return_exceptions=True)
+    best = None
+    for site, cp in zip(live, found):
+        if isinstance(cp, RemoteCheckpoint) and (best is None or cp.step > best[1].step):
+            best = (site, cp)
+    if best is not None:
+        site, cp = best
+        try:
+            await pull_checkpoint(site.link.sftp, cp, local_run_dir, reports[site.index])
+        except Exception as e:  # unsafe local path, transfer error, or damaged in transit (CheckpointError)
+            reports[site.index].errors.append(f"checkpoint {cp.name} from {site.label}: {e}")
+    # Everything else: rank 0's host into the run dir itself, the others under hosts/<name>/.
+    first = [s for s in live if s.index == rank0_index]
+    rest = [s for s in live if s.index != rank0_index]
+    for site in first:
+        await pull_files(site.link.sftp, site.run_dir, local_run_dir, [], reports[site.index],
+                         fallback_prefix=["hosts", site.label])
+        if staged_code is not None and site.stage_code and site.code_dir:
+            await pull_files(site.link.sftp, site.code_dir, local_run_dir, [WORKDIR], reports[site.index],
+                             skip=lambda rel, size: staged_code.get(rel) == size or "__pycache__" in rel.split("/"))
+    results = await asyncio.gather(*(pull_files(s.link.sftp, s.run_dir, local_run_dir, ["hosts", s.label],
+                                                reports[s.index]) for s in rest), return_exceptions=True)
+    for site, r in zip(rest, results):
+        if isinstance(r, BaseException):
+            reports[site.index].errors.append(f"{site.label}: {r}")
+    keep: set[int] = set()
+    for site in sites:
+        if site.run_root and site not in live:
+            reports[site.index].errors.append(f"{site.label}: not collected ({site.link.ssh.lost_reason})")
+        if reports[site.index].errors and site.run_root:
+            keep.add(site.index)
+            reports[site.index].errors.append(f"{site.label}: its files stay in {site.run_root}")
+    total = CollectReport()
+    for r in reports.values():
+        total.files += r.files
+        total.bytes += r.bytes
+        total.checkpoint = total.checkpoint or r.checkpoint
+        total.skipped += r.skipped
+        total.errors += r.errors
+    for line in total.errors:
+        err.write(f"orch: collect: {line}\n")
+    if total.skipped:
+        err.write(f"orch: collect: skipped {len(total.skipped)} remote name(s): {', '.join(total.skipped[:5])}\n")
+    return ({"files": total.files, "bytes": total.bytes, "checkpoint": total.checkpoint,
+             "skipped": total.skipped, "errors": total.errors}, keep)
