@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 from orchestrator.remote import add_ssh_arguments
@@ -72,8 +71,10 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ring-order", choices=["hostfile", "measured"], default="hostfile",
                    help="ring backend: the hostfile's order (default), or measure every link between the hosts first "
                         "and use the ring whose slowest link is fastest (full meshes, Ethernet plus Thunderbolt)")
-    p.add_argument("--quiet", action="store_true", help="do not echo rank output (it is still logged)")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout (rank output goes to stderr)")
+    # dest: every option's dest is its RunRequest field (cmd_run copies them by name).
+    p.add_argument("--quiet", dest="echo", action="store_false", help="do not echo rank output (it is still logged)")
+    p.add_argument("--json", dest="json_output", action="store_true",
+                   help="print the final summary as JSON on stdout (rank output goes to stderr)")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own block of CPU cores (Linux; no-op on macOS)")
     p.add_argument("--stdin", choices=["none", "rank0", "all"], default="none",
                    help="forward orch's stdin to rank 0 or to every rank (pdb, chat-style scripts); the others read "
@@ -213,54 +214,17 @@ def _is_number(token: str) -> bool:
 
 
 def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
+    """``orch run``: the parsed options become a ``RunRequest`` by name (each option's dest is its field)."""
     from orchestrator.job import RunRequest, run_job
 
     kind, program, program_args = _program(args, after)
-    req = RunRequest(
-        script=program,
-        program=kind,
-        script_args=program_args,
-        hosts=args.hosts,
-        include=args.include,
-        exclude=args.exclude,
-        n=args.n,
-        hostfile=args.hostfile,
-        backend=args.backend,
-        fallback_backend=args.fallback_backend,
-        env=args.env,
-        cwd=args.cwd,
-        python=args.python,
-        run_dir=args.run_dir,
-        init_timeout=args.init_timeout,
-        grace=args.grace,
-        hang_timeout=args.hang_timeout,
-        max_restarts=args.max_restarts,
-        exclude_failed_host=args.exclude_failed_host,
-        restart_backoff=args.restart_backoff,
-        first_step_timeout=args.first_step_timeout,
-        connections_per_ip=args.connections_per_ip,
-        starting_port=args.starting_port,
-        ring_order=args.ring_order,
-        echo=not args.quiet,
-        bind=args.bind,
-        stdin=args.stdin,
-        resume_from=args.resume_from,
-        resume_arg=args.resume_arg,
-        json_output=args.json,
-        ssh_config=args.ssh_config,
-        known_hosts=args.known_hosts,
-        identity=args.identity,
-        ssh_accept_new=args.ssh_accept_new,
-        connect_timeout=args.connect_timeout,
-        stage=args.stage,
-        mpirun=args.mpirun,
-        mpi_args=args.mpi_args,
-    )
+    options = {k: v for k, v in vars(args).items() if k in RunRequest.model_fields}
+    req = RunRequest.model_validate({**options, "script": program, "program": kind, "script_args": program_args})
     summary = run_job(req)
-    if args.json:
+    if req.json_output:
         from orchestrator.report import final_json
 
-        sys.stdout.write(final_json(Path(summary.run_dir) / "summary.json") + "\n")
+        sys.stdout.write(final_json(summary) + "\n")
     return summary.exit_code
 
 

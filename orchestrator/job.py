@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from orchestrator import protocol
+from orchestrator import protocol, ringstart
 from orchestrator.backends import choose
 from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_hostfile, local_hostfile, parse_env_assignment,
                                   select_hosts)
@@ -201,24 +201,19 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
         i = local_index[r.host_index] = local_index.get(r.host_index, -1) + 1
         env = {**hostfile.env, **host.env, **extra_env}
         env.update(plan.rank_env(r, paths))  # MLX_RANK, RANK, WORLD_SIZE, LOCAL_*, and the backend's own variables
-        env.update(
-            PYTHONUNBUFFERED="1",
-            ORCH_EVENTS="1",
-            ORCH_RUN_DIR=str(rundir.path),
-            ORCH_RUN_ID=rundir.run_id,  # checkpoint pruning deletes only this run's checkpoints
-            ORCH_BACKEND=plan.backend,
-            ORCH_WORLD_SIZE=str(plan.world_size),
-            ORCH_GRACE_S=str(req.grace),
-            ORCH_GUARD_RSS="1",  # the guard samples every rank's memory, whatever the program
-        )
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            protocol.ENV_EVENTS: "1",
+            protocol.ENV_RUN_DIR: str(rundir.path),
+            protocol.ENV_RUN_ID: rundir.run_id,  # checkpoint pruning deletes only this run's checkpoints
+            protocol.ENV_BACKEND: plan.backend,
+            protocol.ENV_WORLD_SIZE: str(plan.world_size),
+            protocol.ENV_GRACE_S: str(req.grace),
+            protocol.ENV_GUARD_RSS: "1",  # the guard samples every rank's memory, whatever the program
+        })
         if req.bind:
-            env["ORCH_BIND"] = f"{i}/{host.slots}"
-        if r.gated:
-            env["ORCH_GATED"] = "1"
-        if r.held:
-            env["ORCH_HOLD"] = "1"
-        if plan.backend == "ring" and r.listen:
-            env["ORCH_LISTEN"] = r.listen[0]
+            env[protocol.ENV_BIND] = f"{i}/{host.slots}"
+        env.update(ringstart.rank_env(plan.backend, r))  # gated / held / the ring address the guard watches
         if r.rank in stdin_ranks(req.stdin, plan.world_size):
             env[protocol.ENV_STDIN] = "pipe"  # the guard feeds this rank's stdin from orch's (--stdin)
         specs.append(RankSpec(

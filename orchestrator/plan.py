@@ -9,21 +9,9 @@ environment and files that ``mlx.launch`` would hand it for that backend
 torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` so
 scripts written for either launcher run unchanged.
 
-Ring connection order matters for launch speed (the ring's addresses and the
-Thunderbolt left-neighbour rule are in ``backends/ring.py``): ranks 0..N-2 bind
-and accept first, rank N-1 *connects first* (to rank 0). If rank N-1 connects
-before rank 0 listens, MLX sleeps a whole second before retrying. The plan
-therefore marks rank N-1 as ``gated``: it waits for a "go" that the supervisor
-sends once every other rank reports its socket is listening.
-
-That leaves a second race: the moment rank N-1's connect succeeds, rank 0
-accepts and the ring forms hop by hop (0 connects to 1, 1 to 2, ...) until
-rank N-2 connects to rank N-1 — which only now binds its own socket. With two
-ranks (or a fast chain) the connect wins ~25% of the time on a busy machine
-and costs another second. So rank 0 is also ``held``: its guard SIGSTOPs it
-as soon as it listens (it is blocked in accept(); the kernel still completes
-rank N-1's handshake into the listen backlog), and the supervisor releases it
-once rank N-1 listens too. Then every connect in the chain finds a listener.
+Which rank of a ring waits at a start gate (``gated``) and which is held once
+it listens (``held``), and why that saves a second of launch time, is the
+ring start's: ``orchestrator/ringstart.py``; the plan only records them.
 """
 
 from __future__ import annotations
@@ -37,7 +25,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from orchestrator import backends
+from orchestrator import backends, ringstart
 from orchestrator.backends.nccl import coordinator_ip
 from orchestrator.backends.ring import link_mode, listen_ips  # noqa: F401  (re-exported: older imports)
 from orchestrator.hostfile import ConfigError, Hostfile
@@ -177,6 +165,7 @@ def plan_job(
     rank_hosts = [i for i, h in enumerate(hostfile.hosts) for _ in range(h.slots)]
     n = len(rank_hosts)
     ring = backend == "ring" and n > 1
+    gated, held = ringstart.roles(backend, n)
     ips = listen_ips(hostfile.hosts, rank_hosts) if ring else [[] for _ in rank_hosts]
 
     # Ports: local addresses are checked by binding; remote ones are checked by `orch check`.
@@ -198,8 +187,8 @@ def plan_job(
                 host=host.name,
                 local=host.is_local,
                 listen=listen,
-                gated=ring and r == n - 1,
-                held=ring and r == 0,
+                gated=r in gated,
+                held=r in held,
                 local_rank=machines[:r].count(machines[r]),
                 local_size=machines.count(machines[r]),
             )

@@ -91,6 +91,49 @@ TOKEN_FIELD = "token"
 # among the host's ranks); read by ``runtime/memfit.py`` before it looks anywhere else.
 MEMORY_BUDGET_ENV = "ORCH_MEMORY_BUDGET_BYTES"
 
+# ---- environment variables: every ``ORCH_*`` name, in one place ----------------------------
+# Set by the controller on every rank (``job.build_specs``), read by the guard and the runtime.
+ENV_EVENTS = "ORCH_EVENTS"  # "1": emit event lines (outside orch nothing is emitted)
+ENV_RUN_DIR = "ORCH_RUN_DIR"  # where the rank writes checkpoints and stats (remote: its host's copy)
+ENV_RUN_ID = "ORCH_RUN_ID"  # the same for every attempt of one run (checkpoint pruning)
+ENV_BACKEND = "ORCH_BACKEND"  # the backend the plan chose (mx.distributed.init's)
+ENV_WORLD_SIZE = "ORCH_WORLD_SIZE"
+ENV_GRACE_S = "ORCH_GRACE_S"  # guard: seconds between SIGTERM and SIGKILL
+ENV_GUARD_RSS = "ORCH_GUARD_RSS"  # guard: "1": send "rss" events (the controller must know the kind)
+ENV_BIND = "ORCH_BIND"  # guard: "i/n": pin the rank to the i-th of n blocks of cores (--bind)
+ENV_HOST = "ORCH_HOST"  # the host's name in the hostfile (memory-fit messages)
+ENV_MLX_HOSTFILE_JSON = "ORCH_MLX_HOSTFILE_JSON"  # SSH: MLX_HOSTFILE's content; the bootstrap writes the file
+ENV_PRESPAWN = "ORCH_PRESPAWN"  # "0": do not pre-start local ranks (launch/prespawn.py)
+ENV_BALANCE_TEST_SPEEDS = "ORCH_BALANCE_TEST_SPEEDS"  # test hook of runtime/balance.py
+# The ring start (orchestrator/ringstart.py, runtime/ringstart.py): set by the controller.
+ENV_LISTEN = "ORCH_LISTEN"  # "ip:port" the rank's ring socket binds: the guard watches for it
+ENV_GATED = "ORCH_GATED"  # "1": the rank waits at its start gate for CONTROL_GO
+ENV_HOLD = "ORCH_HOLD"  # "1": the guard SIGSTOPs the rank once it listens, until CONTROL_RELEASE
+ENV_HOLD_MAX_S = "ORCH_HOLD_MAX_S"  # the bound of a hold (default HOLD_MAX_S); also a test knob
+ENV_GATE_TIMEOUT = "ORCH_GATE_TIMEOUT"  # the bound of the gate in the rank (default GATE_TIMEOUT_S)
+# Set by the guard for its rank (file descriptors of pipes it passes down).
+ENV_INIT_FD = "ORCH_INIT_FD"  # rank -> guard: INIT_BYTE right before mx.distributed.init
+ENV_GATE_FD = "ORCH_GATE_FD"  # guard -> rank: GATE_LINE when the gate opens
+ENV_CONFIG_FD = "ORCH_CONFIG_FD"  # guard -> deferred rank: its configuration line
+
+HOLD_MAX_S = 10.0
+GATE_TIMEOUT_S = 10.0
+
+# ---- the four "wait for one line" handshakes ----------------------------------------------
+# Each side blocks (bounded) for exactly one thing from the other before it goes on:
+# 1. token: a guard started with ``--token-line`` reads ``CONTROL_TOKEN <hex>`` from its stdin
+#    before it starts the rank (TOKEN_WAIT_S);
+# 2. configuration: a ``--deferred`` guard (and through it its pre-started rank, on
+#    ENV_CONFIG_FD) reads one JSON line ``{"env", "argv", "cwd", "token"}`` (CONFIG_WAIT_S);
+# 3. init: the guard waits for INIT_BYTE on ENV_INIT_FD (end of file: the rank will never
+#    init) before it looks for the rank's listening socket;
+# 4. gate: a gated rank waits in ``mx.distributed.init`` for GATE_LINE on ENV_GATE_FD
+#    (GATE_TIMEOUT_S, or ENV_GATE_TIMEOUT).
+TOKEN_WAIT_S = 30.0
+CONFIG_WAIT_S = 600.0
+INIT_BYTE = b"i"
+GATE_LINE = b"go\n"
+
 # An event payload longer than this is not parsed at all (it is kept as user
 # text): a hostile or broken rank cannot make the controller parse megabytes
 # of JSON or recurse through deeply nested arrays.

@@ -24,8 +24,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from orchestrator.units import human_bytes
+
+if TYPE_CHECKING:
+    from orchestrator.rundir import RunSummary
 
 REPORT_HTML = "report.html"
 REPORT_DIR = "report"
@@ -267,15 +270,20 @@ def derived(summary: dict) -> dict:
     }
 
 
-def final_json(summary_path: str | Path) -> str:
-    """``orch run --json``: summary.json in one line, plus ``derived`` fields it does not already have.
+def final_json(summary: "str | Path | RunSummary") -> str:
+    """``orch run --json``: the summary in one line, plus ``derived`` fields it does not already have.
 
-    ``summary_path`` may also be the run directory.
+    ``summary``: the run's ``RunSummary`` as ``run_job`` returned it (what
+    ``orch run --json`` prints, from memory: the same content as summary.json),
+    or the path of a summary.json or of its run directory.
     """
-    p = Path(summary_path)
-    if p.is_dir():
-        p = p / "summary.json"
-    summary = json.loads(p.read_text())
+    if isinstance(summary, (str, Path)):
+        p = Path(summary)
+        if p.is_dir():
+            p = p / "summary.json"
+        summary = json.loads(p.read_text())
+    else:
+        summary = summary.model_dump(mode="json")  # exactly what rundir.write_summary writes
     out = dict(summary)
     for k, v in derived(summary).items():
         out.setdefault(k, v)

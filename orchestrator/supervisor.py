@@ -39,9 +39,11 @@ from typing import IO, Callable, Optional
 from orchestrator import events as event_validation
 from orchestrator import programs, protocol
 from orchestrator.diagnose import Diagnosis, classify
-from orchestrator.launch.base import READ_CHUNK, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec, signal_name
+from orchestrator.launch.base import (READ_CHUNK, ControlChannel, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec,
+                                      signal_name)
 from orchestrator.live import LiveView
 from orchestrator.plan import JobPlan
+from orchestrator.ringstart import RingStart
 from orchestrator.rundir import (
     MemoryPlanSummary, MemorySummary, PhaseSummary, RankSummary, RebalanceSummary, RunDir, RunSummary,
 )
@@ -149,8 +151,6 @@ class SupervisorOptions:
 @dataclass
 class RankState:
     spec: RankSpec
-    gated: bool = False
-    held: bool = False
     handle: Optional[RankHandle] = None
     pid: Optional[int] = None
     status: Optional[ExitStatus] = None
@@ -333,7 +333,8 @@ class Supervisor:
         self.out = out if isinstance(out, Console) else Console(out)
         self.err = err if isinstance(err, Console) else Console(err)
         self.on_event = on_event
-        self.states = [RankState(spec=s, gated=plan.ranks[s.rank].gated, held=plan.ranks[s.rank].held) for s in specs]
+        self.states = [RankState(spec=s) for s in specs]
+        self.ring_start = RingStart.for_plan(plan)  # the gate and the hold: which lines a listener or an exit unlocks
         self.metrics: dict = {}
         self.rebalances: list[RebalanceSummary] = []  # --balance speed, from rank 0's events
         self.diagnosis: Optional[Diagnosis] = None
@@ -345,8 +346,6 @@ class Supervisor:
         self._stdin_read: dict[int, int] = {}
         self._stdin_closed: set[int] = set()
         self._stdin_more = asyncio.Event()
-        self._gate_open = False
-        self._released = False
         self._failed: list[RankState] = []
         self._settle_deadline: Optional[float] = None
         self._first_failure_t: float = 0.0
@@ -406,7 +405,7 @@ class Supervisor:
             line = protocol.CONTROL_STDIN_EOF if data is None else stdin_line(data)
             for s in targets:
                 if s.handle is not None and not s.exited.is_set():
-                    s.handle.send(line)
+                    s.handle.forward_stdin(line)
                     sent[s.rank] += len(data or b"")
             if data is None:
                 return
@@ -550,10 +549,11 @@ class Supervisor:
         running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
         for s in running:
             s.tail.append(STACK_MARK)  # the frames that follow in the tail are this dump's
-            try:
-                s.handle.send(protocol.CONTROL_DUMP)
-            except Exception:
-                pass
+            if isinstance(s.handle, ControlChannel):  # under mpirun no guard can be asked
+                try:
+                    s.handle.send_control(protocol.CONTROL_DUMP)
+                except Exception:
+                    pass
         await asyncio.sleep(STACK_WAIT_S if running else 0)
 
     def _hang_detected(self, idle: bool = False) -> None:
@@ -692,7 +692,7 @@ class Supervisor:
         state.exited.set()
         if not status.ok and self.failure is None and self.interrupted is None:
             self._failed.append(state)
-        self._maybe_open_gate()
+        self._send_ring_lines(self.ring_start.gone(state.spec.rank))
         self._wake.set()
 
     async def _stop_all(self) -> None:
@@ -825,7 +825,7 @@ class Supervisor:
                 self._wake.set()
         elif kind == "listening":
             state.listening = True
-            self._maybe_open_gate()
+            self._send_ring_lines(self.ring_start.listening(state.spec.rank))
         elif kind == "ready":
             state.ready = True
             self._wake.set()
@@ -885,29 +885,13 @@ class Supervisor:
         if self.on_event is not None:
             self.on_event(state, payload)
 
-    def _maybe_release(self) -> None:
-        """Let the held rank accept once the gated rank listens (or is gone)."""
-        if self._released:
-            return
-        gated = [s for s in self.states if s.gated]
-        if gated and all(s.listening or s.exited.is_set() for s in gated):
-            self._released = True
-            for s in self.states:
-                if s.held and s.handle is not None and not s.exited.is_set():
-                    s.handle.send(protocol.CONTROL_RELEASE)
-
-    def _maybe_open_gate(self) -> None:
-        self._maybe_release()
-        if self._gate_open:
-            return
-        gated = [s for s in self.states if s.gated]
-        if not gated:
-            return
-        if all(s.listening or s.exited.is_set() for s in self.states if not s.gated):
-            self._gate_open = True
-            for s in gated:
-                if s.handle is not None and not s.exited.is_set():
-                    s.handle.send(protocol.CONTROL_GO)
+    def _send_ring_lines(self, lines: list[tuple[int, str]]) -> None:
+        """The ring start's ``release``/``go`` (orchestrator/ringstart.py), to ranks still running."""
+        by_rank = {s.spec.rank: s for s in self.states}
+        for rank, line in lines:
+            s = by_rank.get(rank)
+            if s is not None and isinstance(s.handle, ControlChannel) and not s.exited.is_set():
+                s.handle.send_control(line)
 
     # ---- the end ---------------------------------------------------------
     def _summary(self, duration: float, started_at: str) -> RunSummary:

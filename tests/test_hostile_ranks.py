@@ -26,7 +26,7 @@ import pytest
 
 from orchestrator import protocol
 from orchestrator.hostfile import local_hostfile
-from orchestrator.launch.base import ExitStatus, Launcher, RankHandle, RankSpec
+from orchestrator.launch.base import ControlChannel, ExitStatus, Launcher, RankHandle, RankSpec
 from orchestrator.plan import plan_job
 from orchestrator.rundir import RunDir
 from orchestrator.supervisor import CONSOLE_LINE_MAX, Supervisor, SupervisorOptions
@@ -35,7 +35,7 @@ from tests.orch_helpers import SCRIPTS, alive, finish, kill_tree, orch_argv, ran
 # ----------------------------------------------------------------------------- a fake launcher
 
 
-class FakeRank(RankHandle):
+class FakeRank(RankHandle, ControlChannel):
     def __init__(self, rank: int, token):
         self.rank = rank
         self.host = "localhost"
@@ -46,7 +46,7 @@ class FakeRank(RankHandle):
         self.sent: list[str] = []
         self.killed = 0
 
-    def send(self, line: str) -> None:
+    def send_control(self, line: str) -> None:
         self.sent.append(line)
 
     def stop(self) -> None:  # like a guard: the rank ends a moment later

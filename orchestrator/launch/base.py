@@ -2,8 +2,10 @@
 
 Shaped after DeepSpeed's multinode runners and torch elastic's process
 context: a launcher knows how to start one rank (under the guard) and hands
-back a handle with the rank's output streams, a way to send control lines,
-a way to ask it to stop, and its exit status. Everything else — output
+back a handle with the rank's output streams, a way to ask it to stop, and
+its exit status; where the guard has a private channel (local pipes, SSH),
+the handle is also a ``ControlChannel`` for control lines (gate, hold,
+stack dumps, --stdin). Everything else — output
 routing, events, failure policy — lives in the supervisor, once.
 """
 
@@ -194,9 +196,15 @@ class RankHandle(abc.ABC):
     # no private channel (mpirun), so no pid it reports is ever used.
     token: Optional[str] = None
 
-    @abc.abstractmethod
-    def send(self, line: str) -> None:
-        """Write one control line to the guard (e.g. ``go``)."""
+    def forward_stdin(self, line: str) -> None:
+        """``--stdin``: one framed line of orch's input (``stdin <base64>`` / ``stdin-eof``) for this rank.
+
+        Over the guard's control channel where there is one; a launcher whose
+        ranks get their input another way (mpirun forwards its own stdin to
+        rank 0) overrides this.
+        """
+        if isinstance(self, ControlChannel):
+            self.send_control(line)
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -208,6 +216,21 @@ class RankHandle(abc.ABC):
 
     @abc.abstractmethod
     async def wait(self) -> ExitStatus: ...
+
+
+class ControlChannel(abc.ABC):
+    """A rank whose guard reads control lines on a private channel: its stdin (local pipes, SSH).
+
+    The ring start's ``go``/``release`` and the hang diagnosis's ``dump`` go
+    only to such ranks. Under mpirun a guard has no channel of its own
+    (mpirun forwards stdin to rank 0 only, and only the program's input), so
+    an MPI rank is not one: no rank of an mpi job is gated or held, and its
+    stacks are not asked for.
+    """
+
+    @abc.abstractmethod
+    def send_control(self, line: str) -> None:
+        """Write one control line (``protocol.CONTROL_*``, no newline) to the guard; never raises."""
 
 
 class LaunchError(Exception):

@@ -18,7 +18,8 @@ from typing import Optional
 
 from orchestrator import protocol
 from orchestrator.launch import prespawn
-from orchestrator.launch.base import TOKEN_LINE_FLAG, ExitStatus, Launcher, RankHandle, RankSpec, new_token, token_line
+from orchestrator.launch.base import (TOKEN_LINE_FLAG, ControlChannel, ExitStatus, Launcher, RankHandle, RankSpec, new_token,
+                                      token_line)
 
 # Ranks import orchestrator.runtime from this checkout even under another --python.
 PACKAGE_ROOT = prespawn.PACKAGE_ROOT
@@ -60,7 +61,7 @@ def kill_rank_groups(rank_pid: Optional[int], guard: "subprocess.Popen | asyncio
             pass
 
 
-class LocalRank(RankHandle):
+class LocalRank(RankHandle, ControlChannel):
     def __init__(self, spec: RankSpec, proc: asyncio.subprocess.Process, token: Optional[str] = None):
         self.rank = spec.rank
         self.host = spec.host
@@ -69,7 +70,7 @@ class LocalRank(RankHandle):
         self.stdout = proc.stdout
         self.stderr = proc.stderr
 
-    def send(self, line: str) -> None:
+    def send_control(self, line: str) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.is_closing():
             self.proc.stdin.write(line.encode() + b"\n")
 
@@ -84,7 +85,7 @@ class LocalRank(RankHandle):
         return ExitStatus.from_returncode(await self.proc.wait())
 
 
-class PrestartedRank(RankHandle):
+class PrestartedRank(RankHandle, ControlChannel):
     """A rank started by ``prespawn`` before the plan existed, adopted into asyncio."""
 
     def __init__(self, spec: RankSpec, proc: subprocess.Popen, stdin: asyncio.WriteTransport,
@@ -108,7 +109,7 @@ class PrestartedRank(RankHandle):
         if not self._exited.done():
             self._exited.set_result(rc)
 
-    def send(self, line: str) -> None:
+    def send_control(self, line: str) -> None:
         if not self._stdin.is_closing():
             self._stdin.write(line.encode() + b"\n")
 

@@ -218,9 +218,9 @@ class MPIRank(RankHandle):
         self.stderr = asyncio.StreamReader(limit=1 << 20)
         self.status: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    def send(self, line: str) -> None:
-        """No gate under MPI; ``--stdin rank0``: stdin lines go to mpirun, which forwards its stdin to rank 0."""
-        if self.rank == 0 and line.split(" ", 1)[0] in (protocol.CONTROL_STDIN, protocol.CONTROL_STDIN_EOF):
+    def forward_stdin(self, line: str) -> None:
+        """``--stdin rank0``: to mpirun, which forwards its stdin to rank 0 (no control channel under MPI)."""
+        if self.rank == 0:
             self.launcher.write_stdin(line)
 
     def stop(self) -> None:

@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from orchestrator import protocol
+
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _pool: list[subprocess.Popen] = []
 
 
 def supported() -> bool:
-    return hasattr(os, "pidfd_open") and os.environ.get("ORCH_PRESPAWN", "1") != "0"
+    return hasattr(os, "pidfd_open") and os.environ.get(protocol.ENV_PRESPAWN, "1") != "0"
 
 
 def start(n: int, python: str = sys.executable) -> None:
@@ -34,7 +36,7 @@ def start(n: int, python: str = sys.executable) -> None:
     env = dict(os.environ)
     env.pop("MLX_HOSTFILE", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    env.update(PYTHONUNBUFFERED="1", ORCH_EVENTS="1")
+    env.update({"PYTHONUNBUFFERED": "1", protocol.ENV_EVENTS: "1"})
     argv = [python, "-S", "-m", "orchestrator.runtime.guard", "--deferred", "--",
             python, "-m", "orchestrator.runtime.bootstrap"]
     for _ in range(n):

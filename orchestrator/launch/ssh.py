@@ -45,11 +45,13 @@ from typing import Optional, Sequence
 
 import asyncssh
 
+from orchestrator import protocol
 from orchestrator.plan import FILE_NAMES, file_name
 from orchestrator.launch.base import (
     TOKEN_LINE_FLAG,
     ExitStatus,
     LaunchError,
+    ControlChannel,
     Launcher,
     RankHandle,
     RankSpec,
@@ -86,10 +88,10 @@ def remote_env(spec: RankSpec, *, run_dir: str, pythonpath: str, files_dir: Opti
     env = dict(spec.env)
     env.pop("MLX_HOSTFILE", None)  # a local path; the bootstrap writes the remote copy
     if spec.mlx_hostfile_json is not None:
-        env["ORCH_MLX_HOSTFILE_JSON"] = spec.mlx_hostfile_json
+        env[protocol.ENV_MLX_HOSTFILE_JSON] = spec.mlx_hostfile_json
     for var in staged_files(spec):  # a local path too: the staged copy on that host instead
         env[var] = f"{(files_dir or run_dir).rstrip('/')}/{file_name(var)}"
-    env["ORCH_RUN_DIR"] = run_dir
+    env[protocol.ENV_RUN_DIR] = run_dir
     env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -192,7 +194,7 @@ class _Lines:
             return b""
 
 
-class SSHRank(RankHandle):
+class SSHRank(RankHandle, ControlChannel):
     """One rank's session. ``ssh``: its host's connection (its loss ends the rank with 255 and the reason);
     ``background``: where ``kill`` puts its remote kill command (the launcher awaits those at the end)."""
 
@@ -206,7 +208,7 @@ class SSHRank(RankHandle):
         self.stderr = _Lines(proc.stderr)
         self.rank_pid = None
 
-    def send(self, line: str) -> None:
+    def send_control(self, line: str) -> None:
         try:
             if not self.proc.stdin.is_closing():
                 self.proc.stdin.write((line + "\n").encode())
@@ -292,7 +294,7 @@ class SSHLauncher(Launcher):
         fails the whole launch before a rank runs."""
         t0 = time.monotonic()
         self.specs = specs
-        self._local_run_dir = Path(specs[0].env["ORCH_RUN_DIR"])
+        self._local_run_dir = Path(specs[0].env[protocol.ENV_RUN_DIR])
         self.run_id = layout.new_run_id(self._local_run_dir)
         script = Path(specs[0].script)
         for spec in specs:

@@ -49,9 +49,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from orchestrator import protocol
 from orchestrator.runtime.data import DataPosition, ShardedSampler
 
-TEST_SPEEDS_ENV = "ORCH_BALANCE_TEST_SPEEDS"
+TEST_SPEEDS_ENV = protocol.ENV_BALANCE_TEST_SPEEDS
 
 
 def split(total: int, weights: Sequence[float]) -> list[int]:

@@ -17,73 +17,38 @@ script written for ``mlx.launch`` works. Around it the bootstrap
   guard costs no CPU while its rank imports MLX or loads data. A rank that
   will not report (events off, no MLX) closes the pipe instead, and its guard
   never looks.
+
+The gate and the init byte are ``runtime/ringstart.py`` (with the guard's half).
 """
 
 from __future__ import annotations
 
 import os
 import runpy
-import select
 import sys
 import tempfile
 import time
 import traceback
 
-from orchestrator.runtime import events
+from orchestrator import protocol
+from orchestrator.runtime import events, ringstart
 
-# The guard's name for it (``guard.ENV_INIT_FD``; not imported: the guard module costs ~20 ms).
-ENV_INIT_FD = "ORCH_INIT_FD"
+ENV_INIT_FD = protocol.ENV_INIT_FD  # the guard's name for it too (guard.ENV_INIT_FD)
 
 
 def _materialise_hostfile() -> None:
-    content = os.environ.pop("ORCH_MLX_HOSTFILE_JSON", None)
+    content = os.environ.pop(protocol.ENV_MLX_HOSTFILE_JSON, None)
     if content is None:
         return
     # In the remote run root (ORCH_RUN_DIR's parent, where the launcher stages the other per-job
     # files such as MLX_IBV_DEVICES, and which is retired with the run), not in /tmp, where one file
     # per rank and run would pile up; /tmp only when that directory is not there.
-    run_dir = (os.environ.get("ORCH_RUN_DIR") or "").rstrip("/")
+    run_dir = (os.environ.get(protocol.ENV_RUN_DIR) or "").rstrip("/")
     root = os.path.dirname(run_dir) if run_dir else ""
     fd, path = tempfile.mkstemp(prefix="mlx-hostfile-", suffix=".json", dir=root if root and os.path.isdir(root) else None)
     with os.fdopen(fd, "w") as f:
         f.write(content)
     os.environ["MLX_HOSTFILE"] = path
-
-
-_init_fd: list[int] = []  # the guard's "about to init" pipe, until used
-
-
-def _take_init_fd() -> None:
-    fd = os.environ.pop(ENV_INIT_FD, None)
-    if fd is not None and fd.isdigit():
-        _init_fd.append(int(fd))
-
-
-def _signal_init(byte: bytes = b"i") -> None:
-    """Tell the guard that init begins (``byte``), or that it never will (``b""``: just close)."""
-    while _init_fd:
-        fd = _init_fd.pop()
-        try:
-            if byte:
-                os.write(fd, byte)
-        except OSError:
-            pass
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _wait_gate(timeout_s: float) -> None:
-    fd = os.environ.get("ORCH_GATE_FD")
-    if fd is None:
-        return
-    fd = int(fd)
-    try:
-        select.select([fd], [], [], timeout_s)
-    finally:
-        os.close(fd)
-        os.environ.pop("ORCH_GATE_FD", None)
 
 
 def _install_init_hook() -> bool:
@@ -110,8 +75,8 @@ def _install_init_hook() -> bool:
         backend = kwargs.get("backend", args[1] if len(args) > 1 else "any")
         events.emit("init_start", backend=str(backend))
         t0 = time.monotonic()
-        _wait_gate(float(os.environ.get("ORCH_GATE_TIMEOUT", "10")))
-        _signal_init()
+        ringstart.wait_gate()
+        ringstart.signal_init()
         group = real_init(*args, **kwargs)
         state["done"] = True
         events.emit("ready", size=group.size(), init_s=round(time.monotonic() - t0, 4))
@@ -167,8 +132,8 @@ def _configure_deferred(fd: int) -> None:
 
 
 def main() -> None:
-    _take_init_fd()
-    config_fd = os.environ.pop("ORCH_CONFIG_FD", None)
+    ringstart.take_init_fd()
+    config_fd = os.environ.pop(protocol.ENV_CONFIG_FD, None)
     if config_fd is not None:
         _configure_deferred(int(config_fd))
     if len(sys.argv) < 2 or (sys.argv[1] in ("-m", "--exec") and len(sys.argv) < 3):
@@ -178,7 +143,7 @@ def main() -> None:
     kind, target, args = _program(sys.argv[1:])
     _materialise_hostfile()
     if kind == "exec":  # not Python: the program replaces us, with the environment and files in place
-        _signal_init(b"")
+        ringstart.signal_init(b"")
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         try:
@@ -189,14 +154,14 @@ def main() -> None:
     sys.argv = [target, *args]
     _register_stack_dump()
     if not (events.enabled() and _install_init_hook()):
-        _signal_init(b"")  # no hook, no byte: the guard need not watch
-    if os.environ.get("ORCH_BACKEND") == "mpi":
+        ringstart.signal_init(b"")  # no hook, no byte: the guard need not watch
+    if os.environ.get(protocol.ENV_BACKEND) == "mpi":
         _prepare_mpi()
     if kind == "script":
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     else:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
-    if os.environ.get("ORCH_BACKEND") != "mpi":
+    if os.environ.get(protocol.ENV_BACKEND) != "mpi":
         _run(kind, target)
         return
     # Under MPI a rank that fails must not reach MPI_Finalize at exit: it is
@@ -219,8 +184,6 @@ def _register_stack_dump() -> None:
     """On ``protocol.DUMP_SIGNAL_NAME``, write every thread's Python stack to stderr (the hang diagnosis reads it)."""
     import faulthandler
     import signal
-
-    from orchestrator import protocol
 
     try:
         faulthandler.register(getattr(signal, protocol.DUMP_SIGNAL_NAME), all_threads=True, chain=False)

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator import protocol
+
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "latest.json"
@@ -68,7 +70,7 @@ _PROCESS_RUN_ID = uuid.uuid4().hex  # a writer started without orch is its own r
 
 def current_run_id() -> str:
     """Who is writing: ``$ORCH_RUN_ID`` (set by the controller for the whole run), else this process."""
-    return os.environ.get("ORCH_RUN_ID") or _PROCESS_RUN_ID
+    return os.environ.get(protocol.ENV_RUN_ID) or _PROCESS_RUN_ID
 
 
 class CheckpointError(Exception):
@@ -77,7 +79,7 @@ class CheckpointError(Exception):
 
 def run_dir() -> Path:
     """Where this run writes: ``$ORCH_RUN_DIR`` (set by the launcher) or ``./runs/local``."""
-    return Path(os.environ.get("ORCH_RUN_DIR") or DEFAULT_RUN_DIR)
+    return Path(os.environ.get(protocol.ENV_RUN_DIR) or DEFAULT_RUN_DIR)
 
 
 def checkpoints_dir(base: Path | None = None) -> Path:

@@ -15,7 +15,7 @@ from orchestrator import protocol
 
 def enabled() -> bool:
     # Read each time: a pre-started rank gets its environment after this module is imported.
-    return os.environ.get("ORCH_EVENTS") == "1"
+    return os.environ.get(protocol.ENV_EVENTS) == "1"
 
 
 def rank() -> int:

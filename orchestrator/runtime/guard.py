@@ -56,22 +56,8 @@ cannot clean up at all. So the guard
 * on a ``dump`` control line sends the rank the stack-dump signal, or, if the
   rank is stopped (it could not answer), says so in its ``dump`` event.
 
-The hold (``ORCH_HOLD=1``, rank 0 of a ring): once the rank listens the guard
-SIGSTOPs it inside ``accept()``; the kernel still completes the first
-connect into the backlog, and ``release`` (or ``ORCH_HOLD_MAX_S``, default
-10 s) lets it run on. What we found about holding too late: MLX closes its
-listening socket right after ``accept`` returns, but between the guard seeing
-LISTEN and its SIGSTOP landing, the rank may have accepted, closed and moved
-on (its peer connects as soon as the gate opens, or after the gate's own
-timeout); the old check also matched *any* socket on the host on that port,
-so a stale or foreign listener could trigger a hold at any time, even mid
-training; and a ``release`` that came before such a late hold was ignored,
-so the rank stayed stopped for the whole bound while its peers waited in a
-collective. So now: no hold once ``release`` was seen; after the SIGSTOP the
-guard waits until the rank is really stopped and then checks, with the rank
-frozen, that its socket is still in LISTEN and that it owns no accepted
-connection on that port; otherwise it resumes it at once. A hold is always
-bounded, and a stop resumes the group before terminating it.
+The ring start's part (the gate and init pipes, the listening watch, the hold of
+rank 0) is ``runtime/ringstart.py``'s ``RankStart``; the guard's loop drives it.
 
 ``--no-stdin`` is for launchers that give ranks no stdin (mpirun forwards
 stdin to rank 0 only): then signals stop the rank, and so does the death of
@@ -92,28 +78,24 @@ import select
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 
 from orchestrator import protocol
+# The ring start's half in the rank (gate, init byte, listening watch, hold): stdlib only, like us.
+from orchestrator.runtime.ringstart import RankStart, has_accepted, is_listening  # noqa: F401  (re-exported)
 
-# Environment variables the guard defines (the controller sets the others it reads:
-# ORCH_EVENTS, ORCH_LISTEN, ORCH_HOLD, ORCH_GATED, ORCH_GRACE_S, ORCH_BIND).
-ENV_INIT_FD = "ORCH_INIT_FD"  # guard -> rank: write one byte here right before mx.distributed.init
-ENV_GATE_FD = "ORCH_GATE_FD"  # guard -> rank: the start gate ("go" arrives here)
-ENV_CONFIG_FD = "ORCH_CONFIG_FD"  # guard -> deferred rank: its configuration line
-ENV_GUARD_RSS = "ORCH_GUARD_RSS"  # "1": send "rss" events (the controller must know the kind)
-ENV_HOLD_MAX_S = "ORCH_HOLD_MAX_S"  # bound of a hold, default HOLD_MAX_S
+# The environment variables the guard reads and sets are named in protocol.py.
+ENV_INIT_FD = protocol.ENV_INIT_FD
+ENV_GATE_FD = protocol.ENV_GATE_FD
+ENV_CONFIG_FD = protocol.ENV_CONFIG_FD
+ENV_GUARD_RSS = protocol.ENV_GUARD_RSS
+ENV_HOLD_MAX_S = protocol.ENV_HOLD_MAX_S
 
-HOLD_MAX_S = 10.0
-TOKEN_WAIT_S = 30.0
-CONFIG_WAIT_S = 600.0
-WATCH_FIRST_S = 0.001
-WATCH_MAX_STEP_S = 0.05
-WATCH_TOTAL_S = 120.0
-STOPPED_WAIT_S = 1.0
+HOLD_MAX_S = protocol.HOLD_MAX_S
+TOKEN_WAIT_S = protocol.TOKEN_WAIT_S
+CONFIG_WAIT_S = protocol.CONFIG_WAIT_S
 TREE_EVERY_S = 1.0  # macOS: process-tree snapshots
 RSS_EVERY_S = 2.0
 PARENT_EVERY_S = 0.5
@@ -147,118 +129,7 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-# ---- the rank's sockets --------------------------------------------------------
-
-def _linux_port_sockets(pid: int, port: int) -> dict[int, str]:
-    """inode -> TCP state (hex, "0A" = LISTEN) of the sockets with local ``port`` in pid's network namespace."""
-    suffix = f":{port:04X}"
-    found: dict[int, str] = {}
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[1].endswith(suffix):
-                        found[int(parts[9])] = parts[3]
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def _linux_socket_inodes(pid: int) -> set[int]:
-    inodes: set[int] = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for name in names:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link.endswith("]"):
-            inodes.add(int(link[8:-1]))
-    return inodes
-
-
-def _linux_own_states(pid: int, port: int) -> set[str]:
-    """The states of the TCP sockets on local ``port`` that ``pid`` itself holds open."""
-    candidates = _linux_port_sockets(pid, port)
-    if not candidates:
-        return set()
-    mine = _linux_socket_inodes(pid)
-    return {state for inode, state in candidates.items() if inode in mine}
-
-
-def _lsof_finds(pid: int, port: int, state: str) -> bool:
-    """macOS: does ``pid`` hold a TCP socket on ``port`` in ``state`` (lsof's -sTCP syntax, ^ excludes)?"""
-    r = _run(["lsof", "-nP", "-a", "-p", str(pid), f"-iTCP:{port}", f"-sTCP:{state}", "-t"])
-    return r is not None and r.returncode == 0 and str(pid) in r.stdout.split()
-
-
-def _netlink_listeners(port: int) -> set[int] | None:
-    """Linux: inodes of the TCP sockets listening on ``port`` (this network namespace), via sock_diag.
-
-    Why not ``/proc/net/tcp``: reading it walks every bucket of the kernel's
-    connection hash, ~10 ms a read on a large-memory host; a LISTEN-only
-    sock_diag dump walks the listening table only (~0.5 ms). None if the
-    kernel refuses (then the caller reads ``/proc``).
-    """
-    found: set[int] = set()
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as s:  # NETLINK_SOCK_DIAG
-            s.settimeout(2.0)
-            for family in (socket.AF_INET, socket.AF_INET6):
-                # inet_diag_req_v2: family, protocol, ext, pad, states (1 << TCP_LISTEN), an empty sockid
-                req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << 10) + bytes(48)
-                # nlmsghdr: SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP
-                s.sendto(struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req, (0, 0))
-                done = False
-                while not done:
-                    data = s.recv(65536)
-                    off = 0
-                    while off + 16 <= len(data):
-                        length, kind = struct.unpack_from("=IH", data, off)
-                        if kind == 3:  # NLMSG_DONE
-                            done = True
-                            break
-                        if kind == 2 or length < 16:  # NLMSG_ERROR
-                            return None
-                        # inet_diag_msg after the header: sport (big endian) at 4, inode at 68
-                        if struct.unpack_from(">H", data, off + 20)[0] == port:
-                            found.add(struct.unpack_from("=I", data, off + 16 + 68)[0])
-                        off += (length + 3) & ~3
-                    if not data:
-                        return None
-    except (OSError, struct.error):
-        return None
-    return found
-
-
-def _same_netns(pid: int) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
-    except OSError:
-        return False
-
-
-def is_listening(pid: int, port: int) -> bool:
-    """Whether the process ``pid`` itself has a socket listening on ``port``."""
-    if _linux():
-        listeners = _netlink_listeners(port) if _same_netns(pid) else None
-        if listeners is None:  # a kernel without sock_diag, or the rank in another network namespace
-            return "0A" in _linux_own_states(pid, port)
-        return bool(listeners) and bool(listeners & _linux_socket_inodes(pid))
-    return _lsof_finds(pid, port, "LISTEN")
-
-
-def has_accepted(pid: int, port: int) -> bool:
-    """Whether ``pid`` holds a connection on ``port`` that is not the listener: it got past accept()."""
-    if _linux():
-        return bool(_linux_own_states(pid, port) - {"0A"})
-    return _lsof_finds(pid, port, "^LISTEN")
-
+# ---- the rank's state ----------------------------------------------------------
 
 def is_stopped(pid: int) -> bool:
     if _linux():
@@ -524,7 +395,7 @@ class Guard:
         self.stop_signal: list[int] = []
         self.grace = 1.0
         self.rank = 0
-        self.gate_w: int | None = None
+        self.ring = RankStart(is_stopped)  # the gate, the init pipe, the listening watch, the hold
         self.events = False
         self.finished = False
         # --stdin: the write end of the rank's stdin pipe, and what the rank has not read yet.
@@ -620,21 +491,14 @@ class Guard:
     def start(self) -> int | None:
         """Start the rank; an exit code if it could not be started (or configured)."""
         env = dict(os.environ)
-        gate_r = cfg_r = cfg_w = init_w = None
-        self.init_r = None
-        if env.pop("ORCH_GATED", None) == "1" or self.deferred:
-            gate_r, self.gate_w = os.pipe()
-            env[ENV_GATE_FD] = str(gate_r)
+        cfg_r = cfg_w = None
+        ring_fds = self.ring.pipes(env, self.deferred)
         if self.deferred:
             # Started before the controller knew the plan (see orchestrator/launch/prespawn.py):
             # the rank imports MLX now and gets its configuration, relayed by us, later.
             cfg_r, cfg_w = os.pipe()
             env[ENV_CONFIG_FD] = str(cfg_r)
-        if self.deferred or env.get("ORCH_LISTEN"):
-            self.init_r, init_w = os.pipe()
-            env[ENV_INIT_FD] = str(init_w)
-        for var in (ENV_GUARD_RSS, ENV_HOLD_MAX_S):
-            env.pop(var, None)
+        env.pop(ENV_GUARD_RSS, None)
         stdin_r = None
         if env.pop(protocol.ENV_STDIN, None) == "pipe" and not self.deferred:
             stdin_r, self.stdin_w = os.pipe()
@@ -653,7 +517,7 @@ class Guard:
                 self.argv,
                 env=env,
                 start_new_session=True,
-                pass_fds=tuple(fd for fd in (gate_r, cfg_r, init_w) if fd is not None),
+                pass_fds=tuple(fd for fd in (*ring_fds, cfg_r) if fd is not None),
                 stdin=stdin_r if stdin_r is not None else subprocess.DEVNULL,
                 preexec_fn=in_child if _linux() else None,
             )
@@ -661,7 +525,7 @@ class Guard:
             print(f"orch guard: cannot start {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             return 127
         finally:
-            for fd in (gate_r, cfg_r, init_w, stdin_r):
+            for fd in (*ring_fds, cfg_r, stdin_r):
                 if fd is not None:
                     os.close(fd)
         self.pgid = self.child.pid
@@ -688,19 +552,12 @@ class Guard:
             # The rank gets its configuration without the token.
             os.write(cfg_w, json.dumps(config).encode() + b"\n")
             os.close(cfg_w)
-            if os.environ.get("ORCH_GATED") != "1":
+            if os.environ.get(protocol.ENV_GATED) != "1":
                 self.open_gate()
         return None
 
     def open_gate(self) -> None:
-        if self.gate_w is None:
-            return
-        try:
-            os.write(self.gate_w, b"go\n")
-        except OSError:
-            pass
-        os.close(self.gate_w)
-        self.gate_w = None
+        self.ring.open_gate()
 
     # -- the loop
     def run(self) -> int | None:
@@ -720,19 +577,19 @@ class Guard:
         failed = self.start()
         if failed is not None:
             return failed
-        self.grace = float(os.environ.get("ORCH_GRACE_S", "1.0"))
+        self.grace = float(os.environ.get(protocol.ENV_GRACE_S, "1.0"))
         self.rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
-        self.events = os.environ.get("ORCH_EVENTS") == "1"
+        self.events = os.environ.get(protocol.ENV_EVENTS) == "1"
         rss = self.events and os.environ.get(ENV_GUARD_RSS) == "1"
-        hold_max = float(os.environ.get(ENV_HOLD_MAX_S) or HOLD_MAX_S)
-        if os.environ.get("ORCH_BIND"):
-            bind_cpus(self.child.pid, os.environ["ORCH_BIND"])
+        self.ring.configure(os.environ)
+        if os.environ.get(protocol.ENV_BIND):
+            bind_cpus(self.child.pid, os.environ[protocol.ENV_BIND])
         self.emit("spawned", pid=self.child.pid, host=socket.gethostname())
 
         sel = selectors.DefaultSelector()
         sel.register(wake_r, selectors.EVENT_READ, "wake")
-        if self.init_r is not None:
-            sel.register(self.init_r, selectors.EVENT_READ, "init")
+        if self.ring.init_r is not None:
+            sel.register(self.ring.init_r, selectors.EVENT_READ, "init")
         # A --no-stdin guard still reads its stdin when it feeds the rank's (only stdin lines count).
         stdin_fd = sys.stdin.fileno() if sys.stdin is not None and (self.watch_stdin or self.stdin_w is not None) else None
         if stdin_fd is not None:
@@ -748,13 +605,6 @@ class Guard:
         if stdin_fd is None:
             self.stdin_eof = True  # nothing can ever feed the rank's input (e.g. no stdin at all)
 
-        listen = os.environ.get("ORCH_LISTEN")
-        listen_port = int(listen.rpartition(":")[2]) if listen else None
-        hold = os.environ.get("ORCH_HOLD") == "1"
-        watch_next = watch_deadline = None  # set once the rank says it begins init
-        watch_step = WATCH_FIRST_S
-        held_since = None
-        released = False
         parent = os.getppid()
         now = time.monotonic()
         next_parent = now + PARENT_EVERY_S
@@ -772,10 +622,7 @@ class Guard:
                     continue  # a --no-stdin guard's stdin carries only the rank's input
                 word = cmd.strip().decode(errors="replace")
                 if word == protocol.CONTROL_RELEASE:
-                    released = True
-                    if held_since is not None:
-                        os.kill(self.child.pid, signal.SIGCONT)
-                        held_since = None
+                    self.ring.release(self.child.pid)
                 elif word == protocol.CONTROL_GO:
                     self.open_gate()
                 elif word == protocol.CONTROL_DUMP:  # Python stacks to the rank's stderr (faulthandler)
@@ -789,28 +636,8 @@ class Guard:
                 self.terminate()  # TERM, grace, KILL; the rank's status is mirrored below
                 break
             deadlines = [next_parent] if not self.watch_stdin else []
-            # The hold is bounded.
-            if held_since is not None:
-                if now >= held_since + hold_max:  # the release never came: let MLX's own retries take over
-                    os.kill(self.child.pid, signal.SIGCONT)
-                    held_since = None
-                else:
-                    deadlines.append(held_since + hold_max)
-            # The listening watch, from the init byte on, with back-off.
-            if watch_next is not None and now >= watch_next:
-                if is_listening(self.child.pid, listen_port):
-                    if hold and not released and self.hold():
-                        held_since = time.monotonic()
-                        deadlines.append(held_since + hold_max)
-                    self.emit("listening", address=listen)
-                    watch_next = None
-                elif now >= watch_deadline:
-                    watch_next = None
-                else:
-                    watch_next = now + watch_step
-                    watch_step = min(watch_step * 2, WATCH_MAX_STEP_S)
-            if watch_next is not None:
-                deadlines.append(watch_next)
+            # The ring start: a bounded hold, and the listening watch from the init byte on.
+            deadlines += self.ring.tick(now, self.child.pid, self.emit)
             if next_tree is not None:
                 if now >= next_tree:
                     self.tree.members()
@@ -831,15 +658,13 @@ class Guard:
                         pass
                 elif key.data == "init":
                     try:
-                        got = os.read(self.init_r, 64)
+                        got = os.read(self.ring.init_r, 64)
                     except (BlockingIOError, InterruptedError):
                         continue
-                    sel.unregister(self.init_r)
-                    os.close(self.init_r)
-                    self.init_r = None
-                    if got and listen_port is not None:  # EOF without a byte: this rank will not init
-                        watch_next = time.monotonic()
-                        watch_deadline = watch_next + WATCH_TOTAL_S
+                    sel.unregister(self.ring.init_r)
+                    os.close(self.ring.init_r)
+                    self.ring.init_r = None
+                    self.ring.on_init(got, time.monotonic())  # EOF without a byte: this rank will not init
                 elif key.data == "feed":
                     self.feed_rank(sel)
                 else:
@@ -917,20 +742,6 @@ class Guard:
             sel.register(self.stdin_w, selectors.EVENT_WRITE, "feed")
         elif not self.stdin_pending and registered:
             sel.unregister(self.stdin_w)
-
-    def hold(self) -> bool:
-        """SIGSTOP the rank inside accept(); False (and running again) where that is too late."""
-        pid = self.child.pid
-        port = int(os.environ["ORCH_LISTEN"].rpartition(":")[2])
-        os.kill(pid, signal.SIGSTOP)
-        end = time.monotonic() + STOPPED_WAIT_S
-        while not is_stopped(pid) and time.monotonic() < end:
-            time.sleep(0.001)
-        # Frozen now, so this is a stable look: still listening, nothing accepted yet.
-        if is_stopped(pid) and is_listening(pid, port) and not has_accepted(pid, port):
-            return True
-        os.kill(pid, signal.SIGCONT)
-        return False
 
     def sample_rss(self) -> None:
         """Memory, CPU time and run state of the rank (one ``rss`` event): what we can see of any program.

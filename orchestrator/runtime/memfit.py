@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from orchestrator import protocol
 from orchestrator.protocol import MEMORY_BUDGET_ENV as BUDGET_ENV  # noqa: E402 (set from the hostfile)
-HOST_ENV = "ORCH_HOST"
+HOST_ENV = protocol.ENV_HOST
 MARGIN = 0.9  # plan to at most this fraction of the budget: allocator slack, fragmentation
 _UNLIMITED = 1 << 60
 

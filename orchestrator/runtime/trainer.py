@@ -41,6 +41,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime import memfit
 from orchestrator.runtime.balance import BalancedSampler, Balancer, Decision
@@ -51,7 +52,7 @@ from orchestrator.runtime.gradcomm import GradientAverager, inverse_permutation,
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
 from orchestrator.runtime.zero import ShardedOptimizer, state_bytes
 
-BACKEND_ENV = "ORCH_BACKEND"
+BACKEND_ENV = protocol.ENV_BACKEND
 
 
 @dataclass
