@@ -326,7 +326,8 @@ class SSHLauncher(Launcher):
             runtime_tree, code_tree = await trees
             self._code_tree = code_tree
             sites = [s for s in self.sites.values() if s.link is link]
-            await staging.open_host(link, runtime_tree, sites, self.run_id)
+            python = next((s.python for s in self.specs if self.sites[s.host_index].link is link and s.python), DEFAULT_PYTHON)
+            await staging.open_host(link, runtime_tree, sites, self.run_id, python=python)
             await asyncio.gather(self._open_sessions(link), staging.stage_host(link, sites, runtime_tree, code_tree, inputs))
 
         results = await asyncio.gather(*(bring_up(l) for l in links), return_exceptions=True)

@@ -618,7 +618,8 @@ class RemoteStager:
             if self._sftp_only is not None:  # a call that waited here learns what the one before it found
                 raise _HelperUnavailable(self._sftp_only)
             try:
-                r = await self.conn.run(shlex.join([self.python, "-c", HELPER_BOOT]), input=payload,
+                # -S: the helper needs only the standard library, not site's .pth hooks.
+                r = await self.conn.run(shlex.join([self.python, "-S", "-c", HELPER_BOOT]), input=payload,
                                         timeout=timeout, check=False)
             except asyncssh.ChannelOpenError as e:
                 raise _HelperUnavailable(f"no session for the check: {e.reason}") from None
@@ -860,13 +861,19 @@ class SiteInputs:
     resume_file: Optional[str] = None
 
 
-async def open_host(link: "HostLink", runtime_tree: Tree, sites: Sequence["Site"], run_id: str) -> None:
-    """The host's SFTP session and every remote path of this run there (nothing is created yet)."""
+async def open_host(link: "HostLink", runtime_tree: Tree, sites: Sequence["Site"], run_id: str,
+                    python: str = "python3") -> None:
+    """The host's SFTP session and every remote path of this run there (nothing is created yet).
+
+    ``python``: the interpreter the host's ranks use, which also runs the staging helper. Not
+    ``python3`` from the login PATH when the ranks have their own: a pyenv shim alone costs
+    ~0.1 s per call (a bash script that execs ``pyenv exec``).
+    """
     from orchestrator.remote import sites as layout
 
     link.sftp = await link.ssh.conn.start_sftp_client()
     link.home = await link.sftp.realpath(".")
-    link.stager = RemoteStager(link.sftp, link.base, link.stats)
+    link.stager = RemoteStager(link.sftp, link.base, link.stats, python=python)
     link.runtime_dir = link.stager.shared_tree_path(runtime_tree, "runtime")
     for site in sites:
         layout.place(site, run_id)
@@ -874,25 +881,26 @@ async def open_host(link: "HostLink", runtime_tree: Tree, sites: Sequence["Site"
 
 async def stage_host(link: "HostLink", sites: Sequence["Site"], runtime_tree: Tree, code_tree: Optional[Tree],
                      inputs: dict[int, SiteInputs]) -> None:
-    """Everything this run needs on one host: the shared runtime, and per site its directories, code and inputs."""
+    """Everything this run needs on one host: the shared runtime, and per site its directories, code and inputs.
+
+    One helper command for all of it (the runtime checked or built, every site's directories made and
+    code placed): each remote command pays for a session, the login shell's rc files and a Python
+    start. Then the per-site inputs over SFTP, all at once.
+    """
     import time
 
     t0 = time.monotonic()
-    st = link.stager
+    runs = [(code_tree, s.code_dir, "code") for s in sites if s.code_dir and code_tree is not None]
+    dirs = [d for s in sites for d in (s.run_dir, s.code_dir) if d]
+    await link.stager.stage(shared=[(runtime_tree, "runtime")], runs=runs, dirs=dirs)
 
-    async def site_dirs(site: "Site") -> None:
+    async def site_inputs(site: "Site") -> None:
         got = inputs.get(site.index) or SiteInputs()
-        await st.makedirs(site.run_root)
-        await asyncio.gather(*(link.sftp.mkdir(d) for d in (site.run_dir, site.code_dir) if d),
-                             _put_files(link, site, got.files))
-        if site.code_dir and code_tree is not None:
-            await st.materialise(code_tree, site.code_dir, "code")
-        if got.checkpoint is not None:
-            await _put_checkpoint(link, site, *got.checkpoint)
-        if got.resume_file:
-            await _put_resume_file(link, site, got.resume_file)
+        await asyncio.gather(_put_files(link, site, got.files),
+                             *([_put_checkpoint(link, site, *got.checkpoint)] if got.checkpoint is not None else []),
+                             *([_put_resume_file(link, site, got.resume_file)] if got.resume_file else []))
 
-    await asyncio.gather(st.shared_tree(runtime_tree, "runtime"), *(site_dirs(s) for s in sites))
+    await asyncio.gather(*(site_inputs(s) for s in sites))
     link.stats.seconds = round(time.monotonic() - t0, 4)
 
 
