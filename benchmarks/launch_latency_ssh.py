@@ -19,7 +19,9 @@ wall clock of the whole command, from exec to exit, as a user experiences it.
   host, the address on the link to the previous host (what orch's planner
   picks from the /30s). It gets an open, idle stdin, as from a terminal.
 
-Prints the median of each and the ratio orch / mlx.launch.
+Prints the median of each and the ratio orch / mlx.launch. ``--baseline REF`` also times orch as
+of git commit REF (a temporary ``git worktree``), in the same alternation: before and after a change,
+measured in one run on the same loaded machine.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7, help="timed runs of each launcher (default 7, at least 5)")
     ap.add_argument("--script", default=str(ROOT / "recipes" / "allsum_check.py"))
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per run")
+    ap.add_argument("--baseline", metavar="REF", help="also time orch as of this git commit (e.g. HEAD~3)")
     args = ap.parse_args()
     if args.runs < 5:
         ap.error("--runs must be at least 5")
@@ -84,6 +87,11 @@ def main() -> int:
 
     with NetnsCluster(4) as c, tempfile.TemporaryDirectory(prefix="orch-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        base_tree = None
+        if args.baseline:
+            base_tree = tmp / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.baseline],
+                           check=True)
         orch_hosts = tmp / "orch-hosts.json"
         orch_hosts.write_text(json.dumps({"backend": "ring", "hosts": [
             {"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c.hosts]}))
@@ -98,12 +106,12 @@ def main() -> int:
         env = dict(os.environ)
         mlx_env = {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}"}
 
-        def orch(i: int) -> tuple[float, int, str]:
-            rd = tmp / f"orch-run-{i}"
+        def orch(i: int, tree: Path = ROOT, tag: str = "") -> tuple[float, int, str]:
+            rd = tmp / f"orch-run{tag}-{i}"
             t, rc, out = timed([sys.executable, "-m", "orchestrator", "run", script, "--hostfile", str(orch_hosts),
                                 "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
                                 "--python", sys.executable, "--run-dir", str(rd), "--quiet"],
-                               env=env, cwd=ROOT, log=tmp / f"orch-{i}.log", timeout=args.timeout)
+                               env=env, cwd=tree, log=tmp / f"orch{tag}-{i}.log", timeout=args.timeout)
             try:
                 ok_run = json.loads((rd / "summary.json").read_text())["status"] == "succeeded"
             except (OSError, ValueError, KeyError):
@@ -117,32 +125,38 @@ def main() -> int:
                                env=mlx_env, cwd=ROOT, log=tmp / f"mlx-{i}.log", timeout=args.timeout)
             return t, (rc if rc or out.count("OK") == 4 else 1), out
 
-        times: dict[str, list[float]] = {"orch": [], "mlx.launch": []}
+        contenders = [("orch", orch), ("mlx.launch", mlx)]
+        if base_tree is not None:
+            contenders.insert(1, (f"orch@{args.baseline}", lambda i: orch(i, base_tree, "-base")))
+        times: dict[str, list[float]] = {name: [] for name, _ in contenders}
         failures = []
         for i in range(args.runs + 1):  # run 0 is the warm-up of each
-            for name, fn in (("orch", orch), ("mlx.launch", mlx)):
+            for name, fn in contenders:
                 t, rc, out = fn(i)
                 if rc != 0:
                     failures.append(f"{name} run {i} exited {rc}:\n{out[-2000:]}")
                     continue
                 if i > 0:
                     times[name].append(t)
-                print(f"  {'warm-up' if i == 0 else f'run {i}':>8}  {name:<10} {t:6.3f} s", flush=True)
+                print(f"  {'warm-up' if i == 0 else f'run {i}':>8}  {name:<14} {t:6.3f} s", flush=True)
+        if base_tree is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
         if failures:
             print("\n".join(failures), file=sys.stderr)
-            if not times["orch"] or not times["mlx.launch"]:
+            if not all(times.values()):
                 return 1
 
     # orch retires each run's remote directory for a later run to delete; delete the last ones here.
     for d in (Path.home() / ".cache" / "mlx-orch" / "runs").glob(".trash-orch-run-*"):
         shutil.rmtree(d, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["orch"] / med["mlx.launch"]
     print()
     print(f"launch latency over SSH, 4 namespace hosts, {Path(script).name}, {args.runs} runs each, alternating")
     for name, v in times.items():
-        print(f"  {name:<10} median {med[name]:6.3f} s   min {min(v):6.3f}   max {max(v):6.3f}")
-    print(f"  ratio orch / mlx.launch = {ratio:.2f}  (target <= {TARGET})")
+        print(f"  {name:<14} median {med[name]:6.3f} s   min {min(v):6.3f}   max {max(v):6.3f}")
+    for name in times:
+        if name != "mlx.launch":
+            print(f"  ratio {name} / mlx.launch = {med[name] / med['mlx.launch']:.2f}  (target <= {TARGET})")
     return 0 if not failures else 1
 
 

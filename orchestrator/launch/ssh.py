@@ -43,8 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import asyncssh
-
+from orchestrator.remote.ssh import asyncssh  # imported there without find_library's slow fallbacks
 from orchestrator import protocol
 from orchestrator.plan import FILE_NAMES, file_name
 from orchestrator.launch.base import (

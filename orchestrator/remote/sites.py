@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import asyncssh
-
 from orchestrator.remote import REMOTE_BASE
-from orchestrator.remote.ssh import Connection
+from orchestrator.remote.ssh import Connection, asyncssh
 
 if TYPE_CHECKING:
     from orchestrator.remote.staging import RemoteStager, StageStats

@@ -26,8 +26,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import asyncssh
 from pydantic import BaseModel, Field
+
+
+def _import_asyncssh():
+    """``import asyncssh``, without ctypes.util.find_library's slow fallbacks.
+
+    At import asyncssh looks for liboqs (``find_library("oqs")``, then ``"liboqs"``). On Linux
+    a library not in the ldconfig cache then costs a ``gcc`` and an ``ld`` run: ~40-70 ms of
+    every ``orch run`` over SSH. During that import only, the ldconfig cache answers (an
+    installed liboqs is in it); elsewhere, and on other systems, nothing changes.
+    """
+    import ctypes.util
+
+    find = ctypes.util.find_library
+    ldconfig = getattr(ctypes.util, "_findSoname_ldconfig", None)
+    if not sys.platform.startswith("linux") or ldconfig is None:
+        import asyncssh
+        return asyncssh
+
+    def cached_only(name):
+        try:
+            return ldconfig(name)
+        except Exception:  # noqa: BLE001 - whatever goes wrong here, the full search decides
+            return find(name)
+
+    ctypes.util.find_library = cached_only
+    try:
+        import asyncssh
+    finally:
+        ctypes.util.find_library = find
+    return asyncssh
+
+
+asyncssh = _import_asyncssh()
 
 from orchestrator.remote import DEFAULT_CONNECT_TIMEOUT
 
