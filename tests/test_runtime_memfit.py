@@ -72,7 +72,8 @@ def test_decide_fits_refuses_or_splits():
     assert split.fits and split.pieces == 3 and split.micro_batch == 334
     assert split.predicted_peak_bytes <= memfit.MARGIN * tight.bytes < split.planned_peak_bytes
     hopeless = decide(line, 1000, Budget(40 * MiB, "cgroup memory limit"), "mac1", shrink=True)
-    assert not hopeless.fits
+    assert not hopeless.fits and "even one sample per micro-batch does not fit" in hopeless.refusal()
+    assert "shrink" not in hopeless.event_fields()
     unknown = decide(line, 1000, None, "mac1", shrink=False)
     assert unknown.fits and unknown.budget_bytes is None
 
@@ -270,3 +271,29 @@ def test_orch_run_fits_a_small_host_and_the_report_draws_predicted_against_measu
     assert "<h2>Memory plan: predicted vs measured peak</h2>" in page
     assert (run_dir / "report" / "memory_plan.png").stat().st_size > 1000
     assert "Memory plan: budget, predicted and measured peak per rank" in page
+
+
+@pytest.mark.slow
+def test_a_rebalance_that_grows_a_ranks_share_splits_it_to_fit_and_the_result_stays_exact(tmp_path):
+    """--balance speed + --fit-memory: the budget fits the equal share but not the larger one balancing gives."""
+    from orchestrator.runtime.balance import TEST_SPEEDS_ENV
+
+    args = ["--hidden", "1024", "--samples", "2048", "--optimizer", "sgd", "--lr", "1e-2", "--stats-every", "0",
+            "--steps", "6"]
+    (one,) = launch(MLP, 1, tmp_path / "one", args + ["--batch-size", "1024"], timeout=240)
+    two = args + ["--batch-size", "512", "--balance", "speed", "--balance-every", "100", "--fit-memory"]
+    # The same 2-rank run with room to spare: each rank's fixed part and bytes per sample at its start share.
+    roomy = launch(MLP, 2, tmp_path / "roomy", two, timeout=300,
+                   extra_env={TEST_SPEEDS_ENV: "1,3@0", memfit.BUDGET_ENV: str(2**40)})
+    e = _plan(roomy[1])
+    fixed = e["planned_peak_bytes"] - e["per_sample_bytes"] * e["batch"]
+    budget = int((fixed + e["per_sample_bytes"] * 640) / memfit.MARGIN)  # 512 fits, 768 does not (+-128 samples)
+    ranks = launch(MLP, 2, tmp_path / "two", two, timeout=300,
+                   extra_env={TEST_SPEEDS_ENV: "1,3@0", memfit.BUDGET_ENV: str(budget)})
+    assert all(_plan(r)["pieces"] == 1 for r in ranks)  # the equal start fits
+    assert [(x["step"], x["shares"]) for x in ranks[1].of_kind("rebalance")] == [(0, [512, 512]), (4, [256, 768])]
+    assert "--fit-memory: rank 1" in ranks[1].text and "its 768 samples per micro-batch as 2 pieces" in ranks[1].text
+    assert "--fit-memory" not in ranks[0].text
+    a, b = load_arrays(latest_checkpoint(tmp_path / "one")), load_arrays(latest_checkpoint(tmp_path / "two"))
+    assert max_abs_diff(a, b) < 1e-5
+    assert max_abs_diff(a, load_arrays(latest_checkpoint(tmp_path / "roomy"))) < 1e-5

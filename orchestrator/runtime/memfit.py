@@ -189,16 +189,22 @@ class Plan:
     planned_peak_bytes: int  # the process at the planned batch (what would have run)
     fits: bool
     per_sample_bytes: float
+    shrink: bool = False  # --fit-memory was asked for (not in the event: it is the run's flag)
 
     def event_fields(self) -> dict:
         d = asdict(self)
+        d.pop("shrink")
         d["per_sample_bytes"] = round(self.per_sample_bytes, 1)
         return d
 
     def refusal(self) -> str:
-        return (f"memory: rank on {self.host}: predicted peak {_gib(self.planned_peak_bytes)} at batch {self.batch} "
-                f"> budget {_gib(self.budget_bytes)} ({self.budget_source}); lower --batch-size, give the host "
-                "more memory, or add --fit-memory to accumulate smaller micro-batches there")
+        head = (f"memory: rank on {self.host}: predicted peak {_gib(self.planned_peak_bytes)} at batch {self.batch} "
+                f"> budget {_gib(self.budget_bytes)} ({self.budget_source}); ")
+        if self.shrink:
+            return head + ("even one sample per micro-batch does not fit (the model, its gradients and optimizer "
+                           "state alone are too big there): give the host more memory or use a smaller model")
+        return head + "lower --batch-size, give the host more memory, or add --fit-memory to accumulate smaller " \
+                      "micro-batches there"
 
 
 def _gib(n: Optional[int]) -> str:
@@ -222,4 +228,4 @@ def decide(line: Line, batch: int, bud: Optional[Budget], host: str, shrink: boo
     else:
         micro, pieces, fits = batch, 1, False
     return Plan(host, bud.bytes, bud.source, batch, micro, pieces, line.process_peak(micro), line.mlx_peak(micro),
-                planned, fits, line.per_sample)
+                planned, fits, line.per_sample, shrink)
