@@ -7,7 +7,9 @@ kept as an ``unknown`` record in events.jsonl and otherwise ignored.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+import typing
+from typing import Any, Optional, Union
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -16,11 +18,26 @@ from orchestrator import protocol
 _adapter: Optional[TypeAdapter] = None
 
 
+def _pydantic_shapes(union: Any) -> Any:
+    """``protocol.Event``'s ``typing.TypedDict`` s as pydantic accepts them (typing_extensions' before Python 3.12).
+
+    protocol.py defines them with ``typing`` so that ranks need not import
+    typing_extensions; the fields (with ``rank`` and ``t`` of the base) and
+    their types are the same.
+    """
+    if sys.version_info >= (3, 12):
+        return union
+    import typing_extensions
+
+    shapes = [typing_extensions.TypedDict(td.__name__, typing.get_type_hints(td)) for td in typing.get_args(union)]
+    return Union[tuple(shapes)]
+
+
 def validate(payload: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The payload if it is a well-formed event, else None."""
     global _adapter
     if _adapter is None:
-        _adapter = TypeAdapter(protocol.Event)
+        _adapter = TypeAdapter(_pydantic_shapes(protocol.Event))
     try:
         _adapter.validate_python(payload)
     except ValidationError:

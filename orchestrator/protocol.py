@@ -25,18 +25,16 @@ Why TypedDicts and not pydantic models here: this module is imported by every
 rank at start-up, and defining pydantic models costs ~0.2 s of import time per
 process. The controller validates these same shapes with pydantic's
 ``TypeAdapter`` (``orchestrator/events.py``), so there is still one definition.
+They are ``typing.TypedDict`` s, not ``typing_extensions``' (which pydantic wants
+before Python 3.12: ``events.py`` converts them): importing typing_extensions
+costs every rank, and the CLI before it pre-starts local ranks, ~7 ms.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Literal, Optional, Union
-
-try:  # pydantic validates TypedDicts from typing_extensions on Python < 3.12
-    from typing_extensions import TypedDict
-except ImportError:  # pragma: no cover - a rank without typing_extensions still emits fine
-    from typing import TypedDict
+from typing import Literal, Optional, TypedDict, Union
 
 MARKER = "\x1eORCH "
 PROTOCOL_VERSION = 1
