@@ -640,3 +640,57 @@ def test_collection_never_writes_through_a_local_symlink(tmp_path):
     assert report.files == 0 and report.skipped and "symlink" in report.skipped[0]
     with pytest.raises(collect.UnsafePath):
         collect.safe_local_path(local, ["hosts", "h1", "f.txt"])
+
+
+# ----------------------------------------------------------------------------- the first rank session runs the staging helper
+
+
+def _helper_payload(tmp_path: Path) -> bytes:
+    req = {"objects": str(tmp_path / "objects"), "mtime": staging.OBJECT_MTIME, "commit": [], "trees": [],
+           "place": [], "dirs": [str(tmp_path / "made-by-helper")]}
+    return json.dumps({"src": staging.HELPER, "req": req}).encode()
+
+
+def test_first_rank_session_runs_the_helper_then_waits_for_its_release(tmp_path):
+    """Through a real shell: the helper reads exactly its framed request, answers, and the rank starts only
+    on the release that follows (one login shell per host for both)."""
+    code_dir, run_dir = tmp_path / "code", tmp_path / "run"
+    code_dir.mkdir()
+    (code_dir / "dump.py").write_text(DUMP)
+    spec = RankSpec(rank=0, host="remote1", script="/local/path/dump.py", python=sys.executable,
+                    env={"ORCH_RUN_DIR": "/l"})
+    cmd = rank_command(spec, _site(tmp_path, code_dir, run_dir), helper_python=sys.executable)
+    p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=tmp_path)
+    try:
+        p.stdin.write(staging.helper_frame(_helper_payload(tmp_path)))
+        p.stdin.flush()
+        answer = b""
+        while b'"missing"' not in answer:
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            answer = line
+        assert json.loads(answer)["errors"] == [] and (tmp_path / "made-by-helper").is_dir()
+        assert p.poll() is None  # waiting for the release, nothing started
+        p.stdin.write(release_lines("ab" * 16))
+        p.stdin.flush()
+        out = p.stdout.read().decode()
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        p.stdin.close()
+        if p.poll() is None:
+            p.kill()
+    assert json.loads(out.strip().splitlines()[-1])["env"]["ORCH_RUN_DIR"] == str(run_dir)
+
+
+def test_a_first_rank_session_whose_helper_never_ran_does_not_start_the_rank(tmp_path):
+    """No Python at that path: what the helper did not read must not release the rank."""
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "dump.py").write_text("open('STARTED', 'w')\n")
+    spec = RankSpec(rank=0, host="remote1", script="/local/path/dump.py", python=sys.executable, env={})
+    cmd = rank_command(spec, _site(tmp_path, code_dir, tmp_path / "run"), helper_python=str(tmp_path / "no-python"))
+    p = subprocess.run(["sh", "-c", cmd], input=staging.helper_frame(_helper_payload(tmp_path)) + b"\n",
+                       capture_output=True, cwd=tmp_path, timeout=30)
+    assert p.returncode != 0
+    assert not list(tmp_path.rglob("STARTED")) and not (tmp_path / "made-by-helper").exists()

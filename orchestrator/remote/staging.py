@@ -296,6 +296,21 @@ HASH_RATE = 50e6
 
 # Run as ``python3 -c BOOT``: no backslash or single quote, so any login shell passes it through intact.
 HELPER_BOOT = 'import json,sys;d=json.load(sys.stdin);exec(d["src"],{"REQ":d["req"],"__name__":"orch_stage"})'
+# The same in a session that goes on after it (a host's first rank session, launch/ssh.py: one login
+# shell per host less): a line with the payload's length, then exactly that many bytes, nothing more
+# read, so the line that follows (the release) stays for the shell.
+HELPER_BOOT_FRAMED = ('import json,sys;b=sys.stdin.buffer;d=json.loads(b.read(int(b.readline())));'
+                      'exec(d["src"],{"REQ":d["req"],"__name__":"orch_stage"})')
+
+
+def helper_command(python: str) -> str:
+    """The shell line that runs the staging helper framed (``HELPER_BOOT_FRAMED``); -S: it needs only the
+    standard library, not site's .pth hooks."""
+    return shlex.join([python, "-S", "-c", HELPER_BOOT_FRAMED])
+
+
+def helper_frame(payload: bytes) -> bytes:
+    return b"%d\n" % len(payload) + payload
 
 HELPER = r'''
 import hashlib, json, os, shutil, stat, sys
@@ -509,7 +524,7 @@ sys.stdout.write("\n" + json.dumps(out) + "\n")
 '''
 
 
-class _HelperUnavailable(Exception):
+class HelperUnavailable(Exception):
     """The host could not run ``HELPER``: stage it over SFTP alone."""
 
 
@@ -544,6 +559,9 @@ class RemoteStager:
         self._uploads: dict[str, asyncio.Future] = {}
         self._helper_lock = asyncio.Lock()  # one helper channel at a time: ranks' sessions count against MaxSessions
         self._sftp_only: Optional[str] = None if self.conn is not None else "no SSH connection to run a command on"
+        # Set by the launcher: runs the first helper call in a session it opened anyway (``helper_frame``'d
+        # payload and a timeout in, the helper's stdout out; ``HelperUnavailable``: use a session of its own).
+        self.first_helper = None
 
     async def _gather(self, coros) -> None:
         async def one(c):
@@ -590,7 +608,7 @@ class RemoteStager:
             try:
                 await self._stage_with_helper(shared, runs, dirs)
                 return
-            except _HelperUnavailable as e:
+            except HelperUnavailable as e:
                 self._sftp_only = self._sftp_only or str(e)
         self.stats.verify = f"size+mode+mtime over SFTP ({self._sftp_only})"
         for d in dirs:
@@ -616,23 +634,34 @@ class RemoteStager:
         payload = json.dumps({"src": HELPER, "req": {"objects": self.objects, "mtime": OBJECT_MTIME, **req}})
         async with self._helper_lock:
             if self._sftp_only is not None:  # a call that waited here learns what the one before it found
-                raise _HelperUnavailable(self._sftp_only)
+                raise HelperUnavailable(self._sftp_only)
+            first, self.first_helper = self.first_helper, None
+            if first is not None:
+                try:
+                    return self._helper_result(await first(helper_frame(payload.encode()), timeout), "", "")
+                except HelperUnavailable:
+                    pass  # that session could not run it: one of its own
+                except asyncio.TimeoutError:
+                    raise StagingError(f"checking the staged files took more than {timeout:.0f}s") from None
             try:
                 # -S: the helper needs only the standard library, not site's .pth hooks.
                 r = await self.conn.run(shlex.join([self.python, "-S", "-c", HELPER_BOOT]), input=payload,
                                         timeout=timeout, check=False)
             except asyncssh.ChannelOpenError as e:
-                raise _HelperUnavailable(f"no session for the check: {e.reason}") from None
+                raise HelperUnavailable(f"no session for the check: {e.reason}") from None
             except asyncssh.TimeoutError:
                 raise StagingError(f"checking the staged files took more than {timeout:.0f}s") from None
-        lines = [ln for ln in str(r.stdout or "").splitlines() if ln.strip()]
+        return self._helper_result(str(r.stdout or ""), str(r.stderr or ""), f"exit status {r.exit_status}")
+
+    def _helper_result(self, stdout: str, stderr: str, status: str) -> dict:
+        lines = [ln for ln in stdout.splitlines() if ln.strip()]
         try:
             res = json.loads(lines[-1])
             if not isinstance(res, dict) or not isinstance(res.get("missing"), list):
                 raise ValueError
         except (ValueError, IndexError):
-            why = (str(r.stderr or "").strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
-            raise _HelperUnavailable(f"{self.python} could not run the check: {why[:200]}") from None
+            why = (stderr.strip().splitlines() or [status])[-1]
+            raise HelperUnavailable(f"{self.python} could not run the check: {why[:200]}") from None
         if res.get("errors"):
             raise StagingError("; ".join(map(str, res["errors"]))[:500])
         return res
