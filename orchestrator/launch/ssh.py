@@ -179,39 +179,6 @@ def release_lines(token: str) -> bytes:
     return RELEASE + (token_line(token) + "\n").encode()
 
 
-class _Carrier:
-    """A host's first rank session while it runs the staging helper (``rank_command(helper_python=...)``).
-
-    ``run`` is the stager's ``first_helper``: the framed request on the session's stdin, the helper's
-    result line from its stdout (nothing else is written there before the release). ``failed``: the
-    session cannot be released (the helper did not answer); the launcher opens a plain one instead.
-    """
-
-    def __init__(self, proc: asyncssh.SSHClientProcess):
-        self.proc = proc
-        self.failed = False
-
-    async def run(self, framed: bytes, timeout: float) -> str:
-        try:
-            self.proc.stdin.write(framed)
-            return await asyncio.wait_for(self._result(), timeout)
-        except asyncio.TimeoutError:
-            self.failed = True
-            raise
-        except (asyncssh.Error, OSError, staging.HelperUnavailable) as e:
-            self.failed = True
-            raise staging.HelperUnavailable(f"the first rank session could not run the check: {e}") from None
-
-    async def _result(self) -> str:
-        while True:
-            line = await self.proc.stdout.readline()
-            if not line:
-                raise staging.HelperUnavailable("its session ended")
-            text = line.decode(errors="replace").strip()
-            if text.startswith("{") and '"missing"' in text:  # the helper's one result line; rc-file noise is skipped
-                return text
-
-
 # ----------------------------------------------------------------------------- one rank
 
 
@@ -369,7 +336,7 @@ class SSHLauncher(Launcher):
             python = next((s.python for s in self.specs if self.sites[s.host_index].link is link and s.python), DEFAULT_PYTHON)
             await staging.open_host(link, runtime_tree, sites, self.run_id, python=python)
             first = next(s for s in self.specs if self.sites[s.host_index].link is link)
-            carrier = _Carrier(await self._new_session(link, first, helper_python=python))
+            carrier = staging.SessionHelper(await self._new_session(link, first, helper_python=python))
             self._pending[first.rank] = carrier.proc
             link.stager.first_helper = carrier.run
             await asyncio.gather(self._open_sessions(link), staging.stage_host(link, sites, runtime_tree, code_tree, inputs))

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel, Field
 
+from orchestrator.remote import DEFAULT_CONNECT_TIMEOUT
+
 
 def _import_asyncssh():
     """``import asyncssh``, without ctypes.util.find_library's slow fallbacks.
@@ -60,8 +62,6 @@ def _import_asyncssh():
 
 
 asyncssh = _import_asyncssh()
-
-from orchestrator.remote import DEFAULT_CONNECT_TIMEOUT
 
 KEEPALIVE_COUNT_MAX = 3
 

@@ -865,6 +865,42 @@ def describe_sftp_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class SessionHelper:
+    """The helper in a session opened for something else: a host's first rank session
+    (launch/ssh.py's ``rank_command(helper_python=...)``) runs it before it waits for its release.
+
+    ``run`` is the stager's ``first_helper``: the framed request on the session's stdin, the helper's
+    result line from its stdout (nothing else is written there before the release). ``failed``: the
+    session cannot be released (the helper did not answer); the launcher opens a plain one instead.
+    """
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.failed = False
+
+    async def run(self, framed: bytes, timeout: float) -> str:
+        import asyncssh
+
+        try:
+            self.proc.stdin.write(framed)
+            return await asyncio.wait_for(self._result(), timeout)
+        except asyncio.TimeoutError:
+            self.failed = True
+            raise
+        except (asyncssh.Error, OSError, HelperUnavailable) as e:
+            self.failed = True
+            raise HelperUnavailable(f"the first rank session could not run the check: {e}") from None
+
+    async def _result(self) -> str:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise HelperUnavailable("its session ended")
+            text = line.decode(errors="replace").strip()
+            if text.startswith("{") and '"missing"' in text:  # the helper's one result line; rc-file noise is skipped
+                return text
+
+
 # ----------------------------------------------------------------------------- one run's staging on one host
 #
 # The launcher's pipeline per host: connect (``ssh.py``), ``open_host``, then ``stage_host``
