@@ -694,3 +694,20 @@ def test_a_first_rank_session_whose_helper_never_ran_does_not_start_the_rank(tmp
                        capture_output=True, cwd=tmp_path, timeout=30)
     assert p.returncode != 0
     assert not list(tmp_path.rglob("STARTED")) and not (tmp_path / "made-by-helper").exists()
+
+
+def test_every_command_builds_the_same_ssh_options_from_its_arguments(tmp_path):
+    """orch run, check, env and hostfile take the same SSH flags and turn them into one SSHOptions."""
+    from orchestrator.cli import build_parser
+    from orchestrator.health.check import ssh_options
+
+    flags = ["--ssh-config", "/c", "--known-hosts", "/k", "-i", "/id1", "-i", "/id2", "--ssh-accept-new"]
+    parser = build_parser()
+    got = {
+        "run": SSHOptions.from_args(parser.parse_args(["run", "x.py", *flags, "--connect-timeout", "7"])),
+        "hostfile": SSHOptions.from_args(parser.parse_args(["hostfile", "--hosts", "a,b", *flags, "--connect-timeout", "7"])),
+        "check": ssh_options(parser.parse_args(["check", "--hostfile", "h.json", *flags, "--timeout", "7"])),
+        "env": ssh_options(parser.parse_args(["env", *flags, "--timeout", "7"])),
+    }
+    want = SSHOptions(ssh_config="/c", known_hosts="/k", identity=["/id1", "/id2"], accept_new=True, connect_timeout=7)
+    assert got == {k: want for k in got}
