@@ -10,12 +10,13 @@ What goes where on a host (``BASE`` is ``~/.cache/mlx-orch``)::
     BASE/runs/<run-id>-h<i>/code/      the script's directory (+ ``--stage`` paths): the run's own *copies*
     BASE/runs/<run-id>-h<i>/run/       the rank's ``ORCH_RUN_DIR`` (checkpoints, stats), collected at the end
 
-``<run-id>`` is the local run directory's name plus a random suffix; ``h<i>``
-the host's index in the hostfile, so hosts that share a filesystem (an NFS
-home, or the namespace test cluster) get separate run directories. After a
-run whose results were collected, the launcher renames ``runs/<run-id>-h<i>``
-to ``runs/.trash-<run-id>-h<i>`` (one round trip) and a later run deletes it
-in the background; the object and runtime caches stay.
+The run directories (``runs/``: run ids, one per hostfile entry, retired to
+``runs/.trash-*`` after collection and deleted by a later run) are ``sites.py``'s;
+the object and runtime caches stay.
+
+One helper command per host does the checking and placing (``stage_host``), and
+it runs in that host's first rank session (``SessionHelper``) before the session
+waits for its release: every session pays for a login shell and its rc files.
 
 Why copies and hashes: the objects are shared by every later run. A run that
 was given a hard link to one (as staging once did) and rewrote "its" data
