@@ -11,7 +11,9 @@ the script's directory over SFTP (``remote/staging.py``, into the layout of
 
 built only from ``shlex.quote``'d pieces: the remote login shell (and its rc
 files, ~0.4 s with pyenv in bash's .bashrc) starts while we stage, then waits
-for one line that ``start`` sends. If the launch fails first, the sessions are
+for one line that ``start`` sends. A host's first rank session first runs the
+staging helper (``rank_command(helper_python=...)``), so a host with one rank
+pays for one login shell, not two. If the launch fails first, the sessions are
 closed and the shells exit at ``read`` without starting anything. Right after
 the release line ``start`` sends the guard's ``token <hex>`` line (fresh per
 rank and attempt, never on a command line): only events carrying it are the
