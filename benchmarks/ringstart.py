@@ -10,8 +10,11 @@ Each round runs, in turn, a trivial all_sum (recipes/allsum_check.py) under
 * ``orch, no gate, no hold``: also ``ORCH_GATE_TIMEOUT=0`` (the gated rank does not wait);
 * ``mlx.launch -n N``: the anchor,
 
-so all four see the same machine load. Prints medians and each one's ratio to
-mlx.launch. The simpler mechanisms are what the ring start would be without
+so all four see the same machine load. ``--baseline DIR`` adds a fifth: orch
+as shipped from another checkout (e.g. ``git worktree add /tmp/base REF``), run
+from that directory so it and its ranks import that code. Prints medians, means (a launch either
+loses MLX's 1 s retry or not: the mean shows how often) and each median's ratio
+to mlx.launch's. The simpler mechanisms are what the ring start would be without
 its parts: if one of them matched the full one, the part it drops would not
 be paying for itself.
 """
@@ -40,11 +43,11 @@ VARIANTS = {
 }
 
 
-def timed(cmd: list[str], ranks: int, extra_env: dict[str, str]) -> float:
+def timed(cmd: list[str], ranks: int, extra_env: dict[str, str], cwd: Path = ROOT) -> float:
     """Wall time of one launch that really succeeded (every rank printed OK)."""
     env = {**os.environ, **extra_env}
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, timeout=120, cwd=ROOT, env=env)
+    r = subprocess.run(cmd, capture_output=True, timeout=120, cwd=cwd, env=env)
     dt = time.perf_counter() - t0
     oks = r.stdout.decode().count(" OK")
     if r.returncode != 0 or oks != ranks:
@@ -56,22 +59,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--baseline", type=Path, help="another checkout of orch to time in the same rounds")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="orch-ringstart-")
     try:
-        times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "mlx.launch"]}
+        baseline = f"orch at {a.baseline}" if a.baseline else None
+        times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, *([baseline] if baseline else []), "mlx.launch"]}
         timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/warm"), a.ranks, {})  # warm the page cache for both
         timed(mlx_cmd(ALLSUM, a.ranks), a.ranks, {})
         for i in range(a.runs):
             for j, (name, env) in enumerate(VARIANTS.items()):
                 times[name].append(timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/r{i}-{j}"), a.ranks, env))
+            if baseline:
+                times[baseline].append(timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/b{i}"), a.ranks, {}, cwd=a.baseline))
             times["mlx.launch"].append(timed(mlx_cmd(ALLSUM, a.ranks), a.ranks, {}))
         anchor = statistics.median(times["mlx.launch"])
-        print(f"ring start, {a.ranks} ranks, {a.runs} rounds (each round runs all four in turn)")
+        print(f"ring start, {a.ranks} ranks, {a.runs} rounds (each round runs every launcher in turn)")
         for name, ts in times.items():
             slow = sum(t > min(ts) + 0.5 for t in ts)
-            print(f"  {name:24s} median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, max {max(ts):.3f}; "
-                  f"{slow}/{len(ts)} runs > min + 0.5 s)  ratio to mlx.launch {statistics.median(ts) / anchor:.2f}")
+            print(f"  {name:28s} median {statistics.median(ts):.3f} s  mean {statistics.mean(ts):.3f} s  "
+                  f"(min {min(ts):.3f}, max {max(ts):.3f}; {slow}/{len(ts)} runs > min + 0.5 s)  "
+                  f"median / mlx.launch's {statistics.median(ts) / anchor:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
