@@ -6,6 +6,9 @@ ranks' own output; it is cleared before each output line and redrawn after,
 at most a few times a second. When stderr is not a terminal (CI, a pipe) it
 prints a plain progress line every ``plain_every_s`` seconds instead. It is
 driven by events only: no timer wakes the controller while ranks are quiet.
+
+It reads each rank's ``record`` (records.RankRecord: what the rank's events
+said, folded once by the supervisor) and its ``status`` (the launcher's exit).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def fmt_eta(seconds: Optional[float]) -> str:
 
 def _shares(states) -> dict[int, str]:
     """``--balance speed``: each rank's batch share as \"b (p%)\" of the global micro-batch; {} when not balancing."""
-    known = {s.rank: getattr(s, "batch_share", None) for s in states}
+    known = {s.rank: s.record.batch_share for s in states}
     if not any(v is not None for v in known.values()):
         return {}
     total = sum(v for v in known.values() if v is not None) or 1
@@ -60,8 +63,9 @@ class LiveView:
     # ---- progress arithmetic ------------------------------------------------
     def progress(self) -> tuple[Optional[int], Optional[int], Optional[float]]:
         """(slowest rank's step, total steps, ETA seconds)."""
-        steps = [s.steps for s in self.states if s.steps is not None]
-        totals = [s.total_steps for s in self.states if s.total_steps]
+        recs = [s.record for s in self.states]
+        steps = [r.steps for r in recs if r.steps is not None]
+        totals = [r.total_steps for r in recs if r.total_steps]
         if not steps:
             return None, (totals[0] if totals else None), None
         step, total = min(steps), (totals[0] if totals else None)
@@ -85,13 +89,14 @@ class LiveView:
         rows = [head, f"{'rank':>4} {'host':<14} {'step':>7} {'loss':>10} {'samples/s':>10} {'mlx peak':>10} {'rss peak':>10}"
                 + (f" {'batch':>11}" if shares else "")]
         for s in self.states:
-            mem = s.memory
+            r = s.record
+            mem = r.memory
             status = ""
             if s.status is not None:
                 status = "  done" if s.status.ok else "  FAILED"
             rows.append(
-                f"{s.rank:>4} {s.spec.host[:14]:<14} {s.steps if s.steps is not None else '-':>7} "
-                f"{(f'{s.last_loss:.4g}' if s.last_loss is not None else '-'):>10} {human_rate(s.samples_per_s):>10} "
+                f"{s.rank:>4} {r.host[:14]:<14} {r.steps if r.steps is not None else '-':>7} "
+                f"{(f'{r.last_loss:.4g}' if r.last_loss is not None else '-'):>10} {human_rate(r.samples_per_s):>10} "
                 f"{human_bytes(mem.mlx_peak_bytes if mem else None):>10} {human_bytes(mem.rss_peak_bytes if mem else None):>10}"
                 f"{(' ' + shares[s.rank].rjust(11)) if shares else ''}{status}"
             )
@@ -140,7 +145,7 @@ class LiveView:
         elif now - self._last_plain >= self.plain_every_s or self._last_plain == 0.0:
             self._last_plain = now
             step, total, eta = self.progress()
-            s = [x for x in self.states if x.last_loss is not None]
+            s = [x.record for x in self.states if x.record.last_loss is not None]
             loss = f" loss {s[0].last_loss:.4g}" if s else ""
             rate = f" {human_rate(s[0].samples_per_s)} samples/s" if s and s[0].samples_per_s else ""
             of = f"/{total}" if total else ""
@@ -149,16 +154,17 @@ class LiveView:
 
     def final_table(self) -> str:
         """The per-rank memory and throughput table printed when the run ends."""
-        if not any(s.steps is not None or s.memory is not None for s in self.states):
+        if not any(s.record.steps is not None or s.record.memory is not None for s in self.states):
             return ""
         shares = _shares(self.states)
         rows = [f"{'rank':>4} {'host':<14} {'steps':>6} {'last loss':>10} {'samples/s':>10} {'mlx peak':>10} "
                 f"{'mlx active':>10} {'rss peak':>10} {'sys avail min':>13}" + (f" {'batch':>11}" if shares else "")]
         for s in self.states:
-            m = s.memory
+            r = s.record
+            m = r.memory
             rows.append(
-                f"{s.rank:>4} {s.spec.host[:14]:<14} {s.steps if s.steps is not None else '-':>6} "
-                f"{(f'{s.last_loss:.4g}' if s.last_loss is not None else '-'):>10} {human_rate(s.samples_per_s):>10} "
+                f"{s.rank:>4} {r.host[:14]:<14} {r.steps if r.steps is not None else '-':>6} "
+                f"{(f'{r.last_loss:.4g}' if r.last_loss is not None else '-'):>10} {human_rate(r.samples_per_s):>10} "
                 f"{human_bytes(m.mlx_peak_bytes if m else None):>10} {human_bytes(m.mlx_active_bytes if m else None):>10} "
                 f"{human_bytes(m.rss_peak_bytes if m else None):>10} {human_bytes(m.system_available_min_bytes if m else None):>13}"
                 + ((' ' + shares[s.rank].rjust(11)) if shares else "")

@@ -8,8 +8,15 @@
       logs/rank-<r>.log   each rank's complete output (stdout and stderr)
       logs/attempt-<n>/   the same for restart n (--max-restarts)
       mlx-hostfile.json   the MLX_HOSTFILE the ranks used (ring backend)
-      checkpoints/        complete checkpoints only (written by the runtime)
+      plan.json           the plan: ranks, hosts, addresses
+      checkpoints/        complete checkpoints only (written by the runtime; latest.json names the newest)
+      report.html         orch report (report/: its PNGs)
+      hosts/<host>/       files remote ranks wrote, brought home (remote runs)
+      workdir/            files a remote rank wrote in its working directory, brought home
       .orch.lock          flock()ed by the run using the directory; holds its pid
+
+Every one of those names is a constant here; no other module of the
+controller spells one (the runtime keeps its own: it never imports this).
 
 One run at a time per directory: two runs writing the same logs, events and
 checkpoints would corrupt each other's resume point, so :meth:`RunDir.lock`
@@ -32,7 +39,33 @@ from pydantic import BaseModel, Field
 
 from orchestrator.hostfile import ConfigError
 
+SUMMARY = "summary.json"
+EVENTS = "events.jsonl"
+PLAN = "plan.json"
+MLX_HOSTFILE = "mlx-hostfile.json"  # the name plan.py gives MLX_HOSTFILE
+STAGING = "staging.json"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"  # = runtime.checkpoint.CHECKPOINTS_DIR (tests/test_rundir_names.py checks)
+LATEST = "latest.json"  # the checkpoint manifest in CHECKPOINTS (= runtime.checkpoint.MANIFEST)
+REPORT_HTML = "report.html"
+REPORT_DIR = "report"
+HOSTS = "hosts"
+WORKDIR = "workdir"
 LOCK_FILE = ".orch.lock"
+
+
+def rank_log_name(rank: int) -> str:
+    return f"rank-{rank}.log"
+
+
+def attempt_logs(attempt: int) -> str:
+    """Where a restarted attempt's logs go, relative to the run directory (attempt 0: logs/ itself)."""
+    return f"{LOGS}/attempt-{attempt}" if attempt else LOGS
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory a run wrote (or is writing): it has summary.json or events.jsonl."""
+    return (path / SUMMARY).is_file() or (path / EVENTS).is_file()
 
 
 class MemorySummary(BaseModel):
@@ -147,6 +180,7 @@ def default_run_dir(script: str, root: str | os.PathLike = "runs") -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Readers (orch report, a resume, a person) see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -159,8 +193,8 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         """Create the directory (and logs/); a path that cannot be one is a ``ConfigError`` line."""
         self.path = Path(path).resolve()
-        self.logs = self.path / "logs"
-        self.checkpoints = self.path / "checkpoints"
+        self.logs = self.path / LOGS
+        self.checkpoints = self.path / CHECKPOINTS
         self._lock_fd: Optional[int] = None
         self.run_id = uuid.uuid4().hex  # names this run's checkpoints (ORCH_RUN_ID), across restarts
         if self.path.exists() and not self.path.is_dir():
@@ -216,18 +250,30 @@ class RunDir:
         for f in self._logs.values():
             f.close()
         self._logs.clear()
-        self.logs = self.path / "logs" / f"attempt-{attempt}"
+        self.logs = self.path / attempt_logs(attempt)
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def log(self, rank: int) -> IO[str]:
         f = self._logs.get(rank)
         if f is None:
-            f = self._logs[rank] = open(self.logs / f"rank-{rank}.log", "a", buffering=1)
+            f = self._logs[rank] = open(self.rank_log(rank), "a", buffering=1)
         return f
+
+    def rank_log(self, rank: int) -> Path:
+        """This attempt's log of ``rank``."""
+        return self.logs / rank_log_name(rank)
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / EVENTS
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.checkpoints / LATEST
 
     def event(self, payload: dict) -> None:
         if self._events is None:
-            self._events = open(self.path / "events.jsonl", "a", buffering=1)
+            self._events = open(self.events_path, "a", buffering=1)
         self._events.write(json.dumps(payload, separators=(",", ":")) + "\n")
 
     def write_json(self, name: str, data) -> Path:
@@ -236,7 +282,7 @@ class RunDir:
         return p
 
     def write_summary(self, summary: RunSummary) -> Path:
-        return self.write_json("summary.json", summary.model_dump(mode="json"))
+        return self.write_json(SUMMARY, summary.model_dump(mode="json"))
 
     def close(self) -> None:
         """Close every file; a flush that fails now (disk full) was already reported as the run's failure."""

@@ -3,8 +3,16 @@
 Shaped after torch elastic's agent (start, monitor, stop; failures are typed
 results with a root cause) and horovod's runner (``[rank]`` prefixes; terminate
 gracefully, then kill). Everything is asyncio: one reader task per output
-stream, one waiter per rank, and a main loop that sleeps on a single event
-until something changes — the controller uses no CPU while ranks train.
+stream and one waiter per rank, all in one task group (a failure anywhere
+cancels the rest), and a main loop that sleeps on a single event until
+something changes — the controller uses no CPU while ranks train.
+
+The job moves through :class:`JobPhase` (STARTING → RUNNING → SETTLING →
+STOPPING → DONE; one method, ``_enter``, refuses any other move). Each rank's
+state as its events tell it is a :class:`records.RankRecord`; what only the
+supervisor knows (its handle, exit status, output tail) is :class:`RankState`.
+Neighbours: output.py (pumps, console, logs), watchdog.py (hangs and stack
+dumps), ringstart.py (the gate and the hold), diagnose.py (causes).
 
 Policy, in one place:
 
@@ -28,31 +36,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import hmac
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Optional
+from typing import IO, Optional
 
 from orchestrator import events as event_validation
 from orchestrator import programs, protocol
+from orchestrator.aio import TaskGroup
 from orchestrator.diagnose import Diagnosis, classify
-from orchestrator.launch.base import (READ_CHUNK, ControlChannel, ExitStatus, Launcher, LineSplitter, RankHandle, RankSpec,
-                                      signal_name)
+from orchestrator.launch.base import ControlChannel, ExitStatus, Launcher, RankHandle, RankSpec, signal_name
 from orchestrator.live import LiveView
+from orchestrator.output import Console, pump
 from orchestrator.plan import JobPlan
+from orchestrator.records import RankPhase, RankRecord, RunRecord
 from orchestrator.ringstart import RingStart
-from orchestrator.rundir import (
-    MemoryPlanSummary, MemorySummary, PhaseSummary, RankSummary, RebalanceSummary, RunDir, RunSummary,
-)
-from orchestrator.units import human_bytes
+from orchestrator.rundir import RunDir, RunSummary
+from orchestrator.watchdog import Watchdog
 
 TAIL_LINES = 200  # kept per rank (a stack dump fits) for diagnoses; the last SHOW_LINES are shown on failure
 SHOW_LINES = 15
-STACK_WAIT_S = 1.5  # how long a hang diagnosis waits for the ranks' stack dumps
-STACK_MARK = "orch: hang: stacks requested"
 # How long to keep collecting rank exits after the first failure before naming
 # the root cause: when one rank dies its ring neighbours fail within
 # milliseconds ("connection to a peer was lost"), and asyncio may report theirs first.
@@ -61,73 +67,26 @@ SETTLE_S = 0.3
 # peer, "other rank(s) failed"), wait up to this long after the first failure
 # for the rank with the real error before naming a cause.
 SECONDARY_WAIT_S = 3.0
-CONSOLE_LINE_MAX = 16 * 1024  # bytes of one output line shown on the console; the log keeps all
 PUMP_EOF_WAIT_S = 1.0  # after a rank exits, how long its output may still take to arrive
-# The idle-hang watchdog (programs that report no steps): a rank's CPU time "advanced"
-# between two of its guard's samples when it grew by more than this share of one core
-# (and at least IDLE_CPU_MIN_S). A rank blocked in a collective or a sleep uses ~0; a
-# poll loop of a few wake-ups a second stays under it.
-IDLE_CPU_RATE = 0.02
-IDLE_CPU_MIN_S = 0.02
-# The guard samples every ~2 s: the idle watchdog fires only once every rank's CPU
-# reading covers the whole window (a sample taken after it ended), waiting at most
-# this long past the window for one (a guard too stuck to sample does not save a hang).
-IDLE_SAMPLE_WAIT_S = 6.0
-STOPPED_NOTE = "is stopped (SIGSTOP/SIGTSTP), not running"
+DRAIN_S = 2.0  # after every rank is stopped, how long the pumps may take to reach end of file
+KILL_WAIT_S = 2.0  # after SIGKILL, how long to wait for the exits
 
 
-class Console:
-    """A console stream that outlives its reader.
+class JobPhase(enum.Enum):
+    STARTING = "starting"  # launching the ranks
+    RUNNING = "running"    # every rank launched (or failed to): routing output, timing the watchdogs
+    SETTLING = "settling"  # a rank failed: collecting the others' exits before naming the root cause
+    STOPPING = "stopping"  # the outcome is known: stopping what still runs, draining its output
+    DONE = "done"          # every rank has ended; the summary is written
 
-    ``orch run ... | head -3`` closes our stdout: a write then raises
-    BrokenPipeError. From then on this stream is quiet (the ranks' output
-    is still logged and the run ends normally), and the file descriptor is
-    pointed at /dev/null so Python's own flush at exit cannot print a
-    traceback either. Any other write error (a full disk behind a redirect,
-    a closed terminal) is treated the same way: the console is a view, the
-    logs are the record.
-    """
 
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-        self.broken = False
-
-    def write(self, text: str) -> None:
-        if self.broken:
-            return
-        try:
-            self.stream.write(text)
-        except (OSError, ValueError):
-            self._broke()
-
-    def flush(self) -> None:
-        if self.broken:
-            return
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self._broke()
-
-    def isatty(self) -> bool:
-        try:
-            return not self.broken and self.stream.isatty()
-        except (OSError, ValueError, AttributeError):
-            return False
-
-    def _broke(self) -> None:
-        self.broken = True
-        try:
-            fd = self.stream.fileno()
-        except (OSError, ValueError, AttributeError):
-            return  # not a real file (a StringIO): nothing will flush it at exit
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, fd)
-            finally:
-                os.close(devnull)
-        except OSError:
-            pass
+_NEXT = {
+    JobPhase.STARTING: {JobPhase.RUNNING, JobPhase.STOPPING},
+    JobPhase.RUNNING: {JobPhase.SETTLING, JobPhase.STOPPING},
+    JobPhase.SETTLING: {JobPhase.STOPPING},
+    JobPhase.STOPPING: {JobPhase.DONE},
+    JobPhase.DONE: set(),
+}
 
 
 @dataclass
@@ -150,159 +109,32 @@ class SupervisorOptions:
 
 @dataclass
 class RankState:
+    """One rank as the supervisor runs it: its handle and exit, its output tail, and its ``record``."""
+
     spec: RankSpec
+    record: RankRecord = field(init=False)
     handle: Optional[RankHandle] = None
-    pid: Optional[int] = None
     status: Optional[ExitStatus] = None
-    init_started: bool = False
-    listening: bool = False
-    ready: bool = False
-    steps: Optional[int] = None
-    total_steps: Optional[int] = None
-    last_loss: Optional[float] = None
-    samples_per_s: Optional[float] = None
-    memory: Optional[MemorySummary] = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_t: Optional[float] = None
-    training: bool = False
-    finished: bool = False
-    last_step_wall: Optional[float] = None
     pumps: list = field(default_factory=list)  # the output readers of this rank's streams
-    guard_signal: Optional[int] = None  # the signal number the guard's authenticated "exited" event gave
     # Progress read from the output of programs that are not ours (mlx-lm's report lines).
     program: programs.ProgramOutput = field(default_factory=programs.ProgramOutput)
-    phases: list = field(default_factory=list)  # PhaseSummary per `report.phase(...)` the rank ended
     killed: bool = False  # orch had to SIGKILL it (the guard did not stop it in time)
-    batch_share: Optional[int] = None  # --balance speed: samples per micro-batch (rebalance events)
-    memory_plan: Optional[MemoryPlanSummary] = None  # the rank's predicted peak and budget (memory_plan event)
-    cpu_s: Optional[float] = None  # CPU seconds of its process tree, from the guard's last sample
-    cpu_t: Optional[float] = None  # when that sample arrived (monotonic)
-    stopped: Optional[bool] = None  # the guard's latest word: the rank's process is stopped (SIGSTOP)
+
+    def __post_init__(self) -> None:
+        self.record = RankRecord(rank=self.spec.rank, host=self.spec.host)
 
     def diagnosis(self, plan: Optional[JobPlan] = None) -> Optional[Diagnosis]:
         signal_ = self.status.signal if self.status else None
         # A rank that trained was initialised, even if no init hook reported it (a program that is not ours).
-        initialised = self.ready or self.training or self.steps is not None
+        initialised = self.record.reached(RankPhase.READY) or self.record.steps is not None
         return classify(self.tail, self.rank, plan, signal=signal_, initialised=initialised)
 
     @property
     def rank(self) -> int:
         return self.spec.rank
-
-
-class _LineOut:
-    """One output stream of one rank: pieces of lines in; events, log bytes, console lines and the tail out.
-
-    The log gets every byte the rank wrote (event lines excepted), written with
-    ``os.write`` so a failing disk raises here, where it is handled, and never
-    later from a buffer at close. The console gets each line once it is
-    complete: what a terminal would show of it (the text after its last ``\\r``)
-    and, for a line over ``CONSOLE_LINE_MAX``, a cut with a note where the whole is.
-    """
-
-    def __init__(self, sup: "Supervisor", state: RankState, console: Console):
-        self.sup = sup
-        self.state = state
-        self.console = console
-        self.prefix = f"[{state.rank}] "
-        self.size = 0  # bytes of the current line already passed on in pieces
-        self.head = bytearray()  # its first CONSOLE_LINE_MAX bytes
-        self.last = bytearray()  # and its last ones (where a \r progress bar's latest state is)
-        self.log_ok = True
-        self._log(b"")  # every rank has a log, even one that printed nothing
-
-    def _grow(self, data: bytes) -> None:
-        self.size += len(data)
-        if len(self.head) < CONSOLE_LINE_MAX:
-            self.head += data[:CONSOLE_LINE_MAX - len(self.head)]
-        self.last += data[-CONSOLE_LINE_MAX:]
-        del self.last[:-CONSOLE_LINE_MAX]
-
-    def pieces(self, pieces: list[tuple[bytes, bool]]) -> None:
-        log = bytearray()
-        shown: list[str] = []
-        for piece, ends in pieces:
-            if not ends:
-                self._grow(piece)
-                log += piece
-                continue
-            text, payload = protocol.split_line(piece.decode("utf-8", "surrogateescape"))
-            if payload is not None:
-                self.state.program.note_event(payload)
-                self._event(payload)
-            if text is None and not self.size:
-                continue
-            for fields in self.state.program.feed(text or ""):  # e.g. mlx-lm's "iter train_loss ..." rows
-                self._event({**fields, "rank": self.state.rank, "t": time.time(), "source": "output"})
-            # Colour codes (rich forces them on even into a pipe) are dropped from the log and the console.
-            data = programs.strip_ansi(text or "").encode("utf-8", "surrogateescape")
-            if not data.endswith(b"\n"):
-                data += b"\n"
-            log += data
-            shown.append(self._line(data))
-        if log:
-            self.sup._activity()
-        self._log(bytes(log))
-        self._show(shown)
-
-    def _event(self, payload: dict) -> None:
-        try:
-            self.sup._on_event(self.state, payload)
-        except Exception as e:  # a bad event must never stop the output of a rank
-            self.sup._note(f"orch: ignoring an event from rank {self.state.rank} that could not be handled: {e!r}\n")
-
-    def _line(self, data: bytes) -> str:
-        """The complete line ``data`` ends as the console shows it (and the tail keeps it)."""
-        if not self.size and len(data) <= CONSOLE_LINE_MAX:
-            text, cut = _visible(data.decode("utf-8", "replace")), ""
-        else:
-            self._grow(data)
-            where = self.sup.rundir.logs / f"rank-{self.state.rank}.log"
-            try:
-                where = where.relative_to(self.sup.rundir.path)
-            except ValueError:
-                pass
-            bar = b"\r" in self.last.rstrip(b"\r\n")
-            text = _visible((self.last if bar else self.head).decode("utf-8", "replace"))
-            cut = f" … [cut: {human_bytes(self.size)}, full line in {where}]"
-            self.size = 0
-            self.head.clear()
-            self.last.clear()
-        line = text + cut
-        self.state.tail.append(line)
-        return line
-
-    def _log(self, data: bytes) -> None:
-        if not self.log_ok:
-            return
-        path = self.sup.rundir.logs / f"rank-{self.state.rank}.log"
-        try:
-            fd = self.sup.rundir.log(self.state.rank).fileno()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except Exception as e:  # disk full, file gone: a clear failure, and the output keeps draining
-            self.log_ok = False
-            self.sup._write_failed(path, e)
-
-    def _show(self, lines: list[str]) -> None:
-        if not lines or not self.sup.opts.echo or self.console.broken:
-            return
-        with self.sup.live.around_output():
-            self.console.write("".join(f"{self.prefix}{line}\n" for line in lines))
-            self.console.flush()
-
-
-def _visible(text: str) -> str:
-    """What a terminal shows of one line: no newline, only the text after its last carriage return."""
-    text = text.rstrip("\n")
-    if text.endswith("\r"):
-        text = text.rstrip("\r")
-    if "\r" in text:
-        segments = [seg for seg in text.split("\r") if seg]
-        text = segments[-1] if segments else ""
-    return text
 
 
 @dataclass
@@ -323,20 +155,21 @@ class Supervisor:
         options: Optional[SupervisorOptions] = None,
         out: IO[str] = sys.stdout,
         err: IO[str] = sys.stderr,
-        on_event: Optional[Callable[[RankState, dict], None]] = None,
     ):
         self.plan = plan
         self.launcher = launcher
         self.rundir = rundir
         self.script = script
         self.opts = options or SupervisorOptions()
+        self.echo = self.opts.echo
         self.out = out if isinstance(out, Console) else Console(out)
         self.err = err if isinstance(err, Console) else Console(err)
-        self.on_event = on_event
         self.states = [RankState(spec=s) for s in specs]
+        self.run_record = RunRecord()  # metrics and rebalances
         self.ring_start = RingStart.for_plan(plan)  # the gate and the hold: which lines a listener or an exit unlocks
-        self.metrics: dict = {}
-        self.rebalances: list[RebalanceSummary] = []  # --balance speed, from rank 0's events
+        self.watchdog = Watchdog(self.states, self.opts.hang_timeout, self.opts.first_step_timeout,
+                                 self.opts.idle_watchdog, launcher.name)
+        self.phase = JobPhase.STARTING
         self.diagnosis: Optional[Diagnosis] = None
         self.failure: Optional[Failure] = None
         self.interrupted: Optional[int] = None
@@ -346,14 +179,17 @@ class Supervisor:
         self._stdin_read: dict[int, int] = {}
         self._stdin_closed: set[int] = set()
         self._stdin_more = asyncio.Event()
-        self._failed: list[RankState] = []
+        self._failed: list[RankState] = []  # ranks that failed on their own, in exit order (SETTLING)
+        self._first_failure_t: Optional[float] = None
         self._settle_deadline: Optional[float] = None
-        self._first_failure_t: float = 0.0
-        self._last_progress: Optional[float] = None
-        self._any_step = False
-        self._last_activity: Optional[float] = None  # output or CPU progress of any rank (idle watchdog)
         self._unwritable: set = set()  # log/event files that failed to write (reported once each)
         self.live = LiveView(self.states, err=self.err, tty=self.opts.live)
+
+    def _enter(self, phase: JobPhase) -> None:
+        """The job's one way forward; a move the table does not allow is a bug, said loudly."""
+        if phase not in _NEXT[self.phase]:
+            raise RuntimeError(f"supervisor: {self.phase.value} -> {phase.value} is not a legal move")
+        self.phase = phase
 
     # ---- the run -------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -363,23 +199,29 @@ class Supervisor:
         if self.opts.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._interrupt, sig)
-        tasks: list[asyncio.Task] = []
-        self._last_activity = time.monotonic()
-        forward = None
+        self.watchdog.activity()
         try:
-            await self._start_all(tasks)
-            if self.opts.stdin_relay is not None and self.opts.stdin_ranks:
-                forward = asyncio.create_task(self._forward_stdin())
-            await self._monitor()
+            async with TaskGroup() as ranks:  # every pump and exit watcher of this attempt
+                try:
+                    await self._start_all(ranks)
+                    self._enter(JobPhase.RUNNING)
+                    async with TaskGroup() as aside:
+                        if self.opts.stdin_relay is not None and self.opts.stdin_ranks:
+                            # cancelled when the monitor returns: what is not yet taken stays in
+                            # the relay for the next attempt
+                            aside.create_task(self._forward_stdin())
+                        await self._monitor()
+                        aside.cancel()
+                finally:
+                    if self.phase is not JobPhase.STOPPING:
+                        self._enter(JobPhase.STOPPING)
+                    await self._stop_all()
+                    await ranks.drain(DRAIN_S)  # the launcher is its owner's to collect from and close (job.py)
         finally:
-            if forward is not None:  # what is not yet taken stays in the relay for the next attempt
-                forward.cancel()
-                await asyncio.gather(forward, return_exceptions=True)
-            await self._stop_all()
-            await self._drain(tasks)  # the launcher is its owner's to collect from and close (job.py)
             if self.opts.handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+        self._enter(JobPhase.DONE)
         summary = self._summary(time.monotonic() - t0, started_at)
         self._report(summary)
         return summary
@@ -431,7 +273,7 @@ class Supervisor:
             self.err.write(f"\norch: {signal_name(sig)} received; stopping all ranks\n")
         self._wake.set()
 
-    async def _start_all(self, tasks: list[asyncio.Task]) -> None:
+    async def _start_all(self, ranks: TaskGroup) -> None:
         async def start(state: RankState) -> None:
             try:
                 state.handle = await self.launcher.start(state.spec)
@@ -440,38 +282,35 @@ class Supervisor:
                 state.exited.set()
                 self._fail(state.rank, 127, f"could not start rank {state.rank} on {state.spec.host}: {e}")
                 return
-            state.pumps = [asyncio.create_task(self._pump(state, state.handle.stdout, self.out)),
-                           asyncio.create_task(self._pump(state, state.handle.stderr, self.err))]
-            tasks.extend(state.pumps)
-            tasks.append(asyncio.create_task(self._watch(state)))
+            state.pumps = [ranks.create_task(pump(self, state, state.handle.stdout, self.out)),
+                           ranks.create_task(pump(self, state, state.handle.stderr, self.err))]
+            ranks.create_task(self._watch(state))
 
         await asyncio.gather(*(start(s) for s in self.states))
 
     async def _monitor(self) -> None:
+        """Sleep until something changes or a deadline passes; return once the outcome is known."""
+        wd = self.watchdog
         while True:
             all_exited = all(s.exited.is_set() for s in self.states)
             if self._failed and self.failure is None:
-                if self._settle_deadline is None:
-                    self._first_failure_t = time.monotonic()
-                    self._settle_deadline = self._first_failure_t + SETTLE_S
-                if not all_exited and time.monotonic() >= self._settle_deadline and self._only_secondary():
+                now = time.monotonic()
+                if self.phase is JobPhase.RUNNING:
+                    self._enter(JobPhase.SETTLING)
+                    self._first_failure_t, self._settle_deadline = now, now + SETTLE_S
+                if not all_exited and now >= self._settle_deadline and self._only_secondary():
                     # Everyone who failed only reacted to another rank: give that rank time to fail too.
-                    longest = self._first_failure_t + SECONDARY_WAIT_S
-                    if self._settle_deadline < longest:
-                        self._settle_deadline = longest
+                    self._settle_deadline = max(self._settle_deadline, self._first_failure_t + SECONDARY_WAIT_S)
                 if all_exited or time.monotonic() >= self._settle_deadline:
                     self._name_root_cause()
             if self.failure or self.interrupted or all_exited:
+                self._enter(JobPhase.STOPPING)
                 return
-            deadlines = [d for d in (self._settle_deadline,) if d is not None]
-            if self.init_deadline is not None and not all(s.ready or s.exited.is_set() for s in self.states):
+            deadlines = [self._settle_deadline] if self.phase is JobPhase.SETTLING else []
+            if self.init_deadline is not None and not all(s.record.reached(RankPhase.READY) or s.exited.is_set()
+                                                          for s in self.states):
                 deadlines.append(self.init_deadline)
-            hang = self._hang_deadline()
-            if hang is not None:
-                deadlines.append(hang)
-            idle = self._idle_deadline()
-            if idle is not None:
-                deadlines.append(idle if time.monotonic() < idle else idle + IDLE_SAMPLE_WAIT_S)
+            deadlines += [d for d in (wd.hang_deadline(), wd.idle_wake()) if d is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -479,194 +318,25 @@ class Supervisor:
                 now = time.monotonic()
                 if self.init_deadline is not None and now >= self.init_deadline:
                     self._init_timed_out()
-                hang = self._hang_deadline()
+                hang = wd.hang_deadline()
                 if self.failure is None and hang is not None and now >= hang:
-                    await self._dump_stacks()
-                    self._hang_detected()
+                    await self._hung(idle=False)
             self._wake.clear()
-            if self.failure is None and self.interrupted is None and self._idle_due(time.monotonic()):
-                await self._dump_stacks()
-                self._hang_detected(idle=True)
+            if self.failure is None and self.interrupted is None and wd.idle_due(time.monotonic()):
+                await self._hung(idle=True)
 
-    def _hang_deadline(self) -> Optional[float]:
-        """When the watchdog fires: armed once a trainer starts, until every trainer finished."""
-        if self._last_progress is None:
-            return None
-        active = [s for s in self.states if s.training and not s.finished and not s.exited.is_set()]
-        if not active:
-            return None
-        return self._last_progress + (self.opts.hang_timeout if self._any_step else self.opts.first_step_timeout)
-
-    def _idle_deadline(self) -> Optional[float]:
-        """When the idle watchdog fires: for programs that report no steps (not ours, or not yet).
-
-        Such a program gives the step watchdog nothing to time, so a hang is
-        what is left to see from outside: for ``hang_timeout``, no rank printed
-        anything and no rank's CPU time advanced. Armed only while no rank has
-        ever reported a step, and only once every running rank's guard has sent
-        a CPU sample (without one we cannot tell idle from busy).
-        """
-        if not self.opts.idle_watchdog or self._any_step or self._last_activity is None:
-            return None
-        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
-        if not running or any(s.cpu_s is None for s in running):
-            return None
-        return self._last_activity + self.opts.hang_timeout
-
-    def _idle_due(self, now: float) -> bool:
-        """The idle window has passed and every running rank's CPU reading covers it (or waiting for one is over)."""
-        idle = self._idle_deadline()
-        if idle is None or now < idle:
-            return False
-        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
-        return now >= idle + IDLE_SAMPLE_WAIT_S or all(s.cpu_t is not None and s.cpu_t >= idle for s in running)
-
-    def _activity(self, now: Optional[float] = None) -> None:
-        """A rank printed something or used CPU: the idle watchdog starts over."""
-        self._last_activity = time.monotonic() if now is None else now
-
-    def _cpu_sample(self, state: RankState, cpu_s) -> None:
-        if type(cpu_s) not in (int, float):
-            return
-        now = time.monotonic()
-        first = state.cpu_s is None
-        if not first and cpu_s - state.cpu_s > max(IDLE_CPU_MIN_S, IDLE_CPU_RATE * (now - state.cpu_t)):
-            self._activity(now)
-        state.cpu_s, state.cpu_t = float(cpu_s), now
-        idle = self._idle_deadline()
-        if first or (idle is not None and now >= idle):
-            self._wake.set()  # this sample may arm the idle watchdog, or complete its evidence
-
-    async def _dump_stacks(self) -> None:
-        """Ask every running rank's guard for its Python stacks (into its stderr, so its log and tail).
-
-        Bounded: the dump is written by faulthandler from a signal handler, so a
-        rank that is running at all answers within milliseconds, even one stuck
-        in C code without the GIL (faulthandler needs no GIL). A stopped one
-        (SIGSTOP) cannot: its guard answers a ``dump`` event saying so instead,
-        and we do not wait for it.
-        """
-        running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
-        for s in running:
-            s.tail.append(STACK_MARK)  # the frames that follow in the tail are this dump's
-            if isinstance(s.handle, ControlChannel):  # under mpirun no guard can be asked
-                try:
-                    s.handle.send_control(protocol.CONTROL_DUMP)
-                except Exception:
-                    pass
-        await asyncio.sleep(STACK_WAIT_S if running else 0)
-
-    def _hang_detected(self, idle: bool = False) -> None:
-        """Fail the run as hung, saying where each rank is.
-
-        ``idle``: the idle watchdog fired (no rank ever reported a step; no
-        output and no CPU progress anywhere). Each rank gets one of: its top
-        frames from the stack dump just requested, or "is stopped" when its
-        guard found it stopped (a stopped process cannot dump its stack).
-        """
-        if idle:
-            limit, option = self.opts.hang_timeout, "--hang-timeout"
-        elif self._any_step:
-            limit, option = self.opts.hang_timeout, "--hang-timeout"
-        else:
-            limit, option = self.opts.first_step_timeout, "--first-step-timeout"
-        running = [s for s in self.states if not s.exited.is_set()]
-        by_step: dict = {}
-        for s in running:
-            by_step.setdefault(s.steps, []).append(s)
-        known = sorted((k for k in by_step if k is not None))
-        parts = []
-        suspect = None
-        stopped = [s for s in running if self._stopped_note(s)]
-        if idle:
-            for st in stopped:
-                parts.append(f"rank {st.rank} {self._stopped_note(st)}")
-        else:
-            order = ([None] if None in by_step else []) + known
-            for k in order:
-                group = by_step[k]
-                ranks = ",".join(str(s.rank) for s in group)
-                label = f"rank{'s' if len(group) > 1 else ''} {ranks}"
-                if k is None:
-                    parts.append(f"{label} never reported a step")
-                else:
-                    when = time.strftime("%H:%M:%S", time.localtime(group[0].last_step_wall)) if group[0].last_step_wall else "?"
-                    parts.append(f"{label} last reported step {k} at {when}")
-                for st in group:
-                    note = self._stopped_note(st)
-                    if note:
-                        parts[-1] += f" (rank {st.rank} {note})"
-        if running:
-            if stopped:
-                parts.append("the running ranks' Python stacks are in their logs (logs/rank-N.log); "
-                             "a stopped process cannot dump its stack")
-            else:
-                parts.append("every rank's Python stacks are in its log (logs/rank-N.log)")
-        for st in running:
-            where = programs.top_frames(list(st.tail), STACK_MARK)
-            if where:
-                parts.append(f"rank {st.rank} is in {where}")
-        # Programs whose progress only rank 0 prints (mlx-lm): ranks that never
-        # report are not suspects for that alone.
-        silent_by_design = None in by_step and bool(known)
-        lowest = (by_step.get(None) if not silent_by_design else None) or (by_step[known[0]] if known else [])
-        if len(stopped) == 1:
-            suspect = stopped[0]
-        elif not idle and len(lowest) == 1 and len(running) > 1:
-            suspect = lowest[0]
-        if suspect is not None and len(running) > 1:
-            parts.append(f"the others may be waiting for rank {suspect.rank}" if idle else
-                         f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
-        if idle:
-            head = (f"hang: no rank printed anything or used CPU for {limit:g}s ({option}), "
-                    "and no rank reports steps")
-        else:
-            head = f"hang: no rank made progress for {limit:g}s ({option})"
-        self._fail(suspect.rank if suspect else None, 1, head + (": " + "; ".join(parts) if parts else ""))
-
-    def _stopped_note(self, state: RankState) -> str:
-        """What is known about a silent rank's process: its guard's word, else (local ranks) the OS's."""
-        if state.stopped is not None:
-            return STOPPED_NOTE if state.stopped else ""
-        if not state.pid or self.launcher.name != "local":
-            return ""
-        try:
-            import psutil
-
-            st = psutil.Process(state.pid).status()
-        except Exception:
-            return ""
-        return STOPPED_NOTE if st == psutil.STATUS_STOPPED else ""
-
-    def _secondary(self, state: RankState) -> bool:
-        d = state.diagnosis(self.plan)
-        return d is not None and d.secondary
-
-    def _only_secondary(self) -> bool:
-        return bool(self._failed) and all(self._secondary(s) for s in self._failed)
-
-    def _name_root_cause(self) -> None:
-        """The first failed rank with an error of its own; a rank that only lost its peer
-        (or stopped because another failed) is named only when no rank has a real error,
-        whatever order they exited in."""
-        primary = [s for s in self._failed if not self._secondary(s)] or self._failed
-        root = min(primary, key=lambda s: s.exit_t or 0.0)
-        st = root.status
-        how = ("was " + st.how) if st.signal is not None or st.signal_label else st.how
-        if st.signal_label and root.guard_signal is not None:  # SSH could not name it; the guard numbered it
-            how += f" (signal {root.guard_signal} on {root.spec.host})"
-        if st.reason:
-            how += f": {st.reason}"
-        others = [s.rank for s in self._failed if s is not root]
-        note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too)" if others else ""
-        self._fail(root.rank, st.shell_code, f"rank {root.rank} ({root.spec.host}) {how}{note}")
-        self.diagnosis = root.diagnosis(self.plan)
+    async def _hung(self, idle: bool) -> None:
+        """A watchdog fired: ask for the stacks, then fail naming where each rank is."""
+        await self.watchdog.dump_stacks()
+        rank, reason = self.watchdog.hang(idle=idle)
+        self._fail(rank, 1, reason)
 
     def _init_timed_out(self) -> None:
-        waiting = [s for s in self.states if not s.ready and not s.exited.is_set()]
+        waiting = [s for s in self.states if not s.record.reached(RankPhase.READY) and not s.exited.is_set()]
         if not waiting:
             return
-        names = ", ".join(f"{s.rank} ({s.spec.host}{', never called init' if not s.init_started else ''})" for s in waiting)
+        names = ", ".join(f"{s.rank} ({s.spec.host}{', never called init' if not s.record.reached(RankPhase.INIT) else ''})"
+                          for s in waiting)
         listens = "; ".join(f"rank {s.rank} listens on {','.join(self.plan.ranks[s.rank].listen)}" for s in waiting if self.plan.ranks[s.rank].listen)
         self._fail(
             waiting[0].rank,
@@ -696,64 +366,38 @@ class Supervisor:
         self._wake.set()
 
     async def _stop_all(self) -> None:
+        """SIGTERM (through each guard) to every rank still running; SIGKILL after ``stop_timeout``."""
         running = [s for s in self.states if s.handle is not None and not s.exited.is_set()]
         if not running:
             return
         for s in running:
             s.handle.stop()
-        waits = [asyncio.create_task(s.exited.wait()) for s in running]
-        done, pending = await asyncio.wait(waits, timeout=self.opts.stop_timeout)
-        if pending:
-            for s in running:
-                if not s.exited.is_set():
-                    s.killed = True
-                    s.handle.kill()
-            await asyncio.wait(pending, timeout=2.0)
-        for t in waits:
-            t.cancel()
-
-    async def _drain(self, tasks: list[asyncio.Task]) -> None:
-        if not tasks:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.exited.wait() for s in running)), self.opts.stop_timeout)
             return
-        done, pending = await asyncio.wait(tasks, timeout=2.0)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        except asyncio.TimeoutError:
+            pass
+        left = [s for s in running if not s.exited.is_set()]
+        for s in left:
+            s.killed = True
+            s.handle.kill()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(s.exited.wait() for s in left)), KILL_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
 
-    # ---- output and events ---------------------------------------------
-    async def _pump(self, state: RankState, stream, echo_to: Console) -> None:
-        """Copy one output stream of a rank to its log and the console, and take its events.
-
-        A pump never dies before end of file: whatever goes wrong with one line
-        (a bad event, a closed console, a full disk) is handled and the pump reads
-        on, because a rank whose pipe is not drained blocks forever on a write.
-        Lines have no length limit in the log; the console shows an over-long
-        line cut, with a note saying where the whole line is.
-        """
-        out = _LineOut(self, state, echo_to)
-        lines = LineSplitter()
-        while True:
-            try:
-                chunk = await stream.read(READ_CHUNK)
-            except Exception:  # the stream broke (connection lost): nothing more will come
-                chunk = b""
-            if isinstance(chunk, str):
-                chunk = chunk.encode("utf-8", "surrogateescape")
-            try:
-                out.pieces(lines.feed(chunk) if chunk else lines.end())
-            except Exception as e:  # never reached by design; still, the pump must go on
-                self._note(f"orch: output of rank {state.rank} could not be handled: {e!r}\n")
-            if not chunk:
-                return
-
-    def _note(self, text: str) -> None:
+    # ---- output and events (output.py calls these) ----------------------
+    def note(self, text: str) -> None:
         try:
             self.err.write(text)
             self.err.flush()
         except Exception:
             pass
 
-    def _write_failed(self, path, exc: BaseException) -> None:
+    def activity(self) -> None:
+        self.watchdog.activity()
+
+    def write_failed(self, path, exc: BaseException) -> None:
         """A log or events file cannot be written (disk full...): fail the run, once, naming the file."""
         if str(path) in self._unwritable:
             return
@@ -765,7 +409,7 @@ class Supervisor:
         try:
             self.rundir.event(payload)
         except Exception as e:  # disk full: the run fails naming the file; the output keeps flowing
-            self._write_failed(self.rundir.path / "events.jsonl", e)
+            self.write_failed(self.rundir.events_path, e)
 
     def _guard_event_ok(self, state: RankState, payload: dict) -> Optional[bool]:
         """For an event of a kind only the guard may send: strip its token and say what it is.
@@ -782,10 +426,11 @@ class Supervisor:
             return True
         return None
 
-    def _on_event(self, state: RankState, payload: dict) -> None:
+    def on_rank_event(self, state: RankState, payload: dict) -> None:
+        """One event line from a rank: authenticate, record, fold into its record, act on what it changes."""
         payload = dict(payload)
         kind = payload.get("kind")
-        authentic = False
+        trusted = False
         if kind not in protocol.GUARD_KINDS:
             payload.pop(protocol.TOKEN_FIELD, None)  # a token is never logged, whoever sent it
         else:
@@ -794,7 +439,7 @@ class Supervisor:
                 self._record({**payload, "kind": f"forged:{kind}", "recv_t": time.time(), "from_rank": state.rank,
                               "attempt": self.opts.attempt})
                 return
-            authentic = verdict
+            trusted = verdict
         payload = {**payload, "recv_t": time.time(), "from_rank": state.rank, "attempt": self.opts.attempt}
         if event_validation.validate({k: v for k, v in payload.items() if k not in ("recv_t", "from_rank", "attempt")}) is None:
             payload["kind"] = f"unknown:{payload.get('kind')}"
@@ -807,83 +452,28 @@ class Supervisor:
             self._stdin_more.set()
             return
         self._record(payload)
+        rec, wd = state.record, self.watchdog
+        rec.apply(payload, trusted=trusted)
+        self.run_record.apply(state.rank, payload)
         if kind not in ("rss", "dump"):  # a rank's own event is a sign of life; the guard's samples are not
-            self._activity()
-        if kind == "spawned":
-            pid = payload["pid"]
-            # Only the guard's own word, once per attempt, and never 0/1 (or a group-wide -1).
-            if authentic and state.pid is None and type(pid) is int and pid > 1:
-                state.pid = pid
-                state.handle.rank_pid = pid
-        elif kind == "exited":
-            if authentic and type(payload.get("signal")) is int:
-                state.guard_signal = payload["signal"]
-        elif kind == "init_start":
-            state.init_started = True
-            if self.init_deadline is None:
-                self.init_deadline = time.monotonic() + self.opts.init_timeout
-                self._wake.set()
+            wd.activity()
+        wake = kind in ("ready", "finished")
+        if kind == "spawned" and trusted and rec.pid is not None:
+            state.handle.rank_pid = rec.pid  # the guard's own word, once per attempt, never 0/1
+        elif kind == "init_start" and self.init_deadline is None:
+            self.init_deadline = time.monotonic() + self.opts.init_timeout
+            wake = True
         elif kind == "listening":
-            state.listening = True
             self._send_ring_lines(self.ring_start.listening(state.spec.rank))
-        elif kind == "ready":
-            state.ready = True
-            self._wake.set()
         elif kind == "train_start":
-            state.training = True
-            if self._last_progress is None:
-                self._last_progress = time.monotonic()
-                self._wake.set()
-        elif kind == "finished":
-            state.finished = True
-            self._wake.set()
+            wake = wd.trainer_started()
         elif kind == "step":
-            state.training = True
-            self._last_progress = time.monotonic()
-            if not self._any_step:  # the watchdog switches from the first-step to the hang timeout
-                self._any_step = True
-                self._wake.set()
-            state.last_step_wall = payload.get("t")
-            state.steps = payload["step"]
-            state.total_steps = payload.get("total_steps")
-            state.last_loss = payload["loss"]
-            state.samples_per_s = payload["samples_per_s"]
-        elif kind == "memory":
-            m = state.memory or MemorySummary()
-            m.mlx_peak_bytes = max(m.mlx_peak_bytes, payload["mlx_peak_bytes"])
-            m.mlx_active_bytes = payload["mlx_active_bytes"]
-            m.mlx_cache_bytes = payload["mlx_cache_bytes"]
-            m.rss_peak_bytes = max(m.rss_peak_bytes, payload["rss_bytes"])
-            avail = payload["system_available_bytes"]
-            m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
-            m.metal_max_recommended_working_set_size = payload.get("metal_max_recommended_working_set_size")
-            state.memory = m
-        elif kind == "rss":  # the guard's sampling: memory, CPU and run state for any program, ours or not
-            self._cpu_sample(state, payload.get("cpu_s"))
-            if type(payload.get("stopped")) is bool:
-                state.stopped = payload["stopped"]
-            m = state.memory or MemorySummary()
-            m.rss_peak_bytes = max(m.rss_peak_bytes, payload["rss_bytes"])
-            avail = payload.get("system_available_bytes")
-            if avail is not None:
-                m.system_available_min_bytes = avail if m.system_available_min_bytes is None else min(m.system_available_min_bytes, avail)
-            state.memory = m
-        elif kind == "dump":  # the guard's answer to a stack-dump request
-            state.stopped = payload["stopped"]
-        elif kind == "phase":
-            state.phases.append(PhaseSummary.model_validate({k: payload.get(k) for k in PhaseSummary.model_fields}))
-        elif kind == "metric":
-            self.metrics.update(payload.get("values", {}))
-        elif kind == "memory_plan":
-            state.memory_plan = MemoryPlanSummary.model_validate({k: payload.get(k) for k in MemoryPlanSummary.model_fields})
-        elif kind == "rebalance":  # every rank sends the same shares; each keeps its own, rank 0's go to the summary
-            shares = payload["shares"]
-            state.batch_share = shares[state.rank] if state.rank < len(shares) else None
-            if state.rank == 0:
-                self.rebalances.append(RebalanceSummary.model_validate({k: payload.get(k) for k in RebalanceSummary.model_fields if payload.get(k) is not None}))
+            wake = wd.step()
+        elif kind == "rss" and type(payload.get("cpu_s")) in (int, float):
+            wake = wd.cpu_sample(rec)
+        if wake:
+            self._wake.set()
         self.live.on_event(state, payload)
-        if self.on_event is not None:
-            self.on_event(state, payload)
 
     def _send_ring_lines(self, lines: list[tuple[int, str]]) -> None:
         """The ring start's ``release``/``go`` (orchestrator/ringstart.py), to ranks still running."""
@@ -893,6 +483,31 @@ class Supervisor:
             if s is not None and isinstance(s.handle, ControlChannel) and not s.exited.is_set():
                 s.handle.send_control(line)
 
+    # ---- the root cause --------------------------------------------------
+    def _secondary(self, state: RankState) -> bool:
+        d = state.diagnosis(self.plan)
+        return d is not None and d.secondary
+
+    def _only_secondary(self) -> bool:
+        return bool(self._failed) and all(self._secondary(s) for s in self._failed)
+
+    def _name_root_cause(self) -> None:
+        """The first failed rank with an error of its own; a rank that only lost its peer
+        (or stopped because another failed) is named only when no rank has a real error,
+        whatever order they exited in."""
+        primary = [s for s in self._failed if not self._secondary(s)] or self._failed
+        root = min(primary, key=lambda s: s.exit_t or 0.0)
+        st = root.status
+        how = ("was " + st.how) if st.signal is not None or st.signal_label else st.how
+        if st.signal_label and root.record.exit_signal is not None:  # SSH could not name it; the guard numbered it
+            how += f" (signal {root.record.exit_signal} on {root.spec.host})"
+        if st.reason:
+            how += f": {st.reason}"
+        others = [s.rank for s in self._failed if s is not root]
+        note = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too)" if others else ""
+        self._fail(root.rank, st.shell_code, f"rank {root.rank} ({root.spec.host}) {how}{note}")
+        self.diagnosis = root.diagnosis(self.plan)
+
     # ---- the end ---------------------------------------------------------
     def _summary(self, duration: float, started_at: str) -> RunSummary:
         if self.interrupted is not None:
@@ -901,30 +516,15 @@ class Supervisor:
             status, code = "failed", self.failure.exit_code
         else:
             status, code = "succeeded", 0
-        ranks = [
-            RankSummary(
-                rank=s.rank,
-                host=s.spec.host,
-                pid=s.pid,
-                exit_code=s.status.code if s.status else None,
-                signal=s.status.signal if s.status else None,
-                steps=s.steps,
-                last_loss=s.last_loss,
-                samples_per_s=s.samples_per_s,
-                memory=s.memory,
-                phases=s.phases,
-                batch_share=s.batch_share,
-                memory_plan=s.memory_plan,
-            )
-            for s in self.states
-        ]
+        failed = self.failure is not None and status == "failed"
+        diagnosed = self.diagnosis is not None and status == "failed"
         return RunSummary(
             status=status,
             exit_code=code,
-            failed_rank=self.failure.rank if self.failure and status == "failed" else None,
-            reason=self.failure.reason if self.failure and status == "failed" else None,
-            diagnosis=self.diagnosis.message if self.diagnosis and status == "failed" else None,
-            diagnosis_cause=self.diagnosis.cause if self.diagnosis and status == "failed" else None,
+            failed_rank=self.failure.rank if failed else None,
+            reason=self.failure.reason if failed else None,
+            diagnosis=self.diagnosis.message if diagnosed else None,
+            diagnosis_cause=self.diagnosis.cause if diagnosed else None,
             warnings=self._warnings(),
             duration_s=round(duration, 3),
             started_at=started_at,
@@ -932,9 +532,10 @@ class Supervisor:
             backend=self.plan.backend,
             world_size=self.plan.world_size,
             run_dir=str(self.rundir.path),
-            ranks=ranks,
-            metrics=self.metrics,
-            rebalances=self.rebalances,
+            ranks=[s.record.summary(exit_code=s.status.code if s.status else None,
+                                    signal=s.status.signal if s.status else None) for s in self.states],
+            metrics=self.run_record.metrics,
+            rebalances=self.run_record.rebalances,
         )
 
     def _warnings(self) -> list[str]:
@@ -956,7 +557,7 @@ class Supervisor:
 
     def _report(self, summary: RunSummary) -> None:
         for w in summary.warnings:
-            self._note(f"orch: warning: {w}\n")
+            self.note(f"orch: warning: {w}\n")
         self.live.clear()
         table = self.live.final_table()
         if table:

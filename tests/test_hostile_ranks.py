@@ -29,7 +29,9 @@ from orchestrator.hostfile import local_hostfile
 from orchestrator.launch.base import ControlChannel, ExitStatus, Launcher, RankHandle, RankSpec
 from orchestrator.plan import plan_job
 from orchestrator.rundir import RunDir
-from orchestrator.supervisor import CONSOLE_LINE_MAX, Supervisor, SupervisorOptions
+from orchestrator.output import CONSOLE_LINE_MAX
+from orchestrator.records import RankPhase
+from orchestrator.supervisor import Supervisor, SupervisorOptions
 from tests.orch_helpers import SCRIPTS, alive, finish, kill_tree, orch_argv, rank_pids, run_orch, start_orch, summary
 
 # ----------------------------------------------------------------------------- a fake launcher
@@ -155,12 +157,12 @@ def test_only_the_guards_token_sets_the_pid_to_signal(tmp_path):
 
         sup, s, out, err, rundir, launcher = supervise(tmp_path, play)
         # pid 1 with the right token is refused; the guard's pid is taken, once per attempt
-        assert launcher.handles[0].rank_pid == 4242 and sup.states[0].pid == 4242
-        assert launcher.handles[1].rank_pid is None and sup.states[1].pid is None
+        assert launcher.handles[0].rank_pid == 4242 and sup.states[0].record.pid == 4242
+        assert launcher.handles[1].rank_pid is None and sup.states[1].record.pid is None
         kinds = [e["kind"] for e in events(rundir)]
         assert kinds.count("forged:spawned") == 3 and kinds.count("forged:listening") == 1
         assert all("token" not in e for e in events(rundir))
-        assert not sup.states[0].listening
+        assert not sup.states[0].record.reached(RankPhase.LISTENING)
         assert "user text" in (rundir.logs / "rank-0.log").read_text()
         assert s.status == "succeeded"
         assert sleeper.poll() is None
@@ -180,8 +182,8 @@ def test_pid_one_is_refused_and_a_good_pid_is_taken_once(tmp_path):
         ok(h)
 
     sup, s, *_ , rundir, launcher = supervise(tmp_path, play)
-    assert launcher.handles[0].rank_pid is None and sup.states[0].pid is None
-    assert launcher.handles[1].rank_pid == 4242 and sup.states[1].pid == 4242
+    assert launcher.handles[0].rank_pid is None and sup.states[0].record.pid is None
+    assert launcher.handles[1].rank_pid == 4242 and sup.states[1].record.pid == 4242
     assert [e["pid"] for e in events(rundir) if e["kind"] == "spawned" and e["rank"] == 1] == [4242, 4343]
     assert all("token" not in e for e in events(rundir))
 
@@ -195,7 +197,7 @@ def test_without_a_token_a_reported_pid_is_never_used(tmp_path):
         ok(h)
 
     sup, s, *_, rundir, launcher = supervise(tmp_path, play, tokens=False)
-    assert launcher.handles[0].rank_pid is None and sup.states[0].pid is None
+    assert launcher.handles[0].rank_pid is None and sup.states[0].record.pid is None
     kinds = [e["kind"] for e in events(rundir)]
     assert "spawned" in kinds and "exited" in kinds and not any(k.startswith("forged") for k in kinds)
     assert (rundir.logs / "rank-1.log").read_bytes() == b""  # a rank that printed nothing still has its log

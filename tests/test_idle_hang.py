@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from orchestrator import protocol, supervisor
+from orchestrator import protocol, watchdog
 from orchestrator.hostfile import local_hostfile
 from orchestrator.launch.base import ExitStatus, RankSpec
 from orchestrator.plan import plan_job
@@ -138,7 +138,7 @@ def sample(rank: int, cpu_s, stopped=False, token=None) -> bytes:
 
 @pytest.fixture(autouse=True)
 def _short_stack_wait(monkeypatch):
-    monkeypatch.setattr(supervisor, "STACK_WAIT_S", 0.3)  # fake ranks answer at once
+    monkeypatch.setattr(watchdog, "STACK_WAIT_S", 0.3)  # fake ranks answer at once
 
 
 def watch(tmp_path, play, n=2, hang_timeout=1.0):
@@ -198,7 +198,7 @@ def test_cpu_that_advances_is_not_a_hang(tmp_path):
 
 def test_cpu_creeping_under_the_threshold_is_still_idle(tmp_path):
     """A rank blocked in a poll loop burns a little CPU; under 2% of a core is not progress."""
-    per_sample = supervisor.IDLE_CPU_RATE * 0.2 / 4
+    per_sample = watchdog.IDLE_CPU_RATE * 0.2 / 4
     s = watch(tmp_path, lambda hs: steady(hs, 5.0, step=per_sample))
     assert s.status == "failed" and s.reason.startswith("hang: no rank printed"), s.reason
 
@@ -231,7 +231,7 @@ def test_not_armed_until_every_rank_has_a_cpu_sample(tmp_path):
 
 def test_the_window_needs_a_sample_taken_after_it(tmp_path, monkeypatch):
     """The last sample showed progress and the next is late: no verdict until a reading covers the window."""
-    monkeypatch.setattr(supervisor, "IDLE_SAMPLE_WAIT_S", 30.0)
+    monkeypatch.setattr(watchdog, "IDLE_SAMPLE_WAIT_S", 30.0)
 
     async def play(hs):
         for r, h in hs.items():
@@ -266,7 +266,7 @@ def test_the_stopped_rank_is_named_from_its_guards_answer_and_the_other_quoted(t
     """Any launcher (here a fake one, where the controller cannot look at the process): the guard's word counts."""
     async def play(hs):
         sampling = asyncio.ensure_future(steady(hs, 5.0))
-        while not any(supervisor.protocol.CONTROL_DUMP in h.sent for h in hs.values()):
+        while not any(protocol.CONTROL_DUMP in h.sent for h in hs.values()):
             await asyncio.sleep(0.05)
         sampling.cancel()  # (a real guard's samples would say "stopped" too from now on)
         hs[1].feed(protocol.encode("dump", 1, signalled=False, stopped=True, token=token(hs[1])).encode())

@@ -18,7 +18,7 @@ def states(n=2):
 
 
 def step(view, st, k, total=100, loss=0.5):
-    st.steps, st.total_steps, st.last_loss, st.samples_per_s = k, total, loss, 1234.0
+    st.record.steps, st.record.total_steps, st.record.last_loss, st.record.samples_per_s = k, total, loss, 1234.0
     view.on_event(st, {"kind": "step", "step": k})
 
 
@@ -62,8 +62,8 @@ def test_plain_lines_when_not_a_terminal():
 
 def test_final_table_has_memory_and_throughput():
     ss = states()
-    ss[0].memory = MemorySummary(mlx_peak_bytes=3 * 2**20, rss_peak_bytes=2**30, system_available_min_bytes=5 * 2**30)
-    ss[0].steps, ss[0].samples_per_s, ss[0].last_loss = 10, 2500.0, 0.25
+    ss[0].record.memory = MemorySummary(mlx_peak_bytes=3 * 2**20, rss_peak_bytes=2**30, system_available_min_bytes=5 * 2**30)
+    ss[0].record.steps, ss[0].record.samples_per_s, ss[0].record.last_loss = 10, 2500.0, 0.25
     ss[1].status = ExitStatus(code=0, signal=None)
     table = LiveView(ss, err=io.StringIO(), tty=False).final_table()
     assert "3.0 MiB" in table and "1.0 GiB" in table and "2.5k" in table and "0.25" in table

@@ -256,10 +256,10 @@ def test_the_live_view_shows_each_ranks_batch_share_only_when_balancing():
 
     ss = [RankState(spec=RankSpec(rank=r, host=f"mac{r}", script="x.py")) for r in range(2)]
     for s in ss:
-        s.steps, s.total_steps, s.last_loss, s.samples_per_s = 5, 10, 0.5, 100.0
+        s.record.steps, s.record.total_steps, s.record.last_loss, s.record.samples_per_s = 5, 10, 0.5, 100.0
     view = LiveView(ss, err=io.StringIO(), tty=True)
     assert "batch" not in "\n".join(view._lines()) and "batch" not in view.final_table()
-    ss[0].batch_share, ss[1].batch_share = 12, 4
+    ss[0].record.batch_share, ss[1].record.batch_share = 12, 4
     lines = view._lines()
     assert "batch" in lines[1] and lines[2].endswith("12 (75%)") and lines[3].endswith("4 (25%)")
     table = view.final_table().splitlines()
