@@ -2,8 +2,9 @@
 
 Nothing per rank comes from orch (``mlx.launch`` passes only ``--env`` values
 with ``-x``), so ``MLX_RANK``, ``RANK`` and ``LOCAL_RANK`` are not set here:
-one environment goes to every rank through ``mpirun -x``. The rank runtime can
-read Open MPI's ``OMPI_COMM_WORLD_RANK`` / ``OMPI_COMM_WORLD_LOCAL_RANK``.
+one environment goes to every rank through ``mpirun -x``. The rank's bootstrap
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` from Open
+MPI's ``OMPI_COMM_WORLD_*`` variables before the program starts, whatever its form.
 """
 
 from __future__ import annotations

@@ -131,8 +131,24 @@ def _configure_deferred(fd: int) -> None:
     sys.argv = [sys.argv[0], *config["argv"]]
 
 
+# Open MPI tells each rank who it is only at start; scripts read torchrun's names (RANK, LOCAL_RANK...),
+# which every other backend gets from the plan. Filled in here, before any form of program starts.
+_FROM_OPEN_MPI = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+                  "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
+
+
+def _rank_names_from_mpi(env=os.environ) -> None:
+    """Under mpirun: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from Open MPI's variables (never overriding)."""
+    if env.get(protocol.ENV_BACKEND) != "mpi":
+        return
+    for name, ompi in _FROM_OPEN_MPI.items():
+        if ompi in env and name not in env:
+            env[name] = env[ompi]
+
+
 def main() -> None:
     ringstart.take_init_fd()
+    _rank_names_from_mpi()
     config_fd = os.environ.pop(protocol.ENV_CONFIG_FD, None)
     if config_fd is not None:
         _configure_deferred(int(config_fd))
