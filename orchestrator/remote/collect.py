@@ -44,8 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from orchestrator.report import REPORT_DIR, REPORT_HTML
-from orchestrator.rundir import LOCK_FILE
+from orchestrator import rundir
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.units import human_bytes
 
@@ -61,10 +60,10 @@ SKIP_PREFIXES = (".tmp-", ".trash-")
 # Top-level names in the local run dir that belong to the controller (lower case; names starting
 # with "." are reserved too): remote files by these names go to the fallback, or are skipped.
 # What rank 0 wrote in its remote working directory (the staged copy of the script's directory).
-WORKDIR = "workdir"
+WORKDIR = rundir.WORKDIR
 RESERVED = frozenset({
-    "summary.json", "events.jsonl", "logs", ckpt.CHECKPOINTS_DIR, "plan.json", "mlx-hostfile.json",
-    "staging.json", "hosts", REPORT_HTML, REPORT_DIR, LOCK_FILE, WORKDIR,
+    rundir.SUMMARY, rundir.EVENTS, rundir.LOGS, rundir.CHECKPOINTS, rundir.PLAN, rundir.MLX_HOSTFILE,
+    rundir.STAGING, rundir.HOSTS, rundir.REPORT_HTML, rundir.REPORT_DIR, rundir.LOCK_FILE, WORKDIR,
 })
 
 
@@ -449,11 +448,11 @@ async def collect_run(local_run_dir: Path, sites: Sequence["Site"], rank0_index:
     rest = [s for s in live if s.index != rank0_index]
     for site in first:
         await pull_files(site.link.sftp, site.run_dir, local_run_dir, [], reports[site.index],
-                         fallback_prefix=["hosts", site.label])
+                         fallback_prefix=[rundir.HOSTS, site.label])
         if staged_code is not None and site.stage_code and site.code_dir:
             await pull_files(site.link.sftp, site.code_dir, local_run_dir, [WORKDIR], reports[site.index],
                              skip=lambda rel, size: staged_code.get(rel) == size or "__pycache__" in rel.split("/"))
-    results = await asyncio.gather(*(pull_files(s.link.sftp, s.run_dir, local_run_dir, ["hosts", s.label],
+    results = await asyncio.gather(*(pull_files(s.link.sftp, s.run_dir, local_run_dir, [rundir.HOSTS, s.label],
                                                 reports[s.index]) for s in rest), return_exceptions=True)
     for site, r in zip(rest, results):
         if isinstance(r, BaseException):
