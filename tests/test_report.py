@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import report
+from orchestrator import report, report_data, report_plots, report_tables, runs
 from tests.orch_helpers import RECIPES, ROOT, run_orch
 
 np = pytest.importorskip("numpy")
@@ -180,7 +180,7 @@ def test_report_tables_match_the_summary(real_run):
         assert f"<td>{r['rank']}</td><td>localhost</td><td>0</td><td>40</td><td>{r['last_loss']:.4g}</td>" in page
     mean_loss = sum(r["last_loss"] for r in s["ranks"]) / 2
     assert f"<td>final loss (mean)</td><td>{mean_loss:.4g}</td>" in page
-    assert report.NO_STEPS not in page
+    assert report_tables.NO_STEPS not in page
     # the runtime may report metrics of its own (e.g. optimizer_state_bytes); each is in the page, or none is
     assert all(f"<td>{name}</td>" in page for name in s["metrics"]) if s["metrics"] else "no metrics reported" in page
 
@@ -227,7 +227,7 @@ def test_cmd_report_runs_and_final_json_on_the_real_run(real_run, capsys):
     assert "status: succeeded" in out and f"report: {rd / 'report.html'}" in out
     assert re.search(r"^1\s+localhost\s+0\s+40\s", out, re.M), out
 
-    assert report.cmd_runs(str(rd.parent), 10) == 0
+    assert runs.cmd_runs(str(rd.parent), 10) == 0
     out = capsys.readouterr().out
     assert re.search(r"succeeded\s+2\s+40\s+\S+\s+[\d.]+\s+mlp_regression\.py\s", out), out
 
@@ -251,7 +251,7 @@ def test_failed_early_run_still_gets_a_report(tmp_path):
     (rd / "report").mkdir()
     (rd / "report" / "loss.png").write_bytes(b"stale")  # from an earlier report: must not survive
     page = report.write_report(rd).read_text()
-    assert report.NO_STEPS in page and "<img" not in page
+    assert report_tables.NO_STEPS in page and "<img" not in page
     assert '<span class="failed">failed</span>' in page and "rank 0 (localhost) exited with code 1" in page
     assert "<td>failed rank</td><td>0</td>" in page
     assert not list((rd / "report").glob("*.png"))
@@ -262,7 +262,7 @@ def test_report_of_a_run_without_any_events(tmp_path, capsys):
                                                       reason="could not start: ssh refused"))
     assert report.cmd_report(str(rd)) == 0
     out = capsys.readouterr().out
-    assert report.NO_STEPS in out and "could not start: ssh refused" in out
+    assert report_tables.NO_STEPS in out and "could not start: ssh refused" in out
     assert "no ranks recorded" in (rd / "report.html").read_text()
 
 
@@ -296,13 +296,13 @@ def test_restarts_are_found_and_marked(tmp_path, explicit):
     if explicit:
         assert "rank 1 exited with code 9" in page
     # the restart is drawn: a red dashed line in every plot, and none in a run without restarts
-    for name in report.PLOT_NAMES:
+    for name in report_plots.PLOT_NAMES:
         assert red_pixels(rd / "report" / name) > 100, name
         assert_plotted((rd / "report" / name).read_bytes())
     plain = write_run(tmp_path / "plain", summary_doc("succeeded", "2026-01-01T00:00:00Z", [rank_row(0, 20, 0.1, 1000.0)]),
                       events=[spawned(0, t0)] + step_events(0, range(1, 21), t0))
     report.write_report(plain)
-    assert all(red_pixels(plain / "report" / n) < 20 for n in report.PLOT_NAMES)
+    assert all(red_pixels(plain / "report" / n) < 20 for n in report_plots.PLOT_NAMES)
     assert json.loads(report.final_json(rd))["restarts"] == (1 if explicit else 0)
 
 
@@ -323,11 +323,11 @@ def test_list_runs_newest_first_with_failed_interrupted_and_incomplete(tmp_path)
     write_run(root / "e-junk")                        # neither summary nor events: not a run
     (root / "e-junk" / "notes.txt").write_text("hi")
     (root / "stray-file.txt").write_text("not a dir")
-    old = now - 3 * report.RUNNING_WINDOW_S
+    old = now - 3 * report_data.RUNNING_WINDOW_S
     stale = write_run(root / "f-stale", events=[spawned(0, old)] + step_events(0, range(1, 3), old))
     os.utime(stale / "events.jsonl", (old, old))
 
-    rows = report.list_runs(root)
+    rows = runs.list_runs(root)
     assert [r.path.name for r in rows] == ["d-incomplete", "f-stale", "c-interrupted", "b-failed", "a-ok"]
     by = {r.path.name: r for r in rows}
     assert (by["a-ok"].status, by["a-ok"].world_size, by["a-ok"].steps) == ("succeeded", 2, 100)
@@ -340,7 +340,7 @@ def test_list_runs_newest_first_with_failed_interrupted_and_incomplete(tmp_path)
     assert d.duration_s == pytest.approx(1 + 1.2, abs=0.02)  # first spawned .. last step
     assert by["f-stale"].status == "incomplete"
 
-    text = report.format_runs(rows)
+    text = runs.format_runs(rows)
     lines = text.splitlines()
     assert lines[0].split() == ["started", "status", "ranks", "steps", "duration", "loss", "script", "path"]
     assert len(lines) == 6 and "running?" in lines[1] and "1h06m" in lines[3]
@@ -354,13 +354,13 @@ def test_list_runs_newest_first_with_failed_interrupted_and_incomplete(tmp_path)
 def test_cmd_runs_limit_and_empty_and_missing(tmp_path, capsys):
     for i in range(3):
         write_run(tmp_path / f"r{i}", summary_doc("succeeded", f"2026-01-0{i + 1}T00:00:00Z", [rank_row(0, i, 1.0)]))
-    assert report.cmd_runs(str(tmp_path), 2) == 0
+    assert runs.cmd_runs(str(tmp_path), 2) == 0
     out = capsys.readouterr().out
     assert "r2" in out and "r1" in out and "r0" not in out and "(1 older runs not shown)" in out
     (tmp_path / "empty").mkdir()
-    assert report.cmd_runs(str(tmp_path / "empty"), 5) == 0
+    assert runs.cmd_runs(str(tmp_path / "empty"), 5) == 0
     assert "no runs under" in capsys.readouterr().out
-    assert report.cmd_runs(str(tmp_path / "nope"), 5) == 2
+    assert runs.cmd_runs(str(tmp_path / "nope"), 5) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such directory" in err
 
@@ -396,8 +396,8 @@ def test_runs_reads_only_the_tail_of_a_long_unfinished_run(tmp_path, monkeypatch
     t0 = 1_700_000_000.0
     events = [spawned(0, t0)] + step_events(0, range(1, 200), t0 + 1)
     rd = write_run(tmp_path / "long", events=events)
-    monkeypatch.setattr(report, "TAIL_BYTES", 2000)  # a few events, starting mid-line
-    row = report.read_row(rd)
+    monkeypatch.setattr(runs, "TAIL_BYTES", 2000)  # a few events, starting mid-line
+    row = runs.read_row(rd)
     assert row.steps == 199 and row.final_loss == pytest.approx(2.0 / 199)
     assert row.duration_s == pytest.approx(1 + 19.9, abs=0.02)  # from the file's first line, not the tail's
     assert row.started == pytest.approx(t0, abs=1e-3) and row.status == "running?"  # just written
