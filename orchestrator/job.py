@@ -26,7 +26,7 @@ from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_h
 from orchestrator.launch.base import LaunchError, Launcher, RankSpec
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.plan import JobPlan, plan_job, write_files
-from orchestrator.rundir import AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
+from orchestrator.rundir import PLAN, SUMMARY, AttemptSummary, RankSummary, RunDir, RunSummary, default_run_dir
 from orchestrator.stdin_relay import StdinRelay, stdin_ranks
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 
@@ -295,7 +295,7 @@ def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: Ru
 
 def _resume_args(req: RunRequest, rundir: RunDir) -> list[str]:
     """Restarts continue from the latest complete checkpoint when the script wrote one."""
-    if "--resume" in req.script_args or not (rundir.checkpoints / "latest.json").exists():
+    if "--resume" in req.script_args or not rundir.latest_checkpoint.exists():
         return list(req.script_args)
     return [*req.script_args, "--resume"]
 
@@ -361,7 +361,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
         if resumed_from is not None:
             for spec in specs:
                 spec.resume_words, spec.resume_file = resume_words(req), resumed_from
-        rundir.write_json("plan.json", plan.model_dump(mode="json"))
+        rundir.write_json(PLAN, plan.model_dump(mode="json"))
         try:
             await launcher.prepare(specs)
         except LaunchError as e:
@@ -391,7 +391,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             backend=plan.backend, diagnosis_cause=summary.diagnosis_cause))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
-        fallback = _fallback_note(req, backend, summary, (rundir.checkpoints / "latest.json").exists())
+        fallback = _fallback_note(req, backend, summary, rundir.latest_checkpoint.exists())
         if fallback:
             backend = req.fallback_backend
             fell_back = f"--fallback-backend {backend}: JACCL failed to start in attempt {attempt} ({summary.diagnosis_cause})"
@@ -414,7 +414,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     try:
         rundir.write_summary(summary)
     except OSError as e:  # a full disk at the very end: say so in one line; the exit code still tells the outcome
-        sys.stderr.write(f"orch: could not write {rundir.path / 'summary.json'}: {e.strerror or e}\n")
+        sys.stderr.write(f"orch: could not write {rundir.path / SUMMARY}: {e.strerror or e}\n")
     rundir.close()
     return summary
 
