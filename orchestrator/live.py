@@ -170,3 +170,25 @@ class LiveView:
                 + ((' ' + shares[s.rank].rjust(11)) if shares else "")
             )
         return "\n".join(rows) + "\n"
+
+    def end(self, summary, tail: list[str]) -> None:
+        """What a person reads when the run ends: warnings, the table, why it failed (with the
+        failed rank's last lines, ``tail``), and the outcome with the run directory."""
+        for w in summary.warnings:
+            self.err.write(f"orch: warning: {w}\n")
+        self.clear()
+        table = self.final_table()
+        if table:
+            self.err.write(table)
+        if summary.status == "failed":
+            self.err.write(f"orch: run failed: {summary.reason}\n")
+            if summary.diagnosis is not None:
+                self.err.write(f"orch: diagnosis: {summary.diagnosis}\n")
+            if tail:
+                self.err.write(f"orch: last lines of rank {summary.failed_rank}:\n")
+                for line in tail:
+                    self.err.write(f"    {line}\n")
+        elif summary.status == "interrupted":
+            self.err.write("orch: run interrupted; all ranks stopped\n")
+        self.err.write(f"orch: {summary.status} in {summary.duration_s:.2f}s; run directory {summary.run_dir}\n")
+        self.err.flush()

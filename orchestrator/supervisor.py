@@ -54,6 +54,7 @@ from orchestrator.output import Console, pump
 from orchestrator.plan import JobPlan
 from orchestrator.records import RankPhase, RankRecord, RunRecord
 from orchestrator.ringstart import RingStart
+from orchestrator.stdin_forward import StdinForward
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.watchdog import Watchdog
 
@@ -175,10 +176,8 @@ class Supervisor:
         self.interrupted: Optional[int] = None
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
-        # --stdin: bytes each rank's guard has fed it, the ranks whose stdin is closed, and a wake-up.
-        self._stdin_read: dict[int, int] = {}
-        self._stdin_closed: set[int] = set()
-        self._stdin_more = asyncio.Event()
+        self.stdin = (StdinForward(self.opts.stdin_relay, [s for s in self.states if s.rank in self.opts.stdin_ranks])
+                      if self.opts.stdin_relay is not None and self.opts.stdin_ranks else None)  # --stdin
         self._failed: list[RankState] = []  # ranks that failed on their own, in exit order (SETTLING)
         self._first_failure_t: Optional[float] = None
         self._settle_deadline: Optional[float] = None
@@ -206,10 +205,8 @@ class Supervisor:
                     await self._start_all(ranks)
                     self._enter(JobPhase.RUNNING)
                     async with TaskGroup() as aside:
-                        if self.opts.stdin_relay is not None and self.opts.stdin_ranks:
-                            # cancelled when the monitor returns: what is not yet taken stays in
-                            # the relay for the next attempt
-                            aside.create_task(self._forward_stdin())
+                        if self.stdin is not None:  # cancelled when the monitor returns
+                            aside.create_task(self.stdin.run())
                         await self._monitor()
                         aside.cancel()
                 finally:
@@ -225,47 +222,6 @@ class Supervisor:
         summary = self._summary(time.monotonic() - t0, started_at)
         self._report(summary)
         return summary
-
-    async def _forward_stdin(self) -> None:
-        """``--stdin``: the controller's input to the chosen ranks' guards, framed as control lines.
-
-        End of file here is ``stdin-eof`` there (the rank reads end of file and
-        runs on); only the control channel's own end of file stops a rank.
-        """
-        from orchestrator.stdin_relay import stdin_line
-
-        targets = [s for s in self.states if s.rank in self.opts.stdin_ranks]
-        sent = {s.rank: 0 for s in targets}
-        while True:
-            data = await self.opts.stdin_relay.get()
-            if data is not None:
-                try:
-                    await self._stdin_room(targets, sent)
-                except asyncio.CancelledError:  # the attempt ended: this chunk is the next attempt's
-                    self.opts.stdin_relay.unget(data)
-                    raise
-            line = protocol.CONTROL_STDIN_EOF if data is None else stdin_line(data)
-            for s in targets:
-                if s.handle is not None and not s.exited.is_set():
-                    s.handle.forward_stdin(line)
-                    sent[s.rank] += len(data or b"")
-            if data is None:
-                return
-
-    async def _stdin_room(self, targets: list["RankState"], sent: dict[int, int]) -> None:
-        """Wait until no rank that still reads has STDIN_WINDOW bytes it has not been fed (its guard's
-        ``stdin_read`` events say); rechecked every second, so a rank that exits frees the others."""
-        while True:
-            full = [s for s in targets if s.handle is not None and not s.exited.is_set()
-                    and s.rank not in self._stdin_closed
-                    and sent[s.rank] - self._stdin_read.get(s.rank, 0) >= protocol.STDIN_WINDOW]
-            if not full:
-                return
-            self._stdin_more.clear()
-            try:
-                await asyncio.wait_for(self._stdin_more.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
 
     def _interrupt(self, sig: int) -> None:
         if self.interrupted is None:
@@ -446,10 +402,8 @@ class Supervisor:
             self._record(payload)
             return
         if kind == "stdin_read":  # --stdin flow control (not logged: one per line typed, or per 256 KiB piped)
-            self._stdin_read[state.rank] = max(self._stdin_read.get(state.rank, 0), payload["bytes"])
-            if payload["closed"]:
-                self._stdin_closed.add(state.rank)
-            self._stdin_more.set()
+            if self.stdin is not None:
+                self.stdin.read(state.rank, payload["bytes"], payload["closed"])
             return
         self._record(payload)
         rec, wd = state.record, self.watchdog
@@ -556,23 +510,6 @@ class Supervisor:
         return [f"{jaccl.SIGKILL_WARNING} ({where})"]
 
     def _report(self, summary: RunSummary) -> None:
-        for w in summary.warnings:
-            self.note(f"orch: warning: {w}\n")
-        self.live.clear()
-        table = self.live.final_table()
-        if table:
-            self.err.write(table)
-        if summary.status == "failed" and self.failure is not None:
-            self.err.write(f"orch: run failed: {self.failure.reason}\n")
-            if self.diagnosis is not None:
-                self.err.write(f"orch: diagnosis: {self.diagnosis.message}\n")
-            if self.failure.rank is not None:
-                tail = list(self.states[self.failure.rank].tail)[-SHOW_LINES:]
-                if tail:
-                    self.err.write(f"orch: last lines of rank {self.failure.rank}:\n")
-                    for line in tail:
-                        self.err.write(f"    {line}\n")
-        elif summary.status == "interrupted":
-            self.err.write("orch: run interrupted; all ranks stopped\n")
-        self.err.write(f"orch: {summary.status} in {summary.duration_s:.2f}s; run directory {summary.run_dir}\n")
-        self.err.flush()
+        rank = summary.failed_rank
+        tail = list(self.states[rank].tail)[-SHOW_LINES:] if summary.status == "failed" and rank is not None else []
+        self.live.end(summary, tail)
