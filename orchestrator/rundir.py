@@ -42,10 +42,10 @@ from orchestrator.hostfile import ConfigError
 SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
 PLAN = "plan.json"
-MLX_HOSTFILE = "mlx-hostfile.json"  # the name plan.py gives MLX_HOSTFILE
+MLX_HOSTFILE = "mlx-hostfile.json"  # = plan.FILE_NAMES["MLX_HOSTFILE"] (plan.py stays light; tests/test_records.py checks)
 STAGING = "staging.json"
 LOGS = "logs"
-CHECKPOINTS = "checkpoints"  # = runtime.checkpoint.CHECKPOINTS_DIR (tests/test_rundir_names.py checks)
+CHECKPOINTS = "checkpoints"  # = runtime.checkpoint.CHECKPOINTS_DIR (tests/test_records.py checks)
 LATEST = "latest.json"  # the checkpoint manifest in CHECKPOINTS (= runtime.checkpoint.MANIFEST)
 REPORT_HTML = "report.html"
 REPORT_DIR = "report"

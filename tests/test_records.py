@@ -121,3 +121,13 @@ def test_drain_waits_a_bounded_time_then_cancels():
 
     quick, stuck = asyncio.run(asyncio.wait_for(main(), 10))
     assert quick.done() and not quick.cancelled() and stuck.cancelled()
+
+
+def test_run_directory_names_agree_with_the_sides_that_cannot_import_rundir():
+    """rundir.py owns the names; the runtime (never imports the controller) and plan.py (on the launch
+    path, kept light) spell three of them again: they must agree."""
+    from orchestrator import plan, rundir
+    from orchestrator.runtime import checkpoint
+
+    assert (rundir.CHECKPOINTS, rundir.LATEST) == (checkpoint.CHECKPOINTS_DIR, checkpoint.MANIFEST)
+    assert plan.FILE_NAMES["MLX_HOSTFILE"] == rundir.MLX_HOSTFILE

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
+from orchestrator import rundir
 from orchestrator.remote import REMOTE_BASE
 from orchestrator.remote.ssh import Connection, asyncssh
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 TRASH_PREFIX = ".trash-"          # runs/.trash-<run-id>-h<i>: collected, retired, deleted by a later run
 RETIRE_TIMEOUT_S = 30.0
-STATS_FILE = "staging.json"       # in the local run directory: what was staged and collected
+STATS_FILE = rundir.STAGING       # in the local run directory: what was staged and collected
 
 
 def _new_stats() -> "StageStats":
@@ -115,8 +116,8 @@ def resume_path(site: Site, local_file: Optional[str]) -> Optional[str]:
 def latest_checkpoint(local_run_dir: Path) -> Optional[tuple[Path, Path]]:
     """A restarted attempt resumes from the checkpoint the last one brought home: ``(its directory, latest.json)``,
     or None. Every attempt gets fresh sites, so rank 0's site gets it again."""
-    local = local_run_dir / "checkpoints"
-    manifest = local / "latest.json"
+    local = local_run_dir / rundir.CHECKPOINTS
+    manifest = local / rundir.LATEST
     if not manifest.is_file():
         return None
     try:
