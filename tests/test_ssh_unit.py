@@ -30,7 +30,7 @@ from orchestrator.launch.ssh import (
     remote_env,
     signal_number,
 )
-from orchestrator.remote import collect, sites, staging
+from orchestrator.remote import collect, sites, manifest, stager
 from orchestrator.remote.sites import HostLink, Site
 from orchestrator.remote.ssh import Connection, SSHOptions, describe_connect_error
 from orchestrator.runtime import checkpoint as ckpt
@@ -500,27 +500,27 @@ def test_code_tree_skips_caches_and_places_staged_paths(tmp_path):
     outside = tmp_path / "shared-data"
     outside.mkdir()
     (outside / "big.bin").write_bytes(b"\0" * 10)
-    tree = staging.code_tree(d, [str(outside), str(d / "sub")], staging.HashCache(tmp_path / "h.json"))
+    tree = manifest.code_tree(d, [str(outside), str(d / "sub")], manifest.HashCache(tmp_path / "h.json"))
     assert [f.rel for f in tree.files] == ["shared-data/big.bin", "sub/b.py", "tool.sh", "train.py"]
     assert next(f for f in tree.files if f.rel == "tool.sh").object_name.endswith(".x")
     assert tree.dirs == ["shared-data", "sub"]
-    again = staging.code_tree(d, [str(outside), str(d / "sub")], staging.HashCache(tmp_path / "h.json"))
+    again = manifest.code_tree(d, [str(outside), str(d / "sub")], manifest.HashCache(tmp_path / "h.json"))
     assert again.digest == tree.digest
 
 
 def test_runtime_tree_is_the_runtime_only():
-    rels = {f.rel for f in staging.runtime_tree().files}
+    rels = {f.rel for f in manifest.runtime_tree().files}
     assert {"orchestrator/__init__.py", "orchestrator/protocol.py", "orchestrator/runtime/guard.py",
             "orchestrator/runtime/bootstrap.py"} <= rels
     assert not any(r.startswith(("orchestrator/launch", "orchestrator/cli", "orchestrator/supervisor")) for r in rels)
 
 
 def test_a_huge_script_directory_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(staging, "MAX_FILES", 3)
+    monkeypatch.setattr(manifest, "MAX_FILES", 3)
     for i in range(5):
         (tmp_path / f"f{i}.py").write_text("x")
-    with pytest.raises(staging.StagingError, match="--cwd"):
-        staging.code_tree(tmp_path, cache=staging.HashCache(tmp_path / "h.json"))
+    with pytest.raises(manifest.StagingError, match="--cwd"):
+        manifest.code_tree(tmp_path, cache=manifest.HashCache(tmp_path / "h.json"))
 
 
 # ----------------------------------------------------------------------------- collection path safety
@@ -646,9 +646,9 @@ def test_collection_never_writes_through_a_local_symlink(tmp_path):
 
 
 def _helper_payload(tmp_path: Path) -> bytes:
-    req = {"objects": str(tmp_path / "objects"), "mtime": staging.OBJECT_MTIME, "commit": [], "trees": [],
+    req = {"objects": str(tmp_path / "objects"), "mtime": stager.OBJECT_MTIME, "commit": [], "trees": [],
            "place": [], "dirs": [str(tmp_path / "made-by-helper")]}
-    return json.dumps({"src": staging.HELPER, "req": req}).encode()
+    return json.dumps({"src": stager.HELPER, "req": req}).encode()
 
 
 def test_first_rank_session_runs_the_helper_then_waits_for_its_release(tmp_path):
@@ -663,7 +663,7 @@ def test_first_rank_session_runs_the_helper_then_waits_for_its_release(tmp_path)
     p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=tmp_path)
     try:
-        p.stdin.write(staging.helper_frame(_helper_payload(tmp_path)))
+        p.stdin.write(stager.helper_frame(_helper_payload(tmp_path)))
         p.stdin.flush()
         answer = b""
         while b'"missing"' not in answer:
@@ -690,7 +690,7 @@ def test_a_first_rank_session_whose_helper_never_ran_does_not_start_the_rank(tmp
     (code_dir / "dump.py").write_text("open('STARTED', 'w')\n")
     spec = RankSpec(rank=0, host="remote1", script="/local/path/dump.py", python=sys.executable, env={})
     cmd = rank_command(spec, _site(tmp_path, code_dir, tmp_path / "run"), helper_python=str(tmp_path / "no-python"))
-    p = subprocess.run(["sh", "-c", cmd], input=staging.helper_frame(_helper_payload(tmp_path)) + b"\n",
+    p = subprocess.run(["sh", "-c", cmd], input=stager.helper_frame(_helper_payload(tmp_path)) + b"\n",
                        capture_output=True, cwd=tmp_path, timeout=30)
     assert p.returncode != 0
     assert not list(tmp_path.rglob("STARTED")) and not (tmp_path / "made-by-helper").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from orchestrator.remote import staging
+from orchestrator.remote import manifest, stager
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,8 +74,8 @@ class _Host:
         self.server.close()
         await self.server.wait_closed()
 
-    def stager(self, base: Path, **kw) -> staging.RemoteStager:
-        return staging.RemoteStager(self.sftp, str(base), python=kw.pop("python", sys.executable), **kw)
+    def stager(self, base: Path, **kw) -> stager.RemoteStager:
+        return stager.RemoteStager(self.sftp, str(base), python=kw.pop("python", sys.executable), **kw)
 
 
 @pytest.fixture
@@ -89,8 +89,8 @@ def project(tmp_path):
     return d
 
 
-def _tree(project: Path) -> staging.Tree:
-    return staging.code_tree(project, cache=staging.HashCache(project.parent / "hashes.json"))
+def _tree(project: Path) -> manifest.Tree:
+    return manifest.code_tree(project, cache=manifest.HashCache(project.parent / "hashes.json"))
 
 
 def _objects(base: Path) -> dict[str, Path]:
@@ -155,7 +155,7 @@ def test_a_poisoned_object_is_detected_and_sent_again(tmp_path, project):
 
 def test_a_changed_shared_runtime_is_rebuilt(tmp_path):
     base = tmp_path / "remote" / "cache"
-    rt = staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
+    rt = manifest.runtime_tree(manifest.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as host:
@@ -175,13 +175,13 @@ def test_a_changed_shared_runtime_is_rebuilt(tmp_path):
     assert not s1.runtime_reused and not s2.runtime_reused and s3.runtime_reused
     assert s2.uploaded_files == 0  # the objects were intact: only the shared copy was rebuilt
     assert "poisoned" not in (root / "orchestrator" / "protocol.py").read_text()
-    assert (root / "orchestrator" / "protocol.py").read_bytes() == (staging.PACKAGE_DIR / "protocol.py").read_bytes()
+    assert (root / "orchestrator" / "protocol.py").read_bytes() == (manifest.PACKAGE_DIR / "protocol.py").read_bytes()
 
 
 def test_a_damaged_upload_is_refused(tmp_path, project, monkeypatch):
     base = tmp_path / "remote" / "cache"
     tree = _tree(project)
-    real_put = staging.RemoteStager._put_tmp
+    real_put = stager.RemoteStager._put_tmp
 
     async def truncating_put(self, f, kind):  # the transfer went wrong on the way
         c = await real_put(self, f, kind)
@@ -189,11 +189,11 @@ def test_a_damaged_upload_is_refused(tmp_path, project, monkeypatch):
         Path(c["tmp"]).write_bytes(b"x" * f.size)
         return c
 
-    monkeypatch.setattr(staging.RemoteStager, "_put_tmp", truncating_put)
+    monkeypatch.setattr(stager.RemoteStager, "_put_tmp", truncating_put)
 
     async def go():
         async with _Host(tmp_path) as host:
-            with pytest.raises(staging.StagingError) as e:
+            with pytest.raises(manifest.StagingError) as e:
                 await host.stager(base).stage(runs=[(tree, str(tmp_path / "run1"), "code")])
             return str(e.value)
 
@@ -247,7 +247,7 @@ def test_a_missing_interpreter_falls_back_to_sftp(tmp_path, project):
 
 def test_one_command_per_host_when_nothing_changed(tmp_path, project):
     base = tmp_path / "remote" / "cache"
-    tree, rt = _tree(project), staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
+    tree, rt = _tree(project), manifest.runtime_tree(manifest.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as host:
@@ -268,13 +268,13 @@ def test_one_command_per_host_when_nothing_changed(tmp_path, project):
 def test_hosts_sharing_a_filesystem_stage_the_same_content_at_once(tmp_path, project):
     """Four hosts on one filesystem (an NFS home): all upload, repair and build together, all end up right."""
     base = tmp_path / "remote" / "cache"
-    tree, rt = _tree(project), staging.runtime_tree(staging.HashCache(tmp_path / "h.json"))
+    tree, rt = _tree(project), manifest.runtime_tree(manifest.HashCache(tmp_path / "h.json"))
 
     async def go():
         async with _Host(tmp_path) as a, _Host(tmp_path) as b:
             hosts = [a, b, a, b]
 
-            async def one(i: int, label: str) -> staging.StageStats:
+            async def one(i: int, label: str) -> stager.StageStats:
                 st = hosts[i].stager(base)
                 await st.stage(shared=[(rt, "runtime")], runs=[(tree, str(tmp_path / label / f"h{i}"), "code")])
                 return st.stats
@@ -292,7 +292,7 @@ def test_hosts_sharing_a_filesystem_stage_the_same_content_at_once(tmp_path, pro
     root, second = asyncio.run(go())
     for i in range(4):
         assert (tmp_path / "second" / f"h{i}" / "data" / "x.txt").read_text() == "original data\n"
-    assert (root / "orchestrator" / "protocol.py").read_bytes() == (staging.PACKAGE_DIR / "protocol.py").read_bytes()
+    assert (root / "orchestrator" / "protocol.py").read_bytes() == (manifest.PACKAGE_DIR / "protocol.py").read_bytes()
     assert sum(s.repaired for s in second) >= 1
     leftovers = [p.name for p in (base / "runtime").iterdir() if p.name.startswith(".")]
     assert leftovers == [] and not list((base / "objects").glob(".*"))
@@ -302,7 +302,7 @@ def _run_helper_here(req: dict, capsys) -> dict:
     """HELPER in this process (so a test can force its macOS branch); what it would send back."""
     import json
 
-    exec(staging.HELPER, {"REQ": {"mtime": staging.OBJECT_MTIME, "commit": [], "trees": [], "dirs": [], **req},
+    exec(stager.HELPER, {"REQ": {"mtime": stager.OBJECT_MTIME, "commit": [], "trees": [], "dirs": [], **req},
                           "__name__": "orch_stage"})
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -348,3 +348,35 @@ def test_on_macos_without_clones_runs_get_plain_copies(tmp_path, monkeypatch, ca
     out = _run_helper_here({"objects": str(objects), "place": [[name, len(data), name, 0o644, [str(dst)]]]}, capsys)
     assert out["method"] == "copy" and dst.read_bytes() == data
     assert os.stat(dst).st_ino != os.stat(objects / name).st_ino
+
+
+def test_the_helper_is_a_stdlib_module_shipped_as_its_own_source(tmp_path, capsys):
+    """What the host runs is stage_helper.py itself: importing it does nothing, it needs only the standard
+    library (it runs under -S, without orch installed), and ``run`` does in-process what the shipped copy does."""
+    import ast
+    import importlib
+
+    from orchestrator.remote import stage_helper
+
+    path = Path(stage_helper.__file__)
+    assert stager.HELPER == path.read_text()
+    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(stager.HELPER)) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(stager.HELPER))
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    importlib.reload(stage_helper)
+    assert capsys.readouterr().out == ""  # imported, not run
+
+    data = b"weights\n"
+    name = _sha(data)
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / name).write_bytes(data)
+    place = [[name, len(data), name, 0o644, [str(tmp_path / "a" / "w.bin")]], ["0" * 64, 1, "0" * 64, 0o644, []]]
+    req = {"objects": str(tmp_path / "objects"), "mtime": stager.OBJECT_MTIME, "commit": [], "trees": [],
+           "dirs": [], "place": place}
+    assert stage_helper.run(req)["missing"] == ["0" * 64]
+    assert (tmp_path / "a" / "w.bin").read_bytes() == data
+    (tmp_path / "a" / "w.bin").unlink()
+    shipped = _run_helper_here(req, capsys)  # the copy exec'd as on a host answers the same
+    assert shipped["missing"] == ["0" * 64] and shipped["placed"] == 1 and shipped["errors"] == []

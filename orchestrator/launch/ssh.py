@@ -59,7 +59,7 @@ from orchestrator.launch.base import (
     new_token,
     token_line,
 )
-from orchestrator.remote import collect, sites as layout, staging
+from orchestrator.remote import collect, sites as layout, manifest, stager, staging
 from orchestrator.remote.sites import HostLink, Site
 from orchestrator.remote.ssh import Connection, SSHOptions, connect
 
@@ -114,7 +114,7 @@ def rank_command(spec: RankSpec, site: Site, *, helper_python: Optional[str] = N
     A script runs from the site's staged copy of its directory (unless --cwd, or the site stages no code);
     its environment points at the site's run directory and staged runtime.
 
-    ``helper_python``: the host's first rank session runs the staging helper first (``staging.helper_command``,
+    ``helper_python``: the host's first rank session runs the staging helper first (``stager.helper_command``,
     fed a framed request on the same stdin): every session pays for the login shell and its rc files
     (``pyenv init`` in .bashrc: ~0.3 s of CPU), so the host pays for one shell instead of two. The release line
     must then read ``start``: if the helper never ran, what it did not read must not release the rank.
@@ -128,7 +128,7 @@ def rank_command(spec: RankSpec, site: Site, *, helper_python: Optional[str] = N
     argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,),
                           resume_path=layout.resume_path(site, spec.resume_file))
     if helper_python:
-        return (staging.helper_command(helper_python) + '; read -r orch_go && [ "$orch_go" = ' + RELEASE.decode().strip()
+        return (stager.helper_command(helper_python) + '; read -r orch_go && [ "$orch_go" = ' + RELEASE.decode().strip()
                 + " ] && " + build_command(argv, env, cwd))
     return "read -r orch_go && " + build_command(argv, env, cwd)
 
@@ -281,7 +281,7 @@ class SSHLauncher(Launcher):
         self.run_id: Optional[str] = None
         self.stats: dict = {}                     # what staging.json says
         self._local_run_dir: Optional[Path] = None
-        self._code_tree: Optional[staging.Tree] = None
+        self._code_tree: Optional[manifest.Tree] = None
         self._pending: dict[int, asyncssh.SSHClientProcess] = {}  # rank -> session opened in prepare, not yet released
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -323,7 +323,7 @@ class SSHLauncher(Launcher):
 
         # Hash the local trees while the connections are being made.
         need_code = any(s.stage_code for s in self.sites.values())
-        trees = asyncio.ensure_future(asyncio.to_thread(staging.local_trees, script.parent, need_code, self.stage))
+        trees = asyncio.ensure_future(asyncio.to_thread(manifest.local_trees, script.parent, need_code, self.stage))
         links = list(self.links.values())
         inputs = self._site_inputs()
 
@@ -370,11 +370,11 @@ class SSHLauncher(Launcher):
             said = [str(e) for _, e in failed if isinstance(e, LaunchError)]
             if said:
                 raise LaunchError("; ".join(dict.fromkeys(said)))
-            if all(isinstance(e, staging.StagingError) for _, e in failed):
+            if all(isinstance(e, manifest.StagingError) for _, e in failed):
                 msgs = sorted({str(e) for _, e in failed})
                 if len(msgs) == 1 and not str(msgs[0]).startswith("cannot place"):
                     raise LaunchError(msgs[0])  # a local problem (e.g. a huge script directory): say it once
-            raise LaunchError("staging failed on " + "; ".join(f"{l.name}: {staging.describe_sftp_error(e)}" for l, e in failed))
+            raise LaunchError("staging failed on " + "; ".join(f"{l.name}: {stager.describe_sftp_error(e)}" for l, e in failed))
         self.stats = layout.stats_summary(self.run_id, time.monotonic() - t0, links, self.sites.values())
         layout.write_stats(self._local_run_dir, self.stats)
 

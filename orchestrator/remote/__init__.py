@@ -5,7 +5,10 @@
   wording of why a host could not be reached;
 * ``sites.py``: the remote run layout (``~/.cache/mlx-orch``): sites, run ids,
   retiring and purging run directories, what a restart re-stages;
-* ``staging.py``: content-addressed upload of the runtime and the script's directory;
+* ``manifest.py``: what gets staged, seen locally (files and their SHA-256, the hash cache);
+* ``stager.py``: one host's content-addressed object store, checked by hash, and a run's
+  own copies; it ships ``stage_helper.py``, the program that does that on the host;
+* ``staging.py``: one run's staging of a host (its paths, the runtime, each site's code and inputs);
 * ``collect.py``: results home, without trusting the names the remote sends.
 
 ``add_ssh_arguments`` lives here, not in ``ssh.py``: the command line is parsed

@@ -33,7 +33,7 @@ from orchestrator.remote import REMOTE_BASE
 from orchestrator.remote.ssh import Connection, asyncssh
 
 if TYPE_CHECKING:
-    from orchestrator.remote.staging import RemoteStager, StageStats
+    from orchestrator.remote.stager import RemoteStager, StageStats
 
 TRASH_PREFIX = ".trash-"          # runs/.trash-<run-id>-h<i>: collected, retired, deleted by a later run
 RETIRE_TIMEOUT_S = 30.0
@@ -41,7 +41,7 @@ STATS_FILE = rundir.STAGING       # in the local run directory: what was staged 
 
 
 def _new_stats() -> "StageStats":
-    from orchestrator.remote.staging import StageStats
+    from orchestrator.remote.stager import StageStats
 
     return StageStats()
 
