@@ -287,9 +287,11 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
 
 def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: RunDir, mpi: Optional["MPIInstall"]) -> Launcher:
     if plan.backend == "mpi":
-        from orchestrator.launch.mpi import MPILauncher
+        from orchestrator.launch.mpi import MPILauncher, MPIOptions
 
-        return MPILauncher(hostfile, req, rundir.path, mpi)
+        options = MPIOptions.of(mpirun=req.mpirun, mpi_args=req.mpi_args, ssh_config=req.ssh_config,
+                                identity=req.identity)
+        return MPILauncher(hostfile, options, rundir.path, mpi)
     return _launcher_for(hostfile, req)
 
 

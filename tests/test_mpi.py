@@ -183,16 +183,12 @@ import subprocess
 
 from orchestrator import protocol
 from orchestrator.launch.base import ExitStatus
-from orchestrator.launch.mpi import MPILauncher, MPIRank
-
-
-class _Req:
-    mpirun = None
+from orchestrator.launch.mpi import MPILauncher, MPIOptions, MPIRank
 
 
 def _launcher(tmp_path, n=2):
     mpi = find_mpi(env_prefix=str(fake_install(tmp_path / "p", "pypi")), path="/x", version_of=lambda _: OPENMPI5)
-    return MPILauncher(local_hostfile(n), _Req(), tmp_path, mpi)
+    return MPILauncher(local_hostfile(n), MPIOptions(), tmp_path, mpi)
 
 
 def test_demux_keeps_long_lines_and_takes_exit_codes_as_information(tmp_path):
@@ -245,3 +241,25 @@ def test_kill_reaches_only_mpiruns_own_group(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_the_launcher_takes_only_its_options_and_they_reach_the_mpirun_line(tmp_path):
+    """--mpi-arg (split), --ssh-config and -i reach mpirun; the user and port come from the hostfile."""
+    from types import SimpleNamespace
+
+    from orchestrator.job import RunRequest, make_launcher
+
+    hf = parse_hostfile({"hosts": [{"ssh": "n1", "user": "u", "port": 2222}, {"ssh": "n2", "user": "u", "port": 2222}]})
+    mpi = find_mpi(env_prefix=str(fake_install(tmp_path / "p", "pypi")), path="/x", version_of=lambda _: OPENMPI5)
+    req = RunRequest(script="train.py", mpi_args=["--bind-to none", "--report-bindings"], ssh_config="/cfg",
+                     identity=["/k1", "/k2"])
+    launcher = make_launcher(hf, req, SimpleNamespace(backend="mpi"), SimpleNamespace(path=tmp_path), mpi)
+    assert isinstance(launcher, MPILauncher) and not hasattr(launcher, "req")
+    assert launcher.options == MPIOptions(mpi_args=("--bind-to", "none", "--report-bindings"), ssh_config="/cfg",
+                                          identity=("/k1", "/k2"))
+    launcher.specs = [RankSpec(rank=r, host=f"n{r + 1}", script="/w/train.py", env={"ORCH_BACKEND": "mpi"})
+                      for r in range(2)]
+    cmd = launcher.command()
+    assert cmd[cmd.index("plm_rsh_args") + 1] == "-l u -p 2222 -F /cfg -i /k1 -i /k2"
+    at = cmd.index("--bind-to")
+    assert cmd[at:at + 3] == ["--bind-to", "none", "--report-bindings"]

@@ -209,6 +209,29 @@ def write_mpi_hostfile(hostfile: Hostfile, directory: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class MPIOptions:
+    """What the MPI launcher takes from the command line (``job.py`` builds it from the run request).
+
+    Everything else it needs comes with the ranks' specs (python, environment, ``--stdin`` mode,
+    working directory) or the hostfile (users, ports). Not ``remote.ssh.SSHOptions``: mpirun
+    starts its own ``ssh``, which takes only a config file and identities, and an MPI run must
+    not import asyncssh to say so.
+    """
+
+    mpirun: Optional[str] = None          # --mpirun; used only when no MPIInstall was found beforehand
+    mpi_args: tuple[str, ...] = ()        # --mpi-arg, each already split on whitespace
+    ssh_config: Optional[str] = None      # --ssh-config: ``-F`` for mpirun's ssh
+    identity: tuple[str, ...] = ()        # -i/--identity: ``-i`` for mpirun's ssh
+
+    @classmethod
+    def of(cls, *, mpirun: Optional[str] = None, mpi_args=(), ssh_config: Optional[str] = None,
+           identity=()) -> "MPIOptions":
+        """From the command line's values: each ``--mpi-arg ARGS`` may hold several arguments."""
+        return cls(mpirun=mpirun, mpi_args=tuple(a for arg in mpi_args or () for a in arg.split()),
+                   ssh_config=ssh_config or None, identity=tuple(identity or ()))
+
+
 class MPIRank(RankHandle):
     def __init__(self, launcher: "MPILauncher", rank: int, host: str):
         self.launcher = launcher
@@ -236,11 +259,11 @@ class MPIRank(RankHandle):
 class MPILauncher(Launcher):
     name = "mpi"
 
-    def __init__(self, hostfile: Hostfile, req, rundir_path: Path, mpi: Optional[MPIInstall] = None):
+    def __init__(self, hostfile: Hostfile, options: MPIOptions, rundir_path: Path, mpi: Optional[MPIInstall] = None):
         self.hostfile = hostfile
-        self.req = req
+        self.options = options
         self.rundir_path = rundir_path
-        self.mpi = mpi or find_mpi(getattr(req, "mpirun", None))
+        self.mpi = mpi or find_mpi(options.mpirun)
         self.specs: list[RankSpec] = []
         self.ranks: dict[int, MPIRank] = {}
         self.proc: Optional[asyncio.subprocess.Process] = None
@@ -264,12 +287,12 @@ class MPILauncher(Launcher):
             ssh += ["-l", users.pop()]
         if len(ports) == 1:
             ssh += ["-p", str(ports.pop())]
-        if getattr(self.req, "ssh_config", None):
-            ssh += ["-F", self.req.ssh_config]
-        for ident in getattr(self.req, "identity", []) or []:
+        if self.options.ssh_config:
+            ssh += ["-F", self.options.ssh_config]
+        for ident in self.options.identity:
             ssh += ["-i", ident]
-        extra = [a for arg in (getattr(self.req, "mpi_args", None) or []) for a in arg.split()]
-        return mpirun_command(self.mpi, self.specs, self.hostfile, str(hf), python, extra, " ".join(ssh) or None)
+        return mpirun_command(self.mpi, self.specs, self.hostfile, str(hf), python, list(self.options.mpi_args),
+                              " ".join(ssh) or None)
 
     async def start(self, spec: RankSpec) -> RankHandle:
         handle = MPIRank(self, spec.rank, spec.host)
