@@ -52,8 +52,8 @@ def test_a_narrow_wire_dtype_is_what_the_collective_sums(collective, wire):
     grads, loss = gradients()
     averaged, avg_loss = GradientAverager(TwoRanks(), wire)(grads, loss)
     mx.eval(averaged, avg_loss)
-    # The gradients went in the narrow dtype (one bucket); the loss alone in float32.
-    assert [(a.dtype, a.size) for a in collective] == [(getattr(mx, wire), 48 * 32 + 32), (mx.float32, 1)]
+    # The loss alone in float32 first, then the gradients in the narrow dtype (one bucket).
+    assert [(a.dtype, a.size) for a in collective] == [(mx.float32, 1), (getattr(mx, wire), 48 * 32 + 32)]
     # Back in float32, original shapes, equal up to one rounding to the wire dtype ...
     for name in ("weight", "bias"):
         got, want = averaged["layers"][0][name], grads["layers"][0][name]
@@ -64,6 +64,35 @@ def test_a_narrow_wire_dtype_is_what_the_collective_sums(collective, wire):
     assert np.array_equal(np.array(averaged["layers"][0]["weight"]), np.array(w.astype(getattr(mx, wire)).astype(mx.float32)))
     assert not np.array_equal(np.array(averaged["layers"][0]["weight"]), np.array(w))
     assert avg_loss.dtype == mx.float32 and avg_loss.item() == loss.item()
+
+
+def test_a_narrow_wire_pipelines_big_gradients_in_own_buckets_on_one_comm_stream(monkeypatch):
+    """Big gradients each get their own all_sum (cast straight to the wire buffer, overlapping the
+    transfer of the others); small ones share one; every collective runs on the averager's single
+    communication stream (two threads driving the ring at once would interleave its messages)."""
+    calls = []
+
+    def all_sum(x, *, group=None, stream=None):
+        calls.append((x.dtype, x.size, stream))
+        return x + x
+
+    monkeypatch.setattr(mx.distributed, "all_sum", all_sum)
+    rng = np.random.default_rng(1)
+    big = [mx.array(rng.standard_normal((1024, 600), dtype=np.float32)).T for _ in range(2)]  # 1.2 MB in bf16
+    small = [mx.array(rng.standard_normal((64,), dtype=np.float32)) for _ in range(3)]
+    grads = {"big": big, "small": small}
+    averager = GradientAverager(TwoRanks(), "bfloat16")
+    averaged, avg_loss = averager(grads, mx.array(0.5))
+    mx.eval(averaged, avg_loss)
+    assert sorted((str(d), n) for d, n, _ in calls) == sorted(
+        [("mlx.core.float32", 1), ("mlx.core.bfloat16", 600 * 1024), ("mlx.core.bfloat16", 600 * 1024),
+         ("mlx.core.bfloat16", 3 * 64)])
+    assert calls[0][:2] == (mx.float32, 1)  # the loss first
+    assert {s for _, _, s in calls} == {averager.comm} and averager.comm != mx.default_stream(mx.cpu)
+    for got, want in zip(averaged["big"] + averaged["small"], big + small):
+        assert got.shape == want.shape and got.dtype == mx.float32
+        assert np.array_equal(np.array(got), np.array(want.astype(mx.bfloat16).astype(mx.float32)))
+    assert avg_loss.item() == 0.5
 
 
 def test_float32_sends_gradients_and_loss_in_one_float32_buffer(collective):
