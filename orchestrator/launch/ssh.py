@@ -59,7 +59,7 @@ from orchestrator.launch.base import (
     new_token,
     token_line,
 )
-from orchestrator.remote import collect, sites as layout, manifest, stager, staging
+from orchestrator.remote import collect, manifest, sites as layout, stager, staging
 from orchestrator.remote.sites import HostLink, Site
 from orchestrator.remote.ssh import Connection, SSHOptions, connect
 
