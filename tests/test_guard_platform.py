@@ -16,23 +16,29 @@ PROBE = r"""
 import json, os, socket, sys
 sys.platform = PLATFORM
 before = set(sys.modules)
-from orchestrator.runtime import guard
+from orchestrator.runtime import guard  # and with it every module it imports, on this branch
+from orchestrator.runtime import control_channel, proctree, rank_sampling, ringstart
 s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(4); port = s.getsockname()[1]
 pid = os.getpid()
 result = {
-    'listening': guard.is_listening(pid, port),
-    'foreign_port_is_not_mine': guard.is_listening(pid, FOREIGN),
-    'accepted_before': guard.has_accepted(pid, port),
-    'stopped': guard.is_stopped(pid),
-    'in_table': pid in guard.process_table(),
-    'rss': guard.rss_bytes([pid]).get(pid, 0),
-    'available': guard.system_available_bytes(),
+    'listening': ringstart.is_listening(pid, port),
+    'foreign_port_is_not_mine': ringstart.is_listening(pid, FOREIGN),
+    'accepted_before': ringstart.has_accepted(pid, port),
+    'stopped': rank_sampling.is_stopped(pid),
+    'in_table': pid in proctree.process_table(),
+    'rss': rank_sampling.rss_bytes([pid]).get(pid, 0),
+    'available': rank_sampling.system_available_bytes(),
+    'cpu_known': pid in rank_sampling.cpu_seconds([pid]),
+    'sample': rank_sampling.sample(pid, set()),
+    'subreaper': proctree.become_subreaper(),
+    'pdeathsig': proctree.die_with_parent() is not None,
 }
 c = socket.create_connection(('127.0.0.1', port)); a, _ = s.accept()
-result['accepted_after'] = guard.has_accepted(pid, port)
+result['accepted_after'] = ringstart.has_accepted(pid, port)
 allowed = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 result['foreign_modules'] = sorted(m for m in set(sys.modules) - before
                                    if m.split('.')[0] not in allowed and m.split('.')[0] != 'orchestrator')
+result['guard_modules'] = sorted(m for m in sys.modules if m.startswith('orchestrator.'))
 print(json.dumps(result))
 """
 
@@ -56,6 +62,14 @@ def test_every_branch_is_stdlib_only_and_sees_the_processes_own_socket(platform)
         assert result["available"] is None  # no recorded vm_stat to parse yet: None, not a guess
     else:
         assert result["available"] > 0
+    assert result["cpu_known"] is True
+    sample = result["sample"]  # the rss event's fields: from /proc, or (darwin) from one ps
+    assert sample["rss_bytes"] == sample["tree_rss_bytes"] and sample["stopped"] is False
+    assert sample["cpu_s"] is not None and (sample["system_available_bytes"] is None) == (platform == "darwin")
+    # Linux only: a subreaper and PR_SET_PDEATHSIG; the macOS branch snapshots the tree instead.
+    assert result["subreaper"] is result["pdeathsig"] is (platform == "linux")
+    assert {"orchestrator.runtime.proctree", "orchestrator.runtime.rank_sampling",
+            "orchestrator.runtime.control_channel", "orchestrator.runtime.ringstart"} <= set(result["guard_modules"])
 
 
 def test_psutil_is_not_importable_under_dash_s():

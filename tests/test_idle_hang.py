@@ -37,7 +37,7 @@ from orchestrator.hostfile import local_hostfile
 from orchestrator.launch.base import ExitStatus, RankSpec
 from orchestrator.plan import plan_job
 from orchestrator.rundir import RunDir
-from orchestrator.runtime import guard
+from orchestrator.runtime import rank_sampling
 from orchestrator.supervisor import Supervisor, SupervisorOptions
 from tests.orch_helpers import SCRIPTS, alive, finish, kill_tree, orch_argv, run_orch, summary
 from tests.test_guard_support import start_guard  # noqa: F401 (fixture)
@@ -52,7 +52,7 @@ from tests.test_hostile_ranks import FakeLauncher
     ("", None), ("x", None), ("1:-2", None), ("1:2:3:4", None), ("2-", None),
 ])
 def test_ps_cpu_time_is_read_in_both_formats(text, secs):
-    got = guard.parse_ps_time(text)
+    got = rank_sampling.parse_ps_time(text)
     assert got == pytest.approx(secs) if secs is not None else got is None
 
 
@@ -96,7 +96,7 @@ def test_rss_samples_carry_cpu_time_and_the_stopped_state_and_dump_is_answered(s
 
     os.kill(rank, signal.SIGSTOP)
     deadline = time.monotonic() + 10  # the stop lands asynchronously
-    while not guard.is_stopped(rank) and time.monotonic() < deadline:
+    while not rank_sampling.is_stopped(rank) and time.monotonic() < deadline:
         time.sleep(0.01)
     g.send("dump\n")
     answer = _nth_event(g, "dump", 1)
@@ -118,13 +118,13 @@ def test_cpu_time_includes_children_waited_for_linux():
     """A shell loop of short commands advances too: on Linux a process's time includes its reaped children's."""
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc")
-    before = guard.cpu_seconds([os.getpid()])[os.getpid()]
+    before = rank_sampling.cpu_seconds([os.getpid()])[os.getpid()]
     p = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()+0.5\nwhile time.process_time()<t: pass"])
     try:
         p.wait(timeout=60)
     finally:
         p.kill()
-    after = guard.cpu_seconds([os.getpid()])[os.getpid()]
+    after = rank_sampling.cpu_seconds([os.getpid()])[os.getpid()]
     assert after - before >= 0.45  # the child's 0.5 s (clock ticks are 10 ms)
 
 

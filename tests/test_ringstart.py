@@ -96,9 +96,10 @@ def test_every_orch_variable_is_named_in_protocol_only():
 
 
 def test_the_rank_side_is_stdlib_only_and_imports_under_dash_s():
-    """The guard imports runtime/ringstart.py under ``python -S`` (no site-packages), like protocol."""
-    code = ("import sys; from orchestrator.runtime import ringstart, guard; "
-            "assert guard.is_listening is ringstart.is_listening; "
+    """The guard imports runtime/ringstart.py (and its other stdlib-only siblings) under ``python -S``, like protocol."""
+    code = ("import sys; from orchestrator.runtime import guard; "
+            "mine = {'orchestrator.runtime.' + m for m in ('ringstart', 'proctree', 'rank_sampling', 'control_channel')}; "
+            "assert mine <= set(sys.modules), mine - set(sys.modules); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('pydantic', 'mlx', 'psutil', 'asyncssh')]; "
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
