@@ -27,12 +27,10 @@ from orchestrator.health.thunderbolt import (
     NoRingError,
     TopologyError,
     build_cable_graph,
-    find_peer_mac,
     find_ring,
-    parse_host,
-    parse_sp_thunderbolt,
     plan_thunderbolt_ring,
 )
+from orchestrator.health.thunderbolt_host import find_peer_mac, parse_host, parse_sp_thunderbolt
 
 FIX = Path(__file__).parent / "fixtures" / "macos"
 MBP_JSON = FIX / "sp_thunderbolt_json__m5max_mbp__tb5_peer_m3ultra_studio__omlxplus.json"
