@@ -12,7 +12,7 @@ with its step end times; ``mlx.launch`` exits 0 even when ranks fail, so
 ``benchmarks/scaling.py`` checks that every rank printed one.
 
 ``--bind`` pins the rank to block ``rank`` of ``world`` equal blocks of the
-allowed CPUs, the same split ``orch run --bind`` makes (``runtime/guard.py``),
+allowed CPUs, the same split ``orch run --bind`` makes (``runtime/proctree.py``),
 so both launchers can be compared pinned and unpinned.
 """
 
