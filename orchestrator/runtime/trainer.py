@@ -21,14 +21,18 @@ this module does the rest the same way for every recipe:
   ``mx.eval`` for parameters, optimizer state and the loss averaged over ranks;
 * writes atomic checkpoints (rank 0), samples memory, emits protocol events
   and prints a short progress line (rank 0).
+
+Where each part lives: this module has the recipe, the group, the trainer's
+state and its loop (checkpoints, evaluation, events, progress lines);
+``runtime/train_step.py`` one optimizer step (accumulation, memory pieces,
+balance weighting, all-reduce, update); ``runtime/rank_sync.py`` what ranks
+agree on (resume from rank 0, identical models, stopping together).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,17 +43,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten
 
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime import memfit
-from orchestrator.runtime.balance import BalancedSampler, Balancer, Decision
+from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
-from orchestrator.runtime.gradcomm import GradientAverager, inverse_permutation, memory_order  # noqa: F401 (re-exported)
+from orchestrator.runtime.gradcomm import GradientAverager
+from orchestrator.runtime.rank_sync import RankSync
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
+from orchestrator.runtime.train_step import TrainStep
 from orchestrator.runtime.zero import ShardedOptimizer, state_bytes
 
 BACKEND_ENV = protocol.ENV_BACKEND
@@ -140,27 +146,11 @@ def init_group() -> mx.distributed.Group:
     return group
 
 
-def broadcast_from_rank0(arrays: list[mx.array], group: mx.distributed.Group) -> list[mx.array]:
-    """Every rank gets rank 0's values: an ``all_sum`` where the other ranks contribute zeros.
-
-    ``x + 0 + ... + 0 == x`` exactly, so this is bit-exact (up to the sign of zero).
-    """
-    if group.size() == 1:
-        return arrays
-    if group.rank() != 0:
-        arrays = [mx.zeros_like(a) for a in arrays]
-    out = [mx.distributed.all_sum(a, group=group) for a in arrays]
-    mx.eval(out)
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 32-bit seed for MLX's generator at ``step`` on ``rank`` (stable across runs and resumes)."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _tokens_per_sample(recipe: Recipe, hp: Hparams) -> Optional[int]:
@@ -187,8 +177,13 @@ class _Say:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class Trainer:
-    """One rank's training state and loop. ``run()`` is the usual entry point."""
+class Trainer(RankSync, TrainStep):
+    """One rank's training state and loop. ``run()`` is the usual entry point.
+
+    The state is made here, and the loop, checkpoints, evaluation and reports
+    live here; the agreement across ranks (resume, rank 0's state, stopping
+    together) is ``RankSync`` and one optimizer step is ``TrainStep``.
+    """
 
     def __init__(self, recipe: Recipe, hp: Hparams, group: mx.distributed.Group, name: str) -> None:
         self.recipe, self.hp, self.group = recipe, hp, group
@@ -255,272 +250,6 @@ class Trainer:
         self.metrics: dict = {}
         if self.rank == 0:
             ckpt.clean_stale(self.ckpt_root)
-
-    # -- resume -------------------------------------------------------------
-
-    def _load_resume_checkpoint(self) -> None:
-        candidates = ckpt.resolve_resume(self.hp.resume)
-        if not candidates:
-            self.say(f"--resume: no checkpoint in {self.ckpt_root}; starting from scratch")
-            return
-        errors = []
-        for cand in candidates:
-            try:
-                model_arrays, opt_arrays = ckpt.load(cand)
-                self.model.load_weights(list(model_arrays.items()), strict=True)
-                if self.hp.shard_optimizer:  # sliced once the layout exists (_load_sharded_state)
-                    self._resume_optimizer = opt_arrays
-                else:
-                    self.optimizer.state = tree_unflatten(list(opt_arrays.items()))
-            except (ckpt.CheckpointError, ValueError) as e:
-                errors.append(str(e))
-                continue
-            state = cand.state
-            self._resume_shares = state.get("balance_shares")
-            self.step = int(state["step"])
-            self.position = DataPosition(epoch=int(state["epoch"]), offset=int(state["offset"]))
-            self.resumed_from = cand.path
-            self.say(f"resumed from {cand.path} (step {self.step})" + (f"; skipped: {errors}" if errors else ""))
-            return
-        raise ckpt.CheckpointError("no loadable checkpoint: " + "; ".join(errors))
-
-    def _sync_from_rank0(self, with_optimizer: bool = True) -> None:
-        """Make every rank start from rank 0's weights, optimizer state and data position.
-
-        Only rank 0 reads checkpoints (it is the only one guaranteed to have them
-        when ranks live on different hosts), and this also guards against ranks
-        whose initial weights differ (e.g. different MLX versions). Arrays are
-        paired by sorted name: a restored optimizer state need not iterate in
-        the same order as a freshly initialised one. A sharded optimizer's state
-        differs per rank by design: it is set up by :meth:`_load_sharded_state`.
-        """
-        if self.world == 1:
-            return
-        params = sorted(tree_flatten(self.model.parameters()), key=lambda kv: kv[0])
-        opt_state = sorted(tree_flatten(self.optimizer.state), key=lambda kv: kv[0]) if with_optimizer else []
-        self._check_same_structure(params + [("optimizer." + k, v) for k, v in opt_state])
-        counters = mx.array([self.step, self.position.epoch, self.position.offset], dtype=mx.int64)
-        synced = broadcast_from_rank0([a for _, a in params] + [a for _, a in opt_state] + [counters], self.group)
-        n_params = len(params)
-        synced_params, synced_state = synced[:n_params], synced[n_params:-1]
-        self.model.update(tree_unflatten([(k, a) for (k, _), a in zip(params, synced_params, strict=True)]))
-        if with_optimizer:
-            self.optimizer.state = tree_unflatten([(k, a) for (k, _), a in zip(opt_state, synced_state, strict=True)])
-        step, epoch, offset = (int(v) for v in synced[-1].tolist())
-        self.step, self.position = step, DataPosition(epoch=epoch, offset=offset)
-
-    def _load_sharded_state(self) -> None:
-        """Each rank takes its slices of the per-parameter optimizer state rank 0 resumed from, if any.
-
-        Checkpoints hold the ordinary per-parameter state whatever the world
-        size or sharding that wrote them, so this re-slices for this run.
-        """
-        assert self.sharded is not None
-        loaded = self._resume_optimizer is not None
-        if self.world > 1:
-            (flag,) = broadcast_from_rank0([mx.array(int(loaded))], self.group)
-            loaded = bool(flag.item())
-        if not loaded:
-            return
-        problem = None
-        if self.rank == 0:
-            missing = self.sharded.missing(self._resume_optimizer)
-            if missing:
-                problem = (f"--resume {self.resumed_from}: optimizer state does not fit this model/optimizer "
-                           f"(missing or misshapen: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
-        self._stop_together(problem)
-        self.sharded.load_state(self._resume_optimizer)
-        self._resume_optimizer = None
-
-    def _check_same_structure(self, named: list[tuple[str, mx.array]]) -> None:
-        """Fail clearly, instead of hanging in a mismatched all_sum, if ranks built different models."""
-        signature = ";".join(f"{k}:{a.shape}:{a.dtype}" for k, a in named)
-        digest = hashlib.blake2b(signature.encode(), digest_size=4).digest()
-        mine = mx.array(int.from_bytes(digest, "little"), dtype=mx.int64)
-        (rank0,) = broadcast_from_rank0([mine], self.group)
-        differs = rank0.item() != mine.item()
-        self._stop_together(
-            f"rank {self.rank} built a model/optimizer that differs from rank 0's "
-            "(a different recipe version or hyper-parameters on this host?)" if differs else None
-        )
-
-    def _stop_together(self, problem: Optional[str]) -> None:
-        """Raise on *every* rank if any rank has a problem, so none is left waiting in a collective."""
-        if self.world == 1:
-            if problem:
-                raise RuntimeError(problem)
-            return
-        failed = mx.distributed.all_sum(mx.array(int(problem is not None)), group=self.group).item()
-        if problem:
-            raise RuntimeError(problem)
-        if failed:
-            raise RuntimeError(f"stopping: {failed} other rank(s) failed to start (see their output)")
-
-    # -- balance (--balance speed) -------------------------------------------
-
-    def _gather(self, value: float) -> list[float]:
-        """Every rank's ``value``, in rank order: an all_sum where each rank fills its own slot (exact)."""
-        mine = np.zeros(self.world, dtype=np.float32)
-        mine[self.rank] = value
-        out = mx.distributed.all_sum(mx.array(mine), group=self.group)
-        return [float(v) for v in np.array(out)]
-
-    def _initial_shares(self) -> Optional[list[int]]:
-        """Rank 0's shares from the checkpoint it resumed (same world and batch), else equal: the same on every rank."""
-        hp, shares = self.hp, self._resume_shares
-        ok = (self.rank == 0 and isinstance(shares, list) and len(shares) == self.world
-              and all(isinstance(b, int) and b >= 1 for b in shares) and sum(shares) == self.world * hp.batch_size)
-        mine = np.array(shares if ok else [0] * self.world, dtype=np.float32)
-        (synced,) = broadcast_from_rank0([mx.array(mine)], self.group)
-        got = [int(v) for v in np.array(synced)]
-        return got if min(got) >= 1 else None
-
-    def _rebalanced(self, decision: Decision) -> None:
-        """Apply a check's outcome at this step boundary; report it if the shares changed."""
-        if not decision.changed:
-            return
-        assert isinstance(self.sampler, BalancedSampler)
-        self.sampler.set_shares(decision.shares)
-        if self.memory_line is not None and self.hp.fit_memory:  # a bigger share may need more pieces
-            self._apply_memory_plan(decision.shares[self.rank])
-        emit("rebalance", **decision.event_fields())
-        speeds = ", ".join(f"{s:,.0f}" for s in decision.speeds)
-        self.say(f"rebalance at step {decision.step} ({decision.reason}): per-rank batch "
-                 f"{decision.previous} -> {decision.shares} (measured samples/s {speeds}; predicted step "
-                 f"{1000 * decision.previous_step_s:.1f} -> {1000 * decision.predicted_step_s:.1f} ms of compute)")
-
-    # -- memory plan (memfit) -------------------------------------------------
-
-    @staticmethod
-    def _mlx_memory_fn(name: str) -> Optional[Callable]:
-        """``mx.<name>``, or ``mx.metal.<name>`` on MLX < 0.24; None where this MLX has neither."""
-        return getattr(mx, name, None) or getattr(getattr(mx, "metal", None), name, None)
-
-    def _probe_peak(self, batch: int) -> int:
-        """MLX's peak over forward + backward at ``batch`` samples (no update: nothing changes)."""
-        idx = np.arange(batch) % len(self.dataset)
-        self._mlx_memory_fn("reset_peak_memory")()
-        loss, grads = self.loss_and_grad(self.model, *self._batch(idx))
-        mx.eval(loss, grads)
-        peak = int(self._mlx_memory_fn("get_peak_memory")())
-        del loss, grads
-        return peak
-
-    def _plan_memory(self) -> None:
-        """Predict this rank's peak at its planned micro-batch; refuse together, or (--fit-memory) split it.
-
-        Every rank reaches the collective at the end, also one whose MLX cannot
-        measure a peak (it makes no plan): hosts of a mixed cluster may run
-        different MLX versions, and a rank that skipped it would leave the
-        others waiting in a mismatched all_sum.
-        """
-        problem = None
-        if all(self._mlx_memory_fn(f) for f in ("reset_peak_memory", "get_peak_memory", "clear_cache")):
-            plan = self._make_memory_plan()
-            problem = None if plan.fits else plan.refusal()
-        try:
-            self._stop_together(problem)
-        except RuntimeError as e:  # one line, no traceback: the controller shows it as this rank's last line
-            raise SystemExit(f"orch: {e}") from None
-
-    def _make_memory_plan(self) -> memfit.Plan:
-        share = self.balancer.share if self.balancer is not None else self.hp.batch_size
-        mx.eval(self.model.parameters(), self.optimizer.state)
-        points = [(b, self._probe_peak(b)) for b in sorted(set(memfit.probe_sizes(share)))]
-        self._mlx_memory_fn("clear_cache")()
-        self._mlx_memory_fn("reset_peak_memory")()  # the peaks reported from here on are training's own
-        param_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.trainable_parameters()))
-        # The update allocates new parameters and optimizer state while the old are alive; the gradient sum
-        # (accumulation) or the all-reduce's flat copy is one more parameter-sized set.
-        extra = 2 * param_bytes + self.optimizer_state_bytes()
-        sample = self.memory.sample(self.step)
-        metal = self.memory.metal_max_working_set
-        other = 0 if metal else max(0, sample["rss_bytes"] - sample["mlx_active_bytes"] - sample["mlx_cache_bytes"])
-        self.memory_line = memfit.fit(points, extra, other)
-        self.memory_budget = memfit.budget(sample["rss_bytes"], metal, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-        plan = self._apply_memory_plan(share)
-        emit("memory_plan", step=self.step, probes=[list(p) for p in points], **plan.event_fields())
-        return plan
-
-    def _apply_memory_plan(self, share: int) -> memfit.Plan:
-        assert self.memory_line is not None
-        plan = memfit.decide(self.memory_line, share, self.memory_budget, platform.node(), self.hp.fit_memory)
-        if plan.fits and plan.pieces != self.pieces:
-            print(f"[{self.say.name}] --fit-memory: rank {self.rank} ({plan.host}) runs its {share} samples per "
-                  f"micro-batch as {plan.pieces} pieces of <= {plan.micro_batch} (predicted peak "
-                  f"{format_bytes(plan.planned_peak_bytes)} -> {format_bytes(plan.predicted_peak_bytes)}, budget "
-                  f"{format_bytes(plan.budget_bytes)} from the {plan.budget_source})", flush=True)
-        self.pieces = plan.pieces if plan.fits else 1
-        return plan
-
-    def _loss_and_grad(self, indices: np.ndarray) -> tuple[mx.array, Any]:
-        """Mean loss and gradient over ``indices``; in ``self.pieces`` parts when memory asks for it.
-
-        The parts' means are combined weighted by their sizes, which is the mean
-        over all of ``indices``: the same gradient, less memory at once.
-        """
-        if self.pieces == 1:
-            return self.loss_and_grad(self.model, *self._batch(indices))
-        n = len(indices)
-        loss_sum, grad_sum = None, None
-        for start, end in memfit.split_pieces(n, self.pieces):
-            loss, grads = self.loss_and_grad(self.model, *self._batch(indices[start:end]))
-            w = (end - start) / n
-            loss, grads = loss * w, tree_map(lambda g: g * w, grads)
-            if grad_sum is None:
-                loss_sum, grad_sum = loss, grads
-            else:
-                loss_sum, grad_sum = loss_sum + loss, tree_map(mx.add, grad_sum, grads)
-            mx.eval(loss_sum, grad_sum)  # one piece's graph at a time: the point of splitting
-        return loss_sum, grad_sum
-
-    # -- one step -----------------------------------------------------------
-
-    def _batch(self, indices: np.ndarray) -> list[mx.array]:
-        return [mx.array(a) for a in self.dataset[indices]]
-
-    def train_step(self) -> tuple[mx.array, int]:
-        """One optimizer step; returns (loss averaged over ranks and micro-batches, epoch)."""
-        started = time.perf_counter()
-        epoch, micro_batches = self.sampler.next_step()
-        mx.random.seed(step_seed(self.hp.seed, self.step, self.rank))
-
-        k = len(micro_batches)
-        loss_sum, grad_sum = None, None
-        for j, indices in enumerate(micro_batches):
-            loss, grads = self._loss_and_grad(indices)
-            if grad_sum is None:
-                loss_sum, grad_sum = loss, grads
-            else:
-                loss_sum = loss_sum + loss
-                grad_sum = tree_map(mx.add, grad_sum, grads)
-            if j < k - 1:
-                # Bound memory to one micro-batch's graph: the point of accumulating.
-                mx.eval(loss_sum, grad_sum)
-        if k > 1:
-            grad_sum = tree_map(lambda g: g / k, grad_sum)
-            loss_sum = loss_sum / k
-        if self.balancer is not None:
-            # This rank's own compute, without the wait for the others in the all-reduce: its speed.
-            mx.eval(loss_sum, grad_sum)
-            self.balancer.record(time.perf_counter() - started, samples=k * len(micro_batches[0]))
-            w = self.balancer.weight
-            if w != 1.0:  # sample-count weighting: the all-reduce's mean is then the global-batch mean
-                grad_sum = tree_map(lambda g: g * w, grad_sum)
-                loss_sum = loss_sum * w
-        grads, loss = self._average(grad_sum, loss_sum)
-        if self.sharded is not None:
-            self.sharded.update(self.model, grads)
-        else:
-            self.optimizer.update(self.model, grads)
-        mx.eval(loss, self.model.parameters(), self.optimizer.state)
-        self.step += 1
-        return loss, epoch
-
-    def _average(self, grads: Any, loss: mx.array) -> tuple[Any, mx.array]:
-        """Average gradients and loss over ranks (``gradcomm.GradientAverager``: one all-reduce,
-        in ``--grad-dtype`` on the wire, results back in the gradients' own dtype)."""
-        return self.averager(grads, loss)
 
     # -- side work ----------------------------------------------------------
 
