@@ -63,6 +63,7 @@ class Config(Hparams):
     all_reduce_size: int = -1
     comm_stream: bool = False
     profile_steps: int = 0
+    profile_wait: bool = False
     noreduce_steps: int = 0
     stats_toggle: int = 0
     layout_aware: bool = False
@@ -216,8 +217,15 @@ def _barrier(group) -> None:
 
 
 def profile(tr: BenchTrainer, steps: int) -> dict:
-    """Per-phase times of ``steps`` steps (an eval after each phase)."""
-    comp, avg, upd, total = [], [], [], []
+    """Per-phase times of ``steps`` steps (an eval after each phase).
+
+    With ``--profile-wait`` a one-element all_sum (a barrier) runs between the
+    gradients and their averaging, so the all-reduce time splits into waiting
+    for the slowest rank (``wait_s``, the barrier's own latency included) and
+    moving the bytes (``allreduce_s``): only the second can shrink with a
+    narrower wire dtype.
+    """
+    comp, avg, upd, total, wait = [], [], [], [], []
     _barrier(tr.group)
     for _ in range(steps):
         _, micro = tr.sampler.next_step()
@@ -232,6 +240,11 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
                 grad_sum = tree_map(mx.add, grad_sum, grads)
             mx.eval(loss_sum, grad_sum)
         t1 = time.perf_counter()
+        if tr.hp.profile_wait:
+            _barrier(tr.group)
+            t1b = time.perf_counter()
+            wait.append(t1b - t1)
+            t1 = t1b
         grads, loss = tr._average(grad_sum, loss_sum)
         mx.eval(grads, loss)
         t2 = time.perf_counter()
@@ -243,9 +256,12 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
         avg.append(t2 - t1)
         upd.append(t3 - t2)
         total.append(time.perf_counter() - t0)
-    return {"compute_s": median(comp), "allreduce_s": median(avg), "update_s": median(upd),
-            "total_s": median(total), "allreduce_share": sum(avg) / sum(total),
-            "compute_steps_ms": [round(c * 1e3, 2) for c in comp]}
+    out = {"compute_s": median(comp), "allreduce_s": median(avg), "update_s": median(upd),
+           "total_s": median(total), "allreduce_share": sum(avg) / sum(total),
+           "compute_steps_ms": [round(c * 1e3, 2) for c in comp]}
+    if wait:
+        out.update(wait_s=median(wait), wait_share=sum(wait) / sum(total))
+    return out
 
 
 def noreduce(tr: BenchTrainer, steps: int) -> dict:

@@ -23,7 +23,8 @@ the median over repeats:
 
 efficiency = throughput(N) / (N x throughput(1)) with throughput(1) of the
 same launcher; grad-avg share = time in average_gradients / step time (the
-wait for the slowest rank included); no-allreduce eff = the efficiency the N
+wait for the slowest rank included, unless ``--profile-wait`` times that wait
+apart); no-allreduce eff = the efficiency the N
 ranks reach when they never communicate (contention for cores, memory
 bandwidth and the controller, without communication). The target is orch
 efficiency >= 0.9 at 8 ranks; the issue's anchor for a hand-written loop on a
@@ -196,6 +197,8 @@ def orch_once(n: int, *, bind: bool, steps: int, warmup: int, profile_steps: int
         res["allreduce_ms"] = statistics.mean(b["profile"]["allreduce_s"] for b in bench) * 1e3
         res["compute_ms"] = statistics.mean(b["profile"]["compute_s"] for b in bench) * 1e3
         res["compute_ms_max"] = max(b["profile"]["compute_s"] for b in bench) * 1e3
+        if all("wait_share" in b["profile"] for b in bench):
+            res["wait_share"] = statistics.mean(b["profile"]["wait_share"] for b in bench)
     if noreduce_steps:
         per_rank = per_step // n
         res["noreduce_samples_per_s"] = sum(per_rank / b["noreduce"]["step_s"] for b in bench)
@@ -403,7 +406,7 @@ def dtype_table(rows: dict[int, dict], ranks: list[int], dtypes: list[str], targ
     one = [x for d in dtypes for x in rows[1].get(f"orch:{d}", {}).get("samples_per_s", [])] if 1 in rows else []
     t1 = med(one)
     head = ("| N | grad dtype | orch samples/s | eff | grad-avg share | grad-avg ms | compute ms (mean / slowest rank) "
-            "| ceiling: no-allreduce eff | eff / ceiling | runs |")
+            "| ceiling: no-allreduce eff | eff / ceiling | wait share (--profile-wait) | runs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     stats: dict[tuple[int, str], dict] = {}
     for n in ranks:
@@ -414,12 +417,14 @@ def dtype_table(rows: dict[int, dict], ranks: list[int], dtypes: list[str], targ
             nr = med(o.get("noreduce_samples_per_s", []))
             ceil = nr / (n * t1) if nr and t1 else None
             share = med(o.get("allreduce_share", []))
-            stats[n, d] = {"eff": eff, "ceil": ceil, "share": share}
+            wait = med(o.get("wait_share", []))
+            stats[n, d] = {"eff": eff, "ceil": ceil, "share": share, "wait": wait}
             lines.append(
                 f"| {n} | {d} | {fmt(ot, ',.0f')} | {fmt(eff, '.3f')} | {fmt(share, '.1%')} | "
                 f"{fmt(med(o.get('allreduce_ms', [])), '.2f')} | {fmt(med(o.get('compute_ms', [])), '.1f')} / "
                 f"{fmt(med(o.get('compute_ms_max', [])), '.1f')} | {fmt(ceil, '.3f')} | "
-                f"{fmt(eff / ceil if eff and ceil else None, '.3f')} | {len(o.get('samples_per_s', []))} |")
+                f"{fmt(eff / ceil if eff and ceil else None, '.3f')} | {fmt(wait, '.1%')} | "
+                f"{len(o.get('samples_per_s', []))} |")
     lines.append("")
     top = max(ranks)
     if top > 1 and len(dtypes) >= 2:
@@ -531,6 +536,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="steps per run, warm-up included")
     ap.add_argument("--warmup", type=int, default=10, help="steps discarded at the start of each run")
     ap.add_argument("--profile-steps", type=int, default=15, help="profiled steps (grad-avg share) after the timed ones")
+    ap.add_argument("--profile-wait", action="store_true",
+                    help="profiled steps put a barrier before the all-reduce: the grad-avg share then counts only "
+                         "moving the bytes, and the wait for the slowest rank gets its own column")
     ap.add_argument("--noreduce-steps", type=int, default=15, help="steps without all-reduce after the profiled ones")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model-args", default="", help="recipe flags given to both loops, e.g. '--hidden 256 --batch-size 128'")
@@ -538,7 +546,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the mlx.launch loop")
     ap.add_argument("--grad-dtypes", default="",
                     help="e.g. 'float32,bfloat16': one orch arm per gradient dtype on the wire (--grad-dtype), "
-                         "alternating, and the dtype table")
+                         "alternating, and the dtype table; 'D/nokeep' adds an arm with --no-keep-freed-memory "
+                         "(glibc returns freed buffers to the kernel, as before runtime/allocator.py)")
     ap.add_argument("--target-eff", type=float, default=0.92, help="efficiency target the dtype table checks")
     ap.add_argument("--bare", action="store_true",
                     help="also run the hand-written loop started by bare Popen (no launcher process)")
@@ -572,6 +581,8 @@ def main() -> None:
 
     ranks = sorted({1, *(int(x) for x in a.ranks.split(","))})
     common, extra = shlex.split(a.model_args), shlex.split(a.orch_args)
+    if a.profile_wait:
+        extra.append("--profile-wait")
     info = machine_info()
     print(f"# machine: {info}", flush=True)
     dtypes = [d for d in a.grad_dtypes.split(",") if d]
@@ -584,11 +595,11 @@ def main() -> None:
 
     def one(rep: int, n: int, which: str) -> None:
         if which.startswith("orch"):
-            dt = which.partition(":")[2]
+            dt, _, variant = which.partition(":")[2].partition("/")  # e.g. "bfloat16/nokeep"
+            flags = (["--grad-dtype", dt] if dt else []) + (["--no-keep-freed-memory"] if variant == "nokeep" else [])
             res = orch_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, profile_steps=a.profile_steps,
-                            noreduce_steps=a.noreduce_steps, common=common,
-                            extra=extra + (["--grad-dtype", dt] if dt else []), tmp=tmp,
-                            tag=f"n{n}-r{rep}-{dt or 'default'}", timeout=a.timeout)
+                            noreduce_steps=a.noreduce_steps, common=common, extra=extra + flags, tmp=tmp,
+                            tag=f"n{n}-r{rep}-{(dt or 'default') + (variant and '-' + variant)}", timeout=a.timeout)
             note = (f"share {res.get('allreduce_share', 0):.1%}  noreduce {res.get('noreduce_samples_per_s', 0):,.0f}  "
                     f"ctl cpu {res['controller_cpu_s']:.2f}s/{res['wall_s']:.1f}s  threads {res['rank_threads']}")
         elif which == "mlx":

@@ -48,6 +48,7 @@ from mlx.utils import tree_flatten
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime import memfit
+from orchestrator.runtime.allocator import keep_freed_memory
 from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
@@ -190,6 +191,8 @@ class Trainer(RankSync, TrainStep):
         self.rank, self.world = group.rank(), group.size()
         self.say = _Say(self.rank, name)
         self.ckpt_root = ckpt.checkpoints_dir()
+        # Before the model's first buffers are allocated (runtime/allocator.py).
+        self.allocator_note = keep_freed_memory() if hp.keep_freed_memory else "off (--no-keep-freed-memory)"
 
         mx.random.seed(hp.seed)
         np.random.seed(hp.seed % 2**32)
