@@ -76,3 +76,56 @@ def test_real_glibc_keeps_a_freed_block():
     before, after, note = out.stdout.split(" ", 2)
     assert (before, after) == ("False", "True"), out.stdout
     assert "keeps freed" in note
+
+
+class TrimLibc:
+    def __init__(self, released: int) -> None:
+        self.released, self.calls = released, []
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(pad)
+        return self.released
+
+
+def test_return_freed_memory_calls_malloc_trim_once():
+    libc = TrimLibc(released=1)
+    assert allocator.return_freed_memory(libc) is True
+    assert libc.calls == [0]
+    assert allocator.return_freed_memory(TrimLibc(released=0)) is False
+
+
+@pytest.mark.parametrize("platform", ["darwin", "freebsd14"])
+def test_return_freed_memory_is_a_no_op_off_linux(monkeypatch, platform):
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(allocator, "_glibc", lambda: pytest.fail("no C library is looked up off Linux"))
+    assert allocator.return_freed_memory() is False
+
+
+def test_return_freed_memory_without_glibc(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.return_freed_memory() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_real_glibc_gives_kept_blocks_back():
+    """With freed blocks kept, 64 MiB freed in 8 MiB pieces stays resident until return_freed_memory()."""
+    probe = (
+        "import ctypes\n"
+        "from orchestrator.runtime.allocator import keep_freed_memory, return_freed_memory\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "keep_freed_memory()\n"
+        "ps = [libc.malloc(8 << 20) for _ in range(8)]\n"
+        "[libc.memset(p, 1, 8 << 20) for p in ps]\n"
+        "full = rss(); [libc.free(p) for p in reversed(ps)]\n"
+        "kept = rss(); back = return_freed_memory()\n"
+        "print(full, kept, rss(), back)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    full, kept, trimmed, back = out.stdout.split()
+    assert int(kept) > int(full) - (8 << 20), out.stdout  # freed but kept
+    assert int(trimmed) < int(kept) - (48 << 20), out.stdout  # given back
+    assert back == "True"

@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from orchestrator.runtime import memfit
+from orchestrator.runtime.allocator import return_freed_memory
 from orchestrator.runtime.balance import BalancedSampler, Balancer, Decision
 from orchestrator.runtime.events import emit
 from orchestrator.runtime.telemetry import format_bytes
@@ -118,6 +119,7 @@ class TrainStep:
         mx.eval(self.model.parameters(), self.optimizer.state)
         points = [(b, self._probe_peak(b)) for b in sorted(set(memfit.probe_sizes(share)))]
         self._mlx_memory_fn("clear_cache")()
+        return_freed_memory()  # the probes' freed buffers are not resident memory training adds to
         self._mlx_memory_fn("reset_peak_memory")()  # the peaks reported from here on are training's own
         param_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.trainable_parameters()))
         # The update allocates new parameters and optimizer state while the old are alive; the gradient sum
