@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="the trainer's default (runtime/allocator.py); --no-keep-freed-memory: glibc as it comes")
     ap.add_argument("--netns", default="", help="comma-separated tc rates (e.g. 1gbit,10gbit): run on shaped veth")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per shaped run before its ranks are killed")
     return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
@@ -71,7 +73,8 @@ def worker(a: argparse.Namespace) -> None:
     if world < 2:
         sys.exit("run with 2+ ranks: orch run benchmarks/grad_dtype.py -n 2 (or --netns RATE)")
     hp = parse_hparams(bench_mlp.Config, ["--hidden", str(a.hidden), "--depth", str(a.depth), "--batch-size",
-                                          str(a.batch_size), "--steps", "1", "--stats-every", "0"])
+                                          str(a.batch_size), "--steps", "1", "--stats-every", "0"]
+                      + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"]))
     tr = Trainer(bench_mlp.recipe, hp, group, "grad_dtype")
     averagers = {w: GradientAverager(group, w) for w in WIRES}
     _, micro = tr.sampler.next_step()
@@ -154,7 +157,7 @@ def shaped_run(a: argparse.Namespace, rate: str) -> dict:
             hostfile.write_text(json.dumps([[f"{ip}:{47000 + i}"] for i, ip in enumerate(ips)]))
             argv = [sys.executable, str(Path(__file__).resolve()), "--hidden", str(a.hidden), "--depth",
                     str(a.depth), "--batch-size", str(a.batch_size), "--iters", str(a.iters), "--warmup",
-                    str(a.warmup)]
+                    str(a.warmup)] + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"])
             logs = []
             for rank in range(2):
                 env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}
