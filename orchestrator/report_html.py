@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.report_data import RunData, iso
-from orchestrator.report_tables import (BALANCE_HEADERS, NO_STEPS, PLAN_HEADERS, RANK_HEADERS, num, overview, plan_rows,
-                                        rank_cells, rebalance_rows)
+from orchestrator.report_tables import (BALANCE_HEADERS, NO_STEPS, PLAN_HEADERS, RANK_HEADERS, metric_value, num,
+                                        overview, plan_rows, rank_cells, rebalance_rows)
 from orchestrator.rundir import REPORT_DIR
 
 
@@ -61,7 +61,7 @@ def render_html(data: RunData, plots: list[tuple[str, Path]]) -> str:
         parts += ["<h2>Batch shares (--balance speed)</h2>", _html_table(BALANCE_HEADERS, balance)]
     metrics = s.get("metrics") or {}
     parts += ["<h2>Metrics</h2>",
-              _html_table(["metric", "value"], [[k, num(v)] for k, v in metrics.items()]) if metrics else "<p>no metrics reported</p>"]
+              _html_table(["metric", "value"], [[k, metric_value(k, v)] for k, v in metrics.items()]) if metrics else "<p>no metrics reported</p>"]
     parts.append("<h2>Plots</h2>")
     if not data.steps:
         parts.append(f'<p class="empty">{NO_STEPS}</p>')

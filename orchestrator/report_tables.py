@@ -43,6 +43,14 @@ def num(x, fmt: str = "{:.4g}") -> str:
     return fmt.format(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
+def metric_value(name: str, x) -> str:
+    """A reported metric for people: byte counts (``optimizer_state_bytes``, ``bytes_sent_per_step``) as
+    sizes, everything else as a number."""
+    if "bytes" in name and isinstance(x, (int, float)) and not isinstance(x, bool):
+        return human_bytes(x)
+    return num(x)
+
+
 def human_duration(s) -> str:
     if not isinstance(s, (int, float)):
         return "-"
@@ -146,7 +154,7 @@ def format_summary(data: RunData) -> str:
         lines += ["", "batch shares (--balance speed):", text_table(BALANCE_HEADERS, balance)]
     metrics = data.summary.get("metrics") or {}
     if metrics:
-        lines += ["", "metrics: " + ", ".join(f"{k} {num(v)}" for k, v in metrics.items())]
+        lines += ["", "metrics: " + ", ".join(f"{k} {metric_value(k, v)}" for k, v in metrics.items())]
     return "\n".join(lines)
 
 

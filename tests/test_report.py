@@ -243,6 +243,13 @@ def test_cmd_report_runs_and_final_json_on_the_real_run(real_run, capsys):
 # ----------------------------------------------------------------------------- synthetic run directories
 
 
+def test_byte_metrics_read_as_sizes_and_the_rest_as_numbers():
+    assert report_tables.metric_value("bytes_sent_per_step", 3 * 2**20) == "3.0 MiB"
+    assert report_tables.metric_value("optimizer_state_bytes", 511236) == "499.3 KiB"
+    assert report_tables.metric_value("val_loss", 2.34151) == "2.342"
+    assert report_tables.metric_value("bytes_sent_per_step", None) == "-"
+
+
 def test_failed_early_run_still_gets_a_report(tmp_path):
     rd = write_run(tmp_path / "early", summary_doc(
         "failed", "2026-01-01T00:00:00Z", [rank_row(0, code=1, mem=False), rank_row(1, code=None, mem=False)],

@@ -105,6 +105,13 @@ def test_float32_sends_gradients_and_loss_in_one_float32_buffer(collective):
     assert avg_loss.item() == loss.item()
 
 
+@pytest.mark.parametrize("wire, width", [("float32", 4), ("bfloat16", 2), ("float16", 2)])
+def test_payload_bytes_count_each_gradient_in_the_dtype_it_travels_in(wire, width):
+    grads, _ = gradients()
+    grads["step"] = mx.array([3], dtype=mx.int32)  # not a float: travels as it is, never narrowed
+    assert GradientAverager(TwoRanks(), wire).payload_bytes(grads) == (48 * 32 + 32) * width + 4 + 4
+
+
 def test_an_unknown_grad_dtype_is_refused_by_the_flag_parser(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_hparams(Hparams, ["--grad-dtype", "int8"])
@@ -117,12 +124,21 @@ def test_an_unknown_grad_dtype_is_refused_by_the_flag_parser(capsys):
 def test_two_ranks_training_with_bfloat16_gradients_stay_close_to_float32(tmp_path):
     common = ["--samples", "512", "--hidden", "16", "--stats-every", "0", "--steps", "20",
               "--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8"]
-    runs = {}
+    runs, wire_of = {}, {}
     for wire in ("float32", "bfloat16"):
         ranks = launch(RECIPES / "mlp_regression.py", 2, tmp_path / wire, common + ["--grad-dtype", wire], timeout=120)
         runs[wire] = (load_arrays(latest_checkpoint(tmp_path / wire)), [e["loss"] for e in ranks[0].of_kind("step")])
+        wire_of[wire] = ranks[0].of_kind("metric")[-1]["values"]
     (a, loss_a), (b, loss_b) = runs["float32"], runs["bfloat16"]
     diff = max_abs_diff(a, b)
     assert 0 < diff < 2e-2, diff  # not identical (bf16 was used), but close
     assert len(loss_b) == 20 and np.allclose(loss_a, loss_b, rtol=2e-2)
     assert loss_b[-1] < 0.9 * loss_b[0]  # and it still learns
+    # Each rank's end-of-run metrics say what a step put on the wire: bfloat16 halves the payload, and a
+    # ring all-reduce of it sends 2(N-1)/N of it, here all of it.
+    n_params = sum(a[k].size for k in a if k.startswith("model."))
+    assert wire_of["float32"]["allreduce_payload_bytes_per_step"] == 4 * n_params + 4
+    assert wire_of["bfloat16"]["allreduce_payload_bytes_per_step"] == 2 * n_params + 4
+    for m in wire_of.values():
+        assert m["bytes_sent_per_step"] == m["allreduce_payload_bytes_per_step"]
+

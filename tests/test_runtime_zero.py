@@ -101,6 +101,10 @@ def test_two_sharded_ranks_train_exactly_like_plain_data_parallel(tmp_path, opti
     assert full[0] == full[1] and halves[0] == halves[1]
     per_param = sum(v.nbytes for k, v in plain.items() if k.startswith("optimizer.") and k.count(".") > 1)
     assert per_param > 0 and halves[0] <= full[0] - per_param // 2 + 8
+    # What it costs on the wire: the all_gather of the updated parameters, (N-1)/N of them, per step.
+    (plain_m, sharded_m) = (r[0].of_kind("metric")[-1]["values"] for r in (plain_ranks, sharded_ranks))
+    param_bytes = sum(v.nbytes for k, v in plain.items() if k.startswith("model."))
+    assert sharded_m["bytes_sent_per_step"] == plain_m["bytes_sent_per_step"] + param_bytes // 2
 
 
 @pytest.mark.slow

@@ -124,6 +124,14 @@ class GradientAverager:
                     tree_unflatten(members), group=self.group, communication_stream=self.comm)))
         return self._restore(tree_unflatten(averaged), {}), avg_loss
 
+    def payload_bytes(self, params: Any) -> int:
+        """Bytes one rank contributes to a step's all-reduce: every gradient (shaped like ``params``)
+        in the dtype it travels in, plus the loss. What ``--grad-dtype`` halves."""
+        total = 4  # the float32 loss
+        for _, p in tree_flatten(params):
+            total += p.size * (self.wire.size if _narrows(p.dtype, self.wire) else p.dtype.size)
+        return total
+
     def _narrow_average(self, members: list[tuple[str, mx.array]], dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
         """Cast, all_sum in the wire dtype, cast back and divide: pipelined, bucket by bucket.
 

@@ -296,10 +296,25 @@ class Trainer(RankSync, TrainStep):
         """Bytes of optimizer state this rank holds (about 1/N of the full state with --shard-optimizer)."""
         return state_bytes(self.optimizer.state)
 
-    def evaluate(self, final: bool = False) -> None:
-        """The recipe's evaluation (rank 0); the final one also reports every rank's optimizer state bytes.
+    def wire_metrics(self) -> dict:
+        """What a step puts on the wire, per rank: the all-reduce's payload (in the ``--grad-dtype`` it
+        travels in) and the bytes a ring all-reduce of it sends, 2(N-1)/N of it (ring and JACCL-ring
+        exactly; MPI and NCCL pick their own algorithms, of the same order); ``--shard-optimizer``
+        adds the all_gather of the updated parameters, (N-1)/N of them."""
+        if self.world == 1:
+            return {"allreduce_payload_bytes_per_step": 0, "bytes_sent_per_step": 0}
+        params = self.model.trainable_parameters()
+        payload = self.averager.payload_bytes(params)
+        sent = 2 * (self.world - 1) * payload // self.world
+        if self.sharded is not None:
+            sent += (self.world - 1) * sum(p.nbytes for _, p in tree_flatten(params)) // self.world
+        return {"allreduce_payload_bytes_per_step": payload, "bytes_sent_per_step": sent}
 
-        Those bytes ride in the end-of-run ``metric`` event (one per rank, the
+    def evaluate(self, final: bool = False) -> None:
+        """The recipe's evaluation (rank 0); the final one also reports every rank's optimizer state
+        bytes and what a step put on the wire (``wire_metrics``).
+
+        Those numbers ride in the end-of-run ``metric`` event (one per rank, the
         evaluation's values added on rank 0) rather than a new event kind.
         """
         values: dict = {}
@@ -308,6 +323,7 @@ class Trainer(RankSync, TrainStep):
             self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if final:
             values["optimizer_state_bytes"] = self.optimizer_state_bytes()
+            values.update(self.wire_metrics())
         if not values:
             return
         self.metrics = values
