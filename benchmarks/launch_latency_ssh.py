@@ -70,11 +70,33 @@ def timed(argv: list[str], *, env: dict, cwd: Path, log: Path, timeout: float) -
         return elapsed, rc, out.read().decode(errors="replace")
 
 
+def event_marks(run_dir: Path, exec_t: float) -> dict[str, float]:
+    """``first KIND`` / ``last KIND`` -> seconds after ``exec_t`` that the controller received it."""
+    out: dict[str, float] = {}
+    try:
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            e = json.loads(line)
+            at = float(e.get("recv_t") or e["t"]) - exec_t
+        except (ValueError, KeyError, TypeError):
+            continue
+        kind = str(e.get("kind"))
+        out.setdefault(f"first {kind}", at)
+        out[f"last {kind}"] = at
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="timed runs of each launcher (default 7, at least 5)")
     ap.add_argument("--script", default=str(ROOT / "recipes" / "allsum_check.py"))
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per run")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print, per event kind of orch's events.jsonl, when it first and last arrived "
+                         "(median over runs, seconds after exec): where orch's launch time goes")
     ap.add_argument("--baseline", metavar="REF", help="also time orch as of this git commit (e.g. HEAD~3)")
     args = ap.parse_args()
     if args.runs < 5:
@@ -106,8 +128,11 @@ def main() -> int:
         env = dict(os.environ)
         mlx_env = {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}"}
 
+        marks: dict[str, list[float]] = {}
+
         def orch(i: int, tree: Path = ROOT, tag: str = "") -> tuple[float, int, str]:
             rd = tmp / f"orch-run{tag}-{i}"
+            exec_t = time.time()
             t, rc, out = timed([sys.executable, "-m", "orchestrator", "run", script, "--hostfile", str(orch_hosts),
                                 "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
                                 "--python", sys.executable, "--run-dir", str(rd), "--quiet"],
@@ -116,6 +141,10 @@ def main() -> int:
                 ok_run = json.loads((rd / "summary.json").read_text())["status"] == "succeeded"
             except (OSError, ValueError, KeyError):
                 ok_run = False
+            if ok_run and i > 0 and not tag:
+                for key, at in event_marks(rd, exec_t).items():
+                    marks.setdefault(key, []).append(at)
+                marks.setdefault("exit", []).append(t)
             return t, (rc if ok_run or rc else 1), out
 
         def mlx(i: int) -> tuple[float, int, str]:
@@ -157,6 +186,10 @@ def main() -> int:
     for name in times:
         if name != "mlx.launch":
             print(f"  ratio {name} / mlx.launch = {med[name] / med['mlx.launch']:.2f}  (target <= {TARGET})")
+    if args.timeline and marks:
+        print("\norch's timeline (median seconds after exec, over its timed runs):")
+        for key, v in sorted(marks.items(), key=lambda kv: statistics.median(kv[1])):
+            print(f"  {statistics.median(v):6.3f}  {key}")
     return 0 if not failures else 1
 
 
