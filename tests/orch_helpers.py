@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,16 @@ def alive(pids, timeout: float = 0.0) -> list[int]:
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.05)
+
+
+def end_stopped(pids) -> None:
+    """Cleanup for tests that SIGSTOP ranks they started: resume and kill those still alive (by PID)."""
+    for pid in alive(pids):
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: float = 60) -> list[str]:

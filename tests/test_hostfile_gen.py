@@ -3,20 +3,18 @@ runs text from a host unchecked, asks first, and connects the way `orch run` doe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shlex
 import subprocess
-import threading
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from orchestrator.health.hostfile_gen import thunderbolt_hostfile
 from orchestrator.hostfile import ConfigError, load_hostfile
 from orchestrator.plan import plan_job
+from tests.fake_sshd import FakeSSHD
 from tests.orch_helpers import finish, orch_argv, run_orch
 from tests.test_thunderbolt import CHAIN4, RING4, synthetic_hosts
 
@@ -166,64 +164,11 @@ def test_apply_asks_at_the_terminal_and_no_means_nothing_runs(tmp_path):
     assert "cannot reach" not in r.stderr  # no connection was even tried
 
 
-class _RecordingSSHD:
-    """An SSH server in a thread: records each command and answers exit 0 without running anything."""
-
-    def __init__(self, tmp_path):
-        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
-        client = asyncssh.generate_private_key("ssh-ed25519")
-        self.key_path = tmp_path / "id_ed25519"
-        client.write_private_key(str(self.key_path))
-        self.authorized = asyncssh.import_authorized_keys(client.export_public_key().decode())
-        self.commands: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            async def session(process):
-                self.commands.append(process.command)
-                process.exit(0)
-
-            self.server = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
-                                                authorized_client_keys=self.authorized, process_factory=session)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(20)
-        return self
-
-    def __exit__(self, *exc):
-        async def stop():
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-    def ssh_config(self, path, hosts):
-        path.write_text("".join(f"Host {h}\n  HostName 127.0.0.1\n  Port {self.port}\n  User orch\n" for h in hosts))
-        return path
-
-    def known_hosts_line(self):
-        return f"[127.0.0.1]:{self.port} " + " ".join(self.host_key.export_public_key().decode().split()[:2]) + "\n"
-
-
 def test_apply_honours_known_hosts_and_sends_quoted_sudo_n_commands(tmp_path):
     d = tmp_path / "saved"
     save(d, _real_pair())
-    with _RecordingSSHD(tmp_path) as sshd:
-        cfg = sshd.ssh_config(tmp_path / "ssh_config", ["mbp", "studio"])
+    with FakeSSHD(tmp_path) as sshd:
+        cfg = sshd.ssh_config(tmp_path / "ssh_config", ["mbp", "studio"], user="orch")
         empty = tmp_path / "known_hosts_empty"
         empty.write_text("")
         args = [*TB_PAIR, "--from-dir", str(d), "--apply", "--yes", "--ssh-config", str(cfg), "-i", str(sshd.key_path),
@@ -238,4 +183,5 @@ def test_apply_honours_known_hosts_and_sends_quoted_sudo_n_commands(tmp_path):
         assert "addresses applied on every host" in r.stderr
     expected = {shlex.join(["sudo", "-n", *c[1:]]) for cmds in thunderbolt_hostfile(_real_pair(), "192.168.0.0")[1].values()
                 for c in cmds}
-    assert set(sshd.commands) == expected and len(sshd.commands) == 6
+    sent = [c for _, c in sshd.commands]
+    assert set(sent) == expected and len(sent) == 6

@@ -23,6 +23,7 @@ import pytest
 from orchestrator.backends import choose
 from orchestrator.hostfile import load_hostfile
 from orchestrator.plan import plan_job
+from tests.fake_sshd import FakeSSHD
 from tests.orch_helpers import run_orch
 from tests.test_thunderbolt import synthetic_hosts
 
@@ -188,78 +189,28 @@ def test_bad_ips_are_one_line(tmp_path, ips, words):
 # ----------------------------------------------------------------------------- over SSH
 
 
-class _AnsweringSSHD:
-    """An asyncssh server in a thread that answers the three read-only commands per user (= host name)
-    from saved outputs, the way each Mac would; ``ibv_devices`` exits 127 where a host has none."""
+def _answering_sshd(tmp_path: Path, outputs: dict[str, tuple[str, str]], ibv: dict[str, Path]) -> FakeSSHD:
+    """A server that answers the three read-only commands per user (= host name) from saved outputs,
+    the way each Mac would; ``ibv_devices`` exits 127 where a host has none."""
 
-    def __init__(self, tmp_path: Path, outputs: dict[str, tuple[str, str]], ibv: dict[str, Path]):
-        import asyncio
-        import threading
-
-        import asyncssh
-
-        self.asyncio, self.asyncssh = asyncio, asyncssh
-        self.outputs, self.ibv = outputs, ibv
-        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
-        client = asyncssh.generate_private_key("ssh-ed25519")
-        self.key_path = tmp_path / "id_ed25519"
-        client.write_private_key(str(self.key_path))
-        self.authorized = asyncssh.import_authorized_keys(client.export_public_key().decode())
-        self.commands: list[tuple[str, str]] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _answer(self, user: str, command: str) -> tuple[str, int]:
-        sp, ns = self.outputs[user]
+    def answer(user: str, command: str) -> tuple[str, int]:
+        sp, ns = outputs[user]
         if command.startswith("system_profiler SPThunderboltDataType"):
             return sp, 0
         if command == "networksetup -listallhardwareports":
             return ns, 0
         if command == "ibv_devices":
-            return (self.ibv[user].read_text(), 0) if user in self.ibv else ("", 127)
+            return (ibv[user].read_text(), 0) if user in ibv else ("", 127)
         return "", 1
 
-    def _serve(self):
-        self.asyncio.set_event_loop(self.loop)
+    return FakeSSHD(tmp_path, answer)
 
-        async def start():
-            async def session(process):
-                user = process.get_extra_info("username")
-                self.commands.append((user, process.command))
-                out, code = self._answer(user, process.command)
-                process.stdout.write(out)
-                process.exit(code)
 
-            self.server = await self.asyncssh.listen("127.0.0.1", 0, server_host_keys=[self.host_key],
-                                                     authorized_client_keys=self.authorized, process_factory=session)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.ready.wait(20)
-        return self
-
-    def __exit__(self, *exc):
-        async def stop():
-            self.server.close()
-            await self.server.wait_closed()
-
-        self.asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-    def client_files(self, tmp_path: Path) -> list[str]:
-        cfg = tmp_path / "ssh_config"
-        cfg.write_text("".join(f"Host {h}\n  HostName 127.0.0.1\n  Port {self.port}\n  User {h}\n" for h in self.outputs))
-        kh = tmp_path / "known_hosts"
-        kh.write_text(f"[127.0.0.1]:{self.port} " + " ".join(self.host_key.export_public_key().decode().split()[:2]) + "\n")
-        return ["--ssh-config", str(cfg), "--known-hosts", str(kh), "-i", str(self.key_path), "--connect-timeout", "10"]
+def _client_files(sshd: FakeSSHD, tmp_path: Path, hosts) -> list[str]:
+    cfg = sshd.ssh_config(tmp_path / "ssh_config", hosts)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(sshd.known_hosts_line())
+    return ["--ssh-config", str(cfg), "--known-hosts", str(kh), "-i", str(sshd.key_path), "--connect-timeout", "10"]
 
 
 @pytest.mark.parametrize("with_rdma", [True, False], ids=["every-host-has-rdma", "one-host-without-ibv_devices"])
@@ -267,9 +218,9 @@ def test_over_ssh_ibv_devices_is_read_from_every_host(tmp_path, with_rdma):
     outputs = synthetic_hosts(3, MESH3)
     ibv = {"mac0": IBV_MINI, "mac1": IBV_MINI_TABS, "mac2": IBV_MINI} if with_rdma else {"mac0": IBV_MINI, "mac1": IBV_MINI}
     out = tmp_path / "hosts.json"
-    with _AnsweringSSHD(tmp_path, outputs, ibv) as sshd:
+    with _answering_sshd(tmp_path, outputs, ibv) as sshd:
         r = run_orch("hostfile", "--hosts", "mac0,mac1,mac2", "--over", "thunderbolt", "-o", str(out),
-                     *sshd.client_files(tmp_path), cwd=tmp_path, timeout=60)
+                     *_client_files(sshd, tmp_path, outputs), cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     assert {(u, c) for u, c in sshd.commands if c == "ibv_devices"} == {(h, "ibv_devices") for h in outputs}
     data = json.loads(out.read_text())

@@ -39,7 +39,7 @@ from orchestrator.plan import plan_job
 from orchestrator.rundir import RunDir
 from orchestrator.runtime import rank_sampling
 from orchestrator.supervisor import Supervisor, SupervisorOptions
-from tests.orch_helpers import SCRIPTS, alive, finish, kill_tree, orch_argv, run_orch, summary
+from tests.orch_helpers import SCRIPTS, alive, end_stopped, finish, kill_tree, orch_argv, run_orch, summary
 from tests.test_guard_support import start_guard  # noqa: F401 (fixture)
 from tests.test_hostile_ranks import FakeLauncher
 
@@ -331,12 +331,7 @@ def test_a_stopped_rank_of_a_silent_program_is_named_and_the_run_cleaned_up(tmp_
         assert "rank 1 is in" not in s["reason"], s["reason"]
         assert not alive(pids, timeout=5), "a process of the run survived"
     finally:
-        for pid in alive(pids):
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        end_stopped(pids)
         kill_tree(p.pid)
 
 

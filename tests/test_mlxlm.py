@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tests import mlxlm_fixture
-from tests.orch_helpers import alive, finish, kill_tree, orch_argv, summary
+from tests.orch_helpers import alive, end_stopped, finish, kill_tree, orch_argv, summary
 
 pytestmark = pytest.mark.slow
 
@@ -134,10 +134,5 @@ def test_a_sigstopped_mlx_lm_rank_is_caught_with_stacks_and_cleaned_up(fx, tmp_p
         assert "most recent call first" in (rd / "logs" / "rank-0.log").read_text()
         assert not alive(pids, timeout=5), "a process of the run survived"
     finally:
-        for pid in alive(pids):
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        end_stopped(pids)
         kill_tree(orch.pid)

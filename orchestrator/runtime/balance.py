@@ -47,8 +47,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
 from orchestrator import protocol
 from orchestrator.runtime.data import DataPosition, ShardedSampler
 
@@ -243,14 +241,6 @@ class BalancedSampler(ShardedSampler):
             raise ValueError(f"shares {shares} do not split {self.world} x {self.batch_size} over {self.world} ranks")
         self.shares = shares
 
-    def next_step(self) -> tuple[int, list[np.ndarray]]:
-        pos = self.position
-        if pos.offset + self.samples_per_step > self.n:
-            pos.epoch, pos.offset = pos.epoch + 1, 0
-        chunk = self._permutation(pos.epoch)[pos.offset:pos.offset + self.samples_per_step]
-        global_micro = self.world * self.batch_size
-        start = sum(self.shares[:self.rank])
-        size = self.shares[self.rank]
-        micro = [chunk[j * global_micro + start: j * global_micro + start + size] for j in range(self.grad_accum)]
-        pos.offset += self.samples_per_step
-        return pos.epoch, micro
+    def _slot(self) -> tuple[int, int]:
+        """This rank's share of each global micro-batch, after the shares of the ranks before it."""
+        return sum(self.shares[:self.rank]), self.shares[self.rank]

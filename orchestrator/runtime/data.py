@@ -101,11 +101,14 @@ class ShardedSampler:
             pos.epoch, pos.offset = pos.epoch + 1, 0
         chunk = self._permutation(pos.epoch)[pos.offset:pos.offset + self.samples_per_step]
         global_micro = self.world * self.batch_size
-        start = self.rank * self.batch_size
-        micro = [chunk[j * global_micro + start: j * global_micro + start + self.batch_size]
-                 for j in range(self.grad_accum)]
+        start, size = self._slot()
+        micro = [chunk[j * global_micro + start: j * global_micro + start + size] for j in range(self.grad_accum)]
         pos.offset += self.samples_per_step
         return pos.epoch, micro
+
+    def _slot(self) -> tuple[int, int]:
+        """(offset, size) of this rank's samples within each global micro-batch: equal slots here."""
+        return self.rank * self.batch_size, self.batch_size
 
 
 def train_test_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
