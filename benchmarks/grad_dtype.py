@@ -50,6 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="the trainer's default (runtime/allocator.py); --no-keep-freed-memory: glibc as it comes")
+    ap.add_argument("--shard-optimizer", action="store_true",
+                    help="the trainer with --shard-optimizer (ZeRO-1): each step adds the all_gather of the "
+                         "updated parameters; rank 0 also reports its optimizer state and MLX peak memory")
     ap.add_argument("--netns", default="", help="comma-separated tc rates (e.g. 1gbit,10gbit): run on shaped veth")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per shaped run before its ranks are killed")
     return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
@@ -74,7 +77,8 @@ def worker(a: argparse.Namespace) -> None:
         sys.exit("run with 2+ ranks: orch run benchmarks/grad_dtype.py -n 2 (or --netns RATE)")
     hp = parse_hparams(bench_mlp.Config, ["--hidden", str(a.hidden), "--depth", str(a.depth), "--batch-size",
                                           str(a.batch_size), "--steps", "1", "--stats-every", "0"]
-                      + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"]))
+                      + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"])
+                      + (["--shard-optimizer"] if a.shard_optimizer else []))
     tr = Trainer(bench_mlp.recipe, hp, group, "grad_dtype")
     averagers = {w: GradientAverager(group, w) for w in WIRES}
     _, micro = tr.sampler.next_step()
@@ -118,11 +122,15 @@ def worker(a: argparse.Namespace) -> None:
     print("|---|---|---|---|")
     for w in WIRES:
         print(f"| {w} | {med[w]['raw'] * 1e3:.1f} | {med[w]['allreduce'] * 1e3:.1f} | {med[w]['step'] * 1e3:.1f} |")
+    memory = {"optimizer_state_bytes": tr.optimizer_state_bytes(), "mlx_peak_bytes": int(mx.get_peak_memory()),
+              "shard_optimizer": a.shard_optimizer}
+    print(f"optimizer: Adam{' sharded (--shard-optimizer)' if a.shard_optimizer else ''}; state on rank 0 "
+          f"{memory['optimizer_state_bytes'] / 2**20:.1f} MiB, MLX peak {memory['mlx_peak_bytes'] / 2**20:.1f} MiB")
     ratio = {k: med["float32"][k] / med["bfloat16"][k] for k in ("raw", "allreduce", "step")}
     print(f"float32 / bfloat16: raw all_sum {ratio['raw']:.2f}x, all-reduce {ratio['allreduce']:.2f}x, "
           f"step {ratio['step']:.2f}x")
     print("GRAD_DTYPE_JSON " + json.dumps({"link": link, "grad_bytes": grad_bytes, "median_s": med, "ratio": ratio,
-                                           "iters": a.iters, "hidden": a.hidden, "depth": a.depth}), flush=True)
+                                           "iters": a.iters, "hidden": a.hidden, "depth": a.depth, **memory}), flush=True)
 
 
 # ----------------------------------------------------------------------------- shaped links
@@ -157,7 +165,8 @@ def shaped_run(a: argparse.Namespace, rate: str) -> dict:
             hostfile.write_text(json.dumps([[f"{ip}:{47000 + i}"] for i, ip in enumerate(ips)]))
             argv = [sys.executable, str(Path(__file__).resolve()), "--hidden", str(a.hidden), "--depth",
                     str(a.depth), "--batch-size", str(a.batch_size), "--iters", str(a.iters), "--warmup",
-                    str(a.warmup)] + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"])
+                    str(a.warmup)] + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"]) \
+                + (["--shard-optimizer"] if a.shard_optimizer else [])
             logs = []
             for rank in range(2):
                 env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}

@@ -134,7 +134,12 @@ class LineOut:
             if payload is not None:
                 self.state.program.note_event(payload)
                 self._event(payload)
-            if text is None and not self.size:
+                # The event ended its own line, not the rank's: what came before it (a line the rank
+                # is in the middle of, when the guard wrote the event) goes on with what comes next.
+                if text:
+                    part = text.encode("utf-8", "surrogateescape")
+                    self._grow(part)
+                    log += part
                 continue
             for fields in self.state.program.feed(text or ""):  # e.g. mlx-lm's "iter train_loss ..." rows
                 self._event({**fields, "rank": self.state.rank, "t": time.time(), "source": "output"})
@@ -157,8 +162,11 @@ class LineOut:
 
     def _line(self, data: bytes) -> str:
         """The complete line ``data`` ends as the console shows it (and the tail keeps it)."""
-        if not self.size and len(data) <= CONSOLE_LINE_MAX:
-            text, cut = _visible(data.decode("utf-8", "replace")), ""
+        if self.size + len(data) <= CONSOLE_LINE_MAX:  # short: whole, also when it came in parts
+            text, cut = _visible((bytes(self.head) + data).decode("utf-8", "replace")), ""
+            self.size = 0
+            self.head.clear()
+            self.last.clear()
         else:
             self._grow(data)
             where = self.sup.rundir.rank_log(self.state.rank)
@@ -227,7 +235,10 @@ async def pump(sup: OutputOwner, state, stream, echo_to: Console) -> None:
         if isinstance(chunk, str):
             chunk = chunk.encode("utf-8", "surrogateescape")
         try:
-            out.pieces(lines.feed(chunk) if chunk else lines.end())
+            pieces = lines.feed(chunk) if chunk else lines.end()
+            if not chunk and not pieces and out.size:
+                pieces = [(b"", True)]  # end of file inside a line (held since an event): the line ends
+            out.pieces(pieces)
         except Exception as e:  # never reached by design; still, the pump must go on
             sup.note(f"orch: output of rank {state.rank} could not be handled: {e!r}\n")
         if not chunk:

@@ -373,9 +373,12 @@ def split_line(line: str) -> tuple[str | None, dict | None]:
     """Split one output line into (user text, event payload).
 
     Either part may be None. A malformed payload is returned as user text so
-    nothing a rank printed is ever silently dropped.
+    nothing a rank printed is ever silently dropped. The *last* marker counts:
+    an event always ends its line (``encode`` writes it whole, newline
+    included), so one the guard writes while its rank is in the middle of a
+    line, even a line that itself starts with a marker, is still found.
     """
-    idx = line.find(MARKER)
+    idx = line.rfind(MARKER)
     if idx < 0:
         return line, None
     text = line[:idx] or None

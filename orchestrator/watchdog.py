@@ -6,10 +6,16 @@ Two watchdogs, one home:
   ``--first-step-timeout`` (before the first) or ``--hang-timeout`` (after it),
   until every trainer finished;
 * **idle**: for programs that report no steps (not ours, or not yet): fires
-  when, for ``--hang-timeout``, no rank printed anything and no rank's CPU time
-  advanced (the guard's ``rss`` samples carry it). A rank blocked in a
-  collective or a sleep uses ~0 CPU; a poll loop of a few wake-ups a second
-  stays under the threshold.
+  when, for ``--hang-timeout``, no rank printed anything and at least one
+  rank's CPU time did not advance (the guard's ``rss`` samples carry it). A
+  rank asleep, blocked on I/O or in a poll loop of a few wake-ups a second
+  stays under the threshold. Its peers are another matter: MLX's ring
+  busy-waits inside a collective (a rank waiting in ``all_sum`` for a peer
+  that never comes burns a whole core), so requiring *every* rank to be idle
+  would never catch the commonest hang of all, one rank stuck outside the
+  collective the others wait in. A rank that sleeps silently past the
+  timeout while the others compute silently is taken for a hang too: raise
+  ``--hang-timeout`` for such a program.
 
 Before failing the run either way, every running rank's guard is asked for its
 Python stacks (into the rank's stderr, so its log and tail), and the failure
@@ -52,7 +58,8 @@ class Watchdog:
         self.launcher_name = launcher_name
         self.last_progress: Optional[float] = None  # a trainer started, or the last step of any rank
         self.any_step = False  # switches the step watchdog from the first-step to the hang timeout
-        self.last_activity: Optional[float] = time.monotonic()  # output or CPU progress of any rank
+        self.last_activity: Optional[float] = time.monotonic()  # output of any rank, or a rank's own event
+        self.cpu_active: dict[int, float] = {}  # rank -> when its CPU time last advanced (or its first sample)
 
     def _running(self) -> list:
         return [s for s in self.states if s.handle is not None and not s.exited.is_set()]
@@ -71,7 +78,7 @@ class Watchdog:
         return first
 
     def activity(self, now: Optional[float] = None) -> None:
-        """A rank printed something or used CPU: the idle watchdog starts over."""
+        """A rank printed something: the idle watchdog starts over."""
         self.last_activity = time.monotonic() if now is None else now
 
     def cpu_sample(self, record) -> bool:
@@ -80,9 +87,10 @@ class Watchdog:
             return False
         now = record.cpu_t
         if record.prev_cpu_s is None:
+            self.cpu_active[record.rank] = now  # idle is counted from a rank's first reading
             return True  # this first sample may arm the idle watchdog
         if record.cpu_s - record.prev_cpu_s > max(IDLE_CPU_MIN_S, IDLE_CPU_RATE * (now - record.prev_cpu_t)):
-            self.activity(now)
+            self.cpu_active[record.rank] = now
         idle = self.idle_deadline()
         return idle is not None and now >= idle  # it may complete the idle watchdog's evidence
 
@@ -104,7 +112,8 @@ class Watchdog:
         running = self._running()
         if not running or any(s.record.cpu_s is None for s in running):
             return None
-        return self.last_activity + self.hang_timeout
+        quietest = min(self.cpu_active.get(s.record.rank, self.last_activity) for s in running)
+        return max(self.last_activity, quietest) + self.hang_timeout
 
     def idle_wake(self) -> Optional[float]:
         """When the loop must look at the idle watchdog next (its window, then the sample wait)."""
@@ -120,6 +129,11 @@ class Watchdog:
             return False
         return now >= idle + IDLE_SAMPLE_WAIT_S or all(s.record.cpu_t is not None and s.record.cpu_t >= idle
                                                        for s in self._running())
+
+    def quiet_ranks(self, states: list) -> list:
+        """The ranks among ``states`` whose CPU time has not advanced for ``--hang-timeout``."""
+        now = time.monotonic()
+        return [s for s in states if self.cpu_active.get(s.record.rank, self.last_activity) + self.hang_timeout <= now]
 
     # ---- the diagnosis
     async def dump_stacks(self) -> None:
@@ -207,14 +221,23 @@ class Watchdog:
         # report are not suspects for that alone.
         silent_by_design = None in by_step and bool(known)
         lowest = (by_step.get(None) if not silent_by_design else None) or (by_step[known[0]] if known else [])
+        quiet = self.quiet_ranks(running) if idle else []
+        spinning = 0 < len(quiet) < len(running)  # some ranks idle, the others busy: waiting in a collective
         if len(stopped) == 1:
             suspect = stopped[0]
         elif not idle and len(lowest) == 1 and len(running) > 1:
             suspect = lowest[0]
+        elif spinning and len(quiet) == 1:
+            suspect = quiet[0]
         if suspect is not None and len(running) > 1:
             parts.append(f"the others may be waiting for rank {suspect.rank}" if idle else
                          f"the others are likely blocked in a collective waiting for rank {suspect.rank}")
-        if idle:
+        if idle and spinning:
+            names = ",".join(str(s.rank) for s in quiet)
+            head = (f"hang: no rank printed anything for {limit:g}s ({option}) and rank{'s' if len(quiet) > 1 else ''} "
+                    f"{names} used no CPU while the others kept busy (MLX's ring spins while it waits in a "
+                    "collective), and no rank reports steps")
+        elif idle:
             head = (f"hang: no rank printed anything or used CPU for {limit:g}s ({option}), "
                     "and no rank reports steps")
         else:

@@ -127,7 +127,7 @@ def test_split_line_never_raises_and_never_loses_user_text(prefix, payload, end)
             assert text == line, "a line that is not an event is user text, whole"
         else:
             assert isinstance(event, dict) and isinstance(event.get("kind"), str)
-            before = line[: line.find(protocol.MARKER)]
+            before = line[: line.rfind(protocol.MARKER)]
             assert (text or "") == before, "the text before the marker is kept"
             assert json.loads(line[len(before) + len(protocol.MARKER):]) == event
 

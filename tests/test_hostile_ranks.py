@@ -252,6 +252,29 @@ def test_an_event_after_unterminated_huge_output_is_still_an_event(tmp_path):
     assert (rundir.logs / "rank-0.log").read_bytes() == b"y" * (2 * 1024 * 1024) + b"\n"
 
 
+def test_guard_events_inside_a_ranks_lines_are_taken_and_the_log_stays_byte_exact(tmp_path):
+    """The guard writes its samples on the pipe its rank writes to; they land wherever the rank is,
+    also inside a 1 MiB line that itself starts like an event. Each is still an event (its token
+    never reaches the log), and the log holds exactly the rank's bytes."""
+    rank_bytes = b"".join(protocol.MARKER.encode() + b"%d " % i + b"z" * (1 << 20) + b"\n" for i in range(3))
+
+    async def play(h):
+        token = h[0].token
+        for i in range(0, len(rank_bytes), 300_000):
+            h[0].stdout.feed_data(rank_bytes[i:i + 300_000])
+            h[0].stdout.feed_data(ev("rss", 0, rss_bytes=1 << 20, tree_rss_bytes=1 << 20,
+                                     system_available_bytes=None, cpu_s=1.0 + i, stopped=False, token=token))
+            await asyncio.sleep(0)
+        ok(h)
+
+    sup, s, out, err, rundir, launcher = supervise(tmp_path, play)
+    assert (rundir.logs / "rank-0.log").read_bytes() == rank_bytes
+    samples = [e for e in map(json.loads, (rundir.path / "events.jsonl").read_text().splitlines())
+               if e.get("kind") == "rss" and e.get("rank") == 0]
+    assert len(samples) == len(range(0, len(rank_bytes), 300_000))
+    assert s.ranks[0].memory is not None and s.ranks[0].memory.rss_peak_bytes == 1 << 20
+
+
 def test_a_closed_console_stops_the_echo_not_the_run(tmp_path):
     out = BrokenPipeOut(keep=3)
     lines = b"".join(b"line %d\n" % i for i in range(20_000))

@@ -165,18 +165,20 @@ class LineSplitter:
         start = 0
         while True:
             i = self.buf.find(b"\n", start)
-            if i < 0:
+            if i >= 0:
+                out.append((bytes(self.buf[start:i + 1]), True))
+                start = i + 1
+                continue
+            if len(self.buf) - start <= self.max_piece:
                 break
-            out.append((bytes(self.buf[start:i + 1]), True))
-            start = i + 1
+            m = self.buf.find(_MARKER, start + 1)
+            cut = m if m > start else len(self.buf) - (len(_MARKER) - 1)
+            out.append((bytes(self.buf[start:cut]), False))
+            start = cut
+            if m < 0:
+                break
+            # from the marker on, look again for the newline that ends the event
         del self.buf[:start]
-        while len(self.buf) > self.max_piece:
-            m = self.buf.find(_MARKER, 1)
-            cut = m if m > 0 else len(self.buf) - (len(_MARKER) - 1)
-            out.append((bytes(self.buf[:cut]), False))
-            del self.buf[:cut]
-            if m <= 0:
-                break
         return out
 
     def end(self) -> list[tuple[bytes, bool]]:
