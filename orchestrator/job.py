@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import io
 import math
 import os
 import shlex
+import shutil
 import stat
 import sys
 import time
@@ -65,6 +67,9 @@ class RunRequest(BaseModel):
     resume_from: Optional[str] = None  # --resume-from GLOB: what a restarted attempt resumes from (newest match)
     resume_arg: Optional[str] = None  # --resume-arg TEMPLATE: the words that hand it to the program, with {latest}
     json_output: bool = False
+    # A run inside another command (``orch check --collective``): nothing of it on the terminal, where that
+    # command reports the result itself. No CLI option sets it.
+    silent: bool = False
     # SSH (remote hosts)
     ssh_config: Optional[str] = None
     known_hosts: Optional[str] = None
@@ -174,19 +179,39 @@ def _load_cluster(req: RunRequest) -> Hostfile:
     return select_hosts(hostfile, req.include, req.exclude)
 
 
-def _check_script(req: RunRequest) -> str:
-    """The program, checked where this machine can check it; returns what names the run."""
+def _check_script(req: RunRequest, hostfile: Hostfile) -> str:
+    """The program, checked where this machine can check it; returns what names the run.
+
+    A command (``-- PROGRAM``) is looked up as the ranks' ``execvp`` will, when
+    every rank runs here: a typo is then one line before anything starts, as
+    for a missing script. On remote hosts only the host can say.
+    """
     if req.program == "module":
         if not all(part.isidentifier() for part in req.script.split(".")):
             raise ConfigError(f"-m {req.script}: not a module name (use e.g. -m mlx_lm)")
         return req.script
     if req.program == "command":
+        if all(h.is_local for h in hostfile.hosts) and not _findable(req, hostfile):
+            raise ConfigError(f"-- {req.script}: no such program here (not on PATH, not a file); check the name, or "
+                              "give its path")
         return req.script
     path = Path(req.script)
     if not path.is_file():
         raise ConfigError(f"{req.script}: no such script; give the path of the Python file to run on every rank "
                           "(or -m MODULE, or -- PROGRAM ARGS for any other program)")
     return str(path.resolve())
+
+
+def _findable(req: RunRequest, hostfile: Hostfile) -> bool:
+    """Whether a local rank can exec ``req.script`` (as ``execvp`` looks: PATH, or a path from its cwd)."""
+    env = dict(parse_env_assignment(e) for e in req.env) if req.env else {}
+    if any("PATH" in h.env for h in hostfile.hosts) or any(e.split("=", 1)[0] == "PATH" for e in hostfile.envs):
+        return True  # the hostfile changes the ranks' PATH: theirs to find
+    program = req.script
+    if os.sep in program:
+        path = Path(req.cwd or ".") / program
+        return path.is_file() and os.access(path, os.X_OK)
+    return shutil.which(program, path=env.get("PATH", os.environ.get("PATH", os.defpath))) is not None
 
 
 def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunDir, script: str) -> list[RankSpec]:
@@ -246,7 +271,7 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     hostfile = _load_cluster(req)
     choice = choose(hostfile, req.backend)
     backend = choice.name
-    script = _check_script(req)
+    script = _check_script(req, hostfile)
     mpi = None
     if backend == "mpi" and req.stdin == "all":
         raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
@@ -370,7 +395,8 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             await launcher.aclose()
             summary = _failed_before_start(req, plan, rundir, script, str(e))
         else:
-            sup = Supervisor(plan, specs, launcher, rundir, script, out=sys.stderr if req.json_output else sys.stdout, options=SupervisorOptions(
+            sup = Supervisor(plan, specs, launcher, rundir, script, out=sys.stderr if req.json_output else sys.stdout,
+                             err=io.StringIO() if req.silent else sys.stderr, options=SupervisorOptions(
                 init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
                 first_step_timeout=req.first_step_timeout, attempt=attempt,
                 # The guard SIGKILLs a rank that ignores SIGTERM after --grace; the controller's own

@@ -162,6 +162,9 @@ def test_local_collective_all_sum(tmp_path):
         assert coll["algbw_GBps"] > 0 and coll["busbw_GBps"] == pytest.approx(coll["algbw_GBps"], rel=0.01)  # 2(n-1)/n = 1
         assert coll["latency_us"] > 0 and "result correct" in coll["detail"]
         assert coll["expected"] is None  # no Thunderbolt links in this hostfile
+        # The all_sum run is orch check's business: none of its output on the terminal, nothing left behind.
+        assert "run directory" not in r.stderr and "succeeded in" not in r.stderr, r.stderr
+        assert "run_dir" not in coll
     finally:
         if coll.get("run_dir"):
             import shutil

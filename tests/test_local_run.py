@@ -211,6 +211,15 @@ def test_prestarted_ranks_are_stopped_when_the_run_never_starts(tmp_path):
     assert not deferred(), "pre-started ranks outlived a run that never started"
 
 
+@pytest.mark.parametrize("program", ["no-such-program-orch", "./missing.sh"])
+def test_a_command_that_is_not_there_is_refused_before_anything_starts(tmp_path, program):
+    r = run_orch("run", "-n", "2", "--run-dir", str(tmp_path / "run"), "--", program, "--flag", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"orch: error: -- {program}: no such program here (not on PATH, not a file); "
+                                "check the name, or give its path")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_rank_with_the_real_error_is_named_not_the_one_that_stopped_with_it(tmp_path):
     """rank 0 cannot --resume; rank 1 stops with it ("other rank(s) failed"): rank 0 is the cause, whoever exits first."""
     rd = tmp_path / "run"

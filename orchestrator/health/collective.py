@@ -30,7 +30,7 @@ async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, e
         script=str(PROBE_COLLECTIVE), script_args=["--size-mib", f"{opts.collective_mib:g}"],
         hostfile=opts.hostfile, n=opts.n if not opts.hostfile else None, backend=backend, python=opts.python,
         run_dir=str(run_dir), init_timeout=max(opts.timeout, 10.0), first_step_timeout=budget, hang_timeout=budget,
-        starting_port=opts.starting_port, echo=False, json_output=True,
+        starting_port=opts.starting_port, echo=False, json_output=True, silent=True,
         ssh_config=opts.ssh.ssh_config, known_hosts=opts.ssh.known_hosts, identity=list(opts.ssh.identity),
         ssh_accept_new=opts.ssh.accept_new, connect_timeout=opts.ssh.connect_timeout, mpirun=opts.mpirun)
     try:
@@ -51,9 +51,10 @@ async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, e
               f"median {m['allsum_s'] * 1000:.1f} ms; 8-byte all_sum latency median {m['latency_us']:.0f} µs "
               f"(of {m['latency_iters']})")
     note = expected_speed_note(hostfile, m.get("busbw_GBps"))
+    shutil.rmtree(tmp, ignore_errors=True)  # kept only when it failed: then its logs say why
     return {"ok": True, "detail": detail + (f"; {note}" if note else ""), **{k: m[k] for k in (
         "world_size", "allsum_bytes", "allsum_s", "algbw_GBps", "busbw_GBps", "latency_us", "latency_iters")},
-        "expected": note, "run_dir": str(run_dir)}
+        "expected": note}
 
 
 def expected_speed_note(hostfile: Hostfile, busbw_gbps: Optional[float]) -> Optional[str]:
