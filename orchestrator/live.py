@@ -97,7 +97,7 @@ class LiveView:
             rows.append(
                 f"{s.rank:>4} {r.host[:14]:<14} {r.steps if r.steps is not None else '-':>7} "
                 f"{(f'{r.last_loss:.4g}' if r.last_loss is not None else '-'):>10} {human_rate(r.samples_per_s):>10} "
-                f"{human_bytes(mem.mlx_peak_bytes if mem else None):>10} {human_bytes(mem.rss_peak_bytes if mem else None):>10}"
+                f"{_mlx_bytes(mem, 'mlx_peak_bytes'):>10} {human_bytes(mem.rss_peak_bytes if mem else None):>10}"
                 f"{(' ' + shares[s.rank].rjust(11)) if shares else ''}{status}"
             )
         return [r[:width] for r in rows]
@@ -165,7 +165,7 @@ class LiveView:
             rows.append(
                 f"{s.rank:>4} {r.host[:14]:<14} {r.steps if r.steps is not None else '-':>6} "
                 f"{(f'{r.last_loss:.4g}' if r.last_loss is not None else '-'):>10} {human_rate(r.samples_per_s):>10} "
-                f"{human_bytes(m.mlx_peak_bytes if m else None):>10} {human_bytes(m.mlx_active_bytes if m else None):>10} "
+                f"{_mlx_bytes(m, 'mlx_peak_bytes'):>10} {_mlx_bytes(m, 'mlx_active_bytes'):>10} "
                 f"{human_bytes(m.rss_peak_bytes if m else None):>10} {human_bytes(m.system_available_min_bytes if m else None):>13}"
                 + ((' ' + shares[s.rank].rjust(11)) if shares else "")
             )
@@ -192,3 +192,11 @@ class LiveView:
             self.err.write("orch: run interrupted; all ranks stopped\n")
         self.err.write(f"orch: {summary.status} in {summary.duration_s:.2f}s; run directory {summary.run_dir}\n")
         self.err.flush()
+
+
+def _mlx_bytes(memory, field: str) -> str:
+    """An MLX memory figure, or ``-`` where the rank never reported one (a program that does not use
+    MLX, seen only through its guard's RSS samples): MLX's own peak is never 0 once it ran."""
+    if memory is None or not memory.mlx_peak_bytes:
+        return "-"
+    return human_bytes(getattr(memory, field))

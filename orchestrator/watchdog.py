@@ -207,14 +207,17 @@ class Watchdog:
                     note = self.stopped_note(st)
                     if note:
                         parts[-1] += f" (rank {st.rank} {note})"
-        if running:
+        wheres = [(st, programs.top_frames(list(st.tail), STACK_MARK)) for st in running]
+        if any(where for _, where in wheres):
             if stopped:
                 parts.append("the running ranks' Python stacks are in their logs (logs/rank-N.log); "
                              "a stopped process cannot dump its stack")
             else:
                 parts.append("every rank's Python stacks are in its log (logs/rank-N.log)")
-        for st in running:
-            where = programs.top_frames(list(st.tail), STACK_MARK)
+        elif running and len(stopped) < len(running):
+            parts.append("no rank answered with a Python stack (not a Python program, or stuck where it "
+                         "cannot answer)")
+        for st, where in wheres:
             if where:
                 parts.append(f"rank {st.rank} is in {where}")
         # Programs whose progress only rank 0 prints (mlx-lm): ranks that never

@@ -351,6 +351,17 @@ def test_a_stopped_rank_of_a_silent_program_is_named_and_the_run_cleaned_up(tmp_
 
 
 @pytest.mark.slow
+def test_a_silent_program_that_is_not_python_is_caught_without_promising_stacks(tmp_path):
+    rd = tmp_path / "run"
+    r = run_orch("run", "-n", "2", "--run-dir", str(rd), "--hang-timeout", "3", "--", "sleep", "1000",
+                 cwd=tmp_path, timeout=120)
+    assert r.returncode == 1, r.stderr[-3000:]
+    reason = summary(rd)["reason"]
+    assert reason.startswith("hang: no rank printed anything or used CPU for 3s"), reason
+    assert "no rank answered with a Python stack" in reason and "Python stacks are in" not in reason, reason
+
+
+@pytest.mark.slow
 def test_a_rank_asleep_while_its_peer_spins_in_all_sum_is_caught(tmp_path):
     rd = tmp_path / "run"
     r = run_orch("run", "-n", "2", "--run-dir", str(rd), "--hang-timeout", "4", str(SCRIPTS / "one_rank_asleep.py"),
