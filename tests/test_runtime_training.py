@@ -52,7 +52,7 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     assert max_abs_diff(load_arrays(latest_checkpoint(big)), load_arrays(latest_checkpoint(accum))) < 1e-5
 
 
-@pytest.mark.parametrize(("n", "extra"), [(1, []), (2, []), (2, ["--shard-optimizer"]), (2, ["--grad-dtype", "bfloat16"])])
+@pytest.mark.parametrize(("n", "extra"), [(1, []), (2, []), (2, ["--shard-optimizer"]), (2, ["--grad-dtype", "bfloat16", "--hidden", "1200"])])
 def test_resume_is_bit_exact_with_adam_and_dropout(tmp_path, n, extra):
     common = ["--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8", "--dropout", "0.2"] + extra
     straight, _ = train(tmp_path, "straight", n, common + ["--steps", "20"])

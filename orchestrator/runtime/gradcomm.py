@@ -24,12 +24,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 BUCKET_BYTES = 32 * 1024**2  # as nn.average_gradients' default all_reduce_size
 PIPE_BYTES = 1024**2  # narrow wire: bucket size on the wire, small enough to pipeline cast, wire and cast back
-# Below this many bytes on the narrow wire there is nothing to pipeline (one or two buckets), and a second
-# CPU stream only costs: measured on 2 ranks of the 2-core box with 0.28 MiB of bfloat16 gradients, the mere
-# existence of one more stream made each later eval of a collective ~2.3 ms slower (0.63 -> 2.89 ms for two
-# back to back), and the averaging took 8.0 ms against 4.3 ms in float32. So small wires run on the default
-# stream and the communication stream is made only for a wire that uses it.
-PIPE_MIN_BYTES = 2 * PIPE_BYTES
+# A narrow wire dtype pays only where bytes decide the time. Below this many bytes on the narrow wire the
+# all-reduce is latency-bound, there is nothing to pipeline (one or two buckets), and the narrow path's
+# second collective (the float32 loss), casts and stream only cost: measured on 2 ranks of the 2-core box,
+# the default benchmark model's 0.28 MiB in bfloat16 averaged in 5.0-8.2 ms against 0.8-2.9 ms in float32,
+# and the mere existence of one more CPU stream made each later eval of a collective ~2.3 ms slower. Such
+# gradients go in float32 (exact), in one all-reduce with the loss, and no stream is made.
+NARROW_MIN_BYTES = 2 * PIPE_BYTES
 WIRE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -100,7 +101,7 @@ class GradientAverager:
     @property
     def comm(self) -> mx.Stream:
         """The collectives' own CPU stream (MLX runs each stream on its own thread), so casts overlap
-        the wire; made on first use (see ``PIPE_MIN_BYTES``)."""
+        the wire; made on first use, by a wire that narrows (see ``NARROW_MIN_BYTES``)."""
         if self._comm is None:
             self._comm = mx.new_stream(mx.cpu)
         return self._comm
@@ -114,7 +115,7 @@ class GradientAverager:
             self._order = {k: memory_order(g) for k, g in flat}
         views = [(k, g.transpose(self._order[k]) if self._order.get(k) else g) for k, g in flat]
 
-        if self.wire == mx.float32 or not any(_narrows(g.dtype, self.wire) for _, g in views):
+        if not self.narrows([g for _, g in views]):
             if {g.dtype for _, g in views} != {loss.dtype}:
                 # Mixed dtypes: average_gradients falls back to one all_sum per array anyway.
                 averaged = nn.average_gradients(tree_unflatten(views), group=self.group)
@@ -125,9 +126,7 @@ class GradientAverager:
         # Every collective of the narrow path runs on one stream, in this order on every rank: two
         # threads must never drive the ring at once. The loss goes first, so anything that waits
         # for the gradients (the sharded optimizer's all_gather) also finds the loss's sum done.
-        # The stream is chosen from the gradients' sizes alone, so every rank chooses the same.
-        wire_bytes = sum(g.size * self.wire.size for _, g in views if _narrows(g.dtype, self.wire))
-        stream = self.comm if wire_bytes >= PIPE_MIN_BYTES else None  # None: MLX's default, as for float32
+        stream = self.comm
         avg_loss = mx.distributed.all_sum(loss, group=self.group, stream=stream) / self.world
         by_dtype: dict[mx.Dtype, list[tuple[str, mx.array]]] = {}
         for k, g in views:
@@ -141,16 +140,25 @@ class GradientAverager:
                     tree_unflatten(members), group=self.group, communication_stream=stream)))
         return self._restore(tree_unflatten(averaged), {}), avg_loss
 
+    def narrows(self, arrays: list) -> bool:
+        """Whether gradients like ``arrays`` travel in the narrow wire dtype: at least ``NARROW_MIN_BYTES``
+        of them would. Decided from shapes and dtypes alone, so every rank decides the same."""
+        if self.wire == mx.float32:
+            return False
+        return sum(a.size * self.wire.size for a in arrays if _narrows(a.dtype, self.wire)) >= NARROW_MIN_BYTES
+
     def payload_bytes(self, params: Any) -> int:
         """Bytes one rank contributes to a step's all-reduce: every gradient (shaped like ``params``)
         in the dtype it travels in, plus the loss. What ``--grad-dtype`` halves."""
+        arrays = [p for _, p in tree_flatten(params)]
+        narrow = self.narrows(arrays)
         total = 4  # the float32 loss
-        for _, p in tree_flatten(params):
-            total += p.size * (self.wire.size if _narrows(p.dtype, self.wire) else p.dtype.size)
+        for p in arrays:
+            total += p.size * (self.wire.size if narrow and _narrows(p.dtype, self.wire) else p.dtype.size)
         return total
 
     def _narrow_average(self, members: list[tuple[str, mx.array]], dtype: mx.Dtype,
-                        stream: Optional[mx.Stream]) -> list[tuple[str, mx.array]]:
+                        stream: mx.Stream) -> list[tuple[str, mx.array]]:
         """Cast, all_sum in the wire dtype, cast back and divide: pipelined, bucket by bucket.
 
         Casting and dividing are the CPU cost that eats into the halved

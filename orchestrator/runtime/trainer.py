@@ -339,6 +339,13 @@ class Trainer(RankSync, TrainStep):
             f"{self.sampler.samples_per_step} samples/step, {len(self.dataset)} samples, "
             f"steps {self.step}->{hp.steps}"
         )
+        if self.world > 1 and hp.grad_dtype != "float32":
+            params = [p for _, p in tree_flatten(self.model.trainable_parameters())]
+            payload = self.averager.payload_bytes(self.model.trainable_parameters())
+            self.say(f"--grad-dtype {hp.grad_dtype}: " + (
+                f"gradients travel in {hp.grad_dtype}, {payload / 2**20:.1f} MiB a step" if self.averager.narrows(params)
+                else f"only {payload / 2**20:.2f} MiB of gradients, latency-bound: they travel in float32 "
+                     "(exact, and faster than two collectives and a cast)"))
         emit("train_start", step=self.step, total_steps=hp.steps)
         if self.balancer is not None:
             self.balancer.start(self.step)
