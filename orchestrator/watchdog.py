@@ -6,16 +6,14 @@ Two watchdogs, one home:
   ``--first-step-timeout`` (before the first) or ``--hang-timeout`` (after it),
   until every trainer finished;
 * **idle**: for programs that report no steps (not ours, or not yet): fires
-  when, for ``--hang-timeout``, no rank printed anything and at least one
-  rank's CPU time did not advance (the guard's ``rss`` samples carry it). A
-  rank asleep, blocked on I/O or in a poll loop of a few wake-ups a second
-  stays under the threshold. Its peers are another matter: MLX's ring
-  busy-waits inside a collective (a rank waiting in ``all_sum`` for a peer
-  that never comes burns a whole core), so requiring *every* rank to be idle
-  would never catch the commonest hang of all, one rank stuck outside the
-  collective the others wait in. A rank that sleeps silently past the
-  timeout while the others compute silently is taken for a hang too: raise
-  ``--hang-timeout`` for such a program.
+  when, for ``--hang-timeout``, no rank printed anything and no rank's CPU
+  time advanced (the guard's ``rss`` samples carry it). A rank asleep, blocked
+  on I/O or in a poll loop of a few wake-ups a second stays under the
+  threshold. MLX's ring busy-waits inside a collective, so a rank stuck
+  outside the ``all_sum`` its peers spin in is *not* caught by this rule (one
+  idle rank alone was tried: it stopped legitimate programs, a rank loading a
+  model silently while the others wait); ``report.step`` arms the step
+  watchdog, which does catch it.
 
 Before failing the run either way, every running rank's guard is asked for its
 Python stacks (into the rank's stderr, so its log and tail), and the failure
@@ -91,6 +89,9 @@ class Watchdog:
             return True  # this first sample may arm the idle watchdog
         if record.cpu_s - record.prev_cpu_s > max(IDLE_CPU_MIN_S, IDLE_CPU_RATE * (now - record.prev_cpu_t)):
             self.cpu_active[record.rank] = now
+            # Any rank's CPU progress still counts for all: firing on one idle rank while its peers spin
+            # stopped legitimate programs (a rank loading silently while the others wait in a collective).
+            self.activity(now)
         idle = self.idle_deadline()
         return idle is not None and now >= idle  # it may complete the idle watchdog's evidence
 

@@ -196,21 +196,6 @@ def test_cpu_that_advances_is_not_a_hang(tmp_path):
     assert s.status == "succeeded", s.reason
 
 
-def test_one_idle_rank_while_another_spins_in_a_collective_is_a_hang(tmp_path):
-    """MLX's ring busy-waits in all_sum: rank 0 waiting for a rank 1 that sleeps burns a core."""
-    async def play(hs):
-        for i in range(10_000):
-            hs[0].feed(sample(0, 5.0 + 0.2 * i, token=token(hs[0])))  # a whole core
-            hs[1].feed(sample(1, 5.0, token=token(hs[1])))  # asleep
-            await asyncio.sleep(0.2)
-
-    s = watch(tmp_path, play)
-    assert s.status == "failed" and s.failed_rank == 1, s.reason
-    assert s.reason.startswith("hang: no rank printed anything for 1s (--hang-timeout) and rank 1 used no CPU "
-                               "while the others kept busy"), s.reason
-    assert "the others may be waiting for rank 1" in s.reason, s.reason
-
-
 def test_cpu_creeping_under_the_threshold_is_still_idle(tmp_path):
     """A rank blocked in a poll loop burns a little CPU; under 2% of a core is not progress."""
     per_sample = watchdog.IDLE_CPU_RATE * 0.2 / 4
@@ -359,21 +344,6 @@ def test_a_silent_program_that_is_not_python_is_caught_without_promising_stacks(
     reason = summary(rd)["reason"]
     assert reason.startswith("hang: no rank printed anything or used CPU for 3s"), reason
     assert "no rank answered with a Python stack" in reason and "Python stacks are in" not in reason, reason
-
-
-@pytest.mark.slow
-def test_a_rank_asleep_while_its_peer_spins_in_all_sum_is_caught(tmp_path):
-    rd = tmp_path / "run"
-    r = run_orch("run", "-n", "2", "--run-dir", str(rd), "--hang-timeout", "4", str(SCRIPTS / "one_rank_asleep.py"),
-                 cwd=tmp_path, timeout=120)
-    assert r.returncode == 1, r.stderr[-3000:]
-    s = summary(rd)
-    assert s["status"] == "failed" and s["failed_rank"] == 1, s["reason"]
-    assert s["reason"].startswith("hang: no rank printed anything for 4s (--hang-timeout) and rank 1 used no CPU"), \
-        s["reason"]
-    assert "rank 1 is in asleep_here at one_rank_asleep.py:" in s["reason"], s["reason"]
-    assert "the others may be waiting for rank 1" in s["reason"], s["reason"]
-    assert not alive([x["pid"] for x in s["ranks"]], timeout=5)
 
 
 @pytest.mark.slow
