@@ -208,6 +208,8 @@ def _findable(req: RunRequest, hostfile: Hostfile) -> bool:
     if any("PATH" in h.env for h in hostfile.hosts) or any(e.split("=", 1)[0] == "PATH" for e in hostfile.envs):
         return True  # the hostfile changes the ranks' PATH: theirs to find
     program = req.script
+    if not req.cwd and any(h.cwd for h in hostfile.hosts):
+        return True  # ranks start in their host's cwd: theirs to find
     if os.sep in program:
         path = Path(req.cwd or ".") / program
         return path.is_file() and os.access(path, os.X_OK)
