@@ -211,8 +211,10 @@ class BenchTrainer(Trainer):
         return averaged["grads"], averaged["loss"]
 
 
-def _barrier(group) -> None:
-    if group.size() > 1:
+def _barrier(group, quiet=None) -> None:
+    if quiet is not None:
+        quiet.wait()
+    elif group.size() > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
@@ -241,7 +243,7 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
             mx.eval(loss_sum, grad_sum)
         t1 = time.perf_counter()
         if tr.hp.profile_wait:
-            _barrier(tr.group)
+            _barrier(tr.group, tr.quiet if tr.quiet is not None and tr.quiet.active else None)
             t1b = time.perf_counter()
             wait.append(t1b - t1)
             t1 = t1b

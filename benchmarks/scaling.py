@@ -66,6 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench_mlp.py"
 LOOP = ROOT / "benchmarks" / "mlx_launch_dp_loop.py"
 ANCHOR_EFF = {2: 0.95, 4: 0.83, 8: 0.63}
+# 'D/variant' arms of --grad-dtypes: extra bench_mlp flags
+VARIANT_FLAGS = {"nokeep": ["--no-keep-freed-memory"], "quiet": ["--quiet-wait", "on"], "spin": ["--quiet-wait", "off"], "balance": ["--balance", "speed"]}
 
 
 class BenchError(RuntimeError):
@@ -547,7 +549,10 @@ def main() -> None:
     ap.add_argument("--grad-dtypes", default="",
                     help="e.g. 'float32,bfloat16': one orch arm per gradient dtype on the wire (--grad-dtype), "
                          "alternating, and the dtype table; 'D/nokeep' adds an arm with --no-keep-freed-memory "
-                         "(glibc returns freed buffers to the kernel, as before runtime/allocator.py)")
+                         "(glibc returns freed buffers to the kernel, as before runtime/allocator.py), 'D/quiet' and 'D/spin' "
+                         "with --quiet-wait on / off (ranks of a machine wait for its slowest asleep / spinning in the "
+                         "collective), 'D/balance' "
+                         "with --balance speed; variants combine with '+', e.g. 'float32/quiet+balance'")
     ap.add_argument("--target-eff", type=float, default=0.92, help="efficiency target the dtype table checks")
     ap.add_argument("--bare", action="store_true",
                     help="also run the hand-written loop started by bare Popen (no launcher process)")
@@ -596,7 +601,7 @@ def main() -> None:
     def one(rep: int, n: int, which: str) -> None:
         if which.startswith("orch"):
             dt, _, variant = which.partition(":")[2].partition("/")  # e.g. "bfloat16/nokeep"
-            flags = (["--grad-dtype", dt] if dt else []) + (["--no-keep-freed-memory"] if variant == "nokeep" else [])
+            flags = (["--grad-dtype", dt] if dt else []) + [f for v in variant.split("+") if v for f in VARIANT_FLAGS[v]]
             res = orch_once(n, bind=a.bind, steps=a.steps, warmup=a.warmup, profile_steps=a.profile_steps,
                             noreduce_steps=a.noreduce_steps, common=common, extra=extra + flags, tmp=tmp,
                             tag=f"n{n}-r{rep}-{(dt or 'default') + (variant and '-' + variant)}", timeout=a.timeout)

@@ -27,6 +27,9 @@ GRAD_DTYPES = ("float32", "bfloat16", "float16")
 # --balance: equal per-rank batches, or shares proportional to each rank's speed (runtime/balance.py).
 BALANCE_MODES = ("none", "speed")
 
+# --quiet-wait: ranks sharing a machine wait for each other asleep before the all-reduce (runtime/quiet_wait.py).
+QUIET_WAIT_MODES = ("auto", "on", "off")
+
 # Value of --resume given without a path: the newest complete checkpoint.
 RESUME_LATEST = "latest"
 
@@ -78,6 +81,12 @@ class Hparams:
         metadata={"help": "speed: each rank's share of the global batch proportional to its measured speed "
                           "(the global batch, world x --batch-size x --grad-accum, and the update stay the same)",
                   "choices": BALANCE_MODES},
+    )
+    quiet_wait: str = field(
+        default="off",
+        metadata={"help": "ranks that share a machine wait for its slowest one asleep before each all-reduce, instead "
+                          "of spinning in the collective on cores that rank needs; auto: under orch run",
+                  "choices": QUIET_WAIT_MODES},
     )
     memory_check: bool = field(
         default=True,

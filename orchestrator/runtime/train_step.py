@@ -58,6 +58,7 @@ class TrainStep:
     dataset: Any
     loss_and_grad: Callable
     averager: Callable
+    quiet: Any  # runtime/quiet_wait.QuietBarrier, or None
     sharded: Any
     balancer: Optional[Balancer]
     sampler: Any
@@ -198,6 +199,11 @@ class TrainStep:
             if w != 1.0:  # sample-count weighting: the all-reduce's mean is then the global-batch mean
                 grad_sum = tree_map(lambda g: g * w, grad_sum)
                 loss_sum = loss_sum * w
+        if self.quiet is not None and self.quiet.active:
+            # Wait for this machine's slowest rank asleep (runtime/quiet_wait.py), so the collective
+            # below only moves bytes instead of spinning on cores that rank needs.
+            mx.eval(loss_sum, grad_sum)
+            self.quiet.wait()
         grads, loss = self._average(grad_sum, loss_sum)
         if self.sharded is not None:
             self.sharded.update(self.model, grads)

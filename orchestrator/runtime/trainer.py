@@ -53,7 +53,9 @@ from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
+from orchestrator.runtime import quiet_wait
 from orchestrator.runtime.gradcomm import GradientAverager
+from orchestrator.runtime.quiet_wait import QuietBarrier
 from orchestrator.runtime.rank_sync import RankSync
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
 from orchestrator.runtime.train_step import TrainStep
@@ -200,6 +202,8 @@ class Trainer(RankSync, TrainStep):
         self.dataset = as_dataset(recipe.data(hp))
         self.loss_and_grad = nn.value_and_grad(self.model, recipe.loss)
         self.averager = GradientAverager(group, hp.grad_dtype)
+        # --quiet-wait (collective to build: before anything else talks on the group)
+        self.quiet = QuietBarrier(group) if quiet_wait.wanted(hp.quiet_wait, self.world) else None
         self.sharded: Optional[ShardedOptimizer] = None  # --shard-optimizer
         self._resume_optimizer: Optional[dict] = None  # rank 0's per-parameter state, for the sharded optimizer
         self._resume_shares: Optional[list] = None  # --balance speed: the shares the checkpoint was written with
@@ -324,6 +328,8 @@ class Trainer(RankSync, TrainStep):
         if final:
             values["optimizer_state_bytes"] = self.optimizer_state_bytes()
             values.update(self.wire_metrics())
+            if self.quiet is not None:
+                values.update(self.quiet.metrics())
         if not values:
             return
         self.metrics = values
@@ -392,6 +398,8 @@ class Trainer(RankSync, TrainStep):
                  f"RSS {format_bytes(mem['rss_bytes'])}, "
                  f"optimizer state {format_bytes(self.optimizer_state_bytes())}{sharded}")
         emit("finished", step=self.step)
+        if self.quiet is not None:
+            self.quiet.close()
         return RunResult(step=self.step, loss=last_loss, metrics=self.metrics, checkpoint=self.last_checkpoint)
 
 
