@@ -141,7 +141,9 @@ class LineOut:
                     self._grow(part)
                     log += part
                 continue
-            for fields in self.state.program.feed(text or ""):  # e.g. mlx-lm's "iter train_loss ..." rows
+            # The parser sees the whole line, also its part held since a guard event landed inside it.
+            held = bytes(self.head).decode("utf-8", "surrogateescape") if 0 < self.size <= CONSOLE_LINE_MAX else ""
+            for fields in self.state.program.feed(held + (text or "")):  # e.g. mlx-lm's "iter train_loss" rows
                 self._event({**fields, "rank": self.state.rank, "t": time.time(), "source": "output"})
             # Colour codes (rich forces them on even into a pipe) are dropped from the log and the console.
             data = programs.strip_ansi(text or "").encode("utf-8", "surrogateescape")

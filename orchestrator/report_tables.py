@@ -45,8 +45,9 @@ def num(x, fmt: str = "{:.4g}") -> str:
 
 def metric_value(name: str, x) -> str:
     """A reported metric for people: byte counts (``optimizer_state_bytes``, ``bytes_sent_per_step``) as
-    sizes, everything else as a number."""
-    if "bytes" in name and isinstance(x, (int, float)) and not isinstance(x, bool):
+    sizes, everything else as a number (a rate such as ``bytes_per_s`` too: it is not a size)."""
+    counts = name.endswith("_bytes") or "_bytes_per_step" in name or name.startswith("bytes_sent")
+    if counts and isinstance(x, (int, float)) and not isinstance(x, bool):
         return human_bytes(x)
     return num(x)
 

@@ -275,6 +275,28 @@ def test_guard_events_inside_a_ranks_lines_are_taken_and_the_log_stays_byte_exac
     assert s.ranks[0].memory is not None and s.ranks[0].memory.rss_peak_bytes == 1 << 20
 
 
+def test_a_program_row_split_by_a_guard_event_is_still_parsed(tmp_path):
+    """mlx-lm's step rows are read from the console text; a guard sample landing between a row's text
+    and its newline must not hide the row from the parser (nor reach the log)."""
+    header = b"  iter   train_loss     tok/s     tokens\n"
+    row = b"     1    4.163 \xe2\x96\xbc      171      0.0k"
+
+    async def play(h):
+        token = h[0].token
+        h[0].stdout.feed_data(header + row)
+        await asyncio.sleep(0)
+        h[0].stdout.feed_data(ev("rss", 0, rss_bytes=1 << 20, tree_rss_bytes=1 << 20,
+                                 system_available_bytes=None, cpu_s=1.0, stopped=False, token=token))
+        await asyncio.sleep(0)
+        h[0].stdout.feed_data(b"\n")
+        ok(h)
+
+    sup, s, out, err, rundir, launcher = supervise(tmp_path, play)
+    assert (rundir.logs / "rank-0.log").read_bytes() == header + row + b"\n"
+    steps = [e for e in events(rundir) if e.get("kind") == "step" and e.get("rank") == 0]
+    assert [(e["step"], e["loss"]) for e in steps] == [(1, 4.163)]
+
+
 def test_a_closed_console_stops_the_echo_not_the_run(tmp_path):
     out = BrokenPipeOut(keep=3)
     lines = b"".join(b"line %d\n" % i for i in range(20_000))

@@ -248,6 +248,7 @@ def test_byte_metrics_read_as_sizes_and_the_rest_as_numbers():
     assert report_tables.metric_value("optimizer_state_bytes", 511236) == "499.3 KiB"
     assert report_tables.metric_value("val_loss", 2.34151) == "2.342"
     assert report_tables.metric_value("bytes_sent_per_step", None) == "-"
+    assert report_tables.metric_value("link_bytes_per_s", 1.5e9) == report_tables.num(1.5e9)  # a rate, not a size
 
 
 def test_failed_early_run_still_gets_a_report(tmp_path):
