@@ -156,10 +156,10 @@ def _resume_arg_file(req: RunRequest, rundir: RunDir, attempt: int) -> tuple[Opt
     if latest is None:
         note = (f"no file matched --resume-from {req.resume_from} (in {rundir.path}): attempt {attempt} started "
                 "without --resume-arg")
-        sys.stderr.write(f"orch: {note}\n")
+        _say(req, note)
         return None, note
     words = [w.replace("{latest}", latest) for w in resume_words(req)]
-    sys.stderr.write(f"orch: attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})\n")
+    _say(req, f"attempt {attempt} resumes from {latest} ({' '.join(map(shlex.quote, words))})")
     return latest, f"resumed from {latest} (--resume-arg)"
 
 
@@ -306,7 +306,7 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
             raise ConfigError("--fallback-backend: the fallback happens on a restart; add --max-restarts 1 (or more)")
         plan_job(hostfile, req.fallback_backend, req.connections_per_ip, None)  # the hosts must carry it: fail now, not mid-run
     if req.hostfile and not req.backend and not hostfile.backend and plan.world_size > 1:
-        sys.stderr.write(f"orch: backend {backend}: {choice.reason}\n")
+        _say(req, f"backend {backend}: {choice.reason}")
     rundir = RunDir(req.run_dir or default_run_dir(script))
     rundir.lock()
     return hostfile, plan, rundir, script, mpi
@@ -425,12 +425,12 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
         if fallback:
             backend = req.fallback_backend
             fell_back = f"--fallback-backend {backend}: JACCL failed to start in attempt {attempt} ({summary.diagnosis_cause})"
-            sys.stderr.write(f"orch: {fallback}\n")
+            _say(req, fallback)
             attempts[-1].note = f"{attempts[-1].note}; {fallback}" if attempts[-1].note else fallback
         if req.exclude_failed_host and summary.failed_rank is not None:
             hostfile, note = _exclude_twice_failed(hostfile, plan, summary.failed_rank, host_failures)
             if note:
-                sys.stderr.write(f"orch: {note}\n")
+                _say(req, note)
                 attempts[-1].note = f"{attempts[-1].note}; {note}" if attempts[-1].note else note
         delay = min(30.0, req.restart_backoff * 2 ** attempt)
         sys.stderr.write(f"orch: restart {attempt + 1}/{req.max_restarts} in {delay:g}s"
@@ -444,9 +444,15 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
     try:
         rundir.write_summary(summary)
     except OSError as e:  # a full disk at the very end: say so in one line; the exit code still tells the outcome
-        sys.stderr.write(f"orch: could not write {rundir.path / SUMMARY}: {e.strerror or e}\n")
+        _say(req, f"could not write {rundir.path / SUMMARY}: {e.strerror or e}")
     rundir.close()
     return summary
+
+
+def _say(req: RunRequest, text: str) -> None:
+    """One ``orch:`` line on stderr, unless the run is a silent inner run (``orch check --collective``)."""
+    if not req.silent:
+        sys.stderr.write(f"orch: {text}\n")
 
 
 def _fallback_note(req: RunRequest, backend: str, summary: RunSummary, has_checkpoint: bool) -> Optional[str]:
@@ -479,7 +485,7 @@ async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, run
 
     why_not = needs_measuring(hostfile)
     if why_not:
-        sys.stderr.write(f"orch: --ring-order measured: nothing to choose ({why_not}); keeping the hostfile's order\n")
+        _say(req, f"--ring-order measured: nothing to choose ({why_not}); keeping the hostfile's order")
         return hostfile, plan
     try:
         from orchestrator.remote.ssh import SSHOptions
@@ -491,7 +497,7 @@ async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, run
         summary = _failed_before_start(req, plan, rundir, script, f"--ring-order measured: {e}")
         rundir.write_summary(summary)
         return summary
-    sys.stderr.write(f"orch: {choice.words()} (links measured in {matrix.seconds:.1f}s)\n")
+    _say(req, f"{choice.words()} (links measured in {matrix.seconds:.1f}s)")
     ordered = apply_order(hostfile, choice)
     new_plan = plan_job(ordered, plan.backend, req.connections_per_ip, req.starting_port)
     return ordered, new_plan.model_copy(update={"ring_order": choice.model_dump(mode="json")})
@@ -513,7 +519,8 @@ def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,
 
 def _failed_before_start(req: RunRequest, plan: JobPlan, rundir: RunDir, script: str, reason: str) -> RunSummary:
     """Nothing started: say why, exit 1."""
-    sys.stderr.write(f"orch: could not start the run: {reason}\norch: failed; run directory {rundir.path}\n")
+    _say(req, f"could not start the run: {reason}")
+    _say(req, f"failed; run directory {rundir.path}")
     return RunSummary(
         status="failed", exit_code=1, failed_rank=None, reason=reason, duration_s=0.0,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=script, backend=plan.backend,

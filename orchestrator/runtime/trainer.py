@@ -194,7 +194,8 @@ class Trainer(RankSync, TrainStep):
         self.say = _Say(self.rank, name)
         self.ckpt_root = ckpt.checkpoints_dir()
         # Before the model's first buffers are allocated (runtime/allocator.py).
-        self.allocator_note = keep_freed_memory() if hp.keep_freed_memory else "off (--no-keep-freed-memory)"
+        if hp.keep_freed_memory:
+            keep_freed_memory()
 
         mx.random.seed(hp.seed)
         np.random.seed(hp.seed % 2**32)
