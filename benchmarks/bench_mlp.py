@@ -242,6 +242,7 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
                 grad_sum = tree_map(mx.add, grad_sum, grads)
             mx.eval(loss_sum, grad_sum)
         t1 = time.perf_counter()
+        comp.append(t1 - t0)  # this rank's own forward+backward, without waiting for the others
         if tr.hp.profile_wait:
             _barrier(tr.group, tr.quiet if tr.quiet is not None and tr.quiet.active else None)
             t1b = time.perf_counter()
@@ -254,7 +255,6 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
         mx.eval(tr.model.parameters(), tr.optimizer.state)
         t3 = time.perf_counter()
         loss.item()
-        comp.append(t1 - t0)
         avg.append(t2 - t1)
         upd.append(t3 - t2)
         total.append(time.perf_counter() - t0)
@@ -262,7 +262,8 @@ def profile(tr: BenchTrainer, steps: int) -> dict:
            "total_s": median(total), "allreduce_share": sum(avg) / sum(total),
            "compute_steps_ms": [round(c * 1e3, 2) for c in comp]}
     if wait:
-        out.update(wait_s=median(wait), wait_share=sum(wait) / sum(total))
+        out.update(wait_s=median(wait), wait_share=sum(wait) / sum(total),
+                   wait_steps_ms=[round(w * 1e3, 2) for w in wait])
     return out
 
 
