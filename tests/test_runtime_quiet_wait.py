@@ -7,11 +7,13 @@ Integration tests run real ranks on MLX's ring backend (``tests.runtime_helpers.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from pathlib import Path
 
 import pytest
 
-from orchestrator.runtime.quiet_wait import wanted
+from orchestrator.runtime.quiet_wait import QuietBarrier, wanted
 from tests.runtime_helpers import RECIPES, latest_checkpoint, launch, load_arrays, max_abs_diff
 
 SCRIPT = Path(__file__).parent / "scripts" / "quiet_barrier.py"
@@ -61,9 +63,40 @@ def test_a_rank_alone_on_its_machine_has_nothing_to_wait_for(tmp_path):
     assert all(s["leader"] and not s["active"] and not s["failed"] for s in seen)
 
 
-def test_a_rendezvous_that_fails_anywhere_turns_the_wait_off_everywhere(tmp_path):
-    seen = reports(launch(SCRIPT, 3, tmp_path, ["broken"], extra_env={"QW_HOSTS": "m,m,m"}, timeout=90))
+@pytest.mark.parametrize("case", ["broken", "nobind"])
+def test_a_rendezvous_that_fails_anywhere_turns_the_wait_off_everywhere(tmp_path, case):
+    seen = reports(launch(SCRIPT, 3, tmp_path, [case], extra_env={"QW_HOSTS": "m,m,m"}, timeout=90))
     assert all(s["failed"] and not s["active"] for s in seen), seen
+
+
+def closed(s: socket.socket) -> bool:
+    s.settimeout(10)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:  # closed with our bytes unread: a reset
+        return True
+
+
+def test_a_stray_connection_to_the_leaders_port_is_not_taken_for_a_rank():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    barrier = object.__new__(QuietBarrier)
+    barrier._peers = []
+    stray = socket.create_connection(("127.0.0.1", port))
+    stray.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    wrong = socket.create_connection(("127.0.0.1", port))
+    wrong.sendall(struct.pack("!ii", 41, 1))  # a wrong nonce
+    ours = socket.create_connection(("127.0.0.1", port))
+    ours.sendall(struct.pack("!ii", 42, 1))
+    try:
+        barrier._accept(server, 42, {1})
+        assert len(barrier._peers) == 1
+        assert closed(stray) and closed(wrong)  # both closed by the leader
+        ours.sendall(b"r")  # and the one taken is the rank's own connection
+        assert barrier._peers[0].recv(1) == b"r"
+    finally:
+        for s in (server, stray, wrong, ours, *barrier._peers):
+            s.close()
 
 
 def test_training_with_the_quiet_wait_is_bit_identical(tmp_path):

@@ -23,7 +23,9 @@ did not, every rank turns the quiet wait off (the run goes on, as without it).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import struct
 import time
 import zlib
 from typing import Optional
@@ -65,36 +67,60 @@ class QuietBarrier:
         host = host if host is not None else os.environ.get(protocol.ENV_HOST, "") or socket.gethostname()
         self._peers: list[socket.socket] = []
         self.leader = True
-        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ok = 1
-        try:
+        self.waited_s, self.waits = 0.0, 0  # time this rank spent waiting for its machine's slowest rank
+        server: Optional[socket.socket] = None
+        ok, port = 1, 0
+        try:  # nothing here may raise past the all_sum below: the other ranks would wait in it forever
+            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             server.bind(("127.0.0.1", 0))
             server.listen(self.world)
             port = server.getsockname()[1]
-            mine = np.zeros((self.world, 2), dtype=np.int32)
-            mine[self.rank] = (zlib.crc32(host.encode()) & 0x7FFFFFFF, port)
+        except OSError:
+            ok = 0
+        try:
+            # Per rank: its machine, its port, and a nonce its leader's peers must send back (so a stray
+            # connection to the port is never taken for a rank).
+            mine = np.zeros((self.world, 3), dtype=np.int32)
+            mine[self.rank] = (zlib.crc32(host.encode()) & 0x7FFFFFFF, port, secrets.randbits(31))
             table = mx.distributed.all_sum(mx.array(mine), group=group).tolist()
-            same = [r for r, (h, _) in enumerate(table) if h == table[self.rank][0]]
+            same = [r for r, row in enumerate(table) if row[0] == table[self.rank][0]]
             lead = same[0]
             self.leader = lead == self.rank
-            try:
-                if self.leader:
-                    server.settimeout(CONNECT_TIMEOUT_S)
-                    for _ in same[1:]:
-                        conn, _ = server.accept()
+            if ok:
+                try:
+                    if self.leader:
+                        self._accept(server, table[lead][2], set(same[1:]))
+                    else:
+                        conn = socket.create_connection(("127.0.0.1", table[lead][1]), timeout=CONNECT_TIMEOUT_S)
                         self._peers.append(_tune(conn))
-                else:
-                    self._peers.append(_tune(socket.create_connection(("127.0.0.1", table[lead][1]),
-                                                                      timeout=CONNECT_TIMEOUT_S)))
-            except OSError:
-                ok = 0
+                        conn.sendall(struct.pack("!ii", table[lead][2], self.rank))
+                except OSError:
+                    ok = 0
         finally:
-            server.close()
+            if server is not None:
+                server.close()
         agreed = int(mx.distributed.all_sum(mx.array(ok, dtype=mx.int32), group=group).item())
-        if agreed != self.world:
-            self.close()
         self.failed = agreed != self.world
-        self.waited_s, self.waits = 0.0, 0  # time this rank spent waiting for its machine's slowest rank
+        if self.failed:
+            self.close()
+
+    def _accept(self, server: socket.socket, nonce: int, expected: set[int]) -> None:
+        """Take one connection from each rank in ``expected``, each proving itself with the nonce."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while expected:
+            server.settimeout(max(0.01, deadline - time.monotonic()))
+            conn, _ = server.accept()  # socket.timeout (an OSError) past the deadline
+            try:
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+                hello = _recv_exact(conn, 8)
+                got, rank = struct.unpack("!ii", hello) if hello else (None, None)
+            except OSError:
+                got, rank = None, None
+            if got != nonce or rank not in expected:
+                conn.close()  # not one of ours
+                continue
+            expected.discard(rank)
+            self._peers.append(_tune(conn))
 
     @property
     def active(self) -> bool:
@@ -131,6 +157,16 @@ def _tune(s: socket.socket) -> socket.socket:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.settimeout(None)  # a step may take hours; the controller's watchdog bounds a hang
     return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        if not more:
+            return b""
+        data += more
+    return data
 
 
 def _recv1(s: socket.socket) -> None:

@@ -6,6 +6,7 @@ argv[1] is the case:
   groups  -- the last rank waits only after rank 0's barrier has returned (a file rank 0 writes): works
              only if the barrier is per machine (QW_HOSTS puts them on different "machines").
   broken  -- rank 1 cannot connect (create_connection raises): every rank must turn the wait off.
+  nobind  -- rank 0 (a leader) cannot listen (bind raises): the same, and no rank hangs in the rendezvous.
 QW_HOSTS: comma-separated machine name per rank (the hostfile names orch gives as ORCH_HOST).
 """
 
@@ -28,6 +29,10 @@ if case == "broken" and rank == 1:
     def refuse(*_a, **_k):
         raise ConnectionRefusedError("test: refused")
     socket.create_connection = refuse
+if case == "nobind" and rank == 0:
+    def no_bind(self, *_a):
+        raise PermissionError("test: no bind")
+    socket.socket.bind = no_bind
 hosts = os.environ["QW_HOSTS"].split(",")
 barrier = QuietBarrier(group, host=hosts[rank])
 out = {"rank": rank, "leader": barrier.leader, "active": barrier.active, "failed": barrier.failed}
