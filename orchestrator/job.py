@@ -237,6 +237,7 @@ def build_specs(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rundir: RunD
             protocol.ENV_WORLD_SIZE: str(plan.world_size),
             protocol.ENV_GRACE_S: str(req.grace),
             protocol.ENV_GUARD_RSS: "1",  # the guard samples every rank's memory, whatever the program
+            protocol.ENV_HOST: r.host,  # which ranks share a machine (runtime/quiet_wait.py); hostnames may repeat
         })
         if req.bind:
             env[protocol.ENV_BIND] = f"{i}/{host.slots}"

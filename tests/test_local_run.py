@@ -129,6 +129,7 @@ def test_env_cwd_args_and_hostfile_envs_reach_ranks(tmp_path):
         assert rep["cwd"] == str(work)
         assert rep["env"]["MLX_RANK"] == str(rank)
         assert rep["env"]["FROM_CLI"] == "c d" and rep["env"]["FROM_HOSTFILE"] == "hf" and rep["env"]["FROM_HOST"] == "h"
+        assert rep["env"]["ORCH_HOST"] == "localhost"  # the hostfile's name: which ranks share a machine
         assert json.loads(open(rep["env"]["MLX_HOSTFILE"]).read())[rank][0].startswith("127.0.0.1:")
 
 

@@ -35,6 +35,7 @@ def reports(ranks) -> list[dict]:
     ("auto", {}, 4, False),  # not under orch run: nothing to tell machines apart by
     ("on", {"ORCH_HOST": "a"}, 1, False),  # one rank: no collective to wait for
     ("auto", {"ORCH_HOST": "a", "LOCAL_WORLD_SIZE": "1"}, 2, True),  # built everywhere; idle where alone
+    ("auto", {"ORCH_HOST": "a", "ORCH_BACKEND": "mpi"}, 4, False),  # mpirun: one environment for all ranks
 ])
 def test_every_rank_decides_to_build_the_barrier_alike(mode, env, world, expect):
     assert wanted(mode, world, env) is expect

@@ -39,18 +39,22 @@ CONNECT_TIMEOUT_S = 20.0  # the leader listens before the rendezvous all_sum, so
 
 
 def wanted(mode: str, world: int, env: Optional[dict] = None) -> bool:
-    """Whether to build the barrier (``--quiet-wait``): ``on``; ``off``; ``auto`` (the default): under
-    ``orch run`` (``ORCH_HOST`` is set on every rank of it, or on none).
+    """Whether to build the barrier (``--quiet-wait``): ``on``; ``off`` (the default); ``auto``: under
+    ``orch run`` (``ORCH_HOST`` is set on every rank of it, or on none), except under MPI.
 
     Every rank must decide the same, since building it is collective; so the
     decision never looks at how many ranks *this* machine runs
     (``LOCAL_WORLD_SIZE`` differs between hosts): the barrier itself goes
-    idle on a rank alone on its machine.
+    idle on a rank alone on its machine. Under mpirun every rank gets rank
+    0's environment, ``ORCH_HOST`` included, so machines cannot be told apart:
+    ``auto`` stays off there, and ``on`` takes all ranks for one machine, which
+    on several hosts fails the rendezvous (after ``CONNECT_TIMEOUT_S``) and
+    turns the wait off.
     """
     env = os.environ if env is None else env
     if world < 2 or mode == "off":
         return False
-    return mode == "on" or bool(env.get(protocol.ENV_HOST))
+    return mode == "on" or (bool(env.get(protocol.ENV_HOST)) and env.get(protocol.ENV_BACKEND) != "mpi")
 
 
 class QuietBarrier:
