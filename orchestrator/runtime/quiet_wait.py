@@ -15,7 +15,7 @@ loopback TCP: every other rank sends one byte and blocks; the leader reads
 one byte from each, then answers each. Machines are told apart by the
 hostfile name the controller gives each rank (``ORCH_HOST``; hostnames
 repeat across network namespaces and containers). Rendezvous costs one
-``all_sum`` of ``[host hash, port]`` per rank at start, so the controller
+``all_sum`` of ``[machine, port, nonce]`` per rank at start, so the controller
 plans no port, and a second one agrees that every rank connected: if any
 did not, every rank turns the quiet wait off (the run goes on, as without it).
 """
@@ -33,7 +33,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .. import protocol
+from orchestrator import protocol
 
 CONNECT_TIMEOUT_S = 20.0  # the leader listens before the rendezvous all_sum, so this only bounds a broken host
 

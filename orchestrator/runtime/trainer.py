@@ -47,15 +47,13 @@ from mlx.utils import tree_flatten
 
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
-from orchestrator.runtime import memfit
+from orchestrator.runtime import memfit, quiet_wait
 from orchestrator.runtime.allocator import keep_freed_memory
 from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
-from orchestrator.runtime import quiet_wait
 from orchestrator.runtime.gradcomm import GradientAverager
-from orchestrator.runtime.quiet_wait import QuietBarrier
 from orchestrator.runtime.rank_sync import RankSync
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
 from orchestrator.runtime.train_step import TrainStep
@@ -203,8 +201,8 @@ class Trainer(RankSync, TrainStep):
         self.dataset = as_dataset(recipe.data(hp))
         self.loss_and_grad = nn.value_and_grad(self.model, recipe.loss)
         self.averager = GradientAverager(group, hp.grad_dtype)
-        # --quiet-wait (collective to build: before anything else talks on the group)
-        self.quiet = QuietBarrier(group) if quiet_wait.wanted(hp.quiet_wait, self.world) else None
+        # --quiet-wait: building it is collective, so every rank builds it here, at the same point
+        self.quiet = quiet_wait.QuietBarrier(group) if quiet_wait.wanted(hp.quiet_wait, self.world) else None
         self.sharded: Optional[ShardedOptimizer] = None  # --shard-optimizer
         self._resume_optimizer: Optional[dict] = None  # rank 0's per-parameter state, for the sharded optimizer
         self._resume_shares: Optional[list] = None  # --balance speed: the shares the checkpoint was written with
