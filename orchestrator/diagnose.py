@@ -74,6 +74,12 @@ def classify(lines: Iterable[str], rank: int = 0, plan=None, signal: Optional[in
             f"ring: rank {rank} lost the connection to a neighbour (a peer rank died or a link went down)",
             secondary=True,
         )
+    if "quiet wait: a rank of this machine left the barrier" in text:  # runtime/quiet_wait.py
+        return Diagnosis(
+            "quiet_wait_peer_lost",
+            f"rank {rank} stopped waiting for a rank of its machine that ended (see that rank for the cause)",
+            secondary=True,
+        )
     if re.search(r"stopping: \d+ other rank\(s\) failed", text):
         # The runtime's _stop_together: this rank had no problem of its own and stopped
         # with the one that did (which printed the real error).

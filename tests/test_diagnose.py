@@ -52,6 +52,11 @@ def test_unknown_output_has_no_diagnosis():
     assert classify(["Traceback (most recent call last):", "ValueError: bad shape"], rank=0) is None
 
 
+def test_a_rank_left_alone_in_the_quiet_wait_is_secondary():
+    d = classify(lines("quiet_wait_peer_lost.txt"), rank=0)
+    assert d is not None and d.cause == "quiet_wait_peer_lost" and d.secondary and "rank 0" in d.message
+
+
 def test_a_rank_that_stopped_because_another_failed_is_secondary():
     # The last lines of rank 1 in `orch run recipes/mlp_regression.py -n 2 -- --resume /nonexistent`
     # (recorded from this runtime): rank 0 had the real error, rank 1 stopped with it.
