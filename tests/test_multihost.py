@@ -135,7 +135,7 @@ def test_four_host_ring_training_over_the_ring_links(c4, tmp_path):
     before = [c.iface_counters(i) for i in range(c.n)]
     steps = 20
     r = run_orch(*orch_run_args(c, tmp_path, RECIPES / "mlp_regression.py", rd,
-                                script_args=["--steps", str(steps), "--checkpoint-every", "10"]),
+                                script_args=["--steps", str(steps), "--checkpoint-every", "10", "--quiet-wait", "auto"]),
                  cwd=tmp_path, timeout=100)
     after = [c.iface_counters(i) for i in range(c.n)]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -161,6 +161,16 @@ def test_four_host_ring_training_over_the_ring_links(c4, tmp_path):
         sent = sum(after[i][ifc]["tx_bytes"] - before[i][ifc]["tx_bytes"] for ifc in ("ring_l", "ring_r"))
         got = sum(after[i][ifc]["rx_bytes"] - before[i][ifc]["rx_bytes"] for ifc in ("ring_l", "ring_r"))
         assert sent >= 0.75 * grad_bytes * steps and got >= 0.75 * grad_bytes * steps, (i, sent, got, grad_bytes)
+
+    # --quiet-wait auto: each rank found itself alone on its host (told apart by ORCH_HOST, although the
+    # namespaces share one hostname), so none of them waits on a loopback barrier.
+    metric = {}
+    for line in (rd / "events.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e.get("kind") == "metric":
+            metric[e["rank"]] = e["values"]
+    assert [metric[i]["quiet_wait_machine_ranks"] for i in range(4)] == [1, 1, 1, 1], metric
+    assert not any("quiet_wait_ms_per_step" in m for m in metric.values())
 
     # Ranks addressed each other on the link to their left neighbour.
     plan = json.loads((rd / "plan.json").read_text())

@@ -110,5 +110,5 @@ def test_training_with_the_quiet_wait_is_bit_identical(tmp_path):
         metrics[mode] = [r.of_kind("metric")[-1]["values"] for r in ranks]
     assert max_abs_diff(params["off"], params["auto"]) == 0.0
     # Each rank says how long a step waited for the slowest rank of its machine (only where it waited so).
-    assert all("quiet_wait_ms_per_step" not in m for m in metrics["off"])
-    assert all(m["quiet_wait_ms_per_step"] >= 0 for m in metrics["auto"])
+    assert all("quiet_wait_ms_per_step" not in m and "quiet_wait_machine_ranks" not in m for m in metrics["off"])
+    assert all(m["quiet_wait_ms_per_step"] >= 0 and m["quiet_wait_machine_ranks"] == 2 for m in metrics["auto"])

@@ -72,6 +72,7 @@ class QuietBarrier:
         self._peers: list[socket.socket] = []
         self.leader = True
         self.waited_s, self.waits = 0.0, 0  # time this rank spent waiting for its machine's slowest rank
+        self.machine_ranks = 0  # ranks of the group on this machine, this one included (0: not known)
         server: Optional[socket.socket] = None
         ok, port = 1, 0
         try:  # nothing here may raise past the all_sum below: the other ranks would wait in it forever
@@ -90,6 +91,7 @@ class QuietBarrier:
             same = [r for r, row in enumerate(table) if row[0] == table[self.rank][0]]
             lead = same[0]
             self.leader = lead == self.rank
+            self.machine_ranks = len(same)
             if ok:
                 try:
                     if self.leader:
@@ -146,10 +148,12 @@ class QuietBarrier:
         self.waits += 1
 
     def metrics(self) -> dict:
-        """For the end-of-run metrics: the mean time a step waited here for the machine's slowest rank."""
-        if not self.waits:
-            return {}
-        return {"quiet_wait_ms_per_step": round(1000 * self.waited_s / self.waits, 3)}
+        """For the end-of-run metrics: how many ranks this machine runs as the barrier saw it (0 where the
+        rendezvous failed and the wait is off), and the mean time a step waited for the slowest of them."""
+        out = {"quiet_wait_machine_ranks": 0 if self.failed else self.machine_ranks}
+        if self.waits:
+            out["quiet_wait_ms_per_step"] = round(1000 * self.waited_s / self.waits, 3)
+        return out
 
     def close(self) -> None:
         for p in self._peers:
