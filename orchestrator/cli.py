@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Optional
 
+from orchestrator import __version__
 from orchestrator.remote import add_ssh_arguments
 
 EXIT_USAGE = 2
@@ -32,7 +33,8 @@ OPEN_MAX_DARWIN = 10240  # macOS refuses a larger RLIMIT_NOFILE even when the ha
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, never a traceback
-        self.exit(EXIT_USAGE, f"orch: error: {message} (see 'orch {self.prog.split()[-1]} --help')\n")
+        # self.prog is "orch" for the top level and "orch run" for a subcommand: name the program once.
+        self.exit(EXIT_USAGE, f"orch: error: {message} (see '{self.prog} --help')\n")
 
 
 def _run_parser(sub) -> argparse.ArgumentParser:
@@ -97,6 +99,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
     """``with_check_options=False`` skips importing the checks (asyncio & co, ~0.15 s) on the run path."""
     parser = _Parser(prog="orch", description="Launch and supervise distributed MLX training.")
+    parser.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _run_parser(sub)
     chk = sub.add_parser("check", help="check hosts, software and every ring link before a run",
@@ -322,7 +325,7 @@ def _main(own: list[str], after: list[str]) -> int:
         if args.command == "run":
             parser.exit(EXIT_USAGE, f"orch: error: a second program or stray argument: {extra}; the program's own "
                                     "arguments go after -- (see 'orch run --help')\n")
-        parser.error(f"unrecognized arguments: {extra}")
+        parser._subparsers._group_actions[0].choices[args.command].error(f"unrecognized arguments: {extra}")
 
     from orchestrator.hostfile import ConfigError
 

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-import asyncssh
+from orchestrator.remote.ssh import asyncssh
 
 Answer = Callable[[str, str], tuple[str, int]]
 

@@ -567,7 +567,7 @@ def test_connect_hosts_reports_key_status_like_the_launcher(tmp_path):
             known = await connect_hosts(hf, req())
             await close_connections(accepted)
             await close_connections(known)
-            import asyncssh
+            from orchestrator.remote.ssh import asyncssh
 
             kh.write_text(srv.known_hosts_line(asyncssh.generate_private_key("ssh-ed25519")))
             changed = await connect_hosts(hf, req(accept_new=True))

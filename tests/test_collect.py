@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncssh
+from orchestrator.remote.ssh import asyncssh
 import pytest
 
 from orchestrator.remote import collect

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncssh
+from orchestrator.remote.ssh import asyncssh
 import pytest
 
 from orchestrator.hostfile import Host, Hostfile

@@ -15,7 +15,7 @@ import stat
 import sys
 from pathlib import Path
 
-import asyncssh
+from orchestrator.remote.ssh import asyncssh
 import pytest
 
 from orchestrator.remote import manifest, stager

@@ -150,7 +150,7 @@ class CollectReport:
 
 
 async def _read_small(sftp, path: str, limit: int = MAX_JSON_BYTES) -> Optional[bytes]:
-    import asyncssh
+    from orchestrator.remote.ssh import asyncssh
 
     try:
         attrs = await sftp.lstat(path)
@@ -163,7 +163,7 @@ async def _read_small(sftp, path: str, limit: int = MAX_JSON_BYTES) -> Optional[
 
 
 async def _is_regular_of_size(sftp, path: str, size: int) -> bool:
-    import asyncssh
+    from orchestrator.remote.ssh import asyncssh
 
     try:
         attrs = await sftp.lstat(path)
@@ -205,7 +205,7 @@ async def find_checkpoint(sftp, host: str, remote_run_dir: str, limits: Limits =
 
 
 async def _find_checkpoint(sftp, host: str, remote_run_dir: str) -> Optional[RemoteCheckpoint]:
-    import asyncssh
+    from orchestrator.remote.ssh import asyncssh
 
     root = f"{remote_run_dir}/{ckpt.CHECKPOINTS_DIR}"
     try:
@@ -337,7 +337,7 @@ async def pull_files(sftp, remote_run_dir: str, local_run_dir: Path, prefix: Seq
 async def _pull_files(sftp, remote_run_dir: str, local_root: Path, prefix: list[str], report: CollectReport,
                       fallback_prefix: Optional[Sequence[str]], limits: Limits, budget: Budget,
                       skip: Optional[Callable[[str, int], bool]] = None) -> None:
-    import asyncssh
+    from orchestrator.remote.ssh import asyncssh
 
     async def walk(remote_dir: str, rel: list[str], depth: int) -> None:
         if depth > MAX_DEPTH:

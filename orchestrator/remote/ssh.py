@@ -31,8 +31,28 @@ from pydantic import BaseModel, Field
 from orchestrator.remote import DEFAULT_CONNECT_TIMEOUT
 
 
+def _quiet_known_warnings() -> None:
+    """Keep asyncssh's known import-time warnings off the user's screen, narrowly.
+
+    cryptography 51 deprecated DSA, and asyncssh 2.24 names ``dsa.*`` types in its
+    module-level annotations: ``import asyncssh`` alone then prints five
+    ``CryptographyDeprecationWarning``s (10 lines of stderr) before every ``orch check``,
+    ``orch env`` and SSH ``orch run``, and before a one-line error. Only that category,
+    and only when raised from asyncssh's own modules, is ignored; everything else (and
+    the same warning from any other module) still shows. Older cryptography has no such
+    category name: nothing to silence.
+    """
+    import warnings
+
+    try:
+        from cryptography.utils import CryptographyDeprecationWarning
+    except ImportError:  # pragma: no cover - cryptography without the class: it warns about nothing
+        return
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh(\.|$)")
+
+
 def _import_asyncssh():
-    """``import asyncssh``, without ctypes.util.find_library's slow fallbacks.
+    """``import asyncssh``, without ctypes.util.find_library's slow fallbacks or its known warnings.
 
     At import asyncssh looks for liboqs (``find_library("oqs")``, then ``"liboqs"``). On Linux
     a library not in the ldconfig cache then costs a ``gcc`` and an ``ld`` run: ~40-70 ms of
@@ -41,6 +61,7 @@ def _import_asyncssh():
     """
     import ctypes.util
 
+    _quiet_known_warnings()
     find = ctypes.util.find_library
     ldconfig = getattr(ctypes.util, "_findSoname_ldconfig", None)
     if not sys.platform.startswith("linux") or ldconfig is None:

@@ -138,7 +138,7 @@ class RemoteStager:
 
     async def mkdir_ok(self, path: str) -> None:
         """``mkdir`` that accepts an existing directory (another host on the same filesystem may have made it)."""
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         try:
             await self.sftp.mkdir(path)
@@ -148,7 +148,7 @@ class RemoteStager:
 
     async def makedirs(self, path: str) -> None:
         """``mkdir -p``: one round trip when the parent exists, the full walk only when it does not."""
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         try:
             await self.mkdir_ok(path)
@@ -191,7 +191,7 @@ class RemoteStager:
     # -- with the helper ----------------------------------------------------------
 
     async def _helper(self, req: dict, hash_bytes: int) -> dict:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         timeout = HELPER_TIMEOUT_S + hash_bytes / HASH_RATE
         payload = json.dumps({"src": HELPER, "req": {"objects": self.objects, "mtime": OBJECT_MTIME, **req}})
@@ -300,7 +300,7 @@ class RemoteStager:
     # -- SFTP alone -------------------------------------------------------------
 
     async def _object_intact(self, f: FileEntry) -> bool:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         try:
             a = await self.sftp.lstat(f"{self.objects}/{f.object_name}")
@@ -316,7 +316,7 @@ class RemoteStager:
         await asyncio.shield(fut)
 
     async def _commit_sftp(self, f: FileEntry, kind: str) -> None:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         if await self._object_intact(f):
             return
@@ -344,7 +344,7 @@ class RemoteStager:
 
     async def _copy_sftp(self, f: FileEntry, dest: str, mode: int, kind: str) -> None:
         """A copy of the object at ``dest``, made by the server (``copy-data``) or, failing that, uploaded."""
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         await self._ensure_object_sftp(f, kind)
         try:
@@ -368,7 +368,7 @@ class RemoteStager:
         self._count_placed(tree, kind)
 
     async def _tree_intact_sftp(self, tree: Tree, root: str) -> bool:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         if not await self.sftp.isdir(root):
             return False
@@ -384,7 +384,7 @@ class RemoteStager:
         return all(await asyncio.gather(*(ok(f) for f in tree.files)))
 
     async def _shared_tree_sftp(self, tree: Tree, kind: str) -> None:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         final = self.shared_tree_path(tree, kind)
         if await self._tree_intact_sftp(tree, final):
@@ -412,7 +412,7 @@ class RemoteStager:
 
 def describe_sftp_error(exc: BaseException) -> str:
     """One human line for an SFTP / OS failure during staging."""
-    import asyncssh
+    from orchestrator.remote.ssh import asyncssh
 
     if isinstance(exc, StagingError):
         return str(exc)

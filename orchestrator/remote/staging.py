@@ -40,7 +40,7 @@ class SessionHelper:
         self.failed = False
 
     async def run(self, framed: bytes, timeout: float) -> str:
-        import asyncssh
+        from orchestrator.remote.ssh import asyncssh
 
         try:
             self.proc.stdin.write(framed)
