@@ -81,6 +81,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--stdin", choices=["none", "rank0", "all"], default="none",
                    help="forward orch's stdin to rank 0 or to every rank (pdb, chat-style scripts); the others read "
                         "/dev/null (default: none, every rank reads /dev/null)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --run-dir as a restart would: from its newest complete checkpoint "
+                        "(mlx-lm's LoRA trainer exactly; a recipe gets --resume; with --resume-arg the newest match)")
     p.add_argument("--resume-from", metavar="GLOB",
                    help="with --resume-arg: the files a restarted attempt resumes from (the newest match wins); "
                         "relative to the run directory, e.g. 'adapters/*_adapters.safetensors'")

@@ -66,6 +66,7 @@ class RunRequest(BaseModel):
     stdin: Literal["none", "rank0", "all"] = "none"  # which ranks read orch's stdin (the others: /dev/null)
     resume_from: Optional[str] = None  # --resume-from GLOB: what a restarted attempt resumes from (newest match)
     resume_arg: Optional[str] = None  # --resume-arg TEMPLATE: the words that hand it to the program, with {latest}
+    resume: bool = False  # --resume: the first attempt continues the run in --run-dir as a restart would
     json_output: bool = False
     # A run inside another command (``orch check --collective``): nothing of it on the terminal, where that
     # command reports the result itself. No CLI option sets it.
@@ -99,6 +100,9 @@ def check_values(req: RunRequest) -> None:
         raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
     if req.n is not None and req.n < 1:
         raise ConfigError(f"-n {req.n}: the number of ranks must be at least 1")
+    if req.resume and not (req.run_dir and Path(req.run_dir).is_dir()):
+        raise ConfigError(f"--resume: {'no run directory at ' + req.run_dir if req.run_dir else 'no --run-dir'}; give "
+                          "--run-dir DIR, the run directory of the run to continue")
     resume_words(req)
 
 
@@ -119,7 +123,7 @@ def resume_words(req: RunRequest) -> list[str]:
     if not any("{latest}" in w for w in words):
         raise ConfigError(f"--resume-arg {req.resume_arg!r}: no {{latest}} in it; write where the file goes, "
                           "e.g. '--resume-adapter-file {latest}'")
-    if req.max_restarts < 1:
+    if req.max_restarts < 1 and not req.resume:
         raise ConfigError("--resume-arg: it is used when a failed attempt is restarted; add --max-restarts 1 (or more)")
     return words
 
@@ -323,6 +327,16 @@ def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: Ru
     return _launcher_for(hostfile, req)
 
 
+def _checkpoint_note(rundir: RunDir) -> Optional[str]:
+    """Where a continued attempt resumes: the run directory's newest complete checkpoint (mlx-lm: its iteration)."""
+    from orchestrator.runtime import checkpoint
+
+    cp = checkpoint.latest_complete(rundir.checkpoints)
+    if cp is None:
+        return None
+    return f"resumed from {'iteration' if 'mlx_lm' in cp.state else 'step'} {cp.step} ({cp.path})"
+
+
 def _resume_args(req: RunRequest, rundir: RunDir) -> list[str]:
     """Restarts continue from the latest complete checkpoint when the script wrote one."""
     if "--resume" in req.script_args or not rundir.latest_checkpoint.exists():
@@ -380,11 +394,16 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             rundir.start_attempt(attempt)
         resumed_from: Optional[str] = None
         resume_note: Optional[str] = None
-        if attempt and req.resume_arg:
+        continuing = attempt > 0 or req.resume  # a restart, or orch run --resume
+        if continuing and req.resume_arg:
             script_args = list(req.script_args)
             resumed_from, resume_note = _resume_arg_file(req, rundir, attempt)
         else:
-            script_args = _resume_args(req, rundir) if attempt else list(req.script_args)
+            script_args = _resume_args(req, rundir) if continuing else list(req.script_args)
+            if "--resume" in script_args and "--resume" not in req.script_args:
+                resume_note = _checkpoint_note(rundir)
+            if req.resume and not attempt:
+                _say(req, f"--resume: {resume_note or 'no complete checkpoint in the run directory: starting afresh'}")
         attempt_req = req.model_copy(update={"script_args": script_args})
         launcher = make_launcher(hostfile, attempt_req, plan, rundir, mpi)
         specs = build_specs(attempt_req, hostfile, plan, rundir, script)
@@ -418,7 +437,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             attempt=attempt, cause=cause, status=summary.status, exit_code=summary.exit_code, failed_rank=summary.failed_rank,
             reason=summary.reason, diagnosis=summary.diagnosis, started_at=summary.started_at,
             duration_s=summary.duration_s, note=resume_note,
-            resumed=resumed_from is not None if req.resume_arg else "--resume" in attempt_req.script_args and attempt > 0,
+            resumed=resumed_from is not None if req.resume_arg else "--resume" in attempt_req.script_args and continuing,
             backend=plan.backend, diagnosis_cause=summary.diagnosis_cause))
         if summary.status != "failed" or attempt == req.max_restarts:
             break
@@ -440,7 +459,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             summary = summary.model_copy(update={"status": "interrupted", "exit_code": 130})
             break
     summary = summary.model_copy(update={
-        "attempts": attempts if req.max_restarts else [], "restarts": len(attempts) - 1,
+        "attempts": attempts if req.max_restarts or req.resume else [], "restarts": len(attempts) - 1,
         "duration_s": round(time.monotonic() - t0, 3)})
     try:
         rundir.write_summary(summary)

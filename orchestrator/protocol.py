@@ -102,6 +102,7 @@ ENV_BIND = "ORCH_BIND"  # guard: "i/n": pin the rank to the i-th of n blocks of 
 ENV_HOST = "ORCH_HOST"  # the host's name in the hostfile: which ranks share a machine (quiet_wait.py)
 ENV_MLX_HOSTFILE_JSON = "ORCH_MLX_HOSTFILE_JSON"  # SSH: MLX_HOSTFILE's content; the bootstrap writes the file
 ENV_PRESPAWN = "ORCH_PRESPAWN"  # "0": do not pre-start local ranks (launch/prespawn.py)
+ENV_MLX_LM_RESUME = "ORCH_MLX_LM_RESUME"  # "0": leave mlx-lm's trainer unwrapped (integrations/mlx_lm_resume.py)
 ENV_BALANCE_TEST_SPEEDS = "ORCH_BALANCE_TEST_SPEEDS"  # test hook of runtime/balance.py
 # The ring start (orchestrator/ringstart.py, runtime/ringstart.py): set by the controller.
 ENV_LISTEN = "ORCH_LISTEN"  # "ip:port" the rank's ring socket binds: the guard watches for it
@@ -229,6 +230,17 @@ class MetricEvent(_Base):
 class FinishedEvent(_Base):
     kind: Literal["finished"]
     step: int
+
+
+class PhaseStartEvent(_Base):
+    """A named phase of a program began: evaluation, a checkpoint save, mlx-lm's validation, ``report.phase(...)``.
+
+    Between this and its ``phase`` event the rank is busy on purpose, not stepping: the
+    controller's step-cadence watchdog does not count that time (``--hang-timeout`` still does).
+    """
+
+    kind: Literal["phase_start"]
+    name: str
 
 
 class PhaseEvent(_Base):
@@ -359,6 +371,7 @@ Event = Union[
     CheckpointEvent,
     MetricEvent,
     FinishedEvent,
+    PhaseStartEvent,
     PhaseEvent,
 ]
 

@@ -164,10 +164,11 @@ def runtime_tree(cache: Optional[HashCache] = None) -> Tree:
         if e is None:
             raise StagingError(f"{PACKAGE_DIR / rel} is missing; reinstall mlx-orch")
         tree.files.append(e)
-    for path, rel in _walk(PACKAGE_DIR / "runtime"):
-        e = _entry(path, f"orchestrator/runtime/{rel}", cache)
-        if e is not None:
-            tree.files.append(e)
+    for sub in ("runtime", "integrations"):  # integrations/: rank-side code for programs not ours (mlx-lm)
+        for path, rel in _walk(PACKAGE_DIR / sub):
+            e = _entry(path, f"orchestrator/{sub}/{rel}", cache)
+            if e is not None:
+                tree.files.append(e)
     cache.save()
     return tree
 

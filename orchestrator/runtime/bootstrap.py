@@ -177,6 +177,11 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     else:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
+    try:  # mlx-lm's LoRA trainer: exact restarts (integrations/mlx_lm_resume.py; hook() itself never raises)
+        from orchestrator.integrations import mlx_lm_resume
+        mlx_lm_resume.hook(kind, target, sys.argv)
+    except ImportError:
+        pass
     if os.environ.get(protocol.ENV_BACKEND) != "mpi":
         _run(kind, target)
         return
