@@ -136,6 +136,13 @@ def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--apply", action="store_true", help="thunderbolt: run the ifconfig/route commands over SSH with sudo -n (asks first)")
     gen.add_argument("--yes", action="store_true", help="with --apply: do not ask (for scripts)")
     add_ssh_arguments(gen)
+    stg = sub.add_parser("stage", help="put a file or folder on every host, relayed host to host along the ring",
+                         description="Put SRC into DEST on every host: the bytes leave this machine once and are "
+                                     "relayed host to host; what a host already has is skipped; an interrupted "
+                                     "stage continues where it stopped.")
+    from orchestrator.stage.command import add_stage_arguments
+
+    add_stage_arguments(stg)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html and plots; print the summary",
                          description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report/*.png.")
     rep.add_argument("run_dir", help="a run directory (with summary.json or events.jsonl)")
@@ -351,6 +358,10 @@ def _main(own: list[str], after: list[str]) -> int:
             from orchestrator.health.hostfile_gen import cmd_hostfile
 
             return cmd_hostfile(args)
+        if args.command == "stage":
+            from orchestrator.stage.command import cmd_stage
+
+            return cmd_stage(args)
         if args.command == "report":
             from orchestrator.report import cmd_report
 

@@ -1,0 +1,504 @@
+"""The controller of ``orch stage``: relays started over SSH, bytes pushed once, passes until every host has them.
+
+One stage, top to bottom (``run_stage``):
+
+1. the source's files and digests (``source.py``);
+2. an SSH connection to every host (``remote.ssh``: the same options and words as ``orch run``),
+   and on each the relay (``relay.py``'s source travels on the session's stdin; the host's own
+   Python runs it under ``-S``); each relay scans DEST and answers what it has (``ready``);
+3. passes: the hosts that still lack something form a chain in hostfile order; each gets a
+   fresh token and the address, port and token of the next one (over SSH: the control path);
+   the controller connects to the first host's relay (over TCP to the address its SSH connection
+   reached, the controller's own link: no SSH cipher in the data path) and streams every file some
+   host lacks, each from the smallest offset a host that lacks it has reached (``sendfile``:
+   the kernel copies from the page cache). Every relay writes what it lacks and forwards all;
+4. a host that vanishes (its relay's session ends, its SSH connection stops answering keepalives,
+   or the hop into it fails and it does not answer either) is named, every relay is told to abort,
+   and the next pass runs without it: partial files stay, so the others continue where they were.
+
+The bytes travel once per hop; the controller's link carries them once. ``StageSummary`` says
+what reached whom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shlex
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from orchestrator.hostfile import Hostfile
+from orchestrator.stage import plan
+from orchestrator.stage.progress import HostResult, Progress, StageSummary
+from orchestrator.stage.source import Source
+
+RELAY_SOURCE = (Path(__file__).resolve().parent / "relay.py").read_text()
+MARK = "ORCHSTAGE "
+HEADER = struct.Struct("!cIQQ")
+BOOT = ('import json,sys;b=sys.stdin.buffer;d=json.loads(b.read(int(b.readline())));'
+        'exec(d["src"],{"CFG":d["cfg"],"IN":b,"__name__":"orch_relay"})')
+SEND_PIECE = 8 << 20         # sendfile in pieces: progress and abort between them
+MAX_FAILED_PASSES = 8        # passes that end in a failure before the stage gives up
+MAX_DAMAGED_RETRIES = 2      # a file that arrives damaged on a host is sent again this many times
+
+
+@dataclass
+class StageRequest:
+    src: str
+    dest: str
+    hostfile: Hostfile
+    ssh: Any = None                     # remote.ssh.SSHOptions
+    python: Optional[str] = None
+    verify: bool = False
+    pass_timeout_s: float = 30.0        # connects and accepts of one pass
+    stall_s: float = 60.0               # a hop that delivers nothing for this long fails
+
+
+@dataclass
+class RelayHost:
+    """One stop's relay and what the controller knows of it."""
+
+    stop: plan.Stop
+    conn: Any = None                    # remote.ssh.Connection, None on this machine
+    proc: Any = None
+    addr: str = "127.0.0.1"             # where the controller reached it
+    port: int = 0
+    have: set = field(default_factory=set)
+    partial: dict = field(default_factory=dict)
+    replaced: list = field(default_factory=list)
+    resumed: int = 0
+    skipped: int = 0
+    damaged: dict = field(default_factory=dict)
+    status: str = "ok"
+    reason: Optional[str] = None
+    rx: int = 0
+    wr: int = 0
+    files_written: int = 0
+    dead: bool = False                  # its relay ended
+    reader: Optional[asyncio.Task] = None
+    stderr: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.stop.name
+
+    @property
+    def alive(self) -> bool:
+        return self.status == "ok" and not self.dead and (self.conn is None or not self.conn.lost)
+
+    def send(self, obj: dict) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        except Exception:  # noqa: BLE001 - the session went away; its reader notices
+            pass
+
+    def close_stdin(self) -> None:
+        try:
+            self.proc.stdin.write_eof() if hasattr(self.proc.stdin, "write_eof") else self.proc.stdin.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def relay_command(python: str) -> list[str]:
+    return [python, "-S", "-c", BOOT]
+
+
+class Stage:
+    def __init__(self, req: StageRequest, source: Source, err: TextIO, progress: bool = True):
+        self.req = req
+        self.source = source
+        self.err = err
+        self.files = [f.spec() for f in source.files]
+        self.hosts: list[RelayHost] = [RelayHost(stop=s) for s in plan.stops(req.hostfile)]
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.progress = Progress([h.name for h in self.hosts], err, enabled=progress)
+        self.sent = 0
+        self.passes = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ start
+
+    async def connect(self) -> None:
+        remote = [h for h in self.hosts if not h.stop.host.is_local]
+        if not remote:
+            return
+        from orchestrator.remote.ssh import connect_hosts
+
+        conns = await connect_hosts(self.req.hostfile, self.req.ssh, [h.stop.index for h in remote], err=self.err)
+        for h in remote:
+            c = conns[h.stop.index]
+            h.conn = c
+            if not c.ok:
+                h.status, h.reason = "unreachable", f"cannot reach {h.name}: {c.error}"
+                continue
+            peer = c.conn.get_extra_info("peername")
+            h.addr = peer[0] if peer else h.name
+
+    async def start_relay(self, h: RelayHost, timeout: float) -> None:
+        host = h.stop.host
+        python = self.req.python or host.python or (sys.executable if host.is_local else "python3")
+        cfg = {"dest": self.req.dest, "files": self.files, "dirs": self.source.dirs, "verify": self.req.verify}
+        payload = json.dumps({"src": RELAY_SOURCE, "cfg": cfg}).encode()
+        argv = relay_command(python)
+        try:
+            if host.is_local:
+                h.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=1 << 22)
+            else:
+                h.proc = await h.conn.conn.create_process("exec " + shlex.join(argv), encoding=None)
+        except Exception as e:  # noqa: BLE001 - no interpreter, channel refused
+            h.status, h.reason = "failed", f"cannot start the relay on {h.name}: {getattr(e, 'reason', None) or e}"
+            return
+        h.proc.stdin.write(b"%d\n" % len(payload) + payload)
+        h.reader = asyncio.ensure_future(self._read(h))
+        asyncio.ensure_future(self._drain_stderr(h))
+        try:
+            ev = await asyncio.wait_for(self._first(h), timeout)
+        except asyncio.TimeoutError:
+            h.status, h.reason = "failed", f"the relay on {h.name} did not scan {self.req.dest} within {timeout:.0f}s"
+            return
+        if ev.get("ev") != "ready":
+            why = ev.get("error") or _last_line(h.stderr) or "it exited"
+            if "not found" in h.stderr or "No such file" in h.stderr and python in h.stderr:
+                why = f"{python}: not found on this host (set \"python\" in the hostfile or --python)"
+            h.status, h.reason = "failed", f"the relay on {h.name} did not start: {why}"
+            return
+        h.port = ev["port"]
+        h.have = set(ev.get("have", []))
+        h.skipped = len(h.have)
+        h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
+        h.resumed = sum(h.partial.values())
+        h.replaced = [self.files[i]["rel"] for i in ev.get("replaced", [])]
+
+    async def _first(self, h: RelayHost) -> dict:
+        while True:
+            who, ev = await self._wait_own(h)
+            if ev.get("ev") in ("ready", "error", "eof"):
+                return ev
+
+    async def _wait_own(self, h: RelayHost):
+        q = h.__dict__.setdefault("_first_q", asyncio.Queue())
+        return await q.get()
+
+    async def _read(self, h: RelayHost) -> None:
+        """The relay's reports: progress is counted here, everything else goes on the event queue."""
+        first_q = h.__dict__.setdefault("_first_q", asyncio.Queue())
+        started = False
+        while True:
+            try:
+                line = await h.proc.stdout.readline()
+            except Exception:  # noqa: BLE001 - the connection went away
+                line = b""
+            if not line:
+                break
+            text = line.decode("utf-8", "replace")
+            i = text.find(MARK)
+            if i < 0:
+                continue
+            try:
+                ev = json.loads(text[i + len(MARK):])
+            except ValueError:
+                continue
+            if ev.get("ev") == "p":
+                h.rx, h.wr, h.files_written = ev["rx"], ev["wr"], ev["files"]
+                self.progress.update(h.name, h.rx)
+                continue
+            if not started:
+                first_q.put_nowait((h, ev))
+                started = ev.get("ev") == "ready"
+                continue
+            self.events.put_nowait((h, ev))
+        h.dead = True
+        if not started:
+            await asyncio.sleep(0.2)  # let stderr arrive for the diagnosis
+            first_q.put_nowait((h, {"ev": "eof"}))
+        self.events.put_nowait((h, {"ev": "eof"}))
+
+    async def _drain_stderr(self, h: RelayHost) -> None:
+        try:
+            while True:
+                b = await h.proc.stderr.read(4096)
+                if not b:
+                    return
+                h.stderr = (h.stderr + (b.decode("utf-8", "replace") if isinstance(b, bytes) else b))[-4000:]
+        except Exception:  # noqa: BLE001
+            return
+
+    # ------------------------------------------------------------------ passes
+
+    def lacking(self, h: RelayHost) -> list[int]:
+        return [i for i in range(len(self.files)) if i not in h.have]
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            alive = [h for h in self.hosts if h.alive]
+            chain = [h for h in alive if self.lacking(h)]
+            if not chain:
+                return
+            frames = []
+            for i, f in enumerate(self.files):
+                needers = [h for h in chain if i not in h.have]
+                if needers:
+                    start = min(h.partial.get(i, 0) for h in needers)
+                    frames.append((i, start, f["size"] - start))
+            self.passes += 1
+            ok, culprit, why = await self.one_pass(chain, frames)
+            if ok:
+                for h in chain:
+                    for i in self.lacking(h):
+                        if h.damaged.get(i, 0) > MAX_DAMAGED_RETRIES:
+                            h.status = "failed"
+                            h.reason = f"{self.files[i]['rel']} arrived damaged {h.damaged[i]} times on {h.name}"
+                if any(h.alive and self.lacking(h) and all(h.damaged.get(i, 0) == 0 for i in self.lacking(h))
+                       for h in chain):
+                    failures += 1  # a completed pass must leave every host complete unless bytes arrived damaged
+                if failures > MAX_FAILED_PASSES:
+                    break
+                continue
+            failures += 1
+            if culprit is not None:
+                culprit.status = "gone"
+                culprit.reason = f"{culprit.name} vanished during the stage ({why}); the chain closed around it"
+                self.progress.mark(culprit.name, "gone")
+            if failures > MAX_FAILED_PASSES:
+                for h in chain:
+                    if h.alive:
+                        h.status, h.reason = "failed", f"the stage gave up after {failures} failed passes: {why}"
+                break
+
+    async def one_pass(self, chain: list[RelayHost], frames: list[tuple[int, int, int]]):
+        """(True, None, None) when every relay of the chain finished; else (False, host to blame or None, why)."""
+        pid = self.passes
+        tokens = [secrets.token_hex(32) for _ in chain]
+        hops = plan.chain_hops([h.stop for h in chain], {h.stop.index: h.addr for h in chain})
+        total = sum(n for _, _, n in frames)
+        self.progress.start_pass({h.name: total for h in chain})
+        for k, h in enumerate(chain):
+            nxt = None
+            if hops[k] is not None:
+                nxt = {"addr": hops[k][0], "port": chain[k + 1].port, "token": tokens[k + 1]}
+            h.send({"cmd": "pass", "id": pid, "token": tokens[k], "next": nxt,
+                    "timeout": self.req.pass_timeout_s, "stall": self.req.stall_s})
+        first = chain[0]
+        first_addr = "127.0.0.1" if first.stop.host.is_local else first.addr
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        sock_box: list = []
+        sender = loop.run_in_executor(None, self._send, first_addr, first.port, tokens[0], frames, abort, sock_box)
+        pending = {h.name for h in chain}
+        failure: Optional[tuple[RelayHost, dict]] = None
+        lost_waiters = {asyncio.ensure_future(h.conn.gone.wait()): h for h in chain if h.conn is not None}
+        try:
+            while pending and failure is None:
+                get = asyncio.ensure_future(self.events.get())
+                waits = {get, sender, *lost_waiters}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                if sender in done and sender.exception() is not None and failure is None:
+                    failure = (first, {"ev": "error", "side": "controller", "error": _words(sender.exception())})
+                for w in [w for w in done if w in lost_waiters]:
+                    h = lost_waiters.pop(w)
+                    failure = failure or (h, {"ev": "lost"})
+                if get in done:
+                    h, ev = get.result()
+                    kind = ev.get("ev")
+                    if kind == "file":
+                        if ev.get("ok"):
+                            h.have.add(ev["idx"])
+                            h.partial.pop(ev["idx"], None)
+                        else:
+                            h.damaged[ev["idx"]] = h.damaged.get(ev["idx"], 0) + 1
+                            h.partial[ev["idx"]] = 0
+                    elif kind == "done" and ev.get("id") == pid:
+                        h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
+                        pending.discard(h.name)
+                        self.progress.mark(h.name, "done") if not self.lacking(h) else None
+                    elif kind == "error" and (ev.get("id") in (pid, None)):
+                        h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
+                        failure = (h, ev)
+                    elif kind == "eof" and h in chain:
+                        failure = (h, ev)
+            if failure is None:
+                await sender
+                return True, None, None
+            return False, *await self._blame(chain, failure)
+        finally:
+            for w in lost_waiters:
+                w.cancel()
+            abort.set()
+            for s in sock_box:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if failure is not None:
+                await self._abort(chain, pid, pending)
+            try:
+                await asyncio.wait_for(asyncio.shield(sender), 10)
+            except BaseException:  # noqa: BLE001 - its error is already in `failure`
+                pass
+
+    async def _abort(self, chain: list[RelayHost], pid: int, pending: set) -> None:
+        """Tell every relay of the chain to stop this pass; wait (bounded) until each says so or is gone."""
+        for h in chain:
+            if not h.dead:
+                h.send({"cmd": "abort"})
+        deadline = time.monotonic() + 10
+        waiting = {h.name for h in chain if h.name in pending and not h.dead}
+        while waiting and time.monotonic() < deadline:
+            try:
+                h, ev = await asyncio.wait_for(self.events.get(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            if ev.get("ev") in ("done", "error") and ev.get("id") in (pid, None) or ev.get("ev") == "eof":
+                if ev.get("partial") is not None:
+                    h.partial = {int(k): v for k, v in ev["partial"].items()}
+                waiting.discard(h.name)
+            elif ev.get("ev") == "file" and ev.get("ok"):
+                h.have.add(ev["idx"])
+                h.partial.pop(ev["idx"], None)
+
+    async def _blame(self, chain: list[RelayHost], failure: tuple[RelayHost, dict]) -> tuple[Optional[RelayHost], str]:
+        """Which host vanished: one whose relay ended or whose SSH connection was lost; else the far end of the
+        hop that failed, if it too stops answering within the keepalive time; else nobody (the pass is retried)."""
+        h, ev = failure
+        kind = ev.get("ev")
+        if kind == "eof":
+            return h, "its relay ended" + (f": {_last_line(h.stderr)}" if _last_line(h.stderr) else "")
+        if kind == "lost":
+            return h, h.conn.lost_reason
+        side = ev.get("side")
+        k = chain.index(h)
+        if side == "disk":
+            h.status = "failed"
+            h.reason = f"{h.name}: cannot write {self.req.dest}: {ev.get('error')}"
+            return None, ev.get("error") or "disk"
+        suspect = None
+        if side == "down" and k + 1 < len(chain):
+            suspect = chain[k + 1]
+        elif side in ("up", "controller"):
+            suspect = chain[k - 1] if side == "up" and k > 0 else h
+        keepalive = (getattr(self.req.ssh, "keepalive_s", 1.0) or 1.0) * 3 + 2
+        deadline = time.monotonic() + keepalive
+        while time.monotonic() < deadline:
+            for c in chain:
+                if c.dead:
+                    return c, "its relay ended"
+                if c.conn is not None and c.conn.lost:
+                    return c, c.conn.lost_reason
+            await asyncio.sleep(0.1)
+        if suspect is not None and side != "controller" and (suspect.conn is None or suspect.conn.lost):
+            return suspect, ev.get("error") or "no answer"
+        return None, f"{h.name}: {ev.get('error')}"
+
+    def _send(self, addr: str, port: int, token: str, frames, abort: threading.Event, box: list) -> None:
+        """The controller's leg (a worker thread): token, then every frame's header and bytes (sendfile), then the end."""
+        s = socket.create_connection((addr, port), timeout=self.req.pass_timeout_s)
+        box.append(s)
+        try:
+            s.settimeout(self.req.stall_s)
+            s.sendall(token.encode())
+            for idx, start, length in frames:
+                if abort.is_set():
+                    raise OSError("aborted")
+                s.sendall(HEADER.pack(b"F", idx, start, length))
+                f = self.source.files[idx]
+                with open(f.path, "rb") as fh:
+                    off, left = start, length
+                    while left:
+                        if abort.is_set():
+                            raise OSError("aborted")
+                        n = s.sendfile(fh, off, min(SEND_PIECE, left))
+                        if n == 0:
+                            raise OSError(f"{f.path} became shorter while it was being sent")
+                        off += n
+                        left -= n
+                        with self._lock:
+                            self.sent += n
+            s.sendall(HEADER.pack(b"E", 0, 0, 0))
+            s.shutdown(socket.SHUT_WR)
+        finally:
+            s.close()
+
+    # ------------------------------------------------------------------ end
+
+    async def close(self) -> None:
+        for h in self.hosts:
+            if h.proc is not None:
+                h.close_stdin()
+        readers = [h.reader for h in self.hosts if h.reader is not None]
+        if readers:
+            await asyncio.wait(readers, timeout=5)
+        for h in self.hosts:
+            if h.proc is not None and h.reader is not None and not h.reader.done():
+                try:
+                    h.proc.kill() if h.stop.host.is_local else h.proc.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        conns = {h.stop.index: h.conn for h in self.hosts if h.conn is not None}
+        if conns:
+            from orchestrator.remote.ssh import close_connections
+
+            await close_connections(conns)
+
+    def summary(self, wall_s: float) -> StageSummary:
+        results = []
+        for h in self.hosts:
+            missing = [self.files[i]["rel"] for i in self.lacking(h)] if h.port else [f["rel"] for f in self.files]
+            status = h.status
+            if status == "ok" and (h.dead or (h.conn is not None and h.conn.lost)):
+                status, h.reason = "gone", h.reason or f"{h.name} vanished after the stage"
+            if status == "ok" and missing:
+                status = "failed"
+            secs = self.progress.seconds_receiving(h.name)
+            results.append(HostResult(
+                host=h.name, status=status, reason=h.reason, bytes_received=h.rx, bytes_written=h.wr,
+                files_written=h.files_written, files_skipped=h.skipped, files_replaced=h.replaced,
+                resumed_bytes=h.resumed, missing=missing[:20],
+                gb_per_s=round(h.rx / secs / 1e9, 4) if secs and h.rx else None))
+        ok = all(r.status == "ok" for r in results)
+        any_ok = any(r.status == "ok" for r in results)
+        written = sum(r.bytes_written for r in results)
+        return StageSummary(
+            status="ok" if ok else ("partial" if any_ok else "failed"), src=self.source.root, dest=self.req.dest,
+            files=len(self.files), bytes=self.source.total_bytes, sent_by_controller=self.sent,
+            wall_s=round(wall_s, 3), gb_per_s=round(written / wall_s / 1e9, 4) if wall_s > 0 else 0.0,
+            passes=self.passes, hosts=results)
+
+
+def _words(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _last_line(text: str) -> str:
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+async def run_stage(req: StageRequest, source: Source, err: TextIO, *, progress: bool = True) -> StageSummary:
+    t0 = time.monotonic()
+    st = Stage(req, source, err, progress=progress)
+    try:
+        await st.connect()
+        scan_timeout = max(60.0, source.total_bytes / 50e6 + 30)
+        await asyncio.gather(*(st.start_relay(h, scan_timeout) for h in st.hosts if h.status == "ok"))
+        for h in st.hosts:
+            if h.status != "ok":
+                st.progress.mark(h.name, h.status)
+        await st.run()
+    finally:
+        await st.close()
+    return st.summary(time.monotonic() - t0)
