@@ -85,6 +85,8 @@ class RelayHost:
     dead: bool = False                  # its relay ended
     reader: Optional[asyncio.Task] = None
     stderr: str = ""
+    lost_early: bool = False            # its relay ended before the stage did
+    busy_s: float = 0.0                 # seconds it spent in passes (from a pass's start to its done)
 
     @property
     def name(self) -> str:
@@ -122,6 +124,7 @@ class Stage:
         self.progress = Progress([h.name for h in self.hosts], err, enabled=progress)
         self.sent = 0
         self.passes = 0
+        self.closing = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ start
@@ -174,7 +177,7 @@ class Stage:
             return
         h.port = ev["port"]
         h.have = set(ev.get("have", []))
-        h.skipped = len(h.have)
+        h.skipped = ev.get("skipped", len(h.have))
         h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
         h.resumed = sum(h.partial.values())
         h.replaced = [self.files[i]["rel"] for i in ev.get("replaced", [])]
@@ -218,6 +221,8 @@ class Stage:
                 continue
             self.events.put_nowait((h, ev))
         h.dead = True
+        if not self.closing and started:
+            h.lost_early = True
         if not started:
             await asyncio.sleep(0.2)  # let stderr arrive for the diagnosis
             first_q.put_nowait((h, {"ev": "eof"}))
@@ -289,6 +294,7 @@ class Stage:
                 nxt = {"addr": hops[k][0], "port": chain[k + 1].port, "token": tokens[k + 1]}
             h.send({"cmd": "pass", "id": pid, "token": tokens[k], "next": nxt,
                     "timeout": self.req.pass_timeout_s, "stall": self.req.stall_s})
+        t_pass = time.monotonic()
         first = chain[0]
         first_addr = "127.0.0.1" if first.stop.host.is_local else first.addr
         loop = asyncio.get_running_loop()
@@ -323,6 +329,7 @@ class Stage:
                     elif kind == "done" and ev.get("id") == pid:
                         h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
                         pending.discard(h.name)
+                        h.busy_s += time.monotonic() - t_pass
                         self.progress.mark(h.name, "done") if not self.lacking(h) else None
                     elif kind == "error" and (ev.get("id") in (pid, None)):
                         h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
@@ -434,6 +441,7 @@ class Stage:
     # ------------------------------------------------------------------ end
 
     async def close(self) -> None:
+        self.closing = True
         for h in self.hosts:
             if h.proc is not None:
                 h.close_stdin()
@@ -457,11 +465,11 @@ class Stage:
         for h in self.hosts:
             missing = [self.files[i]["rel"] for i in self.lacking(h)] if h.port else [f["rel"] for f in self.files]
             status = h.status
-            if status == "ok" and (h.dead or (h.conn is not None and h.conn.lost)):
+            if status == "ok" and h.lost_early:
                 status, h.reason = "gone", h.reason or f"{h.name} vanished after the stage"
             if status == "ok" and missing:
                 status = "failed"
-            secs = self.progress.seconds_receiving(h.name)
+            secs = h.busy_s
             results.append(HostResult(
                 host=h.name, status=status, reason=h.reason, bytes_received=h.rx, bytes_written=h.wr,
                 files_written=h.files_written, files_skipped=h.skipped, files_replaced=h.replaced,

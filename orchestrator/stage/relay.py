@@ -155,6 +155,7 @@ class Relay:
         self.rx = 0                         # bytes that arrived from the previous host, this run
         self.written = 0                    # bytes written to disk, this run
         self.files_written = 0
+        self.skipped = 0                    # files already in place at the scan
         self.pass_thread = None
         self.abort_flag = threading.Event()
         self.socks = []
@@ -215,6 +216,7 @@ class Relay:
             there = self.in_place(spec)
             if there is True:
                 self.have.add(i)
+                self.skipped += 1
                 continue
             if there == "bad":
                 self.replaced.append(i)
@@ -441,7 +443,7 @@ class Relay:
     def serve(self, inp):
         self.scan()
         port = self.listen()
-        out({"ev": "ready", "port": port, "host": socket.gethostname(), "have": sorted(self.have),
+        out({"ev": "ready", "port": port, "host": socket.gethostname(), "have": sorted(self.have), "skipped": self.skipped,
              "replaced": self.replaced, "partial": self.partial(), "dest": self.dest})
         threading.Thread(target=self.progress_loop, daemon=True).start()
         for line in iter(inp.readline, b""):
