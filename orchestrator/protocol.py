@@ -104,6 +104,7 @@ ENV_MLX_HOSTFILE_JSON = "ORCH_MLX_HOSTFILE_JSON"  # SSH: MLX_HOSTFILE's content;
 ENV_PRESPAWN = "ORCH_PRESPAWN"  # "0": do not pre-start local ranks (launch/prespawn.py)
 ENV_MLX_LM_RESUME = "ORCH_MLX_LM_RESUME"  # "0": leave mlx-lm's trainer unwrapped (integrations/mlx_lm_resume.py)
 ENV_BALANCE_TEST_SPEEDS = "ORCH_BALANCE_TEST_SPEEDS"  # test hook of runtime/balance.py
+ENV_SUM_SCATTER = "ORCH_SUM_SCATTER"  # "off": keep MLX's sum_scatter where the backend lacks one (runtime/collectives.py)
 # The ring start (orchestrator/ringstart.py, runtime/ringstart.py): set by the controller.
 ENV_LISTEN = "ORCH_LISTEN"  # "ip:port" the rank's ring socket binds: the guard watches for it
 ENV_GATED = "ORCH_GATED"  # "1": the rank waits at its start gate for CONTROL_GO

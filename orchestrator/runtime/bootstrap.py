@@ -78,6 +78,11 @@ def _install_init_hook() -> bool:
         ringstart.wait_gate()
         ringstart.signal_init()
         group = real_init(*args, **kwargs)
+        try:  # sum_scatter where the backend has none (nn.fully_shard needs it); never fatal to the rank
+            from orchestrator.runtime import collectives
+            collectives.install(group)
+        except Exception as e:  # noqa: BLE001
+            print(f"orch: sum_scatter: not installed ({type(e).__name__}: {e})", file=sys.stderr)
         state["done"] = True
         events.emit("ready", size=group.size(), init_s=round(time.monotonic() - t0, 4))
         return group

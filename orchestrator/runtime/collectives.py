@@ -1,0 +1,221 @@
+"""``sum_scatter`` for the backends that have none (ring, MPI), so ``nn.fully_shard`` trains there.
+
+MLX 0.32's fully sharded training (``nn.fully_shard``) reduce-scatters every
+gradient with ``mx.distributed.sum_scatter``, which only NCCL and JACCL
+implement: the ring raises ``[ring] sum_scatter not supported.`` and MPI
+``[mpi] sum_scatter not yet implemented.``. Both have what a reduce-scatter
+needs, and ``fully_shard`` looks the op up at call time, so ``install()``
+(called by the bootstrap right after ``mx.distributed.init``) puts
+``sum_scatter`` below in its place wherever the group's backend lacks one.
+
+What it computes is exactly MLX's op: ``x``'s axis 0 is split into N equal
+parts and rank r gets the sum over ranks of part r, in ``x``'s dtype (each
+addition of a half-precision partial sum is done in float32 and rounded once,
+as the ring's own ``all_sum`` does); a group of one returns ``x``; an axis 0
+that does not divide by N is refused on every rank, before anything is sent,
+with the same ``ValueError`` MLX raises.
+
+How, chosen by group size and backend:
+
+* **N = 2: one ``all_gather`` of half the buffer.** Each rank contributes the
+  half the other one needs and adds what it gets to its own half. That is the
+  ring reduce-scatter's byte count ((N-1)/N of the buffer per rank), and the
+  ring's ``all_gather`` drives both of its sockets at once, where ``send`` on
+  a two-rank ring always takes the same one (MLX picks the "right" neighbour's
+  socket for rank 1, which is also the left one).
+* **N > 2 on the ring: the classic ring reduce-scatter, both ways round.**
+  N-1 steps; at each a rank sends one partial chunk to a neighbour, receives
+  one from the other and adds its own part. Half the columns go clockwise and
+  half counter-clockwise, as MLX's ``all_sum`` splits its buffer, so both
+  directions of every link carry (N-1)/(2N) of the buffer: half of what
+  ``all_sum`` puts on them. Each direction's chunks go in pieces of up to
+  ``PIECE_BYTES`` (at most ``MAX_PIECES``) so the addition of piece p overlaps
+  the transfer of piece p+1.
+
+  The ring's ``send``/``recv`` block until the peer takes the bytes, so on one
+  stream every rank would block in its send. Each direction therefore sends on
+  one CPU stream and receives (and adds) on another (MLX runs each stream on a
+  thread of its own): four streams, made on first use.
+* **N > 2 elsewhere (MPI): the same ring, one direction, on one stream.**
+  MLX calls MPI from its stream threads after a plain ``MPI_Init`` (no
+  ``MPI_THREAD_MULTIPLE``), so two threads must never be inside MPI at once:
+  every send and receive runs on the caller's stream, even ranks sending
+  before they receive and odd ranks the other way round (so no cycle of
+  blocked sends can form, as long as one rank receives first: rank 1 does).
+
+**Order is everything.** ``recv`` has no inputs, so nothing in the graph says
+which of two receives on a stream runs first, and MLX dispatches ops in the
+order its ``eval`` walks the graph; a receive that runs early reads another
+step's bytes. Each receive is therefore made the first input of a
+``mx.depends`` on the op that must precede it, and each send's input depends
+on the previous send: MLX's walk puts a node only after all its consumers, so
+this fixes every stream's order to the step order on every rank, which is
+what keeps the ring deadlock-free (the lowest unfinished step can always
+proceed on both of its ends).
+
+``ORCH_SUM_SCATTER=off`` (``protocol.ENV_SUM_SCATTER``) leaves MLX's op alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Optional
+
+import mlx.core as mx
+
+from orchestrator import protocol
+
+# Backends whose sum_scatter raises (MLX 0.32); NCCL and JACCL have their own and keep it.
+LACKING = frozenset({"ring", "mpi"})
+NATIVE = frozenset({"nccl", "jaccl"})
+PIECE_BYTES = 4 << 20
+MAX_PIECES = 4
+# Below this many bytes per chunk one direction and one piece: latency, not bytes, decides.
+BOTH_WAYS_MIN_BYTES = 64 << 10
+
+_native = getattr(mx.distributed, "sum_scatter", None)
+_state: dict = {"backend": None, "streams": None}
+
+
+def _refuse_shape(x: mx.array, n: int) -> None:
+    if x.ndim == 0 or x.shape[0] % n != 0:
+        raise ValueError(
+            f"[sum_scatter] Invalid shape={tuple(x.shape)} for a group of size {n}: axis 0 must divide by {n} "
+            f"(pad it to a multiple of {n})")
+
+
+def sum_scatter(x: mx.array, group: Optional[mx.distributed.Group] = None,
+                stream: Optional[mx.Stream] = None) -> mx.array:
+    """``mx.distributed.sum_scatter``'s result (``all_sum(x)`` sliced to this rank's part of axis 0), built
+    from the backend's ``all_gather`` (N = 2) or ``send``/``recv`` (a ring reduce-scatter)."""
+    if group is None:
+        group = mx.distributed.init()
+    n = group.size()
+    if n == 1:
+        return x
+    _refuse_shape(x, n)
+    r = group.rank()
+    out_shape = (x.shape[0] // n, *x.shape[1:])
+    if x.size == 0:
+        return mx.zeros(out_shape, dtype=x.dtype)
+    x2d = x.reshape(n, -1)
+    if n == 2:
+        mine = _pair(x2d, r, group, stream)
+    elif _state["backend"] == "ring":
+        mine = _ring_both_ways(x2d, n, r, group)
+    else:
+        mine = _ring_one_stream(x2d, n, r, group, stream)
+    return mine.reshape(out_shape)
+
+
+def _pair(x2d: mx.array, r: int, group, stream) -> mx.array:
+    """Two ranks: gather the half each needs from the other, add it to one's own."""
+    theirs = mx.distributed.all_gather(x2d[1 - r:2 - r], group=group, stream=stream)[1 - r]
+    return mx.add(x2d[r], theirs, stream=stream)
+
+
+def _pieces(lo: int, hi: int, itemsize: int) -> list[tuple[int, int]]:
+    count = max(1, min(MAX_PIECES, math.ceil((hi - lo) * itemsize / PIECE_BYTES)))
+    step = math.ceil((hi - lo) / count)
+    return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+
+
+def _streams() -> list[tuple[mx.Stream, mx.Stream]]:
+    """(send, receive) CPU streams for each direction, made once per process on first use."""
+    if _state["streams"] is None:
+        _state["streams"] = [(mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)) for _ in range(2)]
+    return _state["streams"]
+
+
+def _ring_both_ways(x2d: mx.array, n: int, r: int, group) -> mx.array:
+    cols = x2d.shape[1]
+    half = cols // 2 if cols * x2d.dtype.size >= BOTH_WAYS_MIN_BYTES else 0
+    spans = [(0, cols - half), (cols - half, cols)] if half else [(0, cols)]
+    parts, last_sends = [], []
+    for direction, ((lo, hi), (send_s, recv_s)) in enumerate(zip(spans, _streams())):
+        way = 1 if direction == 0 else -1  # 1: clockwise (send to rank+1), -1: counter-clockwise
+        pieces = _pieces(lo, hi, x2d.dtype.size) if half else [(lo, hi)]
+        result, send_tok = _ring_steps(x2d, n, r, group, way, pieces, send_s, recv_s)
+        parts.extend(result)
+        last_sends.append(send_tok)
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+    return mx.depends(out, last_sends)  # the last sends are nobody's input: without this they never run
+
+
+def _ring_steps(x2d: mx.array, n: int, r: int, group, way: int, pieces: list[tuple[int, int]],
+                send_s: mx.Stream, recv_s: mx.Stream) -> tuple[list[mx.array], mx.array]:
+    """One direction of the ring reduce-scatter over the columns ``pieces``; (result pieces, last send)."""
+    dst, src = (r + way) % n, (r - way) % n
+    acc = [x2d[(r - way) % n, a:b] for a, b in pieces]  # step 0 sends the chunk the next rank finishes last
+    send_tok = recv_tok = None
+    for s in range(n - 1):
+        chunk = (r - way * (s + 2)) % n  # the chunk whose partial sum arrives at step s
+        for p, (a, b) in enumerate(pieces):
+            data = acc[p]
+            if send_tok is not None:  # on the send stream, after the previous send
+                data = mx.depends([send_tok, data], [send_tok])[1]
+            send_tok = mx.distributed.send(data, dst, group=group, stream=send_s)
+            got = mx.distributed.recv((b - a,), x2d.dtype, src, group=group, stream=recv_s)
+            if recv_tok is not None:  # received after the previous piece was added (see the module doc)
+                got = mx.depends(got, [recv_tok])
+            recv_tok = acc[p] = mx.add(got, x2d[chunk, a:b], stream=recv_s)
+    return acc, send_tok
+
+
+def _ring_one_stream(x2d: mx.array, n: int, r: int, group, stream) -> mx.array:
+    """The ring reduce-scatter (clockwise) with every send and receive on one stream, even ranks sending
+    first: for MPI, whose calls must not overlap."""
+    dst, src = (r + 1) % n, (r - 1) % n
+    acc = x2d[(r - 1) % n]
+    tok = None
+    for s in range(n - 1):
+        chunk = (r - s - 2) % n
+        for op in (("send", "recv") if r % 2 == 0 else ("recv", "send")):
+            if op == "send":
+                data = acc if tok is None else mx.depends(acc, [tok])
+                tok = mx.distributed.send(data, dst, group=group, stream=stream)
+            else:
+                got = mx.distributed.recv(acc.shape, x2d.dtype, src, group=group, stream=stream)
+                tok = got if tok is None else mx.depends(got, [tok])
+                received = tok
+        acc = mx.add(received, x2d[chunk], stream=stream)
+    return mx.depends(acc, [tok])
+
+
+def _lacks_native(group, backend: str) -> bool:
+    """Whether ``group``'s backend has no sum_scatter: by name, else by one tiny call.
+
+    The call is safe to make on any backend: where the op exists every rank runs it (they all
+    call ``install`` right after init), and where it does not each rank raises before sending.
+    """
+    if backend in LACKING:
+        return True
+    if backend in NATIVE or _native is None:
+        return False
+    try:
+        mx.eval(_native(mx.zeros((group.size(),)), group=group))
+        return False
+    except RuntimeError:
+        return True
+
+
+def install(group) -> bool:
+    """Make ``mx.distributed.sum_scatter`` this module's where ``group``'s backend lacks one; True if it did.
+
+    Rank 0 says so in one line. ``ORCH_SUM_SCATTER=off`` leaves MLX's op (and its error) alone.
+    """
+    if group.size() < 2 or mx.distributed.sum_scatter is sum_scatter:
+        return mx.distributed.sum_scatter is sum_scatter
+    if os.environ.get(protocol.ENV_SUM_SCATTER, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    backend = (os.environ.get(protocol.ENV_BACKEND) or "").strip().lower()
+    if not _lacks_native(group, backend):
+        return False
+    _state["backend"] = backend or "unknown"
+    mx.distributed.sum_scatter = sum_scatter
+    if group.rank() == 0:
+        print(f"orch: sum_scatter: using orch's ring reduce-scatter (the {backend or 'this'} backend has none)",
+              file=sys.stderr, flush=True)
+    return True
