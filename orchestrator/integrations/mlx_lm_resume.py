@@ -160,16 +160,33 @@ def _wrap_train(trainer_module, real_train: Callable, resume: bool) -> Callable:
         if resume:
             session.restore()
         a["iterate_batches"] = session.iterate_batches
+        real_ui = trainer_module.TrainUI
         if session.first > 1:
             trainer_module.range = _StartAt(session.first, a["args"].iters + 1)
+            trainer_module.TrainUI = _resumed_ui(real_ui, session.first - 1)
         try:
             return real_train(*bound.args, **bound.kwargs)
         finally:
             trainer_module.__dict__.pop("range", None)
+            trainer_module.TrainUI = real_ui
 
     train.__wrapped__ = real_train
     train.__doc__ = real_train.__doc__
     return train
+
+
+def _resumed_ui(real_ui, done: int):
+    """mlx-lm's progress bar, starting at the iterations already done (cosmetic; never fails the run)."""
+
+    class ResumedTrainUI(real_ui):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            try:
+                self._progress.update(self._task, completed=done)
+            except Exception:  # its private names changed: the bar just counts from 0
+                pass
+
+    return ResumedTrainUI
 
 
 class _StartAt:
