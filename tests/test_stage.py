@@ -1,0 +1,275 @@
+"""``orch stage``: a folder onto every host, relayed host to host, on namespace hosts that each have their own disk.
+
+Real parts only: the real ``orch`` command, real sshd in network namespaces (``tests/netns_disks.py``:
+each host's sessions see their own tmpfs, so a copy on every host is really N copies), real TCP
+between the relays. What each test checks is read back from each host's own disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns import kill_pids_in_netns
+from tests.netns_disks import DiskCluster, make_disk_cluster_fixture
+from tests.orch_helpers import finish, kill_tree, run_orch, start_orch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+c4 = make_disk_cluster_fixture(4, scope="module", name="c4", disk_mb=512)
+
+
+def write_hostfile(c, path: Path) -> Path:
+    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c.hosts]
+    path.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    return path
+
+
+def stage_args(c, src: Path, dest: str, hostfile: Path, *extra: str) -> list[str]:
+    return ["stage", str(src), "--hostfile", str(hostfile), "--to", dest, "--ssh-config", c.ssh_config_path,
+            "--known-hosts", c.known_hosts_path, "--python", sys.executable, "--json", *extra]
+
+
+def make_model(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, str]:
+    """A model-like folder of random files; returns {rel: sha256}."""
+    import hashlib
+    import random
+
+    rng = random.Random(seed)
+    out = {}
+    for rel, size in sizes.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        data = rng.randbytes(size)
+        p.write_bytes(data)
+        out[rel] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def result(p: subprocess.CompletedProcess) -> dict:
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON summary (rc {p.returncode}):\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}") from None
+
+
+def wait_hosts_clean(c, timeout: float = 10.0) -> None:
+    """Nothing but the sshd listeners left in the hosts (the relays ended with the stage)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = c.running_processes()
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still running on the hosts: {left}")
+        time.sleep(0.1)
+
+
+def part_sizes(c, i: int, dest: str) -> list[int]:
+    p = c.disk_exec(i, f'stat -c %s "{dest}"/.orch-stage/*.part 2>/dev/null', check=False)
+    return [int(x) for x in p.stdout.split()]
+
+
+def shape_controller_link(c, i: int, mbit: int) -> str:
+    """Slow what the controller sends to host i (the root side of its management veth): a stage lasts seconds."""
+    dev = c.root_mgmt_links[i]
+    subprocess.run(["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", "64kb",
+                    "latency", "400ms"], check=True, timeout=10)
+    return dev
+
+
+def unshape(dev: str) -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=10)
+
+
+
+
+# ----------------------------------------------------------------------------- every host, then nothing again
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_folder_reaches_every_host_and_a_second_run_moves_nothing(c4, tmp_path):
+    src = tmp_path / "model"
+    want = make_model(src, {"model-00001.safetensors": 6_000_000, "model-00002.safetensors": 3_000_001,
+                            "config.json": 321, "tokenizer/tokenizer.json": 70_000, "empty.txt": 0})
+    dest = f"{c4.disk}/m1"
+    hf = write_hostfile(c4, tmp_path / "hosts.json")
+    first = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
+    assert first["status"] == "ok", first
+    for i in range(4):
+        assert c4.sha256s(i, dest) == want, f"host{i}"
+    total = sum((src / r).stat().st_size for r in want)
+    assert first["sent_by_controller"] == total  # the bytes left the controller once, not once per host
+    assert [h["bytes_written"] for h in first["hosts"]] == [total] * 4
+    assert all(h["bytes_received"] == total for h in first["hosts"])
+    wait_hosts_clean(c4)
+
+    second = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
+    assert second["status"] == "ok", second
+    assert second["sent_by_controller"] == 0 and second["passes"] == 0
+    assert all(h["bytes_received"] == 0 and h["files_skipped"] == len(want) for h in second["hosts"])
+    wait_hosts_clean(c4)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_corrupted_file_on_one_host_is_found_and_replaced(c4, tmp_path):
+    src = tmp_path / "model"
+    want = make_model(src, {"weights.safetensors": 2_000_000, "config.json": 99}, seed=1)
+    dest = f"{c4.disk}/m2"
+    hf = write_hostfile(c4, tmp_path / "hosts.json")
+    assert result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))["status"] == "ok"
+    # one flipped region on host2; the size stays the same
+    c4.disk_exec(2, f'printf XXXXXXXX | dd of="{dest}/weights.safetensors" bs=1 seek=1000 conv=notrunc status=none')
+    assert c4.sha256s(2, dest)["weights.safetensors"] != want["weights.safetensors"]
+
+    again = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
+    assert again["status"] == "ok", again
+    by = {h["host"]: h for h in again["hosts"]}
+    assert by["host2"]["files_replaced"] == ["weights.safetensors"]
+    assert by["host2"]["bytes_written"] == 2_000_000
+    assert all(by[f"host{i}"]["bytes_written"] == 0 for i in (0, 1, 3))
+    assert again["sent_by_controller"] == 2_000_000  # only the damaged file travelled
+    for i in range(4):
+        assert c4.sha256s(i, dest) == want, f"host{i}"
+    wait_hosts_clean(c4)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_stage_killed_halfway_moves_only_the_rest(c4, tmp_path):
+    size = 40_000_000
+    src = tmp_path / "model"
+    want = make_model(src, {"big.safetensors": size}, seed=2)
+    dest = f"{c4.disk}/m3"
+    hf = write_hostfile(c4, tmp_path / "hosts.json")
+    dev = shape_controller_link(c4, 0, 80)  # ~10 MB/s into the chain: the stage takes seconds
+    try:
+        p = start_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # until the last host has a quarter of the file
+                got = part_sizes(c4, 3, dest)
+                if got and got[0] >= size // 4:
+                    break
+                assert p.poll() is None, p.communicate()
+                assert time.monotonic() < deadline, "the stage made no progress"
+                time.sleep(0.1)
+        finally:
+            kill_tree(p.pid)
+            p.communicate(timeout=10)
+        wait_hosts_clean(c4)
+        parts = [part_sizes(c4, i, dest) for i in range(4)]
+        assert all(len(x) == 1 and 0 < x[0] < size for x in parts), parts
+        assert all("big.safetensors" not in c4.sha256s(i, dest) for i in range(4))  # nothing half-written is visible
+    finally:
+        unshape(dev)
+
+    again = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
+    assert again["status"] == "ok", again
+    least = min(x[0] for x in parts)
+    assert again["sent_by_controller"] == size - least  # only the rest left the controller
+    for i, h in enumerate(again["hosts"]):
+        assert h["resumed_bytes"] == parts[i][0]
+        assert h["bytes_written"] == size - parts[i][0]
+    for i in range(4):
+        assert c4.sha256s(i, dest) == want, f"host{i}"
+        assert part_sizes(c4, i, dest) == []
+    wait_hosts_clean(c4)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_host_that_vanishes_is_named_and_the_rest_get_the_files(tmp_path):
+    from tests.netns import require_netns
+
+    require_netns()
+    size = 40_000_000
+    src = tmp_path / "model"
+    want = make_model(src, {"big.safetensors": size, "config.json": 10}, seed=3)
+    with DiskCluster(4, disk_mb=256) as c:
+        dest = f"{c.disk}/m"
+        hf = write_hostfile(c, tmp_path / "hosts.json")
+        shape_controller_link(c, 0, 80)  # the veth goes away with the cluster
+        p = start_orch(*stage_args(c, src, dest, hf), cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                got = part_sizes(c, 3, dest)
+                if got and got[0] >= size // 5:
+                    break
+                assert p.poll() is None, p.communicate()
+                assert time.monotonic() < deadline, "the stage made no progress"
+                time.sleep(0.1)
+            # host2 goes away: every process of it dies (sshd, the relay) and its network goes down
+            kill_pids_in_netns([c.namespaces[2]])
+            subprocess.run(["ip", "-n", c.namespaces[2], "link", "set", "mgmt0", "down"], check=False, timeout=10)
+            out = finish(p, 120)
+        except BaseException:
+            kill_tree(p.pid)
+            raise
+        res = result(out)
+        assert out.returncode == 1
+        by = {h["host"]: h for h in res["hosts"]}
+        assert by["host2"]["status"] == "gone" and "host2" in by["host2"]["reason"], by["host2"]
+        assert res["status"] == "partial"
+        for i in (0, 1, 3):
+            assert by[f"host{i}"]["status"] == "ok"
+            assert c.sha256s(i, dest) == want, f"host{i}"
+        assert res["sent_by_controller"] < 2 * size  # the others continued where they were
+        assert "host2" in out.stdout
+        wait_hosts_clean(c)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, words", [
+    (["stage", "/no/such/model", "--hosts", "localhost", "--to", "/tmp/x"], "SRC '/no/such/model'"),
+    (["stage", "{src}", "--hosts", "localhost", "--to", "models/x"], "--to 'models/x': give an absolute path"),
+    (["stage", "{src}", "--hosts", "localhost", "--to", "/"], "--to '/'"),
+    (["stage", "{src}", "--hostfile", "{bad}", "--to", "/tmp/x"], "hosts[0].ips"),
+    (["stage", "{src}", "--hostfile", "/no/such/hosts.json", "--to", "/tmp/x"], "hosts.json"),
+    (["stage", "{src}", "--hosts", "localhost"], "--to"),
+    (["stage", "{src}", "--to", "/tmp/x"], "--hostfile"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "a").write_text("a")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hosts": [{"ssh": "h", "ips": ["10.0.0.300"]}]}))
+    argv = [a.format(src=src, bad=bad) for a in args]
+    p = run_orch(*argv, cwd=tmp_path, timeout=60)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orch: error: "), p.stderr
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_this_machine_as_the_only_host(tmp_path):
+    """A hostfile of this machine: the relay runs as a local process; the second run moves nothing."""
+    src = tmp_path / "model"
+    want = make_model(src, {"w.safetensors": 3_000_000, "sub/c.json": 12}, seed=4)
+    dest = tmp_path / "dest"
+    args = ["stage", str(src), "--hosts", "localhost", "--to", str(dest), "--json"]
+    first = result(run_orch(*args, cwd=tmp_path))
+    assert first["status"] == "ok" and first["sent_by_controller"] == 3_000_012
+    import hashlib
+
+    assert {r: hashlib.sha256((dest / r).read_bytes()).hexdigest() for r in want} == want
+    assert sorted(os.listdir(dest / ".orch-stage")) == ["verified.json"]
+    second = result(run_orch(*args, cwd=tmp_path))
+    assert second["sent_by_controller"] == 0 and second["hosts"][0]["files_skipped"] == 2
