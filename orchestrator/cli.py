@@ -62,7 +62,10 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--python", help="python interpreter for the ranks (default: this one, or the hostfile's)")
     p.add_argument("--run-dir", help="where logs, events, checkpoints and summary.json go (default: runs/<time>-<script>)")
     p.add_argument("--init-timeout", type=float, default=60.0, help="seconds for all ranks to join once one calls init (default 60)")
-    p.add_argument("--hang-timeout", type=float, default=300.0, help="stop the run when no rank reports a step for this long (default 300 s)")
+    p.add_argument("--hang-timeout", type=float, default=300.0, help="stop the run when no rank reports a step for this long (default 300 s): the ceiling")
+    p.add_argument("--hang-floor", type=float, default=30.0,
+                   help="once steps come at a known pace, stop the run when none comes for max(this, 10x the slowest "
+                        "interval seen) outside evaluation and checkpoint phases (default 30 s)")
     p.add_argument("--first-step-timeout", type=float, default=120.0, help="seconds from a trainer's start to its first step (default 120)")
     p.add_argument("--max-restarts", type=int, default=0, help="after a failure or hang, restart the whole job from the latest checkpoint up to K times")
     p.add_argument("--exclude-failed-host", action="store_true", help="with --max-restarts: restart without a host that caused two failures (smaller world)")

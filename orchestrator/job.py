@@ -54,6 +54,7 @@ class RunRequest(BaseModel):
     init_timeout: float = 60.0
     grace: float = 1.0
     hang_timeout: float = 300.0
+    hang_floor: float = 30.0
     first_step_timeout: float = 120.0
     max_restarts: int = 0
     exclude_failed_host: bool = False
@@ -89,7 +90,7 @@ def check_values(req: RunRequest) -> None:
     if req.starting_port is not None and not 1 <= req.starting_port <= 65535:
         raise ConfigError(f"--starting-port {req.starting_port}: not a TCP port; give one in 1-65535 (or leave it out)")
     positive = {"--init-timeout": req.init_timeout, "--hang-timeout": req.hang_timeout,
-                "--first-step-timeout": req.first_step_timeout, "--grace": req.grace,
+                "--hang-floor": req.hang_floor, "--first-step-timeout": req.first_step_timeout, "--grace": req.grace,
                 "--connect-timeout": req.connect_timeout}
     for flag, value in positive.items():
         if not (math.isfinite(value) and value > 0):
@@ -420,7 +421,7 @@ async def _run_attempts(req: RunRequest, hostfile: Hostfile, plan: JobPlan, rund
             sup = Supervisor(plan, specs, launcher, rundir, script, out=sys.stderr if req.json_output else sys.stdout,
                              err=io.StringIO() if req.silent else sys.stderr, options=SupervisorOptions(
                 init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
-                first_step_timeout=req.first_step_timeout, attempt=attempt,
+                hang_floor=req.hang_floor, first_step_timeout=req.first_step_timeout, attempt=attempt,
                 # The guard SIGKILLs a rank that ignores SIGTERM after --grace; the controller's own
                 # last resort comes only after that (a JACCL survivor spinning must get the full grace).
                 stop_timeout=max(3.0, req.grace + 2.0),

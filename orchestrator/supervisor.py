@@ -56,7 +56,7 @@ from orchestrator.records import RankPhase, RankRecord, RunRecord
 from orchestrator.ringstart import RingStart
 from orchestrator.stdin_forward import StdinForward
 from orchestrator.rundir import RunDir, RunSummary
-from orchestrator.watchdog import Watchdog
+from orchestrator.watchdog import PHASE_ENDS, Watchdog
 
 TAIL_LINES = 200  # kept per rank (a stack dump fits) for diagnoses; the last SHOW_LINES are shown on failure
 SHOW_LINES = 15
@@ -99,6 +99,7 @@ class SupervisorOptions:
     live: Optional[bool] = None  # None: a live block when stderr is a terminal
     hang_timeout: float = 300.0  # no step from any rank for this long, once training started
     first_step_timeout: float = 120.0  # from a trainer's start to its first step
+    hang_floor: float = 30.0  # the cadence rule never fires sooner than this after a step (watchdog.py)
     attempt: int = 0
     # --stdin: the controller's stdin (one relay for every attempt) and the ranks that read it.
     stdin_relay: Optional[object] = None
@@ -169,7 +170,7 @@ class Supervisor:
         self.run_record = RunRecord()  # metrics and rebalances
         self.ring_start = RingStart.for_plan(plan)  # the gate and the hold: which lines a listener or an exit unlocks
         self.watchdog = Watchdog(self.states, self.opts.hang_timeout, self.opts.first_step_timeout,
-                                 self.opts.idle_watchdog, launcher.name)
+                                 self.opts.idle_watchdog, launcher.name, hang_floor=self.opts.hang_floor)
         self.phase = JobPhase.STARTING
         self.diagnosis: Optional[Diagnosis] = None
         self.failure: Optional[Failure] = None
@@ -422,9 +423,13 @@ class Supervisor:
         elif kind == "train_start":
             wake = wd.trainer_started()
         elif kind == "step":
-            wake = wd.step()
+            wake = wd.step(state.rank)
+        elif kind == "phase_start":
+            wake = wd.phase_start(state.rank, str(payload.get("name")))
         elif kind == "rss" and type(payload.get("cpu_s")) in (int, float):
             wake = wd.cpu_sample(rec)
+        if kind in PHASE_ENDS and kind != "step":
+            wake = wd.phase_end(state.rank) or wake
         if wake:
             self._wake.set()
         self.live.on_event(state, payload)

@@ -4,7 +4,14 @@ Two watchdogs, one home:
 
 * **step**: armed once a trainer starts; fires when no rank reported a step for
   ``--first-step-timeout`` (before the first) or ``--hang-timeout`` (after it),
-  until every trainer finished;
+  until every trainer finished. Once steps have come at a known pace it also fires
+  sooner, on the **cadence** rule: no step for max(``--hang-floor``, ``CADENCE_K`` x the
+  slowest interval between two steps of one rank seen so far). A deadlocked
+  collective (MLX's ring spinning on every rank, ml-explore/mlx #4475) then costs
+  ~30 s, not ``--hang-timeout``. Known long phases (a ``phase_start`` event until the
+  rank's ``phase``, ``checkpoint``, ``metric`` or next ``step``: evaluation, checkpoint
+  saves, mlx-lm's validation, ``report.phase``) pause the cadence rule, and an
+  interval that spans one is not learned; ``--hang-timeout`` stays the ceiling;
 * **idle**: for programs that report no steps (not ours, or not yet): fires
   when, for ``--hang-timeout``, no rank printed anything and no rank's CPU
   time advanced (the guard's ``rss`` samples carry it). A rank asleep, blocked
@@ -43,14 +50,24 @@ IDLE_CPU_MIN_S = 0.02
 # this long past the window for one (a guard too stuck to sample does not save a hang).
 IDLE_SAMPLE_WAIT_S = 6.0
 STOPPED_NOTE = "is stopped (SIGSTOP/SIGTSTP), not running"
+# The cadence rule waits this many times the slowest step interval seen. Measured
+# (benchmarks/step_jitter.py): on the 2-core box under a parallel load, no interval of a
+# run was more than 3.1x the slowest before it (char_lm, mlx-lm rows, mlp); 10 leaves
+# a margin of 3 for a machine that slows down mid-run.
+CADENCE_K = 10.0
+# Events that end a rank's open phase (``phase_start``): the phase's own end, or what
+# the runtime sends right after the work the phase named.
+PHASE_ENDS = frozenset({"phase", "checkpoint", "metric", "step", "finished"})
 
 
 class Watchdog:
     """The evidence both watchdogs time: last step, last sign of life, each rank's CPU samples."""
 
-    def __init__(self, states: list, hang_timeout: float, first_step_timeout: float, idle: bool, launcher_name: str):
+    def __init__(self, states: list, hang_timeout: float, first_step_timeout: float, idle: bool, launcher_name: str,
+                 hang_floor: Optional[float] = None):
         self.states = states
         self.hang_timeout = hang_timeout
+        self.hang_floor = hang_timeout if hang_floor is None else hang_floor  # None: the ceiling only
         self.first_step_timeout = first_step_timeout
         self.idle_enabled = idle
         self.launcher_name = launcher_name
@@ -58,6 +75,13 @@ class Watchdog:
         self.any_step = False  # switches the step watchdog from the first-step to the hang timeout
         self.last_activity: Optional[float] = time.monotonic()  # output of any rank, or a rank's own event
         self.cpu_active: dict[int, float] = {}  # rank -> when its CPU time last advanced (or its first sample)
+        # The cadence: each rank's last step, the intervals learned, the open phases.
+        self.last_step_t: dict[int, float] = {}
+        self.spanned_phase: set[int] = set()  # ranks whose current interval contains any rank's phase: not learned
+        self.in_phase: dict[int, str] = {}  # rank -> the name of its open phase
+        self.cadence_from: Optional[float] = None  # the last step, or the end of the last phase after it
+        self.fastest: Optional[float] = None
+        self.slowest: Optional[float] = None
 
     def _running(self) -> list:
         return [s for s in self.states if s.handle is not None and not s.exited.is_set()]
@@ -69,11 +93,39 @@ class Watchdog:
             return True
         return False
 
-    def step(self) -> bool:
-        self.last_progress = time.monotonic()
+    def step(self, rank: Optional[int] = None, now: Optional[float] = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.last_progress = self.cadence_from = now
         first = not self.any_step
         self.any_step = True
+        if rank is not None:
+            prev = self.last_step_t.get(rank)
+            if prev is not None and rank not in self.spanned_phase and now > prev:
+                interval = now - prev
+                self.fastest = interval if self.fastest is None else min(self.fastest, interval)
+                grew = self.slowest is None or interval > self.slowest
+                self.slowest = interval if self.slowest is None else max(self.slowest, interval)
+                first = first or grew
+            self.last_step_t[rank] = now
+            self.spanned_phase.discard(rank)
+            self.in_phase.pop(rank, None)
         return first
+
+    def phase_start(self, rank: int, name: str) -> bool:
+        """A rank began a known long phase: the cadence rule waits for its end."""
+        self.in_phase[rank] = name
+        # Every rank's current interval spans it: the others wait for this one in their next collective.
+        self.spanned_phase.update(s.rank for s in self.states)
+        return True
+
+    def phase_end(self, rank: int, now: Optional[float] = None) -> bool:
+        """The rank's open phase ended (its ``phase``, ``checkpoint`` or ``metric`` event): the cadence clock restarts."""
+        if self.in_phase.pop(rank, None) is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if self.cadence_from is not None:
+            self.cadence_from = max(self.cadence_from, now)
+        return True
 
     def activity(self, now: Optional[float] = None) -> None:
         """A rank printed something: the idle watchdog starts over."""
@@ -103,7 +155,25 @@ class Watchdog:
         active = [s for s in self.states if s.record.phase == RankPhase.TRAINING and not s.exited.is_set()]
         if not active:
             return None
-        return self.last_progress + (self.hang_timeout if self.any_step else self.first_step_timeout)
+        ceiling = self.last_progress + (self.hang_timeout if self.any_step else self.first_step_timeout)
+        cadence = self.cadence_deadline()
+        return ceiling if cadence is None else min(ceiling, cadence)
+
+    def cadence_limit(self) -> Optional[float]:
+        """Seconds without a step the cadence rule allows: None until an interval is known."""
+        if self.slowest is None or not self.any_step:
+            return None
+        return max(self.hang_floor, CADENCE_K * self.slowest)
+
+    def cadence_deadline(self) -> Optional[float]:
+        """When the cadence rule fires; None before it knows the pace, or while a running rank is in a phase."""
+        limit = self.cadence_limit()
+        if limit is None or self.cadence_from is None:
+            return None
+        running = {s.rank for s in self.states if not s.exited.is_set()}
+        if any(r in running for r in self.in_phase):
+            return None
+        return self.cadence_from + limit
 
     def idle_deadline(self) -> Optional[float]:
         """When the idle watchdog fires: only while no rank has ever reported a step, and only once
@@ -181,6 +251,9 @@ class Watchdog:
             limit, option = self.hang_timeout, "--hang-timeout"
         else:
             limit, option = self.first_step_timeout, "--first-step-timeout"
+        cadence = None if idle else self.cadence_deadline()
+        by_cadence = (cadence is not None and self.last_progress is not None
+                      and cadence < self.last_progress + limit)
         running = [s for s in self.states if not s.exited.is_set()]
         by_step: dict = {}
         for s in running:
@@ -244,6 +317,17 @@ class Watchdog:
         elif idle:
             head = (f"hang: no rank printed anything or used CPU for {limit:g}s ({option}), "
                     "and no rank reports steps")
+        elif by_cadence:
+            quiet_for = time.monotonic() - self.last_progress
+            head = (f"hang: no step for {quiet_for:.0f}s; steps came every {_secs(self.fastest)}–{_secs(self.slowest)}s "
+                    f"(the watchdog waits {CADENCE_K:g}x the slowest, at least --hang-floor {self.hang_floor:g}s)")
         else:
             head = f"hang: no rank made progress for {limit:g}s ({option})"
         return (suspect.rank if suspect else None), head + (": " + "; ".join(parts) if parts else "")
+
+
+def _secs(value: Optional[float]) -> str:
+    """An interval for people: 1 decimal below 10 s, whole seconds above."""
+    if value is None:
+        return "?"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"

@@ -82,9 +82,11 @@ def test_a_script_reports_steps_metrics_and_phases_like_the_trainer(tmp_path):
         assert event_validation.validate(p) is not None, p
         assert p["rank"] == 1
     kinds = [p["kind"] for p in payloads]
-    assert kinds == ["phase", "train_start", "step", "metric", "step", "metric", "step", "metric", "finished"]
+    assert kinds == ["phase_start", "phase", "train_start", "step", "metric", "step", "metric", "step", "metric",
+                     "finished"]
+    assert payloads[0]["name"] == "load model"  # the phase's start: the cadence watchdog waits for its end
 
-    phase, start = payloads[0], payloads[1]
+    phase, start = payloads[1], payloads[2]
     assert phase["name"] == "load model" and phase["ok"] is True and phase["duration_s"] >= 0
     assert phase["rss_after_bytes"] - phase["rss_before_bytes"] >= 16 * 1024 * 1024
     assert phase["rss_peak_bytes"] >= phase["rss_after_bytes"]
@@ -118,8 +120,9 @@ def test_a_failing_phase_is_reported_and_the_error_propagates(tmp_path):
     """)
     assert proc.returncode == 0, proc.stderr
     assert text == ["caught"]
-    assert [(p["kind"], p["name"], p["ok"]) for p in payloads] == [("phase", "tokenize", False)]
-    assert event_validation.validate(payloads[0]) is not None
+    assert [(p["kind"], p["name"], p.get("ok")) for p in payloads] == [("phase_start", "tokenize", None),
+                                                                       ("phase", "tokenize", False)]
+    assert all(event_validation.validate(p) is not None for p in payloads)
 
 
 @pytest.mark.slow
@@ -132,7 +135,8 @@ def test_a_phase_reads_mlx_memory_when_the_program_uses_mlx(tmp_path):
             mx.eval(a)
     """)
     assert proc.returncode == 0, proc.stderr
-    (phase,) = payloads
+    start, phase = payloads
+    assert (start["kind"], phase["kind"]) == ("phase_start", "phase")
     assert event_validation.validate(phase) is not None
     assert phase["mlx_active_after_bytes"] - phase["mlx_active_before_bytes"] >= 4 * 1024 * 1024
     assert phase["mlx_peak_bytes"] >= phase["mlx_active_after_bytes"]

@@ -29,7 +29,7 @@ async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, e
     req = RunRequest(
         script=str(PROBE_COLLECTIVE), script_args=["--size-mib", f"{opts.collective_mib:g}"],
         hostfile=opts.hostfile, n=opts.n if not opts.hostfile else None, backend=backend, python=opts.python,
-        run_dir=str(run_dir), init_timeout=max(opts.timeout, 10.0), first_step_timeout=budget, hang_timeout=budget,
+        run_dir=str(run_dir), init_timeout=max(opts.timeout, 10.0), first_step_timeout=budget, hang_timeout=budget, hang_floor=budget,
         starting_port=opts.starting_port, echo=False, json_output=True, silent=True,
         ssh_config=opts.ssh.ssh_config, known_hosts=opts.ssh.known_hosts, identity=list(opts.ssh.identity),
         ssh_accept_new=opts.ssh.accept_new, connect_timeout=opts.ssh.connect_timeout, mpirun=opts.mpirun)

@@ -205,6 +205,7 @@ def phase(name: str) -> Iterator[None]:
     if not events.enabled():
         yield
         return
+    events.emit("phase_start", name=str(name))  # the controller's cadence watchdog pauses until the phase ends
     rss_before = _rss_bytes()
     active_before, _ = _mlx_memory()
     started = time.perf_counter()

@@ -268,6 +268,7 @@ class Trainer(RankSync, TrainStep):
         opt_arrays = self.sharded.gather_state() if self.sharded is not None else None
         if self.rank != 0:
             return
+        emit("phase_start", name="checkpoint")  # ends with the "checkpoint" event: the cadence watchdog waits
         if opt_arrays is None:
             opt_arrays = dict(tree_flatten(self.optimizer.state))
         meta = {
@@ -322,6 +323,7 @@ class Trainer(RankSync, TrainStep):
         """
         values: dict = {}
         if self.recipe.evaluate is not None and self.rank == 0:
+            emit("phase_start", name="eval")  # ends with the "metric" event (or the next step)
             values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
             self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if final:
