@@ -143,7 +143,9 @@ def test_a_sigkilled_rank_restarts_from_the_last_save_bit_identically(fx, refere
     saved = _saved_at(second["note"], rd)
     steps = [e["step"] for e in _events(rd) if e["kind"] == "step" and e["attempt"] == 1]
     assert steps == list(range(saved + 1, ITERS + 1)), steps[:5]  # the restart's first row is past the last save
-    assert f"mlx-lm resumes at iteration {saved + 1} from " in (rd / "logs" / "attempt-1" / "rank-0.log").read_text()
+    said = next(line for line in (rd / "logs" / "attempt-1" / "rank-0.log").read_text().splitlines()
+                if "mlx-lm resumes at iteration" in line)
+    assert f"resumes at iteration {saved + 1} from {rd / 'checkpoints'}" in said and "sent it" not in said, said
     assert _same(rd / "adapters", reference), "the restarted run's adapters differ from the uninterrupted run's"
 
 
@@ -219,3 +221,47 @@ def test_orch_run_resume_needs_the_run_directory_to_continue(tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
     assert not (tmp_path / "nope").exists()
+
+
+# ----------------------------------------------------------------------------- over SSH (netns hosts, real sshd)
+
+from tests.netns import make_cluster_fixture  # noqa: E402
+
+c2m = make_cluster_fixture(2, scope="module", name="c2m")
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.timeout(900)
+def test_over_ssh_the_state_comes_home_and_goes_back_bit_identically(c2m, fx, reference, tmp_path):
+    """Rank 0's checkpoint comes home with collection, goes back to rank 0's host with the restart; the rank
+    on the other host has none of its own and receives it from rank 0."""
+    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c2m.hosts]
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    rd = tmp_path / "run"
+    adapters = tmp_path / "adapters"  # written by rank 0 on its host (this filesystem, in the test)
+    orch = _start(orch_argv("run", "--hostfile", str(hf), "--ssh-config", c2m.ssh_config_path, "--known-hosts",
+                            str(c2m.known_hosts_path), "--python", sys.executable, "--run-dir", str(rd),
+                            "--max-restarts", "1", "--restart-backoff", "0",
+                            *[f"--env={k}={v}" for k, v in mlxlm_fixture.OFFLINE_ENV.items()],
+                            "-m", "mlx_lm", "--", "lora", *_lora_args(fx, adapters)), tmp_path, tmp_path / "orch")
+    try:
+        ev = _wait_step(rd, KILL_AFTER, orch, timeout=400)
+        rank1 = next(e["pid"] for e in ev if e["kind"] == "spawned" and e["rank"] == 1 and e["attempt"] == 0)
+        os.kill(rank1, signal.SIGKILL)
+        r = finish(orch, timeout=400)
+    finally:
+        kill_tree(orch.pid)
+    err = (tmp_path / "orch.err").read_text()
+    assert r.returncode == 0, err[-3000:]
+    first, second = summary(rd)["attempts"]
+    assert first["status"] == "failed" and second["status"] == "succeeded" and second["resumed"] is True
+    saved = _saved_at(second["note"], rd)  # the collected copy, in the local run directory
+    steps = [e["step"] for e in _events(rd) if e["kind"] == "step" and e["attempt"] == 1]
+    assert steps == list(range(saved + 1, ITERS + 1)), steps[:5]
+    log0 = (rd / "logs" / "attempt-1" / "rank-0.log").read_text()
+    said = next(line for line in log0.splitlines() if "mlx-lm resumes at iteration" in line)
+    assert f"mlx-lm resumes at iteration {saved + 1} from " in said and str(rd) not in said, said  # its host's copy
+    assert "rank 0 sent it to the 1 rank without a copy" in said, said  # rank 1's host had none
+    assert _same(adapters, reference), "the restarted run's adapters differ from the uninterrupted run's"

@@ -244,6 +244,7 @@ class _Session:
         self.accum = max(1, int(getattr(args, "grad_accumulation_steps", 1) or 1))
         self.first = 1  # the first iteration this attempt trains
         self.restored: Optional[dict] = None  # state.json of the checkpoint resumed from
+        self.sent = 0  # ranks that had no copy of it and got it from rank 0
         self.epoch_start = None  # numpy's state right before the current epoch's permutation
         self.position = 0  # batches taken from the current epoch
         if self.every % self.accum:
@@ -352,6 +353,8 @@ class _Session:
         if data["batch_size"] != int(self.args.batch_size) or data["train_examples"] != len(self.train_dataset):
             notes.append("the batch size or the training set changed since the save: the data order is not the "
                          "uninterrupted run's")
+        if self.sent:
+            notes.insert(0, f"rank 0 sent it to the {self.sent} rank{'s' if self.sent > 1 else ''} without a copy")
         step = int(self.optimizer.state["step"].item()) if "step" in self.optimizer.state else None
         say(f"mlx-lm resumes at iteration {it + 1} from {where} (optimizer step {step}, learning-rate schedule, "
             f"data order and random state restored){'; ' + '; '.join(notes) if notes else ''}")
@@ -386,6 +389,7 @@ class _Session:
         step, crc, sizes = int(header[1]), int(header[2]), [int(n) for n in header[3:]]
         local = mine if mine is not None and mine.step == step and self._fingerprint(mine) == (crc, sizes[0]) else None
         need = np.array(mx.distributed.all_sum(mx.array([0 if local is not None else 1]), stream=mx.cpu)).item()
+        self.sent = int(need)
         if need:
             if self.rank == 0:
                 blob = np.frombuffer(b"".join((mine.path / name).read_bytes() for name in names), dtype=np.uint8)
