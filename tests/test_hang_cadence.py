@@ -19,7 +19,7 @@ import pytest
 from orchestrator.records import RankPhase
 from orchestrator.watchdog import CADENCE_K, Watchdog
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import SCRIPTS, run_orch, summary
+from tests.orch_helpers import RECIPES, SCRIPTS, run_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 DEADLOCK = SCRIPTS / "deadlock_once.py"
@@ -204,6 +204,7 @@ def test_a_deadlock_over_ssh_on_4_hosts(c4, tmp_path):
     rd = tmp_path / "run"
     r = run_orch("run", str(DEADLOCK), "--hostfile", str(hf), "--ssh-config", c4.ssh_config_path,
                  "--known-hosts", c4.known_hosts_path, "--run-dir", str(rd), "--max-restarts", "1",
+                 "--stage", str(RECIPES / "mlp_regression.py"), "--env", f"DEADLOCK_MARKER_DIR={tmp_path}",
                  "--hang-floor", "10", "--restart-backoff", "0.1", "--", *SMALL, "--steps", "12",
                  "--checkpoint-every", "4", cwd=tmp_path, timeout=250)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -91,6 +91,9 @@ def test_orch_runs_mlx_lm_as_a_module_and_matches_mlx_launch(fx, tmp_path):
     assert rank0["steps"] == ITERS and rank0["last_loss"] == steps[-1]["loss"] and 0 < rank0["last_loss"] < 20
     assert rank1["steps"] is None
     assert (rd / "adapters" / "adapters.safetensors").is_file()
+    # mlx-lm's validation passes are phases on every rank (the cadence watchdog waits for them).
+    phases = {(e["from_rank"], e["name"]) for e in _events(rd) if e["kind"] == "phase_start"}
+    assert {(0, "validation"), (1, "validation")} <= phases, phases
 
     script = Path(sysconfig.get_path("scripts")) / "mlx_lm.lora"
     launcher = Path(sysconfig.get_path("scripts")) / "mlx.launch"

@@ -187,6 +187,11 @@ def main() -> None:
         mlx_lm_resume.hook(kind, target, sys.argv)
     except ImportError:
         pass
+    try:  # mlx-lm's validation as a phase: the step-cadence watchdog waits for it (integrations/mlx_lm_phases.py)
+        from orchestrator.integrations import mlx_lm_phases
+        mlx_lm_phases.install(kind, target, sys.argv)
+    except Exception as e:  # noqa: BLE001 - never fatal to the rank
+        print(f"orch: mlx-lm validation phases are off ({type(e).__name__}: {e})", file=sys.stderr)
     if os.environ.get(protocol.ENV_BACKEND) != "mpi":
         _run(kind, target)
         return

@@ -28,7 +28,7 @@ def wait_for_a_peer_that_never_sends() -> None:
 def emit(kind, **fields):
     real_emit(kind, **fields)
     rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
-    marker = Path(os.environ.get("ORCH_RUN_DIR", ".")) / f"deadlocked-once-rank{rank}"
+    marker = Path(os.environ.get("DEADLOCK_MARKER_DIR") or os.environ.get("ORCH_RUN_DIR", ".")) / f"deadlocked-once-rank{rank}"
     if kind == "step" and fields["step"] == deadlock_at and not marker.exists():
         marker.write_text("1")
         wait_for_a_peer_that_never_sends()
