@@ -265,3 +265,19 @@ def test_over_ssh_the_state_comes_home_and_goes_back_bit_identically(c2m, fx, re
     assert f"mlx-lm resumes at iteration {saved + 1} from " in said and str(rd) not in said, said  # its host's copy
     assert "rank 0 sent it to the 1 rank without a copy" in said, said  # rank 1's host had none
     assert _same(adapters, reference), "the restarted run's adapters differ from the uninterrupted run's"
+
+
+def test_the_integration_imports_only_what_a_rank_may():
+    """Rank-side code: ``orchestrator.protocol`` and ``orchestrator.runtime.*``, never a controller module."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "orchestrator" / "integrations"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            for name in names:
+                if name.startswith("orchestrator."):
+                    assert name.startswith(("orchestrator.protocol", "orchestrator.runtime",
+                                            "orchestrator.integrations")), f"{path.name} imports {name}"
