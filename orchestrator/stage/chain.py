@@ -86,6 +86,7 @@ class RelayHost:
     reader: Optional[asyncio.Task] = None
     stderr: str = ""
     lost_early: bool = False            # its relay ended before the stage did
+    cpu_s: Optional[float] = None       # the relay's CPU time (user + system), reported as it ends
     busy_s: float = 0.0                 # seconds it spent in passes (from a pass's start to its done)
 
     @property
@@ -213,6 +214,7 @@ class Stage:
                 continue
             if ev.get("ev") == "p":
                 h.rx, h.wr, h.files_written = ev["rx"], ev["wr"], ev["files"]
+                h.cpu_s = ev.get("cpu_s", h.cpu_s)
                 self.progress.update(h.name, h.rx)
                 continue
             if not started:
@@ -473,7 +475,7 @@ class Stage:
             results.append(HostResult(
                 host=h.name, status=status, reason=h.reason, bytes_received=h.rx, bytes_written=h.wr,
                 files_written=h.files_written, files_skipped=h.skipped, files_replaced=h.replaced,
-                resumed_bytes=h.resumed, missing=missing[:20],
+                resumed_bytes=h.resumed, missing=missing[:20], relay_cpu_s=h.cpu_s,
                 gb_per_s=round(h.rx / secs / 1e9, 4) if secs and h.rx else None))
         ok = all(r.status == "ok" for r in results)
         any_ok = any(r.status == "ok" for r in results)
@@ -499,14 +501,22 @@ def _last_line(text: str) -> str:
 async def run_stage(req: StageRequest, source: Source, err: TextIO, *, progress: bool = True) -> StageSummary:
     t0 = time.monotonic()
     st = Stage(req, source, err, progress=progress)
+    phases: dict[str, float] = {}
     try:
         await st.connect()
+        phases["connect_s"] = time.monotonic() - t0
         scan_timeout = max(60.0, source.total_bytes / 50e6 + 30)
         await asyncio.gather(*(st.start_relay(h, scan_timeout) for h in st.hosts if h.status == "ok"))
+        phases["scan_s"] = time.monotonic() - t0 - sum(phases.values())
         for h in st.hosts:
             if h.status != "ok":
                 st.progress.mark(h.name, h.status)
         await st.run()
+        phases["transfer_s"] = time.monotonic() - t0 - sum(phases.values())
     finally:
+        t1 = time.monotonic()
         await st.close()
-    return st.summary(time.monotonic() - t0)
+        phases["close_s"] = time.monotonic() - t1
+    summary = st.summary(time.monotonic() - t0)
+    summary.phases = {k: round(v, 3) for k, v in phases.items()}
+    return summary

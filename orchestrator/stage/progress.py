@@ -34,7 +34,8 @@ class HostResult(BaseModel):
     files_replaced: list[str] = Field(default_factory=list)  # there, but damaged: written anew
     resumed_bytes: int = 0              # bytes an interrupted stage had left, not sent again
     missing: list[str] = Field(default_factory=list)          # files it still lacks at the end
-    gb_per_s: Optional[float] = None    # bytes_received / the seconds it received for
+    gb_per_s: Optional[float] = None    # bytes_received / the seconds it spent in passes
+    relay_cpu_s: Optional[float] = None # what the relay cost the host: CPU seconds (user + system)
 
 
 class StageSummary(BaseModel):
@@ -48,6 +49,7 @@ class StageSummary(BaseModel):
     gb_per_s: float                     # bytes that reached every host's disk, summed / wall_s
     passes: int
     hosts: list[HostResult]
+    phases: dict[str, float] = Field(default_factory=dict)  # connect_s, scan_s, transfer_s, close_s: where the time went
 
     @property
     def exit_code(self) -> int:

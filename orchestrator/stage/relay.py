@@ -462,8 +462,10 @@ class Relay:
         self.abort()
         if self.pass_thread is not None:
             self.pass_thread.join(10)
+        t = os.times()
         with self.lock:
-            out({"ev": "p", "rx": self.rx, "wr": self.written, "files": self.files_written})
+            out({"ev": "p", "rx": self.rx, "wr": self.written, "files": self.files_written,
+                 "cpu_s": round(t[0] + t[1], 3)})
 
 
 class Pipe:
