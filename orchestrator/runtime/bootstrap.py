@@ -173,6 +173,7 @@ def main() -> None:
             print(f"orch: cannot run {target!r}: {e.strerror}", file=sys.stderr)
             sys.exit(127)
     sys.argv = [target, *args]
+    sys.excepthook = _print_exception  # the program's traceback without orch's frames above it
     _register_stack_dump()
     if not (events.enabled() and _install_init_hook()):
         ringstart.signal_init(b"")  # no hook, no byte: the guard need not watch
@@ -206,8 +207,8 @@ def main() -> None:
         if not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
         _hard_exit(e.code if isinstance(e.code, int) else 1)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        _print_exception(type(e), e, e.__traceback__)
         _hard_exit(1)
 
 
@@ -246,6 +247,31 @@ def _program(argv: list[str]) -> tuple[str, str, list[str]]:
         if first.startswith(b"#!") and b"python" in first:
             return "script", path, args
     return "exec", program, args
+
+
+def _user_frames(tb):
+    """The traceback from the program's own first frame: orch's bootstrap and runpy's frames left out.
+
+    A rank's traceback is read by people (its log, the failure's last lines): the five frames
+    of ``python -m orchestrator.runtime.bootstrap`` -> ``runpy`` above the user's code say
+    nothing about their program. An error raised in the bootstrap itself keeps every frame.
+    """
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+    first = tb
+    while first is not None:
+        name = first.tb_frame.f_code.co_filename
+        if not (name.startswith("<frozen runpy") or os.path.abspath(name) in ours):
+            return first
+        first = first.tb_next
+    return tb
+
+
+def _print_exception(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` for the program: Python's own report, from the program's first frame."""
+    try:
+        traceback.print_exception(exc_type, exc, _user_frames(tb))
+    except Exception:  # noqa: BLE001 - never lose the report: Python's own hook then
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def _run(kind: str, target: str) -> None:
