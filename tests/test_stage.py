@@ -273,3 +273,22 @@ def test_this_machine_as_the_only_host(tmp_path):
     assert sorted(os.listdir(dest / ".orch-stage")) == ["verified.json"]
     second = result(run_orch(*args, cwd=tmp_path))
     assert second["sent_by_controller"] == 0 and second["hosts"][0]["files_skipped"] == 2
+
+
+# ----------------------------------------------------------------------------- the chain's addresses
+
+
+def test_each_hop_goes_over_the_cable_between_the_two_hosts_else_the_lan():
+    from orchestrator.hostfile import Host
+    from orchestrator.stage.plan import hop_address
+
+    a = Host(name="mac1", ips=["192.168.0.1/30", "192.168.0.10/30"])
+    b = Host(name="mac2", ips=["192.168.0.2/30", "192.168.0.5/30"])
+    c = Host(name="mac3", ips=["192.168.0.6/30", "192.168.0.9/30"])
+    assert hop_address(a, b, "10.0.0.2") == ("192.168.0.2", "ring")      # the /30 they share
+    assert hop_address(b, c, "10.0.0.3") == ("192.168.0.6", "ring")
+    assert hop_address(c, a, "10.0.0.1") == ("192.168.0.10", "ring")
+    d = Host(name="mac4", ips=["192.168.0.14/30"])
+    assert hop_address(a, d, "10.0.0.4") == ("10.0.0.4", "lan")          # no cable: where SSH reached it
+    plain = Host(name="mac5", ips=["10.1.0.5"])
+    assert hop_address(a, plain, "10.0.0.5") == ("10.1.0.5", "ips")     # no prefixes: MLX's meaning
