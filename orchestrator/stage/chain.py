@@ -250,6 +250,9 @@ class Stage:
         while True:
             alive = [h for h in self.hosts if h.alive]
             chain = [h for h in alive if self.lacking(h)]
+            for h in alive:
+                if not self.lacking(h) and self.progress.state.get(h.name) != "done":
+                    self.progress.mark(h.name, "done")
             if not chain:
                 return
             frames = []
@@ -277,6 +280,7 @@ class Stage:
                 culprit.status = "gone"
                 culprit.reason = f"{culprit.name} vanished during the stage ({why}); the chain closed around it"
                 self.progress.mark(culprit.name, "gone")
+                self.err.write(f"orch stage: {culprit.reason}\n")
             if failures > MAX_FAILED_PASSES:
                 for h in chain:
                     if h.alive:
@@ -506,6 +510,9 @@ async def run_stage(req: StageRequest, source: Source, err: TextIO, *, progress:
         await st.connect()
         phases["connect_s"] = time.monotonic() - t0
         scan_timeout = max(60.0, source.total_bytes / 50e6 + 30)
+        for h in st.hosts:
+            if h.status == "ok":
+                st.progress.mark(h.name, "checking what is there")
         await asyncio.gather(*(st.start_relay(h, scan_timeout) for h in st.hosts if h.status == "ok"))
         phases["scan_s"] = time.monotonic() - t0 - sum(phases.values())
         for h in st.hosts:

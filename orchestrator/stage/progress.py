@@ -92,8 +92,9 @@ class Progress:
         self.tick()
 
     def mark(self, name: str, state: str) -> None:
+        """A host's state in words instead of its rate ("done", "gone"); plain output prints only failures at once."""
         self.state[name] = state
-        self.tick(force=True)
+        self.tick(force=self.tty or state in ("gone", "unreachable", "failed"))
 
     def rate(self, name: str) -> float:
         h = self.hist[name]
@@ -107,8 +108,8 @@ class Progress:
     def line(self, name: str) -> str:
         done = self.rx[name] - self.base[name]
         total = self.expect[name]
-        frac = min(1.0, done / total) if total else 1.0
         state = self.state.get(name)
+        frac = 1.0 if state == "done" else (min(1.0, done / total) if total else 0.0 if state else 1.0)
         if state:
             tail = state
         else:
