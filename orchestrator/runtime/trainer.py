@@ -55,6 +55,7 @@ from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
 from orchestrator.runtime.events import emit
 from orchestrator.runtime.gradcomm import GradientAverager
 from orchestrator.runtime.rank_sync import RankSync
+from orchestrator.runtime.stop_request import StopRequest
 from orchestrator.runtime.telemetry import MemorySampler, Throughput, format_bytes
 from orchestrator.runtime.train_step import TrainStep
 from orchestrator.runtime.zero import ShardedOptimizer, state_bytes
@@ -252,6 +253,8 @@ class Trainer(RankSync, TrainStep):
         self.last_checkpoint: Optional[Path] = None
         # A resumed run must not rewrite the checkpoint it started from.
         self.last_checkpoint_step = self.step if self.step > 0 else -1
+        self.last_checkpoint_s: Optional[float] = None  # how long the last save took (the final save's estimate)
+        self.stop = StopRequest()  # SIGTERM from orch: stop at the next step boundary (runtime/stop_request.py)
         self.last_memory_step = -1
         self.metrics: dict = {}
         if self.rank == 0:
@@ -286,6 +289,7 @@ class Trainer(RankSync, TrainStep):
             meta, keep=self.hp.keep_checkpoints,
         )
         self.last_checkpoint = path
+        self.last_checkpoint_s = time.perf_counter() - started
         emit("checkpoint", step=self.step, path=str(path))
         self.say(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - started:.2f} s)")
 
@@ -336,6 +340,28 @@ class Trainer(RankSync, TrainStep):
         self.metrics = values
         emit("metric", step=self.step, values=values)
 
+    def _stop_at_boundary(self) -> None:
+        """orch is stopping the run (SIGTERM): a final checkpoint if it ends before the SIGKILL, then end.
+
+        Only unsharded: rank 0 then saves alone, from parameters every rank agrees on after
+        this step. With ``--shard-optimizer`` the save is a collective that a rank which saw the
+        signal one step later would not join, so the last periodic checkpoint stays the latest.
+        """
+        if self.rank == 0 and self.ckpt_root is not None and self.step != self.last_checkpoint_step:
+            nbytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+            nbytes += state_bytes(self.optimizer.state)
+            if self.sharded is not None:
+                self.say(f"stopping at step {self.step}: no final checkpoint with --shard-optimizer "
+                         f"(the last is step {max(self.last_checkpoint_step, 0)})")
+            elif self.stop.final_checkpoint_fits(nbytes, self.last_checkpoint_s):
+                self.save_checkpoint()
+                self.say(f"stopping at step {self.step}: final checkpoint written "
+                         f"({self.stop.time_left():.2f} s of --grace left)")
+            else:
+                self.say(f"stopping at step {self.step}: no time for a final checkpoint within --grace "
+                         f"({self.stop.time_left():.2f} s left); the last is step {max(self.last_checkpoint_step, 0)}")
+        self.stop.end()
+
     # -- the loop -----------------------------------------------------------
 
     def fit(self) -> RunResult:
@@ -364,6 +390,7 @@ class Trainer(RankSync, TrainStep):
         last_loss: Optional[float] = None
         first_step = self.step + 1
         window_start, window_steps = time.perf_counter(), 0
+        self.stop.arm()
         while self.step < hp.steps:
             started = time.perf_counter()
             loss, epoch = self.train_step()
@@ -390,7 +417,10 @@ class Trainer(RankSync, TrainStep):
                 self.save_checkpoint()
             if hp.eval_every and self.step % hp.eval_every == 0 and self.step < hp.steps:
                 self.evaluate()
+            if self.stop.pending:
+                self._stop_at_boundary()
 
+        self.stop.release()
         self.save_checkpoint()
         self.evaluate(final=True)
         mem = self.sample_memory()
