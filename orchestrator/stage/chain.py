@@ -38,7 +38,7 @@ from typing import Any, Optional, TextIO
 from orchestrator.hostfile import Hostfile
 from orchestrator.stage import plan
 from orchestrator.stage.progress import HostResult, Progress, StageSummary
-from orchestrator.stage.source import Source
+from orchestrator.stage.source import Source, hash_source
 
 RELAY_SOURCE = (Path(__file__).resolve().parent / "relay.py").read_text()
 MARK = "ORCHSTAGE "
@@ -117,7 +117,8 @@ def relay_command(python: str) -> list[str]:
 class Stage:
     def __init__(self, req: StageRequest, source: Source, err: TextIO, progress: bool = True):
         self.req = req
-        self.source = source
+        self.source = source              # walked; hashed by ``hashed`` while the hosts start and scan
+        self.hashed: asyncio.Future = asyncio.ensure_future(asyncio.to_thread(hash_source, source))
         self.err = err
         self.files = [f.spec() for f in source.files]
         self.hosts: list[RelayHost] = [RelayHost(stop=s) for s in plan.stops(req.hostfile)]
@@ -165,8 +166,15 @@ class Stage:
         h.proc.stdin.write(b"%d\n" % len(payload) + payload)
         h.reader = asyncio.ensure_future(self._read(h))
         asyncio.ensure_future(self._drain_stderr(h))
+        first = asyncio.ensure_future(self._first(h))
+        await asyncio.wait({first, self.hashed}, return_when=asyncio.FIRST_COMPLETED)  # the relay scans meanwhile
+        if self.hashed.done() and self.hashed.exception() is None:
+            h.send({"cmd": "hashes", "shas": [f.sha for f in self.hashed.result().files]})
+        elif not first.done():
+            first.cancel()
+            return
         try:
-            ev = await asyncio.wait_for(self._first(h), timeout)
+            ev = await asyncio.wait_for(first, timeout)
         except asyncio.TimeoutError:
             h.status, h.reason = "failed", f"the relay on {h.name} did not scan {self.req.dest} within {timeout:.0f}s"
             return
@@ -513,7 +521,8 @@ async def run_stage(req: StageRequest, source: Source, err: TextIO, *, progress:
         for h in st.hosts:
             if h.status == "ok":
                 st.progress.mark(h.name, "checking what is there")
-        await asyncio.gather(*(st.start_relay(h, scan_timeout) for h in st.hosts if h.status == "ok"))
+        await asyncio.gather(*(st.start_relay(h, scan_timeout) for h in st.hosts if h.status == "ok"), st.hashed)
+        st.source = st.hashed.result()
         phases["scan_s"] = time.monotonic() - t0 - sum(phases.values())
         for h in st.hosts:
             if h.status != "ok":
@@ -522,6 +531,8 @@ async def run_stage(req: StageRequest, source: Source, err: TextIO, *, progress:
         phases["transfer_s"] = time.monotonic() - t0 - sum(phases.values())
     finally:
         t1 = time.monotonic()
+        if not st.hashed.done():
+            st.hashed.cancel()
         await st.close()
         phases["close_s"] = time.monotonic() - t1
     summary = st.summary(time.monotonic() - t0)

@@ -52,7 +52,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     import asyncio
 
     from orchestrator.hostfile import ConfigError, hosts_hostfile, load_hostfile
-    from orchestrator.stage.source import SourceError, read_source
+    from orchestrator.stage.source import SourceError, walk_source
 
     try:
         dest = check_dest(args.dest)
@@ -61,7 +61,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if not args.hostfile and not args.hosts:
             raise StageUsageError("give the hosts: --hostfile H or --hosts a,b")
         hostfile = load_hostfile(args.hostfile) if args.hostfile else hosts_hostfile(args.hosts)
-        source = read_source(args.src)
+        source = walk_source(args.src)
     except (StageUsageError, SourceError) as e:
         sys.stderr.write(f"orch: error: {e} (see 'orch stage --help')\n")
         return 2
@@ -75,7 +75,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     req = StageRequest(src=args.src, dest=dest, hostfile=hostfile, ssh=SSHOptions.from_args(args),
                        python=args.python, verify=args.verify)
-    summary = asyncio.run(run_stage(req, source, sys.stderr, progress=not args.quiet))
+    try:
+        summary = asyncio.run(run_stage(req, source, sys.stderr, progress=not args.quiet))
+    except SourceError as e:
+        sys.stderr.write(f"orch: error: {e}\n")
+        return 1
     if args.json_output:
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:

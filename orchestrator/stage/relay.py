@@ -9,7 +9,8 @@ import unless run as ``orch_relay``. Kept as a module so it can be linted and te
 
 What it does:
 
-* **Scan** (before any byte travels): for every file of the source, does ``DEST/rel`` already
+* **Scan** (before any byte travels, while the controller still hashes the source: ``prescan``,
+  then ``scan`` once its digests arrive): for every file of the source, does ``DEST/rel`` already
   hold it? A file whose (size, mtime, ctime, inode) match what this relay recorded after it last
   verified it (``DEST/.orch-stage/verified.json``) is trusted without reading it; any write to it
   changes its ctime, so a damaged copy is hashed again and, if wrong, replaced. ``verify`` hashes
@@ -24,7 +25,8 @@ What it does:
 * **Each file** is written under its temporary name, hashed as it is written, fsynced, and renamed
   into place only when the SHA-256 is right: no partial file is ever visible under its real name.
 
-Control (stdin, one JSON object a line): ``{"cmd": "pass", ...}``, ``{"cmd": "abort"}``; stdin EOF
+Control (stdin, one JSON object a line): ``{"cmd": "hashes", "shas": [...]}`` (once, first),
+``{"cmd": "pass", ...}``, ``{"cmd": "abort"}``; stdin EOF
 ends the relay (a pass in flight is aborted; partial files stay for the next run). Reports
 (stdout, ``MARK`` + JSON a line): ``ready``, ``p`` (progress), ``file``, ``done``, ``error``.
 """
@@ -186,39 +188,46 @@ class Relay:
     def signature(st):
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
-    def in_place(self, spec):
-        """True: DEST/rel is this file. False: absent. "bad": something else is there (it gets replaced)."""
+    def found(self, spec):
+        """The SHA-256 of what DEST/rel holds now (None: nothing there; "bad": not a file of the source's size).
+
+        Run before the controller has the source's digests (it hashes the source meanwhile): a file
+        unchanged since this relay last verified it is not read again (``verify``: every file is)."""
         path = self.dest + "/" + spec["rel"]
         try:
             st = os.lstat(path)
         except OSError:
-            return False
+            return None
         if not stat.S_ISREG(st.st_mode) or st.st_size != spec["size"]:
             return "bad"
         rec = self.verified.get(spec["rel"])
-        if not self.cfg.get("verify") and rec == [spec["sha"]] + self.signature(st):
-            return True
+        if not self.cfg.get("verify") and isinstance(rec, list) and len(rec) == 5 and rec[1:] == self.signature(st):
+            return rec[0]
         try:
             h, _ = hash_file(path)
         except OSError:
             return "bad"
-        if h.hexdigest() == spec["sha"]:
-            self.verified[spec["rel"]] = [spec["sha"]] + self.signature(st)
-            return True
-        return "bad"
+        self.verified[spec["rel"]] = [h.hexdigest()] + self.signature(st)
+        return h.hexdigest()
 
-    def scan(self):
+    def prescan(self):
+        """What DEST holds, file by file, while the controller is still hashing the source."""
         os.makedirs(self.state, exist_ok=True)
         for d in self.cfg.get("dirs", []):
             os.makedirs(self.dest + "/" + d, exist_ok=True)
         self.load_verified()
+        self.there = [self.found(spec) for spec in self.files]
+
+    def scan(self, shas):
+        """With the source's digests: what this host has, what it lacks, and how far each partial file got."""
         for i, spec in enumerate(self.files):
-            there = self.in_place(spec)
-            if there is True:
+            spec["sha"] = shas[i]
+            there = self.there[i]
+            if there == spec["sha"]:
                 self.have.add(i)
                 self.skipped += 1
                 continue
-            if there == "bad":
+            if there is not None:
                 self.replaced.append(i)
             fs = FileState(self, i, spec)
             fs.seed()
@@ -441,7 +450,19 @@ class Relay:
                 last = now
 
     def serve(self, inp):
-        self.scan()
+        self.prescan()
+        shas = None
+        for line in iter(inp.readline, b""):
+            try:
+                cmd = json.loads(line)
+            except ValueError:
+                continue
+            if cmd.get("cmd") == "hashes":
+                shas = cmd["shas"]
+                break
+        if shas is None:
+            return  # the controller went away before it had the source's digests
+        self.scan(shas)
         port = self.listen()
         out({"ev": "ready", "port": port, "host": socket.gethostname(), "have": sorted(self.have), "skipped": self.skipped,
              "replaced": self.replaced, "partial": self.partial(), "dest": self.dest})

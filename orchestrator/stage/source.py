@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 from orchestrator.remote.manifest import HashCache
 
@@ -25,11 +26,11 @@ class SourceFile:
     rel: str     # POSIX path under DEST
     path: str    # local file
     size: int
-    sha: str
+    sha: Optional[str]   # None until ``hash_source``
     mode: int    # 0o644 or 0o755 on the hosts
 
     def spec(self) -> dict:
-        return {"rel": self.rel, "size": self.size, "sha": self.sha, "mode": self.mode}
+        return {"rel": self.rel, "size": self.size, "mode": self.mode}
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,37 @@ class Source:
         return sum(f.size for f in self.files)
 
 
-def _file(path: str, rel: str, cache: HashCache) -> SourceFile:
+def _file(path: str, rel: str) -> SourceFile:
     st = os.stat(path)
     mode = 0o755 if st.st_mode & 0o111 else 0o644
-    return SourceFile(rel=rel, path=path, size=st.st_size, sha=cache.sha256(path, st), mode=mode)
+    return SourceFile(rel=rel, path=path, size=st.st_size, sha=None, mode=mode)
 
 
-def read_source(src: str, cache: HashCache | None = None) -> Source:
-    """The files of ``src`` (a file: itself, under its own name; a folder: everything in it)."""
+def hash_source(source: Source, cache: Optional[HashCache] = None) -> Source:
+    """The same files with their SHA-256 (read only where the cache does not know them: a thread's work)."""
     cache = cache or HashCache()
+    try:
+        files = []
+        for f in source.files:
+            try:
+                st = os.stat(f.path)
+            except OSError as e:
+                raise SourceError(f"SRC: {f.path} vanished while orch stage read it ({e.strerror or e})") from None
+            if st.st_size != f.size:
+                raise SourceError(f"SRC: {f.path} changed size while orch stage read it; stage it when it is complete")
+            files.append(replace(f, sha=cache.sha256(f.path, st)))
+    finally:
+        cache.save()
+    return replace(source, files=files)
+
+
+def read_source(src: str, cache: Optional[HashCache] = None) -> Source:
+    """The files of ``src`` with their digests."""
+    return hash_source(walk_source(src), cache)
+
+
+def walk_source(src: str) -> Source:
+    """The files of ``src`` (a file: itself, under its own name; a folder: everything in it), not yet hashed."""
     p = Path(src).expanduser()
     try:
         st = os.stat(p)
@@ -63,7 +86,7 @@ def read_source(src: str, cache: HashCache | None = None) -> Source:
     dirs: list[str] = []
     try:
         if stat.S_ISREG(st.st_mode):
-            files.append(_file(str(p), p.name, cache))
+            files.append(_file(str(p), p.name))
         elif stat.S_ISDIR(st.st_mode):
             root = str(p)
             for dirpath, dirnames, filenames in os.walk(root):
@@ -82,11 +105,9 @@ def read_source(src: str, cache: HashCache | None = None) -> Source:
                             continue  # a socket, fifo or device: not content
                     except OSError:
                         continue  # a dangling symlink
-                    files.append(_file(full, rel, cache))
+                    files.append(_file(full, rel))
         else:
             raise SourceError(f"SRC {src!r}: not a file or folder")
     except PermissionError as e:
         raise SourceError(f"SRC {src!r}: cannot read {e.filename} (permission denied)") from None
-    finally:
-        cache.save()
     return Source(root=str(p), files=files, dirs=dirs)
