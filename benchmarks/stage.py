@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--mbit", type=int, default=1000)
     ap.add_argument("--no-share", action="store_true", help="skip mlx_lm.share")
+    ap.add_argument("--empty-bashrc", action="store_true",
+                    help="the hosts see an empty ~/.bashrc (this box's runs pyenv init, ~0.3 s per SSH command; a Mac's "
+                         "default zsh reads no rc file for one); scp's SFTP subsystem never starts a shell")
     args = ap.parse_args()
     ok, why = netns_available()
     if not ok:
@@ -100,7 +103,7 @@ def main() -> int:
     disk_mb = args.mib * 5 + 256
     times: dict[str, list[float]] = {"scp": [], "stage": [], "stage_again": [], "share": []}
     notes: list[str] = []
-    c = DiskCluster(4, disk_mb=disk_mb)
+    c = DiskCluster(4, disk_mb=disk_mb, empty_bashrc=args.empty_bashrc)
     try:
         c.start()
         hf = work / "hosts.json"
@@ -175,7 +178,8 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print()
-    print(f"{total / 2**20:.0f} MiB to 4 hosts, links and the controller's link at {args.mbit} Mbit/s, {args.reps} reps each")
+    print(f"{total / 2**20:.0f} MiB to 4 hosts, links and the controller's link at {args.mbit} Mbit/s, {args.reps} reps each"
+          + (", hosts with an empty ~/.bashrc" if args.empty_bashrc else ", hosts with this box's ~/.bashrc"))
     for k, v in times.items():
         if v:
             print(f"  {k:<12} median {med[k]:6.2f}s   runs " + " ".join(f"{x:.2f}" for x in v))
