@@ -132,8 +132,10 @@ def main() -> int:
             assert p.returncode == 0, p.stdout + p.stderr
             s = json.loads(p.stdout)
             times["stage"].append(t)
-            print(f"rep {rep}: scp {times['scp'][-1]:.2f}s  orch stage {t:.2f}s (its own wall {s['wall_s']:.2f}s, "
-                  f"{s['sent_by_controller'] / 2**20:.0f} MiB left the controller)", flush=True)
+            print(f"rep {rep}: scp {times['scp'][-1]:.2f}s  orch stage {t:.2f}s (its own wall {s['wall_s']:.2f}s: {s['phases']}; "
+                  f"{s['sent_by_controller'] / 2**20:.0f} MiB left the controller; per host GB/s "
+                  f"{[h['gb_per_s'] for h in s['hosts']]}, relay CPU s {[h['relay_cpu_s'] for h in s['hosts']]}; "
+                  f"load {os.getloadavg()[0]:.1f})", flush=True)
             if rep == 0:
                 for i in range(c.n):
                     assert c.sha256s(i, dest) == want, f"stage host{i}"
@@ -142,7 +144,8 @@ def main() -> int:
             s2 = json.loads(p.stdout)
             assert s2["sent_by_controller"] == 0, s2
             times["stage_again"].append(t)
-            print(f"rep {rep}: orch stage again {t:.2f}s (moved {s2['sent_by_controller']} bytes)", flush=True)
+            print(f"rep {rep}: orch stage again {t:.2f}s (moved {s2['sent_by_controller']} bytes; its own wall "
+                  f"{s2['wall_s']:.2f}s: {s2['phases']})", flush=True)
             for i in range(c.n):
                 c.disk_exec(i, f"rm -rf {dest}")
 
