@@ -51,9 +51,10 @@ IDLE_CPU_MIN_S = 0.02
 IDLE_SAMPLE_WAIT_S = 6.0
 STOPPED_NOTE = "is stopped (SIGSTOP/SIGTSTP), not running"
 # The cadence rule waits this many times the slowest step interval seen. Measured
-# (benchmarks/step_jitter.py): on the 2-core box under a parallel load, no interval of a
-# run was more than 3.1x the slowest before it (char_lm, mlx-lm rows, mlp); 10 leaves
-# a margin of 3 for a machine that slows down mid-run.
+# (benchmarks/step_jitter.py, 2-core box, with and without two busy processes competing):
+# no interval of a real run (char_lm with evaluation and checkpoints, char_lm at 0.5-2.2 s
+# a step, mlx-lm's rows) was more than 2.1x the slowest before it; 10 leaves a margin of
+# ~5 for a machine that slows down mid-run. Steps faster than 3 s are under the floor anyway.
 CADENCE_K = 10.0
 # Events that end a rank's open phase (``phase_start``): the phase's own end, or what
 # the runtime sends right after the work the phase named.
