@@ -320,15 +320,18 @@ class Watchdog:
                     "and no rank reports steps")
         elif by_cadence:
             quiet_for = time.monotonic() - self.last_progress
-            head = (f"hang: no step for {quiet_for:.0f}s; steps came every {_secs(self.fastest)}–{_secs(self.slowest)}s "
+            head = (f"hang: no step for {quiet_for:.0f}s; steps came every {_pace(self.fastest, self.slowest)} "
                     f"(the watchdog waits {CADENCE_K:g}x the slowest, at least --hang-floor {self.hang_floor:g}s)")
         else:
             head = f"hang: no rank made progress for {limit:g}s ({option})"
         return (suspect.rank if suspect else None), head + (": " + "; ".join(parts) if parts else "")
 
 
-def _secs(value: Optional[float]) -> str:
-    """An interval for people: 1 decimal below 10 s, whole seconds above."""
-    if value is None:
+def _pace(fastest: Optional[float], slowest: Optional[float]) -> str:
+    """The range of step intervals for people: "1.2–2.0s", "12–340ms"."""
+    if fastest is None or slowest is None:
         return "?"
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+    if slowest < 1:
+        return f"{fastest * 1000:.0f}–{slowest * 1000:.0f}ms"
+    fmt = (lambda v: f"{v:.1f}") if slowest < 10 else (lambda v: f"{v:.0f}")
+    return f"{fmt(fastest)}–{fmt(slowest)}s"

@@ -209,3 +209,9 @@ def test_a_deadlock_over_ssh_on_4_hosts(c4, tmp_path):
                  "--checkpoint-every", "4", cwd=tmp_path, timeout=250)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_caught_by_the_cadence_rule(rd, 4)
+
+
+def test_the_pace_reads_in_the_unit_that_fits():
+    from orchestrator.watchdog import _pace
+
+    assert _pace(0.002, 0.0094) == "2–9ms" and _pace(1.2, 2.04) == "1.2–2.0s" and _pace(12.0, 31.6) == "12–32s"
