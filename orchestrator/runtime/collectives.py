@@ -102,12 +102,36 @@ def sum_scatter(x: mx.array, group: Optional[mx.distributed.Group] = None,
         return mx.zeros(out_shape, dtype=x.dtype)
     x2d = x.reshape(n, -1)
     if n == 2:
-        mine = _pair(x2d, r, group, stream)
-    elif _state["backend"] == "ring":
+        return _pair(x2d, r, group, stream).reshape(out_shape)
+    eager = _evaluated(x2d)
+    if _state["backend"] == "ring":
         mine = _ring_both_ways(x2d, n, r, group)
     else:
         mine = _ring_one_stream(x2d, n, r, group, stream)
+    if eager:
+        mx.eval(mine)
     return mine.reshape(out_shape)
+
+
+def _evaluated(x: mx.array) -> bool:
+    """Evaluate ``x`` now, so the ring's sends and receives run in an ``eval`` of their own; False inside
+    ``mx.compile`` (which forbids it: the steps then stay in the caller's graph).
+
+    Alone in their ``eval`` nothing else can drive the backend's sockets (or MPI) at the same time: not
+    the collectives that produce ``x`` (``fully_shard``'s ``all_gather`` s), nor one the caller's graph
+    holds independently of it (``all_sum(loss)`` beside the gradients), nor another ``sum_scatter``
+    whose steps would interleave with these in a different order on the send and receive streams.
+    Receives have no inputs, so in a shared graph they could start while those still run. ``x`` is
+    what the caller's backward pass was going to compute anyway; only the overlap of this
+    reduce-scatter with later compute is lost.
+    """
+    try:
+        mx.eval(x)
+        return True
+    except ValueError as e:
+        if "function transformations" not in str(e):
+            raise
+        return False
 
 
 def _pair(x2d: mx.array, r: int, group, stream) -> mx.array:
@@ -149,7 +173,8 @@ def _ring_steps(x2d: mx.array, n: int, r: int, group, way: int, pieces: list[tup
     """One direction of the ring reduce-scatter over the columns ``pieces``; (result pieces, last send)."""
     dst, src = (r + way) % n, (r - way) % n
     acc = [x2d[(r - way) % n, a:b] for a, b in pieces]  # step 0 sends the chunk the next rank finishes last
-    send_tok = recv_tok = None
+    send_tok = None
+    recv_tok = mx.negative(x2d[0, :1], stream=recv_s)  # no receive starts before x is there (see _evaluated)
     for s in range(n - 1):
         chunk = (r - way * (s + 2)) % n  # the chunk whose partial sum arrives at step s
         for p, (a, b) in enumerate(pieces):
@@ -158,8 +183,7 @@ def _ring_steps(x2d: mx.array, n: int, r: int, group, way: int, pieces: list[tup
                 data = mx.depends([send_tok, data], [send_tok])[1]
             send_tok = mx.distributed.send(data, dst, group=group, stream=send_s)
             got = mx.distributed.recv((b - a,), x2d.dtype, src, group=group, stream=recv_s)
-            if recv_tok is not None:  # received after the previous piece was added (see the module doc)
-                got = mx.depends(got, [recv_tok])
+            got = mx.depends(got, [recv_tok])  # received after the previous piece was added (module doc)
             recv_tok = acc[p] = mx.add(got, x2d[chunk, a:b], stream=recv_s)
     return acc, send_tok
 
@@ -169,16 +193,16 @@ def _ring_one_stream(x2d: mx.array, n: int, r: int, group, stream) -> mx.array:
     first: for MPI, whose calls must not overlap."""
     dst, src = (r + 1) % n, (r - 1) % n
     acc = x2d[(r - 1) % n]
-    tok = None
+    tok = x2d  # no receive starts before x is there
     for s in range(n - 1):
         chunk = (r - s - 2) % n
         for op in (("send", "recv") if r % 2 == 0 else ("recv", "send")):
             if op == "send":
-                data = acc if tok is None else mx.depends(acc, [tok])
+                data = mx.depends(acc, [tok])
                 tok = mx.distributed.send(data, dst, group=group, stream=stream)
             else:
                 got = mx.distributed.recv(acc.shape, x2d.dtype, src, group=group, stream=stream)
-                tok = got if tok is None else mx.depends(got, [tok])
+                tok = mx.depends(got, [tok])
                 received = tok
         acc = mx.add(received, x2d[chunk], stream=stream)
     return mx.depends(acc, [tok])
