@@ -86,16 +86,23 @@ def is_lora(kind: str, target: str, argv: list[str]) -> bool:
     return False
 
 
-def installed_version() -> Optional[str]:
-    """mlx-lm's version from its package metadata (no import of mlx-lm itself)."""
-    from importlib import metadata
+_version_cache: list[Optional[str]] = []
 
-    for name in ("mlx-lm", "mlx_lm"):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+
+def installed_version() -> Optional[str]:
+    """mlx-lm's version from its package metadata (no import of mlx-lm itself); looked up once."""
+    if not _version_cache:
+        from importlib import metadata
+
+        found = None
+        for name in ("mlx-lm", "mlx_lm"):
+            try:
+                found = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        _version_cache.append(found)
+    return _version_cache[0]
 
 
 def verified(version: Optional[str]) -> bool:
