@@ -35,7 +35,6 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -44,6 +43,7 @@ from orchestrator.health.collective import run_collective
 from orchestrator.health.jaccl_checks import build_agreement, device_names, jaccl_host_checks
 from orchestrator.health.hosts import STAGING_DIR, host_checks, mlx_agreement
 from orchestrator.health.links import check_links, ring_edges
+from orchestrator.health.options import CheckOptions
 from orchestrator.health.report import HostResult, Report, render
 from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
 from orchestrator.remote import add_ssh_arguments
@@ -56,33 +56,6 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # orchestrator.hostfile.BACKENDS (not imported: pydantic)
 JACCL_BACKENDS = ("jaccl", "jaccl-ring")
 CLOCK_SAMPLES = 3
-
-
-@dataclass
-class CheckOptions:
-    hostfile: Optional[str] = None
-    n: Optional[int] = None
-    backend: Optional[str] = None
-    python: Optional[str] = None
-    collective: bool = False
-    collective_mib: float = 64.0
-    link_bandwidth: bool = False  # measure every link between the hosts and name the fastest ring (linkbw.py)
-    json_output: bool = False
-    ssh: Optional["SSHOptions"] = None  # how to reach the hosts (remote/ssh.py); None: the defaults, --timeout to connect
-    timeout: float = 15.0
-    starting_port: Optional[int] = None
-    mpirun: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.ssh is None:
-            from orchestrator.remote.ssh import SSHOptions
-
-            self.ssh = SSHOptions(connect_timeout=self.timeout)
-
-    @property
-    def connect_timeout(self) -> float:
-        """How long one TCP connect on a link may take (a dropped SYN waits this long)."""
-        return max(1.0, min(5.0, self.timeout / 3))
 
 
 # ----------------------------------------------------------------------------- the check

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 from orchestrator.units import human_bytes
 
 if TYPE_CHECKING:
-    from orchestrator.health.check import CheckOptions
+    from orchestrator.health.options import CheckOptions
     from orchestrator.hostfile import Hostfile
 
 PROBE_COLLECTIVE = Path(__file__).resolve().parent.parent / "runtime" / "probe_collective.py"

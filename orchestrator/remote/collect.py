@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from orchestrator import rundir
 from orchestrator.runtime import checkpoint as ckpt
+from orchestrator.remote.paths import UnsafePath, safe_local_path, safe_name  # noqa: F401  (re-exported)
 from orchestrator.units import human_bytes
 
 if TYPE_CHECKING:
@@ -93,35 +94,6 @@ class Budget:
 
     bytes: int = 0
     files: int = 0
-
-
-class UnsafePath(ValueError):
-    """A remote name that would escape the run directory or is not a plain name."""
-
-
-def safe_name(name: str) -> str:
-    """Return ``name`` if it is a single, plain path component; raise ``UnsafePath`` otherwise."""
-    if not isinstance(name, str):
-        raise UnsafePath(f"{name!r} is not a text name")
-    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise UnsafePath(f"refusing remote name {name!r}")
-    return name
-
-
-def safe_local_path(root: Path, parts: Sequence[str]) -> Path:
-    """``root/parts...`` after checking every part, that no existing component is a symlink, and that it stays in root."""
-    if not parts:
-        raise UnsafePath("empty path")
-    root_real = Path(os.path.realpath(root))
-    path = root_real
-    for part in parts:
-        path = path / safe_name(part)
-        if path.is_symlink():
-            raise UnsafePath(f"{path} is a symlink; not writing through it")
-    real = Path(os.path.realpath(path))
-    if real != path or root_real not in real.parents:
-        raise UnsafePath(f"{'/'.join(parts)} resolves outside {root_real}")
-    return path
 
 
 def _split_rel(rel: str) -> list[str]:

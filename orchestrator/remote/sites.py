@@ -91,7 +91,7 @@ def new_run_id(local_run_dir: Path) -> str:
 
 def site_label(names: dict[int, str], index: int) -> str:
     """``hosts/<label>/``: the host's name, with its index when several entries share the name; never unsafe."""
-    from orchestrator.remote.collect import UnsafePath, safe_name
+    from orchestrator.remote.paths import UnsafePath, safe_name
 
     name = names[index]
     label = name if sum(1 for n in names.values() if n == name) <= 1 else f"{name}-{index}"
