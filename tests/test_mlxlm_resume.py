@@ -180,6 +180,31 @@ def test_ctrl_c_then_orch_run_resume_ends_bit_identically(fx, reference, tmp_pat
     assert _same(rd / "adapters", reference), "the resumed run's adapters differ from the uninterrupted run's"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_smaller_world_continues_and_says_what_is_not_exact(fx, reference, tmp_path):
+    """Saved by 2 ranks, continued on 1 (as after --exclude-failed-host): it trains on, and says it is not exact."""
+    import shutil
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    shutil.copytree(reference.parent / "checkpoints", rd / "checkpoints")
+    p = _start(orch_argv("run", "-n", "1", "--resume", "--run-dir", str(rd), "-m", "mlx_lm", "--", "lora",
+                         *_lora_args(fx, rd / "adapters")), tmp_path, tmp_path / "orch")
+    try:
+        r = finish(p, timeout=400)
+    finally:
+        kill_tree(p.pid)
+    assert r.returncode == 0, (tmp_path / "orch.err").read_text()[-3000:]
+    said = next(line for line in (rd / "logs" / "rank-0.log").read_text().splitlines() if "mlx-lm resumes" in line)
+    assert said.startswith("orch: mlx-lm resumes at iteration 121 from ") and said.endswith(
+        "saved by 2 ranks, resumed on 1: iteration, optimizer, schedule and batch order continue, but not "
+        "bit-identical (each batch is split over a different number of ranks, so gradients are summed in another "
+        "order)"), said
+    steps = [e["step"] for e in _events(rd) if e["kind"] == "step"]
+    assert steps == list(range(121, ITERS + 1)), steps[:5]
+
+
 # ----------------------------------------------------------------------------- no mlx-lm run needed
 
 
