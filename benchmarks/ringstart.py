@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, count_check, ratio, result_line, summary, timed  # noqa: E402
 from launch_latency import ALLSUM, ROOT, mlx_cmd, orch_cmd  # noqa: E402
 
 from orchestrator import protocol  # noqa: E402
@@ -43,16 +41,10 @@ VARIANTS = {
 }
 
 
-def timed(cmd: list[str], ranks: int, extra_env: dict[str, str], cwd: Path = ROOT) -> float:
+def launch(cmd: list[str], ranks: int, extra_env: dict[str, str], cwd: Path = ROOT) -> float:
     """Wall time of one launch that really succeeded (every rank printed OK)."""
-    env = {**os.environ, **extra_env}
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, timeout=120, cwd=cwd, env=env)
-    dt = time.perf_counter() - t0
-    oks = r.stdout.decode().count(" OK")
-    if r.returncode != 0 or oks != ranks:
-        raise SystemExit(f"{cmd[0]} failed (rc {r.returncode}, {oks}/{ranks} OK): {r.stderr.decode()[-800:]}")
-    return dt
+    return timed(cmd, check=count_check(" OK", ranks), what=cmd[0], cwd=cwd, env={**os.environ, **extra_env},
+                 timeout=120)
 
 
 def main() -> None:
@@ -64,22 +56,26 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="orch-ringstart-")
     try:
         baseline = f"orch at {a.baseline}" if a.baseline else None
-        times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, *([baseline] if baseline else []), "mlx.launch"]}
-        timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/warm"), a.ranks, {})  # warm the page cache for both
-        timed(mlx_cmd(ALLSUM, a.ranks), a.ranks, {})
-        for i in range(a.runs):
-            for j, (name, env) in enumerate(VARIANTS.items()):
-                times[name].append(timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/r{i}-{j}"), a.ranks, env))
-            if baseline:
-                times[baseline].append(timed(orch_cmd(ALLSUM, a.ranks, f"{tmp}/b{i}"), a.ranks, {}, cwd=a.baseline))
-            times["mlx.launch"].append(timed(mlx_cmd(ALLSUM, a.ranks), a.ranks, {}))
-        anchor = statistics.median(times["mlx.launch"])
+        arms = {}
+        for j, (name, env) in enumerate(VARIANTS.items()):
+            arms[name] = lambda i, j=j, env=env: launch(orch_cmd(ALLSUM, a.ranks, f"{tmp}/r{i}-{j}"), a.ranks, env)
+        if baseline:
+            arms[baseline] = lambda i: launch(orch_cmd(ALLSUM, a.ranks, f"{tmp}/b{i}"), a.ranks, {}, cwd=a.baseline)
+        arms["mlx.launch"] = lambda i: launch(mlx_cmd(ALLSUM, a.ranks), a.ranks, {})
+        launch(orch_cmd(ALLSUM, a.ranks, f"{tmp}/warm"), a.ranks, {})  # warm the page cache for both
+        launch(mlx_cmd(ALLSUM, a.ranks), a.ranks, {})
+        times = alternate(arms, a.runs)
         print(f"ring start, {a.ranks} ranks, {a.runs} rounds (each round runs every launcher in turn)")
         for name, ts in times.items():
-            slow = sum(t > min(ts) + 0.5 for t in ts)
-            print(f"  {name:28s} median {statistics.median(ts):.3f} s  mean {statistics.mean(ts):.3f} s  "
-                  f"(min {min(ts):.3f}, max {max(ts):.3f}; {slow}/{len(ts)} runs > min + 0.5 s)  "
-                  f"median / mlx.launch's {statistics.median(ts) / anchor:.2f}")
+            s = summary(ts)
+            slow = sum(t > s.min + 0.5 for t in ts)
+            print(f"  {name:28s} median {s.median:.3f} s  mean {s.mean:.3f} s  "
+                  f"(min {s.min:.3f}, max {s.max:.3f}; {slow}/{len(ts)} runs > min + 0.5 s)  "
+                  f"median / mlx.launch's {ratio(ts, times['mlx.launch']):.2f}")
+        result_line("ringstart", ranks=a.ranks, runs=a.runs, times=times,
+                    ratio_to_median={k: ratio(ts, times["mlx.launch"]) for k, ts in times.items()},
+                    ratio_to_min={k: ratio(ts, times["mlx.launch"], to="min") for k, ts in times.items()},
+                    cpus=os.cpu_count())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,25 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, alternate, ratio, result_line, summary, timed  # noqa: E402
+
 DIGEST = ROOT / "tests" / "scripts" / "stdin_digest.py"
-
-
-def timed(argv: list[str], data_path: Path, cwd: Path) -> tuple[float, str]:
-    with open(data_path, "rb") as f:
-        t0 = time.perf_counter()
-        r = subprocess.run(argv, stdin=f, capture_output=True, text=True, cwd=cwd, timeout=600)
-        dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed ({r.returncode}): {r.stderr[-500:]}")
-    return dt, r.stdout
 
 
 def main() -> None:
@@ -46,18 +35,25 @@ def main() -> None:
         data = tmp / "input.bin"
         data.write_bytes(os.urandom(a.mib << 20))
         want = hashlib.sha256(data.read_bytes()).hexdigest()
-        direct, orch = [], []
-        for i in range(a.repeat):
-            dt, out = timed([sys.executable, str(DIGEST)], data, tmp)
-            assert want in out, out
-            direct.append(dt)
-            dt, out = timed([sys.executable, "-m", "orchestrator", "run", "-n", "1", "--stdin", "rank0", "--quiet",
-                             "--run-dir", str(tmp / f"run{i}"), str(DIGEST)], data, tmp)
-            assert want in (tmp / f"run{i}" / "logs" / "rank-0.log").read_text()
-            orch.append(dt)
-        d, o = statistics.median(direct), statistics.median(orch)
+
+        def direct(i: int) -> float:
+            return timed([sys.executable, str(DIGEST)], stdin=data, cwd=tmp, timeout=600, what="direct digest",
+                         check=lambda r: want in r.stdout or f"digest {want} not printed: {r.stdout[-300:]!r}")
+
+        def orch(i: int) -> float:
+            rank0 = tmp / f"run{i}" / "logs" / "rank-0.log"
+            return timed([sys.executable, "-m", "orchestrator", "run", "-n", "1", "--stdin", "rank0", "--quiet",
+                          "--run-dir", str(tmp / f"run{i}"), str(DIGEST)], stdin=data, cwd=tmp, timeout=600,
+                         what="orch run --stdin rank0",
+                         check=lambda r: rank0.is_file() and want in rank0.read_text() or f"digest {want} not in {rank0}")
+
+        times = alternate({"direct": direct, "orch": orch}, a.repeat)
+        d, o = summary(times["direct"]).median, summary(times["orch"]).median
         print(f"{a.mib} MiB, median of {a.repeat}: direct {d:.2f}s, orch --stdin rank0 {o:.2f}s "
               f"({a.mib / o:.0f} MiB/s through orch), ratio {o / d:.2f}x")
+        result_line("stdin_throughput", mib=a.mib, repeat=a.repeat, direct_s=times["direct"], orch_s=times["orch"],
+                    median_direct_s=d, median_orch_s=o, mib_per_s=a.mib / o,
+                    ratio=ratio(times["orch"], times["direct"]), cpus=os.cpu_count())
 
 
 if __name__ == "__main__":
