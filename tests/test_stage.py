@@ -116,6 +116,9 @@ def test_folder_reaches_every_host_and_a_second_run_moves_nothing(c4, tmp_path):
     assert second["status"] == "ok", second
     assert second["sent_by_controller"] == 0 and second["passes"] == 0
     assert all(h["bytes_received"] == 0 and h["files_skipped"] == len(want) for h in second["hosts"])
+    assert [h["checked"] for h in second["hosts"]] == ["sftp"] * 4  # nothing changed: no relay had to start
+    verified = result(run_orch(*stage_args(c4, src, dest, hf, "--verify"), cwd=tmp_path))
+    assert [h["checked"] for h in verified["hosts"]] == ["verify"] * 4 and verified["sent_by_controller"] == 0
     wait_hosts_clean(c4)
 
 
@@ -135,6 +138,7 @@ def test_a_corrupted_file_on_one_host_is_found_and_replaced(c4, tmp_path):
     again = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
     assert again["status"] == "ok", again
     by = {h["host"]: h for h in again["hosts"]}
+    assert by["host2"]["checked"] == "relay" and by["host0"]["checked"] == "sftp"
     assert by["host2"]["files_replaced"] == ["weights.safetensors"]
     assert by["host2"]["bytes_written"] == 2_000_000
     assert all(by[f"host{i}"]["bytes_written"] == 0 for i in (0, 1, 3))

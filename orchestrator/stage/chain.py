@@ -86,6 +86,8 @@ class RelayHost:
     reader: Optional[asyncio.Task] = None
     stderr: str = ""
     lost_early: bool = False            # its relay ended before the stage did
+    scanned: bool = False               # we know what it has (its relay's scan, or the SFTP check)
+    checked: Optional[str] = None       # how: "sftp" (records unchanged), "relay" (records or hashes), "verify"
     cpu_s: Optional[float] = None       # the relay's CPU time (user + system), reported as it ends
     busy_s: float = 0.0                 # seconds it spent in passes (from a pass's start to its done)
 
@@ -147,7 +149,53 @@ class Stage:
             peer = c.conn.get_extra_info("peername")
             h.addr = peer[0] if peer else h.name
 
+    async def already_complete(self, h: RelayHost) -> bool:
+        """True when, seen over SFTP (no shell, no Python on the host), every file is the one the host's relay last
+        verified and nothing has written to it since: then the host needs no relay at all.
+
+        The record (``DEST/.orch-stage/verified.json``) holds each file's SHA-256, size, mtime and ctime as the
+        relay saw them. A file counts only if its record's mtime lies in an earlier second than its ctime (the
+        relay stamps what it writes so), and it still has that size and that mtime: any write since would have
+        moved its mtime to a later second. Anything else (no record, another digest, a changed file, no SFTP):
+        False, and the relay scans as usual. ``--verify`` never takes this path."""
+        if self.req.verify or h.stop.host.is_local or h.conn is None:
+            return False
+        sftp = None
+        try:
+            sftp = await asyncio.wait_for(h.conn.conn.start_sftp_client(), 10)
+            dest = self.req.dest
+            dest = "." if dest == "~" else dest[2:] if dest.startswith("~/") else dest
+            async with sftp.open(f"{dest}/.orch-stage/verified.json", "rb") as f:
+                records = json.loads(await asyncio.wait_for(f.read(4 << 20), 10))
+            source = await self.hashed
+            names = [f"{dest}/{f.rel}" for f in source.files] + [f"{dest}/{d}" for d in source.dirs]
+            attrs = await asyncio.wait_for(asyncio.gather(*(sftp.lstat(n) for n in names)), 30)
+        except Exception:  # noqa: BLE001 - no SFTP, no record, a file missing: the relay decides
+            return False
+        finally:
+            if sftp is not None:
+                sftp.exit()
+        from orchestrator.remote.ssh import asyncssh
+
+        regular, directory = asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_DIRECTORY
+        for f, a in zip(source.files, attrs):
+            rec = records.get(f.rel) if isinstance(records, dict) else None
+            if not (isinstance(rec, list) and len(rec) == 5 and rec[0] == f.sha and rec[1] == f.size):
+                return False
+            mtime_s, ctime_s = rec[2] // 10**9, rec[3] // 10**9
+            if not (a.type == regular and a.size == f.size and a.mtime == mtime_s and mtime_s < ctime_s):
+                return False
+        if any(a.type != directory for a in attrs[len(source.files):]):
+            return False
+        h.have = set(range(len(self.files)))
+        h.skipped = len(self.files)
+        h.scanned = True
+        h.checked = "sftp"
+        return True
+
     async def start_relay(self, h: RelayHost, timeout: float) -> None:
+        if await self.already_complete(h):
+            return
         host = h.stop.host
         python = self.req.python or host.python or (sys.executable if host.is_local else "python3")
         cfg = {"dest": self.req.dest, "files": self.files, "dirs": self.source.dirs, "verify": self.req.verify}
@@ -185,6 +233,8 @@ class Stage:
             h.status, h.reason = "failed", f"the relay on {h.name} did not start: {why}"
             return
         h.port = ev["port"]
+        h.scanned = True
+        h.checked = "verify" if self.req.verify else "relay"
         h.have = set(ev.get("have", []))
         h.skipped = ev.get("skipped", len(h.have))
         h.partial = {int(k): v for k, v in (ev.get("partial") or {}).items()}
@@ -477,7 +527,7 @@ class Stage:
     def summary(self, wall_s: float) -> StageSummary:
         results = []
         for h in self.hosts:
-            missing = [self.files[i]["rel"] for i in self.lacking(h)] if h.port else [f["rel"] for f in self.files]
+            missing = [self.files[i]["rel"] for i in self.lacking(h)] if h.scanned else [f["rel"] for f in self.files]
             status = h.status
             if status == "ok" and h.lost_early:
                 status, h.reason = "gone", h.reason or f"{h.name} vanished after the stage"
@@ -487,7 +537,7 @@ class Stage:
             results.append(HostResult(
                 host=h.name, status=status, reason=h.reason, bytes_received=h.rx, bytes_written=h.wr,
                 files_written=h.files_written, files_skipped=h.skipped, files_replaced=h.replaced,
-                resumed_bytes=h.resumed, missing=missing[:20], relay_cpu_s=h.cpu_s,
+                resumed_bytes=h.resumed, missing=missing[:20], relay_cpu_s=h.cpu_s, checked=h.checked,
                 gb_per_s=round(h.rx / secs / 1e9, 4) if secs and h.rx else None))
         ok = all(r.status == "ok" for r in results)
         any_ok = any(r.status == "ok" for r in results)

@@ -36,6 +36,8 @@ class HostResult(BaseModel):
     missing: list[str] = Field(default_factory=list)          # files it still lacks at the end
     gb_per_s: Optional[float] = None    # bytes_received / the seconds it spent in passes
     relay_cpu_s: Optional[float] = None # what the relay cost the host: CPU seconds (user + system)
+    checked: Optional[str] = None       # how DEST was checked: "sftp" (every file as the relay last verified it:
+                                        # no relay started), "relay" (its records, else hashed), "verify" (hashed)
 
 
 class StageSummary(BaseModel):
