@@ -22,20 +22,17 @@ issue 13 adds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, alternate, ratio, result_line, summary, timed  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
 from tests import mlxlm_fixture  # noqa: E402
 
 
@@ -60,13 +57,15 @@ def mlx_cmd(ranks: int, args: list[str]) -> list[str]:
     return [launcher, "-n", str(ranks), "--", lora_script(), *args]
 
 
-def timed(cmd: list[str], env: dict, cwd: Path, adapters: Path) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0 or not (adapters / "adapters.safetensors").is_file() or "Traceback" in r.stderr:
-        sys.exit(f"{' '.join(cmd[:6])} ... failed (rc {r.returncode}):\n{r.stderr[-1500:]}")
-    return dt
+def lora_run(cmd: list[str], env: dict, cwd: Path, adapters: Path) -> float:
+    """Wall time of one run that wrote its adapters and printed no traceback (mlx.launch exits 0 when ranks fail)."""
+
+    def check(r) -> bool | str:
+        if not (adapters / "adapters.safetensors").is_file():
+            return "no adapters.safetensors"
+        return "Traceback" not in r.stderr or "a traceback on stderr"
+
+    return timed(cmd, check=check, what=f"{' '.join(cmd[:6])} ...", env=env, cwd=cwd, timeout=600)
 
 
 def same_adapters(a: Path, b: Path) -> bool:
@@ -90,28 +89,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="orch-bench-mlxlm-") as tmp:
         tmp_path = Path(tmp)
         fx = mlxlm_fixture.build(tmp_path / "fixture")
-        times: dict[str, list[float]] = {"orch": [], "mlx.launch": []}
         reference = None
-        for i in range(a.runs):
-            for name in (("orch", "mlx.launch") if i % 2 == 0 else ("mlx.launch", "orch")):
+
+        def arm(name: str):
+            def one(i: int) -> float:
+                nonlocal reference
                 out = tmp_path / f"{name}-{i}"
                 args = fx.lora_args(out / "adapters", iters=a.iters, batch_size=a.ranks)
                 cmd = orch_cmd(a.form, a.ranks, out / "run", args) if name == "orch" else mlx_cmd(a.ranks, args)
-                dt = timed(cmd, env, tmp_path, out / "adapters")
-                times[name].append(dt)
+                dt = lora_run(cmd, env, tmp_path, out / "adapters")
                 if reference is None:
                     reference = out / "adapters"
                 elif not same_adapters(reference, out / "adapters"):
                     sys.exit(f"{name} run {i}: adapters differ from the first run's")
-                print(f"run {i} {name:10s} {dt:6.2f} s", flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = med["orch"] / med["mlx.launch"]
+                return dt
+            return one
+
+        times = alternate({"orch": arm("orch"), "mlx.launch": arm("mlx.launch")}, a.runs, swap=True,
+                          progress=lambda i, name, dt, warm: print(f"run {i} {name:10s} {dt:6.2f} s", flush=True))
+        med = {k: summary(v).median for k, v in times.items()}
+        r = ratio(times["orch"], times["mlx.launch"])
         print(f"median wall time, {a.ranks} ranks, {a.iters} LoRA iterations: orch {med['orch']:.2f} s, "
-              f"mlx.launch {med['mlx.launch']:.2f} s; orch / mlx.launch = {ratio:.2f} (adapters bit-identical)")
-        print("RESULT " + json.dumps({"ranks": a.ranks, "iters": a.iters, "runs": a.runs, "form": a.form,
-                                       "orch_s": times["orch"], "mlx_launch_s": times["mlx.launch"],
-                                       "median_orch_s": med["orch"], "median_mlx_launch_s": med["mlx.launch"],
-                                       "ratio": ratio, "cpus": os.cpu_count()}))
+              f"mlx.launch {med['mlx.launch']:.2f} s; orch / mlx.launch = {r:.2f} (adapters bit-identical)")
+        result_line("mlx_lm_lora", ranks=a.ranks, iters=a.iters, runs=a.runs, form=a.form,
+                    orch_s=times["orch"], mlx_launch_s=times["mlx.launch"],
+                    median_orch_s=med["orch"], median_mlx_launch_s=med["mlx.launch"],
+                    ratio=r, ratio_to_min=ratio(times["orch"], times["mlx.launch"], to="min"), cpus=os.cpu_count())
 
 
 if __name__ == "__main__":
