@@ -38,9 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import IDLE, ROOT, alternate, ratio, result_line, summary, timed_run  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
 from tests.netns import NetnsCluster, netns_available  # noqa: E402
 
 TARGET = 0.6
@@ -51,23 +52,6 @@ def mlx_launch_argv() -> list[str]:
     if exe.exists():
         return [str(exe)]
     return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
-
-
-def timed(argv: list[str], *, env: dict, cwd: Path, log: Path, timeout: float) -> tuple[float, int, str]:
-    """Run argv with an open (idle) stdin; returns (seconds, exit code, output)."""
-    with open(log, "w+b") as out:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            rc = p.wait()
-        elapsed = time.perf_counter() - t0
-        p.stdin.close()
-        out.seek(0)
-        return elapsed, rc, out.read().decode(errors="replace")
 
 
 def event_marks(run_dir: Path, exec_t: float) -> dict[str, float]:
@@ -130,44 +114,43 @@ def main() -> int:
 
         marks: dict[str, list[float]] = {}
 
-        def orch(i: int, tree: Path = ROOT, tag: str = "") -> tuple[float, int, str]:
+        def orch(i: int, tree: Path = ROOT, tag: str = "") -> float:
             rd = tmp / f"orch-run{tag}-{i}"
+
+            def succeeded(r) -> bool:
+                try:
+                    return json.loads((rd / "summary.json").read_text())["status"] == "succeeded"
+                except (OSError, ValueError, KeyError):
+                    return False
+
             exec_t = time.time()
-            t, rc, out = timed([sys.executable, "-m", "orchestrator", "run", script, "--hostfile", str(orch_hosts),
-                                "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
-                                "--python", sys.executable, "--run-dir", str(rd), "--quiet"],
-                               env=env, cwd=tree, log=tmp / f"orch{tag}-{i}.log", timeout=args.timeout)
-            try:
-                ok_run = json.loads((rd / "summary.json").read_text())["status"] == "succeeded"
-            except (OSError, ValueError, KeyError):
-                ok_run = False
-            if ok_run and i > 0 and not tag:
+            r = timed_run([sys.executable, "-m", "orchestrator", "run", script, "--hostfile", str(orch_hosts),
+                           "--ssh-config", c.ssh_config_path, "--known-hosts", c.known_hosts_path,
+                           "--python", sys.executable, "--run-dir", str(rd), "--quiet"],
+                          check=succeeded, env=env, cwd=tree, timeout=args.timeout, stdin=IDLE, merge_stderr=True)
+            if i > 0 and not tag:
                 for key, at in event_marks(rd, exec_t).items():
                     marks.setdefault(key, []).append(at)
-                marks.setdefault("exit", []).append(t)
-            return t, (rc if ok_run or rc else 1), out
+                marks.setdefault("exit", []).append(r.seconds)
+            return r.seconds
 
-        def mlx(i: int) -> tuple[float, int, str]:
+        def mlx(i: int) -> float:
             port = random.randrange(20000, 60000)
-            t, rc, out = timed([*mlx_launch_argv(), "--hostfile", str(mlx_hosts), "--backend", "ring",
-                                "--python", sys.executable, "--starting-port", str(port), "--", script],
-                               env=mlx_env, cwd=ROOT, log=tmp / f"mlx-{i}.log", timeout=args.timeout)
-            return t, (rc if rc or out.count("OK") == 4 else 1), out
+            return timed_run([*mlx_launch_argv(), "--hostfile", str(mlx_hosts), "--backend", "ring",
+                              "--python", sys.executable, "--starting-port", str(port), "--", script],
+                             check=lambda r: r.stdout.count("OK") == 4, env=mlx_env, cwd=ROOT, timeout=args.timeout,
+                             stdin=IDLE, merge_stderr=True).seconds
 
-        contenders = [("orch", orch), ("mlx.launch", mlx)]
+        contenders = {"orch": orch}
         if base_tree is not None:
-            contenders.insert(1, (f"orch@{args.baseline}", lambda i: orch(i, base_tree, "-base")))
-        times: dict[str, list[float]] = {name: [] for name, _ in contenders}
-        failures = []
-        for i in range(args.runs + 1):  # run 0 is the warm-up of each
-            for name, fn in contenders:
-                t, rc, out = fn(i)
-                if rc != 0:
-                    failures.append(f"{name} run {i} exited {rc}:\n{out[-2000:]}")
-                    continue
-                if i > 0:
-                    times[name].append(t)
-                print(f"  {'warm-up' if i == 0 else f'run {i}':>8}  {name:<14} {t:6.3f} s", flush=True)
+            contenders[f"orch@{args.baseline}"] = lambda i: orch(i, base_tree, "-base")
+        contenders["mlx.launch"] = mlx
+        errors: list = []
+        # Round 0 is the warm-up of each.
+        times = alternate(contenders, args.runs, warmup=1, failures=errors,
+                          progress=lambda i, name, t, warm: print(
+                              f"  {'warm-up' if warm else f'run {i}':>8}  {name:<14} {t:6.3f} s", flush=True))
+        failures = [f"{name} run {i} exited {e.run.returncode or 1}:\n{e.run.stdout[-2000:]}" for i, name, e in errors]
         if base_tree is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
         if failures:
@@ -178,18 +161,22 @@ def main() -> int:
     # orch retires each run's remote directory for a later run to delete; delete the last ones here.
     for d in (Path.home() / ".cache" / "mlx-orch" / "runs").glob(".trash-orch-run-*"):
         shutil.rmtree(d, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: summary(v).median for k, v in times.items()}
     print()
     print(f"launch latency over SSH, 4 namespace hosts, {Path(script).name}, {args.runs} runs each, alternating")
     for name, v in times.items():
         print(f"  {name:<14} median {med[name]:6.3f} s   min {min(v):6.3f}   max {max(v):6.3f}")
     for name in times:
         if name != "mlx.launch":
-            print(f"  ratio {name} / mlx.launch = {med[name] / med['mlx.launch']:.2f}  (target <= {TARGET})")
+            print(f"  ratio {name} / mlx.launch = {ratio(times[name], times['mlx.launch']):.2f}  (target <= {TARGET})")
     if args.timeline and marks:
         print("\norch's timeline (median seconds after exec, over its timed runs):")
         for key, v in sorted(marks.items(), key=lambda kv: statistics.median(kv[1])):
             print(f"  {statistics.median(v):6.3f}  {key}")
+    result_line("launch_latency_ssh", hosts=4, script=Path(script).name, runs=args.runs, times=times,
+                ratio_to_median={k: ratio(v, times["mlx.launch"]) for k, v in times.items() if k != "mlx.launch"},
+                ratio_to_min={k: ratio(v, times["mlx.launch"], to="min") for k, v in times.items() if k != "mlx.launch"},
+                failures=len(failures), cpus=os.cpu_count())
     return 0 if not failures else 1
 
 
