@@ -30,6 +30,9 @@ BALANCE_MODES = ("none", "speed")
 # --quiet-wait: ranks sharing a machine wait for each other asleep before the all-reduce (runtime/quiet_wait.py).
 QUIET_WAIT_MODES = ("auto", "on", "off")
 
+# --shard: what each rank keeps 1/N of (runtime/shard.py); "optimizer" is --shard-optimizer (ZeRO-1).
+SHARD_STAGES = ("none", "optimizer", "full")
+
 # Value of --resume given without a path: the newest complete checkpoint.
 RESUME_LATEST = "latest"
 
@@ -75,6 +78,12 @@ class Hparams:
         default=False,
         metadata={"help": "ZeRO-1: each rank keeps the optimizer state of 1/N of the parameters, "
                           "updates that slice and all-gathers the result"},
+    )
+    shard: str = field(
+        default="none",
+        metadata={"help": "full: parameters, gradients and optimizer state 1/N per rank (FSDP through "
+                          "nn.fully_shard, layer by layer); optimizer: the same as --shard-optimizer",
+                  "choices": SHARD_STAGES},
     )
     balance: str = field(
         default="none",
@@ -183,6 +192,12 @@ def validate(hp: Hparams) -> None:
     for name in ("checkpoint_every", "keep_checkpoints", "stats_every", "log_every", "eval_every"):
         if getattr(hp, name) < 0:
             problems.append(f"{flag_name(name)} must be >= 0")
+    if hp.shard == "optimizer":
+        hp.shard_optimizer = True
+    elif hp.shard == "full" and hp.shard_optimizer:
+        problems.append("--shard full already shards the optimizer state: drop --shard-optimizer")
+    if hp.shard == "full" and hp.grad_dtype != "float32":
+        problems.append("--shard full reduce-scatters gradients in their own dtype: drop --grad-dtype")
     if problems:
         raise SystemExit("invalid hyper-parameters: " + "; ".join(problems))
 

@@ -31,6 +31,7 @@ agree on (resume from rank 0, identical models, stopping together).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ from mlx.utils import tree_flatten
 
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
-from orchestrator.runtime import memfit, quiet_wait
+from orchestrator.runtime import memfit, quiet_wait, shard
 from orchestrator.runtime.allocator import keep_freed_memory
 from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
@@ -218,9 +219,13 @@ class Trainer(RankSync, TrainStep):
             except ckpt.CheckpointError as e:
                 resume_problem = str(e)
         self._stop_together(resume_problem)
-        if hp.shard_optimizer:
+        if hp.shard_optimizer or hp.shard == "full":
             self._sync_from_rank0(with_optimizer=False)
-            self.sharded = ShardedOptimizer(self.optimizer, self.model, group)
+            if hp.shard == "full":  # runtime/shard.py: the model's leaves sharded in place
+                self.sharded = shard.FullShard(self.model, self.optimizer, group, say=self.say)
+                self.averager = self.sharded.averager
+            else:
+                self.sharded = ShardedOptimizer(self.optimizer, self.model, group)
             self._load_sharded_state()
         else:
             # Adam & co. create their state lazily; make it exist now so it can be broadcast.
@@ -269,6 +274,7 @@ class Trainer(RankSync, TrainStep):
         started = time.perf_counter()
         # Sharded: every rank hands in its slices (a collective); the file format stays per-parameter.
         opt_arrays = self.sharded.gather_state() if self.sharded is not None else None
+        full_params = self.sharded.gather_params() if isinstance(self.sharded, shard.FullShard) else None
         if self.rank != 0:
             return
         emit("phase_start", name="checkpoint")  # ends with the "checkpoint" event: the cadence watchdog waits
@@ -285,7 +291,7 @@ class Trainer(RankSync, TrainStep):
         }
         path = ckpt.save(
             self.ckpt_root, self.step,
-            dict(tree_flatten(self.model.parameters())), opt_arrays,
+            full_params or dict(tree_flatten(self.model.parameters())), opt_arrays,
             meta, keep=self.hp.keep_checkpoints,
         )
         self.last_checkpoint = path
@@ -309,6 +315,8 @@ class Trainer(RankSync, TrainStep):
         travels in) and the bytes a ring all-reduce of it sends, 2(N-1)/N of it (ring and JACCL-ring
         exactly; MPI and NCCL pick their own algorithms, of the same order); ``--shard-optimizer``
         adds the all_gather of the updated parameters, (N-1)/N of them."""
+        if isinstance(self.sharded, shard.FullShard):
+            return self.sharded.wire_metrics()
         if self.world == 1:
             return {"allreduce_payload_bytes_per_step": 0, "bytes_sent_per_step": 0}
         params = self.model.trainable_parameters()
@@ -326,10 +334,13 @@ class Trainer(RankSync, TrainStep):
         evaluation's values added on rank 0) rather than a new event kind.
         """
         values: dict = {}
-        if self.recipe.evaluate is not None and self.rank == 0:
-            emit("phase_start", name="eval")  # ends with the "metric" event (or the next step)
-            values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
-            self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        whole = self.sharded.unsharded(self.recipe.evaluate is not None) \
+            if isinstance(self.sharded, shard.FullShard) else contextlib.nullcontext()
+        with whole:  # --shard full: rank 0 evaluates the whole model (gathered by every rank)
+            if self.recipe.evaluate is not None and self.rank == 0:
+                emit("phase_start", name="eval")  # ends with the "metric" event (or the next step)
+                values = {k: float(v) for k, v in self.recipe.evaluate(self.model, self.hp).items()}
+                self.say(f"eval step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if final:
             values["optimizer_state_bytes"] = self.optimizer_state_bytes()
             values.update(self.wire_metrics())
