@@ -85,6 +85,7 @@ class RelayHost:
     dead: bool = False                  # its relay ended
     reader: Optional[asyncio.Task] = None
     stderr: str = ""
+    first: asyncio.Queue = field(default_factory=asyncio.Queue)  # its reports until ``ready``
     lost_early: bool = False            # its relay ended before the stage did
     scanned: bool = False               # we know what it has (its relay's scan, or the SFTP check)
     checked: Optional[str] = None       # how: "sftp" (records unchanged), "relay" (records or hashes), "verify"
@@ -241,19 +242,16 @@ class Stage:
         h.resumed = sum(h.partial.values())
         h.replaced = [self.files[i]["rel"] for i in ev.get("replaced", [])]
 
-    async def _first(self, h: RelayHost) -> dict:
+    @staticmethod
+    async def _first(h: RelayHost) -> dict:
+        """The relay's first word: ``ready``, or why not (``error``, ``eof``)."""
         while True:
-            who, ev = await self._wait_own(h)
+            ev = await h.first.get()
             if ev.get("ev") in ("ready", "error", "eof"):
                 return ev
 
-    async def _wait_own(self, h: RelayHost):
-        q = h.__dict__.setdefault("_first_q", asyncio.Queue())
-        return await q.get()
-
     async def _read(self, h: RelayHost) -> None:
         """The relay's reports: progress is counted here, everything else goes on the event queue."""
-        first_q = h.__dict__.setdefault("_first_q", asyncio.Queue())
         started = False
         while True:
             try:
@@ -276,7 +274,7 @@ class Stage:
                 self.progress.update(h.name, h.rx)
                 continue
             if not started:
-                first_q.put_nowait((h, ev))
+                h.first.put_nowait(ev)
                 started = ev.get("ev") == "ready"
                 continue
             self.events.put_nowait((h, ev))
@@ -285,7 +283,7 @@ class Stage:
             h.lost_early = True
         if not started:
             await asyncio.sleep(0.2)  # let stderr arrive for the diagnosis
-            first_q.put_nowait((h, {"ev": "eof"}))
+            h.first.put_nowait({"ev": "eof"})
         self.events.put_nowait((h, {"ev": "eof"}))
 
     async def _drain_stderr(self, h: RelayHost) -> None:
@@ -371,11 +369,11 @@ class Stage:
         try:
             while pending and failure is None:
                 get = asyncio.ensure_future(self.events.get())
-                waits = {get, sender, *lost_waiters}
+                waits = {get, *lost_waiters} | (set() if sender.done() else {sender})
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                if sender in done and sender.exception() is not None and failure is None:
+                if sender in done and sender.exception() is not None:
                     failure = (first, {"ev": "error", "side": "controller", "error": _words(sender.exception())})
                 for w in [w for w in done if w in lost_waiters]:
                     h = lost_waiters.pop(w)
