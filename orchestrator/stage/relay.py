@@ -330,6 +330,7 @@ class Relay:
             if p.get("next"):
                 side = "down"
                 down = self.connect(p["next"], deadline)
+                down.settimeout(float(p.get("stall", 60)))  # not the connect's timeout: a slow next host is not a dead one
                 self.socks.append(down)
             side = "up"
             fwd = Pipe("forward", self.forward_to(down)) if down is not None else None
