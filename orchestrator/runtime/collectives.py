@@ -100,14 +100,14 @@ def sum_scatter(x: mx.array, group: Optional[mx.distributed.Group] = None,
     out_shape = (x.shape[0] // n, *x.shape[1:])
     if x.size == 0:
         return mx.zeros(out_shape, dtype=x.dtype)
-    x2d = x.reshape(n, -1)
+    flat = _Flat(x.reshape(-1), n)
     if n == 2:
-        return _pair(x2d, r, group, stream).reshape(out_shape)
-    eager = _evaluated(x2d)
+        return _pair(flat, r, group, stream).reshape(out_shape)
+    eager = _evaluated(flat.x)
     if _state["backend"] == "ring":
-        mine = _ring_both_ways(x2d, n, r, group)
+        mine = _ring_both_ways(flat, n, r, group)
     else:
-        mine = _ring_one_stream(x2d, n, r, group, stream)
+        mine = _ring_one_stream(flat, n, r, group, stream)
     if eager:
         mx.eval(mine)
     return mine.reshape(out_shape)
@@ -134,10 +134,25 @@ def _evaluated(x: mx.array) -> bool:
         return False
 
 
-def _pair(x2d: mx.array, r: int, group, stream) -> mx.array:
+class _Flat:
+    """``x`` as one vector of N chunks; ``part(k, a, b)`` is elements ``[a, b)`` of chunk k.
+
+    Flat 1-D slices, not rows of an (N, -1) view: MLX adds those through its contiguous kernel, 2-3x
+    faster than the same rows sliced out of a 2-D array (measured on 32 MiB).
+    """
+
+    def __init__(self, x: mx.array, n: int) -> None:
+        self.x, self.cols, self.dtype = x, x.size // n, x.dtype
+
+    def part(self, k: int, a: int = 0, b: Optional[int] = None) -> mx.array:
+        base = k * self.cols
+        return self.x[base + a:base + (self.cols if b is None else b)]
+
+
+def _pair(flat: _Flat, r: int, group, stream) -> mx.array:
     """Two ranks: gather the half each needs from the other, add it to one's own."""
-    theirs = mx.distributed.all_gather(x2d[1 - r:2 - r], group=group, stream=stream)[1 - r]
-    return mx.add(x2d[r], theirs, stream=stream)
+    gathered = mx.distributed.all_gather(flat.part(1 - r), group=group, stream=stream)
+    return mx.add(flat.part(r), gathered[(1 - r) * flat.cols:(2 - r) * flat.cols], stream=stream)
 
 
 def _pieces(lo: int, hi: int, itemsize: int) -> list[tuple[int, int]]:
@@ -153,28 +168,28 @@ def _streams() -> list[tuple[mx.Stream, mx.Stream]]:
     return _state["streams"]
 
 
-def _ring_both_ways(x2d: mx.array, n: int, r: int, group) -> mx.array:
-    cols = x2d.shape[1]
-    half = cols // 2 if cols * x2d.dtype.size >= BOTH_WAYS_MIN_BYTES else 0
+def _ring_both_ways(flat: _Flat, n: int, r: int, group) -> mx.array:
+    cols = flat.cols
+    half = cols // 2 if cols * flat.dtype.size >= BOTH_WAYS_MIN_BYTES else 0
     spans = [(0, cols - half), (cols - half, cols)] if half else [(0, cols)]
     parts, last_sends = [], []
     for direction, ((lo, hi), (send_s, recv_s)) in enumerate(zip(spans, _streams())):
         way = 1 if direction == 0 else -1  # 1: clockwise (send to rank+1), -1: counter-clockwise
-        pieces = _pieces(lo, hi, x2d.dtype.size) if half else [(lo, hi)]
-        result, send_tok = _ring_steps(x2d, n, r, group, way, pieces, send_s, recv_s)
+        pieces = _pieces(lo, hi, flat.dtype.size) if half else [(lo, hi)]
+        result, send_tok = _ring_steps(flat, n, r, group, way, pieces, send_s, recv_s)
         parts.extend(result)
         last_sends.append(send_tok)
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts)
     return mx.depends(out, last_sends)  # the last sends are nobody's input: without this they never run
 
 
-def _ring_steps(x2d: mx.array, n: int, r: int, group, way: int, pieces: list[tuple[int, int]],
+def _ring_steps(flat: _Flat, n: int, r: int, group, way: int, pieces: list[tuple[int, int]],
                 send_s: mx.Stream, recv_s: mx.Stream) -> tuple[list[mx.array], mx.array]:
     """One direction of the ring reduce-scatter over the columns ``pieces``; (result pieces, last send)."""
     dst, src = (r + way) % n, (r - way) % n
-    acc = [x2d[(r - way) % n, a:b] for a, b in pieces]  # step 0 sends the chunk the next rank finishes last
+    acc = [flat.part((r - way) % n, a, b) for a, b in pieces]  # step 0: the chunk the next rank finishes last
     send_tok = None
-    recv_tok = mx.negative(x2d[0, :1], stream=recv_s)  # no receive starts before x is there (see _evaluated)
+    recv_tok = mx.negative(flat.x[:1], stream=recv_s)  # no receive starts before x is there (see _evaluated)
     for s in range(n - 1):
         chunk = (r - way * (s + 2)) % n  # the chunk whose partial sum arrives at step s
         for p, (a, b) in enumerate(pieces):
@@ -182,18 +197,18 @@ def _ring_steps(x2d: mx.array, n: int, r: int, group, way: int, pieces: list[tup
             if send_tok is not None:  # on the send stream, after the previous send
                 data = mx.depends([send_tok, data], [send_tok])[1]
             send_tok = mx.distributed.send(data, dst, group=group, stream=send_s)
-            got = mx.distributed.recv((b - a,), x2d.dtype, src, group=group, stream=recv_s)
+            got = mx.distributed.recv((b - a,), flat.dtype, src, group=group, stream=recv_s)
             got = mx.depends(got, [recv_tok])  # received after the previous piece was added (module doc)
-            recv_tok = acc[p] = mx.add(got, x2d[chunk, a:b], stream=recv_s)
+            recv_tok = acc[p] = mx.add(got, flat.part(chunk, a, b), stream=recv_s)
     return acc, send_tok
 
 
-def _ring_one_stream(x2d: mx.array, n: int, r: int, group, stream) -> mx.array:
+def _ring_one_stream(flat: _Flat, n: int, r: int, group, stream) -> mx.array:
     """The ring reduce-scatter (clockwise) with every send and receive on one stream, even ranks sending
     first: for MPI, whose calls must not overlap."""
     dst, src = (r + 1) % n, (r - 1) % n
-    acc = x2d[(r - 1) % n]
-    tok = x2d  # no receive starts before x is there
+    acc = flat.part((r - 1) % n)
+    tok = flat.x  # no receive starts before x is there
     for s in range(n - 1):
         chunk = (r - s - 2) % n
         for op in (("send", "recv") if r % 2 == 0 else ("recv", "send")):
@@ -201,10 +216,10 @@ def _ring_one_stream(x2d: mx.array, n: int, r: int, group, stream) -> mx.array:
                 data = mx.depends(acc, [tok])
                 tok = mx.distributed.send(data, dst, group=group, stream=stream)
             else:
-                got = mx.distributed.recv(acc.shape, x2d.dtype, src, group=group, stream=stream)
+                got = mx.distributed.recv(acc.shape, flat.dtype, src, group=group, stream=stream)
                 tok = mx.depends(got, [tok])
                 received = tok
-        acc = mx.add(received, x2d[chunk], stream=stream)
+        acc = mx.add(received, flat.part(chunk), stream=stream)
     return mx.depends(acc, [tok])
 
 
