@@ -128,3 +128,35 @@ def wait_for_line(proc: subprocess.Popen, needle: str, count: int = 1, timeout: 
     finally:
         sel.close()
     return seen
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The run's events (events.jsonl), in order; [] before the file exists.
+
+    The controller may be writing while a test reads: a last line without its
+    newline that does not parse yet is the next event half-written, and is left
+    for the next read. Any other line that does not parse fails the test.
+    """
+    try:
+        # Bytes first: a half-written tail may end inside a character.
+        text = (Path(run_dir) / "events.jsonl").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    out = []
+    for n, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:  # no newline after it: still being written
+                break
+            raise AssertionError(f"{run_dir}/events.jsonl line {n + 1} is not JSON: {line!r}")
+    return out
+
+
+def orch_check(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``orch check ARGS`` on this machine, from the repository root, bounded (its process tree killed on timeout)."""
+    return finish(subprocess.Popen(orch_argv("check", *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True), timeout)

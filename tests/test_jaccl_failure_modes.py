@@ -11,14 +11,13 @@ plan only, warn that a SIGKILLed JACCL process may leave wired memory held.
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 
 from orchestrator.backends import jaccl
-from tests.orch_helpers import SCRIPTS, alive, run_orch, summary
+from tests.orch_helpers import SCRIPTS, alive, events, run_orch, summary
 from tests.test_jaccl_fallback import CABLE, STDERR, jaccl_hostfile
 
 pytestmark = pytest.mark.slow
@@ -36,10 +35,6 @@ def recv_line(tmp_path: Path) -> Path:
     path = tmp_path / "recv.txt"
     path.write_text(lines[0] + "\n")
     return path
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line]
 
 
 def pids_of(run_dir: Path) -> list[int]:

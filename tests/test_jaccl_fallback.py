@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.orch_helpers import SCRIPTS, alive, rank_pids, run_orch, summary
+from tests.orch_helpers import SCRIPTS, alive, events, rank_pids, run_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 pytestmark = pytest.mark.slow
@@ -41,10 +41,6 @@ def jaccl_hostfile(tmp_path: Path) -> Path:
         {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": MATRIX[1]},
     ]}))
     return path
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line]
 
 
 def test_jaccl_init_failure_restarts_on_the_ring_from_the_latest_checkpoint(tmp_path):

@@ -14,7 +14,6 @@ LoRA iterations of a 2-layer, 32-wide model.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 from tests import mlxlm_fixture
-from tests.orch_helpers import alive, end_stopped, finish, kill_tree, orch_argv, summary
+from tests.orch_helpers import alive, end_stopped, events, finish, kill_tree, orch_argv, summary
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +51,10 @@ def _start(argv: list[str], cwd: Path, out: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def _events(rd: Path) -> list[dict]:
-    try:
-        text = (rd / "events.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
-
 def _wait_events(rd: Path, pred, proc: subprocess.Popen, timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
-        ev = _events(rd)
+        ev = events(rd)
         if pred(ev):
             return ev
         if proc.poll() is not None:
@@ -86,13 +77,13 @@ def test_orch_runs_mlx_lm_as_a_module_and_matches_mlx_launch(fx, tmp_path):
     assert s["status"] == "succeeded" and s["world_size"] == 2 and s["script"] == "mlx_lm"
     rank0, rank1 = s["ranks"]
     # From mlx-lm's own report lines (rank 0 prints them; rank 1 prints nothing).
-    steps = [e for e in _events(rd) if e["kind"] == "step"]
+    steps = [e for e in events(rd) if e["kind"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, ITERS + 1)) and {e["from_rank"] for e in steps} == {0}
     assert rank0["steps"] == ITERS and rank0["last_loss"] == steps[-1]["loss"] and 0 < rank0["last_loss"] < 20
     assert rank1["steps"] is None
     assert (rd / "adapters" / "adapters.safetensors").is_file()
     # mlx-lm's validation passes are phases on every rank (the cadence watchdog waits for them).
-    phases = {(e["from_rank"], e["name"]) for e in _events(rd) if e["kind"] == "phase_start"}
+    phases = {(e["from_rank"], e["name"]) for e in events(rd) if e["kind"] == "phase_start"}
     assert {(0, "validation"), (1, "validation")} <= phases, phases
 
     script = Path(sysconfig.get_path("scripts")) / "mlx_lm.lora"
@@ -131,7 +122,7 @@ def test_a_sigstopped_mlx_lm_rank_is_caught_with_stacks_and_cleaned_up(fx, tmp_p
         assert "rank 0 is in " in reason and " at trainer.py:" in reason, reason  # mlx-lm's training loop
         assert "rank 1 is in " not in reason, reason
         assert "waiting for rank 1" in reason, reason
-        dumps = {e["rank"]: e for e in _events(rd) if e["kind"] == "dump"}
+        dumps = {e["rank"]: e for e in events(rd) if e["kind"] == "dump"}
         assert dumps[1]["stopped"] is True and dumps[1]["signalled"] is False
         assert dumps[0]["stopped"] is False and dumps[0]["signalled"] is True
         assert "most recent call first" in (rd / "logs" / "rank-0.log").read_text()
