@@ -45,7 +45,7 @@ MARK = "ORCHSTAGE "
 HEADER = struct.Struct("!cIQQ")
 BOOT = ('import json,sys;b=sys.stdin.buffer;d=json.loads(b.read(int(b.readline())));'
         'exec(d["src"],{"CFG":d["cfg"],"IN":b,"__name__":"orch_relay"})')
-SEND_PIECE = 8 << 20         # sendfile in pieces: progress and abort between them
+SEND_PIECE = 1 << 20         # sendfile in pieces: progress, abort and the count of bytes sent between them
 MAX_FAILED_PASSES = 8        # passes that end in a failure before the stage gives up
 MAX_DAMAGED_RETRIES = 2      # a file that arrives damaged on a host is sent again this many times
 
