@@ -370,7 +370,7 @@ def _main(own: list[str], after: list[str]) -> int:
 
             return cmd_report(args.run_dir)
         if args.command == "runs":
-            from orchestrator.runs import cmd_runs
+            from orchestrator.report.runs import cmd_runs
 
             return cmd_runs(args.root, args.limit)
     except ConfigError as e:

@@ -22,18 +22,12 @@ from orchestrator.health import probes
 from orchestrator.health.collective import expected_speed_note
 from orchestrator.health.hosts import host_checks, mlx_agreement, mpi_check
 from orchestrator.health.links import Edge, evaluate_link, ring_edges
-from orchestrator.health.report import HostResult, LinkResult, Report, render
+from orchestrator.health.verdicts import HostResult, LinkResult, Report, render
 from orchestrator.health.runner import describe_probe_exit
 from orchestrator.hostfile import Hostfile, Host
-from tests.orch_helpers import ROOT, finish
+from tests.orch_helpers import ROOT, orch_check
 
 MACOS = ROOT / "tests" / "fixtures" / "macos"
-
-
-def orch_check(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    p = subprocess.Popen([sys.executable, "-m", "orchestrator.health.check", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return finish(p, timeout)
 
 
 def probe_processes() -> list[psutil.Process]:

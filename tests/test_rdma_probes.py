@@ -17,7 +17,8 @@ import pytest
 from orchestrator.health import probe_host, probes
 from orchestrator.health.jaccl_checks import (Unreadable, build_agreement, device_names, jaccl_host_checks, link_gbps,
                                               parse_ibv_devices, parse_macos_version, parse_rdma_ctl_status, read_macos)
-from orchestrator.health.report import HostResult
+from orchestrator.health.verdicts import HostResult
+from tests.orch_helpers import orch_check
 
 FIX = Path(__file__).parent / "fixtures" / "macos"
 STUDIO_SP = "sp_thunderbolt_json__m3ultra_studio__tb5_peer_m5max_mbp_plus_owc_drive__omlxplus.json"
@@ -212,12 +213,6 @@ def test_probe_runs_as_a_program_and_reports():
 
 
 # ----------------------------------------------------------------------------- orch check on the new backends, for real
-
-
-def orch_check(*args: str) -> subprocess.CompletedProcess:
-    from tests.orch_helpers import ROOT, orch_argv
-
-    return subprocess.run(orch_argv("check", *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_orch_check_jaccl_hostfile_on_linux_fails_the_macos_row(tmp_path):

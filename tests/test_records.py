@@ -8,7 +8,7 @@ from orchestrator.aio import TaskGroup
 from orchestrator.launch.base import RankSpec
 from orchestrator.plan import JobPlan
 from orchestrator.records import RankPhase, RankRecord, fold
-from orchestrator.report_data import summary_from_events
+from orchestrator.report.data import summary_from_events
 from orchestrator.rundir import RunDir
 from orchestrator.supervisor import JobPhase, Supervisor
 

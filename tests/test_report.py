@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import report, report_data, report_plots, report_tables, runs
+from orchestrator import report
+from orchestrator.report import data as report_data, plots as report_plots, runs, tables as report_tables
 from tests.orch_helpers import RECIPES, ROOT, run_orch
 
 np = pytest.importorskip("numpy")

@@ -44,7 +44,7 @@ from orchestrator.health.jaccl_checks import build_agreement, device_names, jacc
 from orchestrator.health.hosts import STAGING_DIR, host_checks, mlx_agreement
 from orchestrator.health.links import check_links, ring_edges
 from orchestrator.health.options import CheckOptions
-from orchestrator.health.report import HostResult, Report, render
+from orchestrator.health.verdicts import HostResult, Report, render
 from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
 from orchestrator.remote import add_ssh_arguments
 

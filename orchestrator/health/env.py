@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from orchestrator import __version__
 from orchestrator.health.check import CheckOptions, close_runners, connect_runners, probe_hosts, ssh_options
-from orchestrator.health.report import HostResult
+from orchestrator.health.verdicts import HostResult
 from orchestrator.remote import add_ssh_arguments
 from orchestrator.units import human_bytes
 

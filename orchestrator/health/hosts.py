@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from orchestrator.health import probes
-from orchestrator.health.report import HostResult
+from orchestrator.health.verdicts import HostResult
 from orchestrator.remote import REMOTE_BASE
 from orchestrator.units import human_bytes
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from orchestrator.health.report import HostResult
+from orchestrator.health.verdicts import HostResult
 
 MIN_MACOS = (26, 2)
 TB5_GBPS = 80

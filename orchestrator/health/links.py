@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator import errnos
 from orchestrator.health import probes
-from orchestrator.health.report import LinkResult
+from orchestrator.health.verdicts import LinkResult
 from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Proc, Runner, read_report
 
 if TYPE_CHECKING:

@@ -2,18 +2,18 @@
 
 Shared by ``orch report`` (text and HTML), ``orch runs`` and ``orch run --json``
 (``derived``). Every function reads the summary dict (summary.json, or one
-rebuilt from events by report_data.py) and tolerates missing or odd fields.
+rebuilt from events by report/data.py) and tolerates missing or odd fields.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.report_data import nums
+from orchestrator.report.data import nums
 from orchestrator.units import human_bytes
 
 if TYPE_CHECKING:
-    from orchestrator.report_data import RunData
+    from orchestrator.report.data import RunData
 
 NO_STEPS = "no training steps recorded"
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.report_data import Restart, RunData, event_time, nums
+from orchestrator.report.data import Restart, RunData, event_time, nums
 from orchestrator.rundir import REPORT_DIR
 from orchestrator.units import human_bytes
 

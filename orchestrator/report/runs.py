@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator import rundir
-from orchestrator.report_data import event_time, iso, parse_lines, read_events, read_json, summary_from_events, unfinished_status
-from orchestrator.report_tables import derived, human_duration, num, text_table
+from orchestrator.report.data import event_time, iso, parse_lines, read_events, read_json, summary_from_events, unfinished_status
+from orchestrator.report.tables import derived, human_duration, num, text_table
 
 TAIL_BYTES = 256 * 1024  # how much of events.jsonl `orch runs` reads for a run without a summary
 

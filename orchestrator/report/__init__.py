@@ -4,11 +4,15 @@
 PNGs under RUN_DIR/report/, and prints the text summary; ``orch run --json``
 prints the summary with its derived figures (``final_json``). The parts:
 
-  report_data.py    reading a run directory (events, summary, or one rebuilt from events)
-  report_tables.py  derived figures and the tables, as text
-  report_plots.py   the PNGs (matplotlib, the optional extra ``report``)
-  report_html.py    the page
-  runs.py           ``orch runs``
+  data.py    reading a run directory (events, summary, or one rebuilt from events)
+  tables.py  derived figures and the tables, as text
+  plots.py   the PNGs (matplotlib, the optional extra ``report``)
+  html.py    the page
+  runs.py    ``orch runs``
+
+"report" means this one thing in the controller; a rank's progress API is
+``orchestrator.runtime.report`` (what a program reports), and ``orch check``'s
+table of results is ``health/verdicts.py``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import rundir
-from orchestrator.report_data import NotARunDir, RunData, load_run
-from orchestrator.report_html import render_html
-from orchestrator.report_plots import ReportError, write_plots
-from orchestrator.report_tables import derived, format_summary
+from orchestrator.report.data import NotARunDir, RunData, load_run
+from orchestrator.report.html import render_html
+from orchestrator.report.plots import ReportError, write_plots
+from orchestrator.report.tables import derived, format_summary
 
 if TYPE_CHECKING:
     from orchestrator.rundir import RunSummary

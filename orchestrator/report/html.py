@@ -7,8 +7,8 @@ import html
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.report_data import RunData, iso
-from orchestrator.report_tables import (BALANCE_HEADERS, NO_STEPS, PLAN_HEADERS, RANK_HEADERS, metric_value, num,
+from orchestrator.report.data import RunData, iso
+from orchestrator.report.tables import (BALANCE_HEADERS, NO_STEPS, PLAN_HEADERS, RANK_HEADERS, metric_value, num,
                                         overview, plan_rows, rank_cells, rebalance_rows)
 from orchestrator.rundir import REPORT_DIR
 
