@@ -82,7 +82,8 @@ def test_local_commands_print_only_orch_lines(tmp_path):
              cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert_only_orch(p, "orch run -n 2")
-    assert all(l.startswith("orch: ") or re.match(r"^\s*(rank\s+host|\d+\s+\S+)", l) for l in p.stderr.splitlines()), p.stderr
+    assert all(l.startswith("orch: ") or re.match(r"^(\[\d+\] |\s*(rank\s+host|\d+\s+\S+))", l)
+               for l in p.stderr.splitlines()), p.stderr  # orch's lines, the end table, ranks' own stderr ([r])
 
     for args in (("report", str(run_dir)), ("runs", str(tmp_path)), ("env",), ("env", "--json"), ("--version",)):
         p = orch(*args, cwd=tmp_path)
