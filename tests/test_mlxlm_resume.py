@@ -205,6 +205,31 @@ def test_a_smaller_world_continues_and_says_what_is_not_exact(fx, reference, tmp
     assert steps == list(range(121, ITERS + 1)), steps[:5]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_checkpoint_that_does_not_fit_the_model_is_not_loaded(fx, reference, tmp_path):
+    """Continued with LoRA on one layer instead of two: the saved adapters are not this model's; it says so."""
+    import shutil
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    shutil.copytree(reference.parent / "checkpoints", rd / "checkpoints")
+    args = _lora_args(fx, rd / "adapters")
+    args[args.index("--num-layers") + 1] = "1"
+    p = _start(orch_argv("run", "-n", "2", "--resume", "--run-dir", str(rd), "-m", "mlx_lm", "--", "lora", *args),
+               tmp_path, tmp_path / "orch")
+    try:
+        r = finish(p, timeout=400)
+    finally:
+        kill_tree(p.pid)
+    assert r.returncode == 0, (tmp_path / "orch.err").read_text()[-3000:]
+    log = (rd / "logs" / "rank-0.log").read_text()
+    assert f"orch: --resume: {rd / 'checkpoints' / 'step-00000120'} does not fit this model (" in log, log[-2000:]
+    assert "parameter names differ" in log and "training starts at iteration 1" in log
+    steps = [e["step"] for e in _events(rd) if e["kind"] == "step"]
+    assert steps == list(range(1, ITERS + 1)), steps[:5]
+
+
 # ----------------------------------------------------------------------------- no mlx-lm run needed
 
 

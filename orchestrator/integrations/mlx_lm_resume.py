@@ -42,8 +42,10 @@ they are printed, not trained on.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Callable, Optional
 
 from orchestrator import protocol
@@ -176,6 +178,7 @@ def _wrap_train(trainer_module, real_train: Callable, resume: bool) -> Callable:
         finally:
             trainer_module.__dict__.pop("range", None)
             trainer_module.TrainUI = real_ui
+            session.wait_saved()
 
     train.__wrapped__ = real_train
     train.__doc__ = real_train.__doc__
@@ -215,6 +218,19 @@ class _StartAt:
         return builtins.range(*args)
 
 
+def _batches_per_epoch(iterate: Callable, args: tuple, kwargs: dict) -> int:
+    """How many batches mlx-lm's ``iterate_batches`` makes of one pass over its dataset (one permutation).
+
+    Its epoch is ``range(0, len(dataset) - batch_size + 1, batch_size)``; knowing it, numpy's state is read
+    only where an epoch opens, not at every batch. (Each opening is checked: a permutation must be drawn.)
+    """
+    import inspect
+
+    bound = inspect.signature(iterate).bind(*args, **kwargs)
+    dataset, batch_size = bound.arguments["dataset"], int(bound.arguments["batch_size"])
+    return len(range(0, len(dataset) - batch_size + 1, batch_size))
+
+
 def _np_state_to_json(state) -> dict:
     name, keys, pos, has_gauss, cached = state
     return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
@@ -252,6 +268,10 @@ class _Session:
         self.first = 1  # the first iteration this attempt trains
         self.restored: Optional[dict] = None  # state.json of the checkpoint resumed from
         self.sent = 0  # ranks that had no copy of it and got it from rank 0
+        self.lost_track = False  # the data iterator did not behave as mlx-lm 0.32's: no more saves
+        self._writer: Optional[threading.Thread] = None  # rank 0: the save being written
+        self._failed: Optional[str] = None
+        self._umask = checkpoint._umask()  # read here: os.umask() in the writer thread would race the process
         self.epoch_start = None  # numpy's state right before the current epoch's permutation
         self.position = 0  # batches taken from the current epoch
         if self.every % self.accum:
@@ -283,16 +303,22 @@ class _Session:
             np.random.set_state(_np_state_from_json(data["numpy_rng"]))
         else:
             inner = self.real_iterate(*args, **kwargs)
+        per_epoch = _batches_per_epoch(self.real_iterate, args, kwargs)
         while True:
-            if done >= self.first and self._saves_at(done) and self.rank == 0:
+            if done >= self.first and self._saves_at(done) and self.rank == 0 and not self.lost_track:
                 self._save(done)
-            before = np.random.get_state()
+            opening = self.epoch_start is None or self.position == per_epoch
+            before = np.random.get_state() if opening else None  # what this epoch's permutation is drawn from
             try:
                 batch = next(inner)
             except StopIteration:
                 return
-            if self.epoch_start is None or not _same_np_state(before, np.random.get_state()):
-                self.epoch_start, self.position = before, 1  # this batch opened an epoch: a permutation was drawn
+            if opening:
+                if _same_np_state(before, np.random.get_state()):  # no permutation drawn: not the loop we know
+                    self.lost_track = True
+                    say("mlx-lm's data iterator did not start an epoch where orch expected one: restart state is "
+                        "no longer saved (restarts load adapters only)")
+                self.epoch_start, self.position = before, 1
             else:
                 self.position += 1
             done += 1
@@ -330,8 +356,63 @@ class _Session:
             "position": self.position,
             "adapter_file": str(self.args.adapter_file),
         }}
-        checkpoint.clean_stale(self.root)
-        checkpoint.save(self.root, it, weights, opt, meta, keep=KEEP)
+        # The bytes are made here, on the training thread (MLX stays on one thread); writing them, the fsyncs
+        # and the rename go to a thread of their own, so training does not wait for the disk.
+        blobs = {}
+        for name, arrays in ((checkpoint.MODEL_FILE, weights), (checkpoint.OPTIMIZER_FILE, opt)):
+            buf = io.BytesIO()
+            mx.save_safetensors(buf, arrays)
+            blobs[name] = buf.getvalue()
+        state = {checkpoint.RUN_ID_FIELD: checkpoint.current_run_id(), **meta, "format": checkpoint.FORMAT_VERSION,
+                 "step": it, "files": {name: len(b) for name, b in blobs.items()}}
+        self.wait_saved()  # one save in flight at a time
+        self._writer = threading.Thread(target=self._commit, args=(it, blobs, state), name="orch-mlx-lm-save")
+        self._writer.start()
+
+    def _commit(self, it: int, blobs: dict[str, bytes], state: dict) -> None:
+        """``checkpoint.save``'s steps for bytes already made: temp directory, fsyncs, rename, manifest, prune."""
+        import json
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from orchestrator.runtime import checkpoint
+
+        tmp = None
+        try:
+            checkpoint.clean_stale(self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            final = self.root / checkpoint.step_dir_name(it)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=self.root))
+            os.chmod(tmp, 0o777 & ~self._umask)  # mkdtemp makes 0700
+            for name, data in [*blobs.items(), (checkpoint.STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())]:
+                with open(tmp / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    checkpoint._sync(fh.fileno())  # F_FULLFSYNC where there is one (the runtime's own helper)
+            checkpoint._fsync_dir(tmp)
+            if final.exists():
+                checkpoint._remove_dir(final)
+            os.rename(tmp, final)
+            tmp = None
+            checkpoint._fsync_dir(self.root)
+            checkpoint.write_json_atomic(self.root / checkpoint.MANIFEST, {
+                "format": checkpoint.FORMAT_VERSION, "step": it, "path": final.name})
+            checkpoint.prune(self.root, KEEP, protect=final, run_id=state[checkpoint.RUN_ID_FIELD])
+        except Exception as e:  # a full disk must not stop training: say it, the previous save stays the one
+            self._failed = f"{type(e).__name__}: {e}"
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def wait_saved(self) -> None:
+        """Until the save in flight (if any) is on disk; says once if one failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failed:
+            say(f"could not save the restart state ({self._failed}): a restart resumes from the save before")
+            self._failed = None
 
     # ---- resuming (every rank)
 
@@ -346,6 +427,10 @@ class _Session:
         state, weights, opt, where = got
         data = state[MARK]
         it = int(data["iteration"])
+        misfit = self._misfit(weights)
+        if misfit:  # every rank sees the same bytes, so every rank decides the same
+            say(f"--resume: {where} does not fit this model ({misfit}): training starts at iteration 1")
+            return
         self.model.load_weights(list(weights.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(opt.items()))
         hi, lo = data["mlx_key"]
@@ -365,6 +450,19 @@ class _Session:
         step = int(self.optimizer.state["step"].item()) if "step" in self.optimizer.state else None
         say(f"mlx-lm resumes at iteration {it + 1} from {where} (optimizer step {step}, learning-rate schedule, "
             f"data order and random state restored){'; ' + '; '.join(notes) if notes else ''}")
+
+    def _misfit(self, weights: dict) -> Optional[str]:
+        """Why saved adapter weights cannot be this model's trainable parameters (another model, rank, layers)."""
+        from mlx.utils import tree_flatten
+
+        mine = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(mine) != set(weights):
+            odd = sorted(set(mine) ^ set(weights))
+            return f"{len(odd)} parameter names differ, e.g. {odd[0]}"
+        for name, value in mine.items():
+            if value.shape != weights[name].shape or value.dtype != weights[name].dtype:
+                return f"{name} is {tuple(weights[name].shape)} {weights[name].dtype}, the model's {tuple(value.shape)} {value.dtype}"
+        return None
 
     def _agree(self) -> Optional[tuple[dict, dict, dict, str]]:
         """Rank 0's newest complete mlx-lm checkpoint, on every rank: read locally where the same one is there.
