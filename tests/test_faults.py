@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
-from tests.orch_helpers import SCRIPTS, alive, kill_tree, rank_pids, run_orch, start_orch, summary
+from tests.orch_helpers import SCRIPTS, alive, events, kill_tree, rank_pids, run_orch, start_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 pytestmark = pytest.mark.slow
 
 CRASH = SCRIPTS / "crash_once.py"
 SMALL = ["--samples", "512", "--hidden", "16", "--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8"]
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().split("\n") if line]
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 60) -> list[dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import re
 import signal
@@ -32,7 +31,8 @@ from orchestrator.rundir import RunDir
 from orchestrator.output import CONSOLE_LINE_MAX
 from orchestrator.records import RankPhase
 from orchestrator.supervisor import Supervisor, SupervisorOptions
-from tests.orch_helpers import SCRIPTS, alive, finish, kill_tree, orch_argv, rank_pids, run_orch, start_orch, summary
+from tests.orch_helpers import (SCRIPTS, alive, events, finish, kill_tree, orch_argv, rank_pids, run_orch, start_orch,
+                                summary)
 
 # ----------------------------------------------------------------------------- a fake launcher
 
@@ -127,11 +127,6 @@ def ev(kind: str, rank: int, **fields) -> bytes:
     return protocol.encode(kind, rank, **fields).encode()
 
 
-def events(rundir: RunDir) -> list[dict]:
-    path = rundir.path / "events.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
 def ok(handles, *ranks):
     for r in ranks or handles:
         handles[r].end(ExitStatus(code=0, signal=None))
@@ -159,9 +154,9 @@ def test_only_the_guards_token_sets_the_pid_to_signal(tmp_path):
         # pid 1 with the right token is refused; the guard's pid is taken, once per attempt
         assert launcher.handles[0].rank_pid == 4242 and sup.states[0].record.pid == 4242
         assert launcher.handles[1].rank_pid is None and sup.states[1].record.pid is None
-        kinds = [e["kind"] for e in events(rundir)]
+        kinds = [e["kind"] for e in events(rundir.path)]
         assert kinds.count("forged:spawned") == 3 and kinds.count("forged:listening") == 1
-        assert all("token" not in e for e in events(rundir))
+        assert all("token" not in e for e in events(rundir.path))
         assert not sup.states[0].record.reached(RankPhase.LISTENING)
         assert "user text" in (rundir.logs / "rank-0.log").read_text()
         assert s.status == "succeeded"
@@ -184,8 +179,8 @@ def test_pid_one_is_refused_and_a_good_pid_is_taken_once(tmp_path):
     sup, s, *_ , rundir, launcher = supervise(tmp_path, play)
     assert launcher.handles[0].rank_pid is None and sup.states[0].record.pid is None
     assert launcher.handles[1].rank_pid == 4242 and sup.states[1].record.pid == 4242
-    assert [e["pid"] for e in events(rundir) if e["kind"] == "spawned" and e["rank"] == 1] == [4242, 4343]
-    assert all("token" not in e for e in events(rundir))
+    assert [e["pid"] for e in events(rundir.path) if e["kind"] == "spawned" and e["rank"] == 1] == [4242, 4343]
+    assert all("token" not in e for e in events(rundir.path))
 
 
 def test_without_a_token_a_reported_pid_is_never_used(tmp_path):
@@ -198,7 +193,7 @@ def test_without_a_token_a_reported_pid_is_never_used(tmp_path):
 
     sup, s, *_, rundir, launcher = supervise(tmp_path, play, tokens=False)
     assert launcher.handles[0].rank_pid is None and sup.states[0].record.pid is None
-    kinds = [e["kind"] for e in events(rundir)]
+    kinds = [e["kind"] for e in events(rundir.path)]
     assert "spawned" in kinds and "exited" in kinds and not any(k.startswith("forged") for k in kinds)
     assert (rundir.logs / "rank-1.log").read_bytes() == b""  # a rank that printed nothing still has its log
 
@@ -269,8 +264,7 @@ def test_guard_events_inside_a_ranks_lines_are_taken_and_the_log_stays_byte_exac
 
     sup, s, out, err, rundir, launcher = supervise(tmp_path, play)
     assert (rundir.logs / "rank-0.log").read_bytes() == rank_bytes
-    samples = [e for e in map(json.loads, (rundir.path / "events.jsonl").read_text().splitlines())
-               if e.get("kind") == "rss" and e.get("rank") == 0]
+    samples = [e for e in events(rundir.path) if e.get("kind") == "rss" and e.get("rank") == 0]
     assert len(samples) == len(range(0, len(rank_bytes), 300_000))
     assert s.ranks[0].memory is not None and s.ranks[0].memory.rss_peak_bytes == 1 << 20
 
@@ -293,7 +287,7 @@ def test_a_program_row_split_by_a_guard_event_is_still_parsed(tmp_path):
 
     sup, s, out, err, rundir, launcher = supervise(tmp_path, play)
     assert (rundir.logs / "rank-0.log").read_bytes() == header + row + b"\n"
-    steps = [e for e in events(rundir) if e.get("kind") == "step" and e.get("rank") == 0]
+    steps = [e for e in events(rundir.path) if e.get("kind") == "step" and e.get("rank") == 0]
     assert [(e["step"], e["loss"]) for e in steps] == [(1, 4.163)]
 
 
@@ -461,7 +455,7 @@ def test_forged_spawned_lines_cannot_make_orch_kill_anything(tmp_path, target):
         assert victim.poll() is None, "orch killed a process the rank named"
         s = summary(rd)
         assert s["failed_rank"] == 1 and s["ranks"][1]["pid"] not in (1, victim.pid)
-        kinds = [json.loads(l)["kind"] for l in (rd / "events.jsonl").read_text().splitlines()]
+        kinds = [e["kind"] for e in events(rd)]
         assert kinds.count("forged:spawned") == 4 and kinds.count("forged:exited") == 2 and kinds.count("spawned") == 2
         assert "token" not in (rd / "events.jsonl").read_text()
         _no_process_left(rd)
