@@ -105,7 +105,8 @@ def test_errors_are_one_line_naming_the_program_once(tmp_path):
                  ("run", "x.py", "--hostfile", str(bad))):
         line = assert_one_line(orch(*args, cwd=tmp_path), " ".join(args[:1]))
         assert "bad.json" in line, line
-    cases = {("stage",): "(see 'orch --help')", ("run", "--hang-timout", "3", "x.py"): "(see 'orch run --help')",
+    cases = {("nosuchcommand",): "(see 'orch --help')", ("stage",): "(see 'orch stage --help')",
+             ("run", "--hang-timout", "3", "x.py"): "(see 'orch run --help')",
              ("check", "--bogus"): "(see 'orch check --help')", ("env", "--bogus"): "(see 'orch env --help')",
              ("report",): "(see 'orch report --help')", ("runs", "--limit", "x"): "(see 'orch runs --help')",
              ("hostfile",): "(see 'orch hostfile --help')"}
