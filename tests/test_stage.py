@@ -110,6 +110,9 @@ def test_folder_reaches_every_host_and_a_second_run_moves_nothing(c4, tmp_path):
     assert first["sent_by_controller"] == total  # the bytes left the controller once, not once per host
     assert [h["bytes_written"] for h in first["hosts"]] == [total] * 4
     assert all(h["bytes_received"] == total for h in first["hosts"])
+    hosts = c4.hosts  # along the ring, each hop over the /30 the two hosts share
+    assert first["route"] == [f"this machine -> host0 at {hosts[0].mgmt_ip}"] + [
+        f"host{i} -> host{i + 1} at {hosts[i + 1].left_ip} (ring)" for i in range(3)]
     wait_hosts_clean(c4)
 
     second = result(run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path))
@@ -189,6 +192,28 @@ def test_a_stage_killed_halfway_moves_only_the_rest(c4, tmp_path):
     for i in range(4):
         assert c4.sha256s(i, dest) == want, f"host{i}"
         assert part_sizes(c4, i, dest) == []
+    wait_hosts_clean(c4)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_ring_cable_that_is_down_is_bridged_over_the_lan(c4, tmp_path):
+    src = tmp_path / "model"
+    want = make_model(src, {"weights.safetensors": 1_000_000}, seed=5)
+    dest = f"{c4.disk}/m4"
+    hf = write_hostfile(c4, tmp_path / "hosts.json")
+    c4.link_down(1)  # the cable between host1 and host2
+    try:
+        p = run_orch(*stage_args(c4, src, dest, hf), cwd=tmp_path)
+    finally:
+        c4.link_up(1)
+    res = result(p)
+    assert res["status"] == "ok", res
+    assert f"host1 -> host2 at {c4.hosts[2].mgmt_ip} (lan)" in res["route"]
+    assert "host1 -> host2 failed over the ring address" in p.stderr
+    for i in range(4):
+        assert c4.sha256s(i, dest) == want, f"host{i}"
     wait_hosts_clean(c4)
 
 

@@ -47,6 +47,7 @@ BOOT = ('import json,sys;b=sys.stdin.buffer;d=json.loads(b.read(int(b.readline()
         'exec(d["src"],{"CFG":d["cfg"],"IN":b,"__name__":"orch_relay"})')
 SEND_PIECE = 1 << 20         # sendfile in pieces: progress, abort and the count of bytes sent between them
 MAX_FAILED_PASSES = 8        # passes that end in a failure before the stage gives up
+CONNECT_TIMEOUT_S = 5.0      # a relay's connect to the next one (which listens since before it said ready)
 MAX_DAMAGED_RETRIES = 2      # a file that arrives damaged on a host is sent again this many times
 
 
@@ -129,6 +130,8 @@ class Stage:
         self.progress = Progress([h.name for h in self.hosts], err, enabled=progress)
         self.sent = 0
         self.passes = 0
+        self.lan_hops: set[tuple[int, int]] = set()
+        self.route: list[str] = []
         self.closing = False
         self._lock = threading.Lock()
 
@@ -347,15 +350,18 @@ class Stage:
         """(True, None, None) when every relay of the chain finished; else (False, host to blame or None, why)."""
         pid = self.passes
         tokens = [secrets.token_hex(32) for _ in chain]
-        hops = plan.chain_hops([h.stop for h in chain], {h.stop.index: h.addr for h in chain})
+        hops = plan.chain_hops([h.stop for h in chain], {h.stop.index: h.addr for h in chain}, frozenset(self.lan_hops))
+        first_leg = "127.0.0.1" if chain[0].stop.host.is_local else chain[0].addr
+        self.route = [f"this machine -> {chain[0].name} at {first_leg}"] + [
+            f"{h.name} -> {chain[k + 1].name} at {hops[k][0]} ({hops[k][1]})" for k, h in enumerate(chain[:-1])]
         total = sum(n for _, _, n in frames)
         self.progress.start_pass({h.name: total for h in chain})
         for k, h in enumerate(chain):
             nxt = None
             if hops[k] is not None:
                 nxt = {"addr": hops[k][0], "port": chain[k + 1].port, "token": tokens[k + 1]}
-            h.send({"cmd": "pass", "id": pid, "token": tokens[k], "next": nxt,
-                    "timeout": self.req.pass_timeout_s, "stall": self.req.stall_s})
+            h.send({"cmd": "pass", "id": pid, "token": tokens[k], "next": nxt, "timeout": self.req.pass_timeout_s,
+                    "stall": self.req.stall_s, "connect_timeout": CONNECT_TIMEOUT_S})
         t_pass = time.monotonic()
         first = chain[0]
         first_addr = "127.0.0.1" if first.stop.host.is_local else first.addr
@@ -469,6 +475,12 @@ class Stage:
             await asyncio.sleep(0.1)
         if suspect is not None and side != "controller" and (suspect.conn is None or suspect.conn.lost):
             return suspect, ev.get("error") or "no answer"
+        if side == "down" and k + 1 < len(chain):  # both ends alive: the cable between them; next time over the LAN
+            hop = (h.stop.index, chain[k + 1].stop.index)
+            if hop not in self.lan_hops:
+                self.lan_hops.add(hop)
+                self.err.write(f"orch stage: {h.name} -> {chain[k + 1].name} failed over the ring address "
+                               f"({ev.get('error')}); that hop goes over the LAN now\n")
         return None, f"{h.name}: {ev.get('error')}"
 
     def _send(self, addr: str, port: int, token: str, frames, abort: threading.Event, box: list) -> None:
@@ -544,7 +556,7 @@ class Stage:
             status="ok" if ok else ("partial" if any_ok else "failed"), src=self.source.root, dest=self.req.dest,
             files=len(self.files), bytes=self.source.total_bytes, sent_by_controller=self.sent,
             wall_s=round(wall_s, 3), gb_per_s=round(written / wall_s / 1e9, 4) if wall_s > 0 else 0.0,
-            passes=self.passes, hosts=results)
+            passes=self.passes, hosts=results, route=self.route)
 
 
 def _words(exc: BaseException) -> str:

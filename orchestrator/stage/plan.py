@@ -70,13 +70,18 @@ def hop_address(frm: Host, to: Host, fallback: str) -> tuple[str, str]:
     return fallback, "lan"
 
 
-def chain_hops(chain: list[Stop], fallback: dict[int, str]) -> list[Optional[tuple[str, str]]]:
-    """For each stop, where it forwards to (None for the last)."""
+def chain_hops(chain: list[Stop], fallback: dict[int, str],
+               lan: frozenset = frozenset()) -> list[Optional[tuple[str, str]]]:
+    """For each stop, (address, why) it forwards to (None for the last). A hop in ``lan`` (stop indices (from, to):
+    its cable failed while both hosts lived) goes to the address SSH reached the next host at."""
     out: list[Optional[tuple[str, str]]] = []
     for k, s in enumerate(chain):
         if k + 1 == len(chain):
             out.append(None)
         else:
             nxt = chain[k + 1]
-            out.append(hop_address(s.host, nxt.host, fallback[nxt.index]))
+            if (s.index, nxt.index) in lan:
+                out.append((fallback[nxt.index], "lan"))
+            else:
+                out.append(hop_address(s.host, nxt.host, fallback[nxt.index]))
     return out

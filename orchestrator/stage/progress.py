@@ -51,6 +51,7 @@ class StageSummary(BaseModel):
     gb_per_s: float                     # bytes that reached every host's disk, summed / wall_s
     passes: int
     hosts: list[HostResult]
+    route: list[str] = Field(default_factory=list)            # the last pass's hops, e.g. "host1 -> host2 at 10.0.1.2 (ring)"
     phases: dict[str, float] = Field(default_factory=dict)  # connect_s, scan_s, transfer_s, close_s: where the time went
 
     @property

@@ -329,7 +329,7 @@ class Relay:
             down = None
             if p.get("next"):
                 side = "down"
-                down = self.connect(p["next"], deadline)
+                down = self.connect(p["next"], min(deadline, time.monotonic() + float(p.get("connect_timeout", 5))))
                 down.settimeout(float(p.get("stall", 60)))  # not the connect's timeout: a slow next host is not a dead one
                 self.socks.append(down)
             side = "up"
