@@ -153,6 +153,8 @@ def summary_text(s: StageSummary) -> str:
     head = (f"orch stage: {s.files} files, {fmt_bytes(s.bytes)} -> {s.dest} on {len(s.hosts)} hosts in "
             f"{s.wall_s:.2f}s ({s.gb_per_s:.3f} GB/s onto disks; {fmt_bytes(s.sent_by_controller)} left this machine)")
     rows = [head]
+    if s.route:
+        rows.append("  route: " + "; ".join(s.route))
     for h in s.hosts:
         rate = f"{h.gb_per_s:.3f} GB/s" if h.gb_per_s else "-"
         row = (f"  {h.host:<14} {h.status:<11} received {fmt_bytes(h.bytes_received):>10}  wrote "
