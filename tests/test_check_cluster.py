@@ -70,7 +70,9 @@ def write_hostfile(c, path: Path, per_host: dict | None = None, *, ips=None) -> 
     return path
 
 
-def orch_check(c, hostfile: Path, *extra: str, timeout: float = 60, as_json: bool = True, known_hosts=None):
+def orch_check_cluster(c, hostfile: Path, *extra: str, timeout: float = 60, as_json: bool = True, known_hosts=None):
+    """``orch check --hostfile`` against the namespace cluster ``c`` (its ssh_config and known_hosts):
+    (exit code, the parsed JSON or the text, stderr). tests/orch_helpers.orch_check is the local one."""
     argv = [sys.executable, "-m", "orchestrator.health.check", "--hostfile", str(hostfile),
             "--ssh-config", c.ssh_config_path, "--known-hosts", str(known_hosts or c.known_hosts_path), "--timeout", "10",
             *(["--json"] if as_json else []), *extra]
@@ -106,7 +108,7 @@ def real_mlx_version() -> str:
 def test_healthy_ring_passes_every_check(c4, tmp_path):
     c = c4
     t0 = time.monotonic()
-    rc, res, err = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"))
+    rc, res, err = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json"))
     took = time.monotonic() - t0
     assert rc == 0, json.dumps(res, indent=1) + err
     assert res["ok"] and failing(res) == ([], [])
@@ -127,7 +129,7 @@ def test_healthy_ring_passes_every_check(c4, tmp_path):
     assert took < 30
 
     # The table for people: one row per host, one per link, all ✓.
-    rc, text, _ = orch_check(c, tmp_path / "hosts.json", as_json=False)
+    rc, text, _ = orch_check_cluster(c, tmp_path / "hosts.json", as_json=False)
     assert rc == 0, text
     assert "✗" not in text and text.count("✓ rank ") == 4 and "all checks passed" in text
     assert all(any(line.startswith(f"host{i} ") for line in text.splitlines()) for i in range(4))
@@ -140,7 +142,7 @@ def test_host_keys_known_accepted_and_changed(c4, tmp_path):
     kh = tmp_path / "known_hosts"  # host1 recorded with another host's key, host3 not at all
     kh.write_text("\n".join(l.replace(key_of["host1"], key_of["host0"]) if "host1" in l else l
                             for l in lines if "host3" not in l) + "\n")
-    rc, res, err = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"), "--ssh-accept-new", known_hosts=kh)
+    rc, res, err = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json"), "--ssh-accept-new", known_hosts=kh)
     assert rc == 1
     hosts, links = failing(res)
     assert ("host1", "ssh") in hosts and all(h == "host1" for h, _ in hosts)
@@ -157,7 +159,7 @@ def test_a_downed_link_fails_that_link_only(c4, tmp_path):
     c = c4
     c.link_down(1)  # the cable between host1 and host2
     try:
-        rc, res, _ = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"))
+        rc, res, _ = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json"))
     finally:
         c.link_up(1)
     assert rc == 1 and not res["ok"]
@@ -173,7 +175,7 @@ def test_a_wrong_side_address_fails_the_link_into_that_host(c4, tmp_path):
     c = c4
     # No prefixes: every host lists one address, host2 the one on its cable to host3 instead of host1.
     hf = write_hostfile(c, tmp_path / "hosts.json", ips=lambda h: [h.right_ip if h.index == 2 else h.left_ip])
-    rc, res, _ = orch_check(c, hf)
+    rc, res, _ = orch_check_cluster(c, hf)
     assert rc == 1
     hosts, links = failing(res)
     assert links == [("host1", "host2")] and hosts == []
@@ -190,7 +192,7 @@ def test_a_route_through_the_wrong_interface_is_named(c4, tmp_path):
     target = c.hosts[2].left_ip
     c.exec(1, ["ip", "route", "add", f"{target}/32", "via", c.hosts[2].mgmt_ip, "dev", "mgmt0"], check=True)
     try:
-        rc, res, _ = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"))
+        rc, res, _ = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json"))
     finally:
         c.exec(1, ["ip", "route", "del", f"{target}/32"])
     assert rc == 1
@@ -213,7 +215,7 @@ def test_a_port_in_use_is_reported_on_that_host_and_link(c4, tmp_path):
                      stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        rc, res, _ = orch_check(c, hf, "--starting-port", str(port0))
+        rc, res, _ = orch_check_cluster(c, hf, "--starting-port", str(port0))
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -233,7 +235,7 @@ def test_a_python_without_mlx_fails_mlx_on_that_host(c4, tmp_path):
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # no site-packages: no MLX
     shim.chmod(0o755)
     assert subprocess.run([str(shim), "-c", "import mlx"], capture_output=True, timeout=30).returncode != 0
-    rc, res, _ = orch_check(c, write_hostfile(c, tmp_path / "hosts.json", {1: {"python": str(shim)}}))
+    rc, res, _ = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json", {1: {"python": str(shim)}}))
     assert rc == 1
     hosts, links = failing(res)
     assert hosts == [("host1", "mlx")] and links == []
@@ -250,7 +252,7 @@ def test_an_mlx_version_mismatch_names_the_host_and_both_versions(c4, tmp_path):
     shim = tmp_path / "python-fake-mlx"
     shim.write_text(f"#!/bin/sh\nexport PYTHONPATH={fake}\nexec {sys.executable} \"$@\"\n")
     shim.chmod(0o755)
-    rc, res, _ = orch_check(c, write_hostfile(c, tmp_path / "hosts.json", {3: {"python": str(shim)}}))
+    rc, res, _ = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json", {3: {"python": str(shim)}}))
     assert rc == 1
     hosts, links = failing(res)
     assert hosts == [("host3", "mlx")] and links == []
@@ -262,8 +264,8 @@ def test_an_mlx_version_mismatch_names_the_host_and_both_versions(c4, tmp_path):
 
 def test_collective_all_sum_over_four_hosts(c4, tmp_path):
     c = c4
-    rc, res, err = orch_check(c, write_hostfile(c, tmp_path / "hosts.json"), "--collective", "--collective-mib", "4",
-                              timeout=100)
+    rc, res, err = orch_check_cluster(c, write_hostfile(c, tmp_path / "hosts.json"), "--collective",
+                                      "--collective-mib", "4", timeout=100)
     coll = res["collective"]
     try:
         assert rc == 0, json.dumps(coll, indent=1) + err[-3000:]
