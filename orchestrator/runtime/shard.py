@@ -43,6 +43,8 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import FullyShardedModule
 from mlx.utils import tree_flatten, tree_unflatten
 
+from orchestrator.runtime import collectives
+
 STAGES = ("none", "optimizer", "full")
 
 
@@ -101,6 +103,7 @@ class FullShard:
         self.wrapped: list[str] = []  # paths of the sharded leaves
         replicated: list[str] = []
         if self.world > 1:
+            collectives.install(group)  # under orch the bootstrap did it; this covers mlx.launch & co.
             for path, leaf in _leaves(model):
                 if _divides(leaf, self.world):
                     _replace(model, path, CheckpointedShard(leaf, group))

@@ -1,0 +1,83 @@
+"""``--shard full`` (``orchestrator/runtime/shard.py``): equal to data parallelism, 1/N per rank, resumable anywhere.
+
+Real ranks on MLX's ring backend (``tests.runtime_helpers.launch``: the recipe started directly, as
+``mlx.launch`` would, so the trainer installs the ``sum_scatter`` stand-in itself).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+
+from orchestrator.runtime import shard
+from orchestrator.runtime.config import Hparams, parse_hparams
+from tests.runtime_helpers import RECIPES, latest_checkpoint, launch, load_arrays, max_abs_diff
+
+MLP = RECIPES / "mlp_regression.py"
+SMALL = ["--samples", "512", "--hidden", "16", "--stats-every", "0"]
+COMMON = ["--optimizer", "adam", "--lr", "1e-2"]
+
+
+def train(tmp_path, name, n, args, timeout=180):
+    ranks = launch(MLP, n, tmp_path / name, SMALL + args, timeout=timeout)
+    return load_arrays(latest_checkpoint(tmp_path / name)), ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_full_sharding_trains_like_data_parallelism(tmp_path, n):
+    args = COMMON + ["--steps", "20", "--batch-size", "8"]
+    plain, plain_ranks = train(tmp_path, "plain", n, args)
+    full, full_ranks = train(tmp_path, "full", n, args + ["--shard", "full"])
+    assert sorted(plain) == sorted(full)  # the checkpoint is per-parameter, under the unsharded names
+    assert max_abs_diff(plain, full) < 1e-4
+    assert max_abs_diff(plain, full, prefix="optimizer.") < 1e-4
+    init, _ = train(tmp_path, "init", 1, ["--steps", "0"])
+    assert max_abs_diff(plain, init) > 1e-2  # the parameters did move
+    # Each rank holds 1/N of the sharded layers' optimizer state; the 1-output head stays whole.
+    state = [r.of_kind("metric")[-1]["values"]["optimizer_state_bytes"] for r in (plain_ranks[0], full_ranks[0])]
+    head = sum(v.nbytes for k, v in plain.items() if k.startswith("optimizer.layers.2."))
+    rest = sum(v.nbytes for k, v in plain.items() if k.startswith("optimizer.layers.") and k not in head_keys(plain))
+    assert state[1] == state[0] - rest + rest // n
+    assert head > 0 and "stay whole on every rank" in full_ranks[0].text and "layers.2.weight" in full_ranks[0].text
+    metrics = full_ranks[0].of_kind("metric")[-1]["values"]
+    assert metrics["shard_scatter_bytes_per_step"] > 0 and metrics["shard_gather_bytes_per_step"] > 0
+
+
+def head_keys(arrays) -> set[str]:
+    return {k for k in arrays if k.startswith("optimizer.layers.2.")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then", "stage_then"), [(2, 4, "full"), (4, 1, "none"), (2, 2, "optimizer")])
+def test_a_fully_sharded_checkpoint_resumes_on_another_world_and_stage(tmp_path, first, then, stage_then):
+    """N ranks x batch b == M ranks x batch N*b/M, so a run may change world size (and stage) at a checkpoint."""
+    batch = {1: ["--batch-size", "16"], 2: ["--batch-size", "8"], 4: ["--batch-size", "4"]}
+    straight, _ = train(tmp_path, "straight", first, COMMON + batch[first] + ["--steps", "16", "--shard", "full"])
+    train(tmp_path, "switched", first, COMMON + batch[first] + ["--steps", "8", "--shard", "full"])
+    resumed, ranks = train(tmp_path, "switched", then,
+                           COMMON + batch[then] + ["--steps", "16", "--shard", stage_then, "--resume"])
+    assert "resumed from" in ranks[0].text and all(r.of_kind("step")[0]["step"] == 9 for r in ranks)
+    assert max_abs_diff(straight, resumed) < 1e-4
+    assert max_abs_diff(straight, resumed, prefix="optimizer.") < 1e-4
+
+
+def test_sharding_a_model_alone_keeps_its_names_and_rank_0s_whole_model():
+    """World of one: nothing is wrapped, the names and the optimizer are the plain ones."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = optim.Adam(learning_rate=1e-2)
+    fs = shard.FullShard(model, opt, mx.distributed.init())
+    assert fs.wrapped == [] and sorted(fs.gather_params()) == sorted(k for k, _ in tree_flatten(model.parameters()))
+    assert sorted(fs.gather_state()) == sorted(k for k, _ in tree_flatten(opt.state))
+
+
+def test_shard_flag_names_the_stages_and_refuses_mixing():
+    assert parse_hparams(Hparams, ["--shard", "optimizer"]).shard_optimizer is True
+    assert parse_hparams(Hparams, ["--shard", "full"]).shard == "full"
+    with pytest.raises(SystemExit, match="--shard full already shards the optimizer state"):
+        parse_hparams(Hparams, ["--shard", "full", "--shard-optimizer"])
+    with pytest.raises(SystemExit, match="drop --grad-dtype"):
+        parse_hparams(Hparams, ["--shard", "full", "--grad-dtype", "bfloat16"])
