@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.orch_helpers import RECIPES, SCRIPTS, alive, kill_tree, rank_pids, run_orch, start_orch, summary, wait_for_line
+from tests.orch_helpers import (RECIPES, SCRIPTS, alive, events, kill_tree, rank_pids, run_orch, start_orch, summary,
+                                wait_for_line)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def test_three_rank_allsum_is_correct_and_recorded(tmp_path):
     assert [x["rank"] for x in s["ranks"]] == [0, 1, 2]
     assert all(x["exit_code"] == 0 and x["signal"] is None and x["pid"] for x in s["ranks"])
     assert s["duration_s"] > 0
-    kinds = [json.loads(l)["kind"] for l in (rd / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events(rd)]
     assert kinds.count("ready") == 3 and kinds.count("spawned") == 3
     assert not alive(rank_pids(rd), timeout=2)
 
@@ -164,7 +165,7 @@ def test_ring_forms_without_mlx_connect_retries(tmp_path, n):
         assert r.returncode == 0, r.stderr
         logs = "".join((rd / "logs" / f"rank-{k}.log").read_text() for k in range(n))
         assert "Attempt" not in logs, f"run {i}: a rank had to retry its connect:\n{logs}"
-        kinds = [(e["kind"], e["rank"]) for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1])]
+        kinds = [(e["kind"], e["rank"]) for e in events(rd)]
         assert ("listening", 0) in kinds and ("listening", n - 1) in kinds
 
 

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from orchestrator.hostfile import ConfigError, Hostfile, Host, hosts_hostfile, select_hosts
-from tests.orch_helpers import run_orch, summary
+from tests.orch_helpers import events, run_orch, summary
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_console_script_on_path_runs_under_the_init_hook(tmp_path):
     r = run_orch("run", "-n", "2", "--run-dir", str(rd), "--", "my-trainer", "--flag", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("SUM 3.0 ['--flag']") == 2
-    kinds = [json.loads(line)["kind"] for line in (rd / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events(rd)]
     assert kinds.count("ready") == 2, kinds
 
 
