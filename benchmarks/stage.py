@@ -145,7 +145,7 @@ def main() -> int:
             assert s2["sent_by_controller"] == 0, s2
             times["stage_again"].append(t)
             print(f"rep {rep}: orch stage again {t:.2f}s (moved {s2['sent_by_controller']} bytes; its own wall "
-                  f"{s2['wall_s']:.2f}s: {s2['phases']})", flush=True)
+                  f"{s2['wall_s']:.2f}s: {s2['phases']}; checked {[h['checked'] for h in s2['hosts']]})", flush=True)
             for i in range(c.n):
                 c.disk_exec(i, f"rm -rf {dest}")
 
