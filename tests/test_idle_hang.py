@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import signal
 import subprocess
@@ -39,7 +38,7 @@ from orchestrator.plan import plan_job
 from orchestrator.rundir import RunDir
 from orchestrator.runtime import rank_sampling
 from orchestrator.supervisor import Supervisor, SupervisorOptions
-from tests.orch_helpers import SCRIPTS, alive, end_stopped, finish, kill_tree, orch_argv, run_orch, summary
+from tests.orch_helpers import SCRIPTS, alive, end_stopped, events, finish, kill_tree, orch_argv, run_orch, summary
 from tests.test_guard_support import start_guard  # noqa: F401 (fixture)
 from tests.test_hostile_ranks import FakeLauncher
 
@@ -317,8 +316,7 @@ def test_a_stopped_rank_of_a_silent_program_is_named_and_the_run_cleaned_up(tmp_
         while "rank 1 joined" not in (tmp_path / "out").read_text():
             assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
             time.sleep(0.1)
-        events = [json.loads(line) for line in (rd / "events.jsonl").read_text().splitlines()]
-        rank1 = next(e["pid"] for e in events if e["kind"] == "spawned" and e["rank"] == 1)
+        rank1 = next(e["pid"] for e in events(rd) if e["kind"] == "spawned" and e["rank"] == 1)
         pids = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
         assert rank1 in pids
         os.kill(rank1, signal.SIGSTOP)
