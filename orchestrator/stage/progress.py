@@ -150,7 +150,7 @@ class Progress:
 
 
 def summary_text(s: StageSummary) -> str:
-    head = (f"orch stage: {s.files} files, {fmt_bytes(s.bytes)} -> {s.dest} on {len(s.hosts)} hosts in "
+    head = (f"orch stage: {s.files} files, {fmt_bytes(s.bytes)} -> {s.dest} on {len(s.hosts)} host{'s' if len(s.hosts) != 1 else ''} in "
             f"{s.wall_s:.2f}s ({s.gb_per_s:.3f} GB/s onto disks; {fmt_bytes(s.sent_by_controller)} left this machine)")
     rows = [head]
     if s.route:

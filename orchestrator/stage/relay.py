@@ -311,7 +311,8 @@ class Relay:
             except OSError as e:
                 last = e
                 time.sleep(0.2)
-        raise OSError("cannot reach the next host at %s:%s (%s)" % (nxt["addr"], nxt["port"], getattr(last, "strerror", None) or last))
+        why = getattr(last, "strerror", None) or last
+        raise OSError("cannot reach the next host at %s:%s (%s)" % (nxt["addr"], nxt["port"], why))
 
     def run_pass(self, p):
         """One pass: accept, connect, relay frames until the end marker. Reports ``done`` or ``error``."""
