@@ -321,3 +321,48 @@ def test_each_hop_goes_over_the_cable_between_the_two_hosts_else_the_lan():
     assert hop_address(a, d, "10.0.0.4") == ("10.0.0.4", "lan")          # no cable: where SSH reached it
     plain = Host(name="mac5", ips=["10.1.0.5"])
     assert hop_address(a, plain, "10.0.0.5") == ("10.1.0.5", "ips")     # no prefixes: MLX's meaning
+
+
+def test_a_partial_file_with_wrong_bytes_is_caught_at_the_end_and_sent_whole(tmp_path):
+    """A temporary file left by an earlier stage is trusted up to its length; if those bytes were wrong the
+    file's SHA-256 says so when the rest arrives: it is dropped, never renamed into place, and sent again whole."""
+    import hashlib
+    import socket
+
+    src = tmp_path / "model"
+    want = make_model(src, {"w.safetensors": 2_000_000}, seed=6)
+    dest = tmp_path / "dest"
+    (dest / ".orch-stage").mkdir(parents=True)
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in socket.gethostname())[:64]
+    (dest / ".orch-stage" / f"{want['w.safetensors']}.{host}.part").write_bytes(b"\0" * 500_000)
+    res = result(run_orch("stage", str(src), "--hosts", "localhost", "--to", str(dest), "--json", cwd=tmp_path))
+    assert res["status"] == "ok", res
+    assert res["passes"] == 2
+    assert res["hosts"][0]["resumed_bytes"] == 500_000
+    assert res["sent_by_controller"] == (2_000_000 - 500_000) + 2_000_000
+    assert hashlib.sha256((dest / "w.safetensors").read_bytes()).hexdigest() == want["w.safetensors"]
+    assert sorted(os.listdir(dest / ".orch-stage")) == ["verified.json"]
+
+
+def test_progress_bars_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from orchestrator.stage.progress import Progress
+
+    tty = io.StringIO()
+    p = Progress(["mac1", "mac2"], tty, tty=True)
+    p.start_pass({"mac1": 1000, "mac2": 1000})
+    p.update("mac1", 500)
+    p.mark("mac2", "gone")
+    text = tty.getvalue()
+    assert "\x1b[2F" in text  # redrawn in place
+    last = text.rsplit("\x1b[2F", 1)[-1]
+    assert "mac1" in last and " 50.0%" in last and "500 B / 1000 B" in last
+    assert "mac2" in last and "gone" in last
+    plain = io.StringIO()
+    q = Progress(["mac1"], plain, tty=False)
+    q.start_pass({"mac1": 1000})
+    q.update("mac1", 10)
+    assert plain.getvalue() == ""  # plain lines every few seconds, not per update
+    q.mark("mac1", "gone")
+    assert plain.getvalue() == "orch stage: mac1 gone\n"
