@@ -212,7 +212,11 @@ class Stage:
                     stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=1 << 22)
             else:
                 h.proc = await h.conn.conn.create_process("exec " + shlex.join(argv), encoding=None)
-        except Exception as e:  # noqa: BLE001 - no interpreter, channel refused
+        except (FileNotFoundError, PermissionError):
+            h.status, h.reason = "failed", (f"cannot start the relay on {h.name}: {python}: not found or not executable "
+                                            "(set \"python\" in the hostfile or --python)")
+            return
+        except Exception as e:  # noqa: BLE001 - channel refused, connection lost
             h.status, h.reason = "failed", f"cannot start the relay on {h.name}: {getattr(e, 'reason', None) or e}"
             return
         h.proc.stdin.write(b"%d\n" % len(payload) + payload)
@@ -232,7 +236,7 @@ class Stage:
             return
         if ev.get("ev") != "ready":
             why = ev.get("error") or _last_line(h.stderr) or "it exited"
-            if "not found" in h.stderr or "No such file" in h.stderr and python in h.stderr:
+            if "not found" in h.stderr or ("No such file" in h.stderr and python in h.stderr):
                 why = f"{python}: not found on this host (set \"python\" in the hostfile or --python)"
             h.status, h.reason = "failed", f"the relay on {h.name} did not start: {why}"
             return
