@@ -366,3 +366,32 @@ def test_progress_bars_on_a_terminal_and_plain_lines_elsewhere():
     assert plain.getvalue() == ""  # plain lines every few seconds, not per update
     q.mark("mac1", "gone")
     assert plain.getvalue() == "orch stage: mac1 gone\n"
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_host_that_cannot_be_reached_is_named_and_the_others_get_the_files(c4, tmp_path):
+    src = tmp_path / "model"
+    want = make_model(src, {"w.safetensors": 500_000}, seed=7)
+    dest = f"{c4.disk}/m5"
+    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"]} for h in c4.hosts]
+    nobody = c4.mgmt_gateway.rsplit(".", 1)[0] + ".99"  # on the management subnet, but no host has it
+    hosts.insert(2, {"ssh": nobody})
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"hosts": hosts}))
+    p = run_orch(*stage_args(c4, src, dest, hf, "--connect-timeout", "2"), cwd=tmp_path)
+    res = result(p)
+    assert p.returncode == 1 and res["status"] == "partial"
+    by = {h["host"]: h for h in res["hosts"]}
+    assert by[nobody]["status"] == "unreachable" and f"cannot reach {nobody}" in by[nobody]["reason"]
+    for i in range(4):
+        assert by[f"host{i}"]["status"] == "ok"
+        assert c4.sha256s(i, dest) == want, f"host{i}"
+    assert f"{nobody}" in p.stdout
+
+    missing = run_orch(*stage_args(c4, src, f"{c4.disk}/m6", write_hostfile(c4, tmp_path / "h4.json"),
+                                   "--python", "/no/such/python3"), cwd=tmp_path)  # the last --python wins
+    res = result(missing)
+    assert res["status"] == "failed" and all("/no/such/python3" in h["reason"] for h in res["hosts"]), res
+    wait_hosts_clean(c4)
