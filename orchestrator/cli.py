@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Optional
 
-from orchestrator import __version__
+from orchestrator import __version__, backends
 from orchestrator.remote import add_ssh_arguments
 
 EXIT_USAGE = 2
@@ -51,10 +51,10 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     p.add_argument("-n", "--nproc", dest="n", type=int, help="number of local ranks (no hostfile); with --hosts, ranks per host")
     where.add_argument("--hostfile", help="JSON hostfile (mlx.launch's format or {\"hosts\": [...]})")
-    p.add_argument("--backend", choices=["ring", "mpi", "jaccl", "jaccl-ring", "nccl"],
+    p.add_argument("--backend", choices=list(backends.NAMES),
                    help="communication backend (default: the hostfile's; else jaccl/jaccl-ring when its rdma matrix "
                         "links every pair/each ring neighbour, as mlx.distributed_config chooses; else ring)")
-    p.add_argument("--fallback-backend", choices=["ring"],
+    p.add_argument("--fallback-backend", choices=list(backends.FALLBACKS),
                    help="with --max-restarts: when JACCL fails to start (RDMA off, device missing, link down), "
                         "restart on this backend over the same hosts from the latest checkpoint")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set an environment variable on every rank")
@@ -252,7 +252,7 @@ def _prestart_local_ranks(args: argparse.Namespace) -> None:
     another Python or backend) starts ranks the ordinary way.
     """
     if (args.command != "run" or not args.n or not 1 <= args.n <= 1024 or args.hostfile or args.hosts
-            or args.python or args.backend not in (None, "ring") or args.stdin != "none"):
+            or args.python or not backends.local_ranks_prestartable(args.backend) or args.stdin != "none"):
         return
     from orchestrator.launch import prespawn
 

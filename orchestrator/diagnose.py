@@ -42,11 +42,11 @@ def _own_address(rank: int, plan) -> str:
 def classify(lines: Iterable[str], rank: int = 0, plan=None, signal: Optional[int] = None,
              initialised: Optional[bool] = None) -> Optional[Diagnosis]:
     lines = list(lines)
-    if getattr(plan, "backend", None) in ("jaccl", "jaccl-ring"):
-        from orchestrator.backends import jaccl  # here: backends import the plan, which imports this module's users
+    if getattr(plan, "backend", None):
+        from orchestrator import backends
 
-        f = jaccl.classify(lines, rank, plan, signal=signal, initialised=initialised)
-        if f is not None:
+        f = backends.get(plan.backend).classify(lines, rank, plan, signal=signal, initialised=initialised)
+        if f is not None:  # what only this backend's failures mean (JACCL's)
             return Diagnosis(f.cause, f.message, f.secondary)
     text = "\n".join(lines)
 

@@ -38,13 +38,13 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.backends.names import NAMES as BACKENDS  # the one list of backends
 from orchestrator.protocol import MEMORY_BUDGET_ENV
 
-BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # what mlx.launch 0.32 launches
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
 # Hostfiles are small; anything bigger is the wrong file, and reading it whole would cost memory for nothing.
 MAX_HOSTFILE_BYTES = 4 * 1024 * 1024
@@ -206,7 +206,7 @@ class Host(BaseModel):
 class Hostfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: Optional[Literal["ring", "mpi", "jaccl", "jaccl-ring", "nccl"]] = None
+    backend: Optional[str] = None  # one of backends.NAMES (checked below, in one line)
     envs: list[str] = Field(default_factory=list)
     hosts: list[Host] = Field(min_length=1)
     path: Optional[str] = None

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from orchestrator import protocol, ringstart
+from orchestrator import protocol
+from orchestrator.plan import ringstart
+from orchestrator import backends
 from orchestrator.backends import choose
 from orchestrator.hostfile import (ConfigError, Hostfile, hosts_hostfile, load_hostfile, local_hostfile, parse_env_assignment,
                                   select_hosts)
@@ -279,15 +281,16 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
     hostfile = _load_cluster(req)
     choice = choose(hostfile, req.backend)
     backend = choice.name
+    kind = backends.get(backend)
     script = _check_script(req, hostfile)
     mpi = None
-    if backend == "mpi" and req.stdin == "all":
-        raise ConfigError("--stdin all: under the mpi backend only rank 0 can read orch's stdin (mpirun forwards it to "
-                          "one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
-    if req.resume_arg and backend == "mpi" and not all(h.is_local for h in hostfile.hosts):
-        raise ConfigError("--resume-arg: under the mpi backend remote hosts cannot be given the resume file (mpirun "
-                          "stages nothing); use the ring backend over SSH, which copies it to every host")
-    if backend == "mpi":
+    if not kind.stdin_to_all and req.stdin == "all":
+        raise ConfigError(f"--stdin all: under the {backend} backend only rank 0 can read orch's stdin (mpirun forwards "
+                          "it to one rank; Open MPI 5's --stdin all fails); use --stdin rank0, or the ring backend")
+    if req.resume_arg and not kind.stages_files and not all(h.is_local for h in hostfile.hosts):
+        raise ConfigError(f"--resume-arg: under the {backend} backend remote hosts cannot be given the resume file "
+                          "(mpirun stages nothing); use the ring backend over SSH, which copies it to every host")
+    if kind.started_by_mpirun:
         from orchestrator.launch.mpi import find_mpi
 
         mpi = find_mpi(req.mpirun)  # fail early, naming what was searched
@@ -301,11 +304,11 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
         except ValueError as err:
             raise ConfigError(f"--env: {err}") from None
     plan = plan_job(hostfile, backend, req.connections_per_ip, req.starting_port)
-    if req.ring_order == "measured" and plan.backend != "ring":
+    if req.ring_order == "measured" and not kind.ring:
         raise ConfigError(f"--ring-order measured: only the ring backend has a ring order to choose (this run uses "
                           f"{plan.backend}); drop --ring-order or use --backend ring")
     if req.fallback_backend:
-        if backend not in ("jaccl", "jaccl-ring"):
+        if not kind.init_failures:
             raise ConfigError(f"--fallback-backend {req.fallback_backend}: only a jaccl or jaccl-ring run can fall back "
                               f"(this run uses {backend}); drop --fallback-backend")
         if req.max_restarts < 1:
@@ -319,7 +322,7 @@ def prepare(req: RunRequest) -> tuple[Hostfile, JobPlan, RunDir, str, Optional["
 
 
 def make_launcher(hostfile: Hostfile, req: RunRequest, plan: JobPlan, rundir: RunDir, mpi: Optional["MPIInstall"]) -> Launcher:
-    if plan.backend == "mpi":
+    if backends.get(plan.backend).started_by_mpirun:
         from orchestrator.launch.mpi import MPILauncher, MPIOptions
 
         options = MPIOptions.of(mpirun=req.mpirun, mpi_args=req.mpi_args, ssh_config=req.ssh_config,
@@ -483,9 +486,7 @@ def _fallback_note(req: RunRequest, backend: str, summary: RunSummary, has_check
     missing, queue pairs that would not connect): a JACCL run that trained and
     then failed restarts on JACCL, as any other run would.
     """
-    from orchestrator.backends import jaccl
-
-    if not req.fallback_backend or backend not in ("jaccl", "jaccl-ring") or summary.diagnosis_cause not in jaccl.INIT_FAILURES:
+    if not req.fallback_backend or summary.diagnosis_cause not in backends.get(backend).init_failures:
         return None
     start = "from the latest checkpoint" if has_checkpoint else "from the start (no checkpoint yet)"
     return (f"JACCL failed to start ({summary.diagnosis}); restarting on the {req.fallback_backend} backend over the same "
@@ -502,7 +503,7 @@ async def _measured_ring(req: RunRequest, hostfile: Hostfile, plan: JobPlan, run
     working links, fail the run before anything starts (exit 1), as an unreachable host does.
     """
     from orchestrator.health.linkbw import measure_hostfile, needs_measuring
-    from orchestrator.ringorder import NoRingError, apply_order, choose_ring
+    from orchestrator.plan.ringorder import NoRingError, apply_order, choose_ring
 
     why_not = needs_measuring(hostfile)
     if why_not:

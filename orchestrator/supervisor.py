@@ -53,7 +53,7 @@ from orchestrator.live import LiveView
 from orchestrator.output import Console, pump
 from orchestrator.plan import JobPlan
 from orchestrator.records import RankPhase, RankRecord, RunRecord
-from orchestrator.ringstart import RingStart
+from orchestrator.plan.ringstart import RingStart
 from orchestrator.stdin_forward import StdinForward
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.watchdog import PHASE_ENDS, Watchdog
@@ -504,15 +504,16 @@ class Supervisor:
         #4278), so the grace-then-SIGKILL path is their normal end, and a
         SIGKILLed process can leave its RDMA-registered memory wired until reboot.
         """
-        if self.plan.backend not in ("jaccl", "jaccl-ring"):
-            return []
-        from orchestrator.backends import jaccl
+        from orchestrator import backends
 
+        warning = backends.get(self.plan.backend).kill_warning()
+        if warning is None:
+            return []
         killed = [s for s in self.states if s.killed or (s.status is not None and s.status.signal == signal.SIGKILL)]
         if not killed:
             return []
         where = ", ".join(f"rank {s.rank} on {s.spec.host}" for s in killed)
-        return [f"{jaccl.SIGKILL_WARNING} ({where})"]
+        return [f"{warning} ({where})"]
 
     def _report(self, summary: RunSummary) -> None:
         rank = summary.failed_rank

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from orchestrator import ringorder
+from orchestrator.plan import ringorder
 from orchestrator.hostfile import parse_hostfile
 from orchestrator.plan import plan_job
-from orchestrator.ringorder import (LinkMatrix, NoRingError, PathMeasurement, apply_order, best_ring, bottleneck,
+from orchestrator.plan.ringorder import (LinkMatrix, NoRingError, PathMeasurement, apply_order, best_ring, bottleneck,
                                     choose_ring, exact_ring, heuristic_ring)
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import protocol, ringstart
+from orchestrator import protocol
+from orchestrator.plan import ringstart
 from orchestrator.hostfile import local_hostfile
 from orchestrator.launch.base import ControlChannel, RankHandle
 from orchestrator.plan import plan_job

@@ -1,69 +1,23 @@
-"""The communication backends ``mlx.launch`` 0.32 starts, one small module each.
+"""The communication backends ``mlx.launch`` 0.32 starts: one ``Backend`` object each, and their one list.
 
-Each module knows three things about its backend and nothing else:
+* ``NAMES``: every backend orch launches, the one list (the hostfile model, the CLI's
+  choices and ``orch check`` read it here);
+* ``get(name)``: the ``Backend`` (``backends/base.py``: every question about a backend
+  is a method or attribute there; nothing outside this package compares names);
+* ``choose`` (``backends/choice.py``): picks one when neither ``--backend`` nor the
+  hostfile names one, the way ``mlx.distributed_config`` decides.
 
-* ``validate(hostfile)``: what the backend needs from the hostfile, as one-line
-  ``ConfigError``s at least as strict as ``mlx.launch``'s own checks (so a bad
-  hostfile fails before anything starts, not inside ``mx.distributed.init``);
-* ``rank_env(plan, rank)``: the variables ``mlx.launch`` hands that rank for
-  that backend (read from ``mlx/_distributed_utils/launch.py``);
-* ``files(plan)``: the files ``mlx.launch`` writes for every rank (``MLX_HOSTFILE``,
-  ``MLX_IBV_DEVICES``), as ``{env var: content}``; the launcher puts each on the
-  rank's host and points the variable at it.
-
-``choose`` picks a backend when neither ``--backend`` nor the hostfile names one,
-the way ``mlx.distributed_config`` decides what to write: a full RDMA mesh ->
-``jaccl``, an RDMA ring -> ``jaccl-ring``, otherwise ``ring``.
+This module imports nothing heavy (the CLI reads ``NAMES`` while parsing); each
+backend's module is imported when it is first asked for.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from orchestrator.backends.names import FALLBACKS, NAMES, local_ranks_prestartable  # noqa: F401  (the one list)
+from orchestrator.backends.registry import all_backends, get  # noqa: F401
 
-from pydantic import BaseModel
+def choose(hostfile, requested=None):
+    """``backends.choice.choose`` (kept here so callers import one name)."""
+    from orchestrator.backends.choice import choose as _choose
 
-from orchestrator.hostfile import BACKENDS, ConfigError, Hostfile
-
-__all__ = ["BACKENDS", "BackendChoice", "choose", "module"]
-
-
-class BackendChoice(BaseModel):
-    name: str
-    reason: str  # one line the CLI prints: why this backend
-
-
-def module(name: str):
-    """The module implementing backend ``name``."""
-    from orchestrator.backends import jaccl, mpi, nccl, ring
-
-    mods = {"ring": ring, "mpi": mpi, "jaccl": jaccl, "jaccl-ring": jaccl, "nccl": nccl}
-    if name not in mods:
-        raise ConfigError(f"--backend {name}: unknown backend; use one of {', '.join(BACKENDS)}")
-    return mods[name]
-
-
-def choose(hostfile: Hostfile, requested: Optional[str] = None) -> BackendChoice:
-    """``--backend`` first, then the hostfile's ``backend``, then what its ``rdma`` matrix allows."""
-    from orchestrator.backends import jaccl
-
-    if requested:
-        module(requested)
-        return BackendChoice(name=requested, reason=f"--backend {requested}")
-    if hostfile.backend:
-        return BackendChoice(name=hostfile.backend, reason=f"the hostfile names backend \"{hostfile.backend}\"")
-    n = len(hostfile.hosts)
-    if hostfile.world_size < 2 or not any(h.rdma for h in hostfile.hosts):
-        return BackendChoice(name="ring", reason="no backend named and no rdma matrix in the hostfile: ring over TCP")
-    problem = jaccl.matrix_problem(hostfile)
-    if problem:
-        return BackendChoice(name="ring", reason=f"no backend named and the rdma matrix is unusable ({problem}): ring over TCP")
-    mesh_missing = jaccl.missing_pairs(hostfile, ring=False)
-    if not mesh_missing:
-        return BackendChoice(name="jaccl", reason=f"no backend named; the rdma matrix links every pair of the {n} hosts (full mesh): jaccl")
-    if not jaccl.missing_pairs(hostfile, ring=True):
-        return BackendChoice(name="jaccl-ring", reason=(
-            f"no backend named; the rdma matrix links each host to its ring neighbours but not every pair "
-            f"({jaccl.describe_pairs(hostfile, mesh_missing)} missing): jaccl-ring"))
-    return BackendChoice(name="ring", reason=(
-        f"no backend named; the rdma matrix forms neither a full mesh nor a ring "
-        f"({jaccl.describe_pairs(hostfile, jaccl.missing_pairs(hostfile, ring=True))} missing): ring over TCP"))
+    return _choose(hostfile, requested)

@@ -31,11 +31,12 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from orchestrator.backends.base import Backend
 from orchestrator.backends.nccl import coordinator_ip
 from orchestrator.hostfile import ConfigError, Hostfile
 
 if TYPE_CHECKING:
-    from orchestrator.plan import JobPlan, RankPlan
+    from orchestrator.backends.base import PlanLike, RankLike
 
 # The summary's warning when orch had to SIGKILL a JACCL rank (survivors of a dead
 # peer spin and ignore SIGTERM, so the grace period ends in SIGKILL).
@@ -90,7 +91,7 @@ def describe_pairs(hostfile: Hostfile, pairs: list[tuple[int, int]], limit: int 
     return text
 
 
-def validate(hostfile: Hostfile, backend: str = "jaccl") -> None:
+def _validate(hostfile: Hostfile, backend: str) -> None:
     """``mlx.launch``'s checks for ``--backend jaccl|jaccl-ring``, each a one-line ``ConfigError``."""
     where = hostfile.path or "<hostfile>"
     if not any(h.rdma for h in hostfile.hosts):
@@ -113,16 +114,37 @@ def validate(hostfile: Hostfile, backend: str = "jaccl") -> None:
     coordinator_ip(hostfile, backend)
 
 
-def rank_env(plan: "JobPlan", rank: "RankPlan") -> dict[str, str]:
-    env = {"MLX_JACCL_COORDINATOR": plan.coordinator or ""}
-    if plan.backend == "jaccl-ring":
-        env["MLX_JACCL_RING"] = "1"
-    return env
+class Jaccl(Backend):
+    """JACCL over Thunderbolt 5 RDMA: every pair cabled (``jaccl``) or a ring of cables (``jaccl-ring``)."""
 
+    coordinator = True
+    rdma = True
 
-def files(plan: "JobPlan") -> dict[str, str]:
-    """``MLX_IBV_DEVICES``: the matrix exactly as mlx.launch serialises it (``json.dumps`` of the rows)."""
-    return {"MLX_IBV_DEVICES": json.dumps(plan.rdma)}
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def validate(self, hostfile: Hostfile) -> None:
+        _validate(hostfile, self.name)
+
+    def rank_env(self, plan: "PlanLike", rank: "RankLike") -> dict[str, str]:
+        env = {"MLX_JACCL_COORDINATOR": plan.coordinator or ""}
+        if self.name == "jaccl-ring":
+            env["MLX_JACCL_RING"] = "1"
+        return env
+
+    def files(self, plan: "PlanLike") -> dict[str, str]:
+        """``MLX_IBV_DEVICES``: the matrix exactly as mlx.launch serialises it (``json.dumps`` of the rows)."""
+        return {"MLX_IBV_DEVICES": json.dumps(plan.rdma)}
+
+    def classify(self, lines, rank=0, plan=None, signal=None, initialised=None):
+        return classify(lines, rank, plan, signal=signal, initialised=initialised)
+
+    @property
+    def init_failures(self) -> frozenset:
+        return INIT_FAILURES
+
+    def kill_warning(self) -> Optional[str]:
+        return SIGKILL_WARNING
 
 
 # ----------------------------------------------------------------------------- failures
@@ -254,3 +276,6 @@ def classify(lines: Iterable[str], rank: int = 0, plan=None, signal: Optional[in
             f"jaccl: {who} crashed (SIGSEGV) inside a JACCL collective: a Thunderbolt cable pulled or a link lost "
             "mid-collective does this (mlx#4192); check the cables, then restart")
     return None
+
+
+BACKENDS = {"jaccl": Jaccl("jaccl"), "jaccl-ring": Jaccl("jaccl-ring")}

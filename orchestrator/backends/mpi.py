@@ -9,23 +9,17 @@ MPI's ``OMPI_COMM_WORLD_*`` variables before the program starts, whatever its fo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from orchestrator.hostfile import Hostfile
-
-if TYPE_CHECKING:
-    from orchestrator.plan import JobPlan, RankPlan
-
-PER_RANK = False  # one environment for every rank (mpirun -x)
+from orchestrator.backends.base import Backend
 
 
-def validate(hostfile: Hostfile, backend: str = "mpi") -> None:
+class Mpi(Backend):
     """Open MPI itself is looked for by ``launch/mpi.find_mpi``; the hostfile needs nothing more."""
 
+    name = "mpi"
+    started_by_mpirun = True
+    sum_scatter_standin = True
+    stdin_to_all = False  # mpirun forwards stdin to one rank; Open MPI 5's --stdin all fails
+    stages_files = False  # mpirun stages nothing: the code must be at the same path on every host
 
-def rank_env(plan: "JobPlan", rank: "RankPlan") -> dict[str, str]:
-    return {}
 
-
-def files(plan: "JobPlan") -> dict[str, str]:
-    return {}
+BACKENDS = {"mpi": Mpi()}

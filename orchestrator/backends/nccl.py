@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator.backends.base import Backend
 from orchestrator.hostfile import ConfigError, Hostfile
 
 if TYPE_CHECKING:
-    from orchestrator.plan import JobPlan, RankPlan
+    from orchestrator.backends.base import PlanLike, RankLike
 
 
 def coordinator_ip(hostfile: Hostfile, backend: str) -> str:
@@ -32,19 +33,21 @@ def coordinator_ip(hostfile: Hostfile, backend: str) -> str:
     )
 
 
-def validate(hostfile: Hostfile, backend: str = "nccl") -> None:
-    coordinator_ip(hostfile, backend)
+class Nccl(Backend):
+    name = "nccl"
+    coordinator = True
+
+    def validate(self, hostfile: Hostfile) -> None:
+        coordinator_ip(hostfile, self.name)
+
+    def rank_env(self, plan: "PlanLike", rank: "RankLike") -> dict[str, str]:
+        host, _, port = (plan.coordinator or "").rpartition(":")
+        return {
+            "MLX_WORLD_SIZE": str(plan.world_size),
+            "NCCL_HOST_IP": host,
+            "NCCL_PORT": port,
+            "CUDA_VISIBLE_DEVICES": str(rank.local_rank),
+        }
 
 
-def rank_env(plan: "JobPlan", rank: "RankPlan") -> dict[str, str]:
-    host, _, port = (plan.coordinator or "").rpartition(":")
-    return {
-        "MLX_WORLD_SIZE": str(plan.world_size),
-        "NCCL_HOST_IP": host,
-        "NCCL_PORT": port,
-        "CUDA_VISIBLE_DEVICES": str(rank.local_rank),
-    }
-
-
-def files(plan: "JobPlan") -> dict[str, str]:
-    return {}
+BACKENDS = {"nccl": Nccl()}

@@ -20,10 +20,11 @@ import ipaddress
 import json
 from typing import TYPE_CHECKING, Optional
 
-from orchestrator.hostfile import ConfigError, Host, Hostfile
+from orchestrator.backends.base import Backend
+from orchestrator.hostfile import ConfigError, Host
 
 if TYPE_CHECKING:
-    from orchestrator.plan import JobPlan, RankPlan
+    from orchestrator.backends.base import PlanLike, RankLike
 
 
 def _subnet(ip: str) -> Optional[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -70,16 +71,18 @@ def listen_ips(hosts: list[Host], rank_hosts: list[int]) -> list[list[str]]:
     return out
 
 
-def validate(hostfile: Hostfile, backend: str = "ring") -> None:
+class Ring(Backend):
     """The ring's needs (an address per rank, the left-neighbour rule) are checked while planning addresses."""
 
+    name = "ring"
+    ring = True
+    sum_scatter_standin = True
 
-def rank_env(plan: "JobPlan", rank: "RankPlan") -> dict[str, str]:
-    return {}
+    def files(self, plan: "PlanLike") -> dict[str, str]:
+        """``MLX_HOSTFILE``; a single rank gets none (MLX then runs as a singleton group)."""
+        if plan.world_size < 2:
+            return {}
+        return {"MLX_HOSTFILE": json.dumps([r.listen for r in plan.ranks])}
 
 
-def files(plan: "JobPlan") -> dict[str, str]:
-    """``MLX_HOSTFILE``; a single rank gets none (MLX then runs as a singleton group)."""
-    if plan.world_size < 2:
-        return {}
-    return {"MLX_HOSTFILE": json.dumps([r.listen for r in plan.ranks])}
+BACKENDS = {"ring": Ring()}

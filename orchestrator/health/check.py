@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from orchestrator import backends
 from orchestrator.health import probes
 from orchestrator.health.collective import run_collective
 from orchestrator.health.jaccl_checks import build_agreement, device_names, jaccl_host_checks
@@ -53,8 +54,6 @@ if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds i
     from orchestrator.remote.ssh import SSHOptions
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring", "nccl")  # orchestrator.hostfile.BACKENDS (not imported: pydantic)
-JACCL_BACKENDS = ("jaccl", "jaccl-ring")
 CLOCK_SAMPLES = 3
 
 
@@ -96,7 +95,8 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
     report = Report(backend=backend, world_size=plan.world_size, hosts=hosts)
 
     mpi_local = mpi_error = mpi_prefix = None
-    if backend == "mpi":
+    kind = backends.get(backend)
+    if kind.started_by_mpirun:
         from orchestrator.launch.mpi import find_mpi
 
         try:
@@ -112,7 +112,7 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
         reports = await probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local, mpi_error, mpi_prefix)
         versions = {i: r["mlx"]["version"] for i, r in reports.items() if (r.get("mlx") or {}).get("version")}
         mlx_agreement(hosts, versions)
-        if backend in JACCL_BACKENDS:
+        if kind.rdma:
             builds = {}
             for i, rep in reports.items():
                 facts = jaccl_host_checks(hosts[i], rep, device_names(hostfile.hosts[i].rdma))
@@ -139,9 +139,9 @@ async def link_bandwidth(hostfile: Hostfile, runners: dict, reports: dict, opts:
     """``--link-bandwidth``: every link between the hosts measured (``linkbw.py``), and the fastest ring beside the
     hostfile's (``ringorder.py``). Informational: it never fails the check, a path that failed is named in it."""
     from orchestrator.health.linkbw import measure_links, needs_measuring
-    from orchestrator.ringorder import NoRingError, choose_ring
+    from orchestrator.plan.ringorder import NoRingError, choose_ring
 
-    if backend != "ring":
+    if not backends.get(backend).ring:
         return {"detail": f"not measured: the {backend} backend has no ring order to choose"}
     why_not = needs_measuring(hostfile)
     usable = {i: r for i, r in runners.items() if i in reports}  # the link probe needs a python that started
@@ -212,11 +212,13 @@ async def probe_hosts(hostfile, hosts, runners, conns, opts, backend, mpi_local=
                       macos: bool = False) -> dict[int, dict]:
     """The host probe on every runner at once -> {host index: report}; the host rows filled in as it goes.
     ``macos``: also collect the raw macOS facts (JACCL checks, ``orch env``)."""
-    macos = macos or backend in JACCL_BACKENDS
-    config = {"staging": STAGING_DIR, "deadline": opts.timeout + 30, "mpi": backend == "mpi", "mpi_prefix": mpi_prefix,
+    kind = backends.get(backend) if backend else None  # None: no backend in view (orch env)
+    mpi, rdma = bool(kind and kind.started_by_mpirun), bool(kind and kind.rdma)
+    macos = macos or rdma
+    config = {"staging": STAGING_DIR, "deadline": opts.timeout + 30, "mpi": mpi, "mpi_prefix": mpi_prefix,
               "macos": macos, "macos_budget": opts.timeout * 0.7}
-    software = (["python", "mlx", "disk", "memory", "clock"] + (["mpi"] if backend == "mpi" else [])
-                + (["macos", "rdma", "thunderbolt", "bridge"] if backend in JACCL_BACKENDS else []))
+    software = (["python", "mlx", "disk", "memory", "clock"] + (["mpi"] if mpi else [])
+                + (["macos", "rdma", "thunderbolt", "bridge"] if rdma else []))
 
     async def one(i: int) -> Optional[dict]:
         h = hosts[i]
@@ -280,7 +282,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--hostfile", help="JSON hostfile (the one orch run will use)")
     where.add_argument("-n", "--nproc", dest="n", type=int, help="check N local ranks (no hostfile)")
-    p.add_argument("--backend", choices=list(BACKENDS),
+    p.add_argument("--backend", choices=list(backends.NAMES),
                    help="backend to check for (default: the hostfile's, else chosen from its rdma matrix as orch run does)")
     p.add_argument("--python", help="python interpreter the ranks will use (default: the hostfile's, python3 remotely)")
     p.add_argument("--collective", action="store_true", help="also run a real all_sum over all ranks: result, bandwidth, latency")

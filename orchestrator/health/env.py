@@ -117,7 +117,7 @@ async def collect_env(opts: CheckOptions, err=None) -> list[dict]:
     runners: dict = {}
     try:
         conns, runners = await connect_runners(hostfile, opts, hosts, err or sys.stderr)
-        reports = await probe_hosts(hostfile, hosts, runners, conns, opts, backend="ring", macos=True)
+        reports = await probe_hosts(hostfile, hosts, runners, conns, opts, backend=None, macos=True)
     finally:
         await close_runners(conns, runners)
     out = []

@@ -245,7 +245,7 @@ def measured_order(data, source: str, args) -> tuple[Any, str]:
     neighbour, ``ringorder.apply_order``).
     """
     from orchestrator.health.linkbw import measure_hostfile, needs_measuring
-    from orchestrator.ringorder import NoRingError, apply_order, choose_ring
+    from orchestrator.plan.ringorder import NoRingError, apply_order, choose_ring
 
     hostfile = parse_hostfile(data, source)
     why_not = needs_measuring(hostfile)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from orchestrator import backends
 from orchestrator.health import probes
 from orchestrator.health.verdicts import HostResult
 from orchestrator.remote import REMOTE_BASE
@@ -54,7 +55,7 @@ def host_checks(h: HostResult, rep: dict, samples: list[tuple[float, float, floa
               f"{human_bytes(mem.get('available'))}/{human_bytes(mem['total'])}")
     else:
         h.add("memory", "warn", f"memory unknown: {mem.get('error') or 'not reported'}", "unknown")
-    if backend == "mpi":
+    if backend and backends.get(backend).started_by_mpirun:
         mpi_check(h, rep.get("mpi") or {}, mpi_local, mpi_error, mpi_prefix)
     if h.local:
         h.add("clock", "pass", "this machine's clock", "local")

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
-from orchestrator.ringorder import LinkMatrix, PathMeasurement
+from orchestrator.plan.ringorder import LinkMatrix, PathMeasurement
 
 if TYPE_CHECKING:
     from orchestrator.hostfile import Host, Hostfile

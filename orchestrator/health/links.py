@@ -44,7 +44,9 @@ class Edge:
 def ring_edges(hostfile: Hostfile, plan) -> list[Edge]:
     """Rank i connects to every address rank i+1 listens on (MLX's ring)."""
     n = plan.world_size
-    if plan.backend != "ring" or n < 2:
+    from orchestrator import backends
+
+    if not backends.get(plan.backend).ring or n < 2:
         return []
     edges = []
     for r in plan.ranks:

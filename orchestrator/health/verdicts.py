@@ -95,7 +95,7 @@ class Report:
 
 
 def _bandwidth_lines(lb: dict) -> list[str]:
-    from orchestrator.ringorder import LinkMatrix, fmt_gbit
+    from orchestrator.plan.ringorder import LinkMatrix, fmt_gbit
 
     lines = []
     if lb.get("matrix"):

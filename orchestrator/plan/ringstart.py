@@ -36,24 +36,31 @@ from typing import TYPE_CHECKING, Iterable
 from orchestrator import protocol
 
 if TYPE_CHECKING:
-    from orchestrator.plan import JobPlan, RankPlan
+    from orchestrator.backends.base import Backend
+    from orchestrator.plan.model import JobPlan, RankPlan
 
 
-def roles(backend: str, world_size: int) -> tuple[frozenset[int], frozenset[int]]:
+def _backend(backend: "str | Backend") -> "Backend":
+    from orchestrator import backends
+
+    return backends.get(backend) if isinstance(backend, str) else backend
+
+
+def roles(backend: "str | Backend", world_size: int) -> tuple[frozenset[int], frozenset[int]]:
     """(gated ranks, held ranks) of a job: on a ring of 2 or more, N-1 is gated and 0 held; else none."""
-    if backend != "ring" or world_size < 2:
+    if not _backend(backend).ring or world_size < 2:
         return frozenset(), frozenset()
     return frozenset({world_size - 1}), frozenset({0})
 
 
-def rank_env(backend: str, rank: "RankPlan") -> dict[str, str]:
+def rank_env(backend: "str | Backend", rank: "RankPlan") -> dict[str, str]:
     """The ring start's part of one rank's environment (read by its guard)."""
     env: dict[str, str] = {}
     if rank.gated:
         env[protocol.ENV_GATED] = "1"
     if rank.held:
         env[protocol.ENV_HOLD] = "1"
-    if backend == "ring" and rank.listen:
+    if _backend(backend).ring and rank.listen:
         env[protocol.ENV_LISTEN] = rank.listen[0]
     return env
 

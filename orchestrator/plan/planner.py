@@ -11,88 +11,24 @@ scripts written for either launcher run unchanged.
 
 Which rank of a ring waits at a start gate (``gated``) and which is held once
 it listens (``held``), and why that saves a second of launch time, is the
-ring start's: ``orchestrator/ringstart.py``; the plan only records them.
+ring start's: ``plan/ringstart.py``; the plan only records them. The plan itself is data
+(``plan/model.py``); this module makes it, once per attempt.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from pydantic import BaseModel
-
-from orchestrator import backends, ringstart
+from orchestrator import backends
 from orchestrator.backends.nccl import coordinator_ip
-from orchestrator.backends.ring import link_mode, listen_ips  # noqa: F401  (re-exported: older imports)
+from orchestrator.backends.ring import listen_ips
 from orchestrator.hostfile import ConfigError, Hostfile
-
-# Where the controller writes each per-job file mlx.launch hands the ranks (env var -> file name in the run dir).
-FILE_NAMES = {"MLX_HOSTFILE": "mlx-hostfile.json", "MLX_IBV_DEVICES": "mlx-ibv-devices.json"}
-
-
-class RankPlan(BaseModel):
-    rank: int
-    host_index: int
-    host: str
-    local: bool
-    listen: list[str]
-    gated: bool = False
-    held: bool = False
-    local_rank: int = 0  # index among the ranks on the same machine (torchrun's LOCAL_RANK; the GPU for nccl)
-    local_size: int = 1  # ranks on that machine (LOCAL_WORLD_SIZE)
-
-
-class JobPlan(BaseModel):
-    backend: str
-    world_size: int
-    ranks: list[RankPlan]
-    backend_reason: str = ""  # why this backend: printed by the CLI, kept in plan.json
-    coordinator: Optional[str] = None  # jaccl: MLX_JACCL_COORDINATOR; nccl: NCCL_HOST_IP:NCCL_PORT
-    rdma: Optional[list[list[Any]]] = None  # jaccl: the matrix behind MLX_IBV_DEVICES
-    ring_order: Optional[dict[str, Any]] = None  # --ring-order measured: ringorder.RingChoice (order, bottleneck, links)
-
-    @property
-    def mlx_hostfile(self) -> list[list[str]]:
-        return [r.listen for r in self.ranks]
-
-    def mlx_hostfile_json(self) -> str:
-        return json.dumps(self.mlx_hostfile)
-
-    def files(self) -> dict[str, str]:
-        """``{env var: content}`` of the files every rank gets (mlx.launch's ``files``), e.g. MLX_IBV_DEVICES."""
-        return backends.module(self.backend).files(self)
-
-    def rank_env(self, rank: RankPlan, paths: dict[str, str]) -> dict[str, str]:
-        """What this rank is handed for its backend, exactly as mlx.launch would, plus torchrun's names.
-
-        ``paths``: ``{env var: path}`` where the ``files()`` lie for this rank
-        (``write_files`` for the controller's machine; a remote launcher
-        rewrites them for its host).
-        """
-        mod = backends.module(self.backend)
-        env: dict[str, str] = {}
-        if getattr(mod, "PER_RANK", True):  # under mpirun, Open MPI tells each rank who it is
-            env.update(MLX_RANK=str(rank.rank), RANK=str(rank.rank), LOCAL_RANK=str(rank.local_rank))
-        env.update(WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(rank.local_size))
-        env.update(mod.rank_env(self, rank))
-        for var in self.files():
-            env[var] = paths[var]
-        return env
-
-
-def file_name(var: str) -> str:
-    """The name of the file behind ``var`` in a run directory, local or remote (the same on every host)."""
-    return FILE_NAMES.get(var, var.lower() + ".json")
-
-
-def file_text(content: str) -> str:
-    """What mlx.launch's ``echo CONTENT > $fname`` leaves: the text and a newline."""
-    return content + "\n"
-
+from orchestrator.plan import ringstart
+from orchestrator.plan.model import JobPlan, RankPlan, file_name, file_text
 
 def write_files(plan: JobPlan, directory: str | os.PathLike) -> dict[str, str]:
     """Write ``plan.files()`` into ``directory`` (the run dir); ``{env var: path}`` for ``rank_env``.
@@ -161,17 +97,18 @@ def plan_job(
         raise ConfigError(f"--connections-per-ip {connections_per_ip}: must be at least 1")
     choice = backends.choose(hostfile, backend)
     backend = choice.name
-    backends.module(backend).validate(hostfile, backend)
+    kind = backends.get(backend)
+    kind.validate(hostfile)
     rank_hosts = [i for i, h in enumerate(hostfile.hosts) for _ in range(h.slots)]
     n = len(rank_hosts)
-    ring = backend == "ring" and n > 1
-    gated, held = ringstart.roles(backend, n)
+    ring = kind.ring and n > 1
+    gated, held = ringstart.roles(kind, n)
     ips = listen_ips(hostfile.hosts, rank_hosts) if ring else [[] for _ in rank_hosts]
 
     # Ports: local addresses are checked by binding; remote ones are checked by `orch check`.
     needed = sum(len(i) for i in ips) * connections_per_ip
     coordinator = None
-    if backend in ("jaccl", "jaccl-ring", "nccl"):
+    if kind.coordinator:
         coordinator = f"{coordinator_ip(hostfile, backend)}:{choose_ports(1, '127.0.0.1', starting_port)[0]}"
     ports = iter(choose_ports(needed, "127.0.0.1", starting_port) if needed else [])
 
@@ -193,6 +130,6 @@ def plan_job(
                 local_size=machines.count(machines[r]),
             )
         )
-    rdma = [list(h.rdma) for h in hostfile.hosts] if backend in ("jaccl", "jaccl-ring") else None
+    rdma = [list(h.rdma) for h in hostfile.hosts] if kind.rdma else None
     return JobPlan(backend=backend, backend_reason=choice.reason, world_size=n, ranks=ranks,
                    coordinator=coordinator, rdma=rdma)
