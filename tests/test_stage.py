@@ -395,3 +395,39 @@ def test_a_host_that_cannot_be_reached_is_named_and_the_others_get_the_files(c4,
     res = result(missing)
     assert res["status"] == "failed" and all("/no/such/python3" in h["reason"] for h in res["hosts"]), res
     wait_hosts_clean(c4)
+
+
+def test_ctrl_c_stops_the_stage_keeps_what_arrived_and_the_next_run_continues(tmp_path):
+    import signal
+
+    import psutil
+
+    src = tmp_path / "model"
+    want = make_model(src, {"w.safetensors": 60_000_000}, seed=8)
+    dest = tmp_path / "dest"
+    args = ["stage", str(src), "--hosts", "localhost", "--to", str(dest), "--json"]
+    p = start_orch(*args, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((dest / ".orch-stage").glob("*.part")):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.02)
+        relays = psutil.Process(p.pid).children(recursive=True)
+        p.send_signal(signal.SIGINT)
+        out = finish(p, 60)
+    except BaseException:
+        kill_tree(p.pid)
+        raise
+    assert out.returncode == 130
+    assert out.stderr.strip().splitlines()[-1].startswith("orch stage: interrupted;")
+    _, alive = psutil.wait_procs(relays, timeout=10)
+    assert not alive, alive
+    if (dest / "w.safetensors").exists():
+        pytest.skip("the file arrived whole before the interrupt")
+    kept = sum(f.stat().st_size for f in (dest / ".orch-stage").glob("*.part"))
+    res = result(run_orch(*args, cwd=tmp_path))
+    assert res["status"] == "ok" and res["hosts"][0]["resumed_bytes"] == kept
+    assert res["sent_by_controller"] == 60_000_000 - kept
+    import hashlib
+
+    assert hashlib.sha256((dest / "w.safetensors").read_bytes()).hexdigest() == want["w.safetensors"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+STATE_DIR = ".orch-stage"  # relay.STATE_DIR (the relay is not imported here: it runs on the hosts)
 import posixpath
 import sys
 
@@ -80,6 +82,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     except SourceError as e:
         sys.stderr.write(f"orch: error: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\norch stage: interrupted; what arrived stays in {dest}/{STATE_DIR} on each host: the same "
+                         "command continues from there\n")
+        return 130
     if args.json_output:
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:
