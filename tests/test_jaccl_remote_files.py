@@ -22,7 +22,7 @@ import pytest
 from orchestrator.launch.base import RankSpec
 from orchestrator.launch.ssh import remote_env, staged_files
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import SCRIPTS, run_orch
+from tests.orch_helpers import SCRIPTS, events, run_orch
 
 CONTRACT = SCRIPTS / "jaccl_contract.py"
 REMOTE_RUNS = Path.home() / ".cache" / "mlx-orch" / "runs"  # the hosts share this filesystem
@@ -168,7 +168,7 @@ def test_fallback_over_ssh_continues_on_the_ring_links_from_the_checkpoint(c3, t
     assert [a["backend"] for a in s["attempts"]] == ["jaccl", "ring"]
     assert s["attempts"][0]["diagnosis_cause"] == "jaccl_queue_pair" and s["attempts"][1]["resumed"]
     assert "from the latest checkpoint" in s["attempts"][0]["note"]
-    steps = sorted(e["step"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
+    steps = sorted(e["step"] for e in events(rd)
                    if e["kind"] == "step" and e.get("attempt") == 1 and e["rank"] == 0)
     assert steps[0] == 11 and steps[-1] == 20
     plan = json.loads((rd / "plan.json").read_text())

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.netns import make_cluster_fixture  # noqa: F401
-from tests.orch_helpers import RECIPES, run_orch, summary
+from tests.orch_helpers import RECIPES, events, run_orch, summary
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -32,5 +32,5 @@ def test_three_host_mpi_allsum(cluster3, tmp_path):
     assert f"btl_tcp_if_include {c.mgmt_subnet}" in cmd or "btl_tcp_if_include 10.213." in cmd
     assert f"-F {c.ssh_config_path}" in cmd
     # each rank really ran on its own host (its own hostname in its own namespace)
-    hosts = {e["rank"]: e["host"] for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1]) if e["kind"] == "spawned"}
+    hosts = {e["rank"]: e["host"] for e in events(rd) if e["kind"] == "spawned"}
     assert hosts == {0: "host0", 1: "host1", 2: "host2"}
