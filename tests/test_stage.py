@@ -403,7 +403,7 @@ def test_ctrl_c_stops_the_stage_keeps_what_arrived_and_the_next_run_continues(tm
     import psutil
 
     src = tmp_path / "model"
-    want = make_model(src, {"w.safetensors": 60_000_000}, seed=8)
+    want = make_model(src, {"w.safetensors": 150_000_000}, seed=8)
     dest = tmp_path / "dest"
     args = ["stage", str(src), "--hosts", "localhost", "--to", str(dest), "--json"]
     p = start_orch(*args, cwd=tmp_path)
@@ -427,7 +427,7 @@ def test_ctrl_c_stops_the_stage_keeps_what_arrived_and_the_next_run_continues(tm
     kept = sum(f.stat().st_size for f in (dest / ".orch-stage").glob("*.part"))
     res = result(run_orch(*args, cwd=tmp_path))
     assert res["status"] == "ok" and res["hosts"][0]["resumed_bytes"] == kept
-    assert res["sent_by_controller"] == 60_000_000 - kept
+    assert res["sent_by_controller"] == 150_000_000 - kept
     import hashlib
 
     assert hashlib.sha256((dest / "w.safetensors").read_bytes()).hexdigest() == want["w.safetensors"]
