@@ -431,3 +431,12 @@ def test_ctrl_c_stops_the_stage_keeps_what_arrived_and_the_next_run_continues(tm
     import hashlib
 
     assert hashlib.sha256((dest / "w.safetensors").read_bytes()).hexdigest() == want["w.safetensors"]
+
+
+def test_one_stop_per_machine_in_hostfile_order():
+    from orchestrator.hostfile import parse_hostfile
+    from orchestrator.stage.plan import stops
+
+    hf = parse_hostfile({"hosts": [{"ssh": "mac1", "slots": 2}, {"ssh": "mac2"}, {"ssh": "mac1"},
+                                   {"ssh": "mac2", "port": 2222}, {"ssh": "localhost"}, {"ssh": "127.0.0.1"}]})
+    assert [(s.index, s.name) for s in stops(hf)] == [(0, "mac1"), (1, "mac2"), (3, "mac2"), (4, "localhost")]
