@@ -169,15 +169,17 @@ def _wrap_train(trainer_module, real_train: Callable, resume: bool) -> Callable:
         if resume:
             session.restore()
         a["iterate_batches"] = session.iterate_batches
-        real_ui = trainer_module.TrainUI
+        real_ui = getattr(trainer_module, "TrainUI", None)
         if session.first > 1:
-            trainer_module.range = _StartAt(session.first, a["args"].iters + 1)
-            trainer_module.TrainUI = _resumed_ui(real_ui, session.first - 1)
+            session.start_at = trainer_module.range = _StartAt(session.first, a["args"].iters + 1)
+            if real_ui is not None:
+                trainer_module.TrainUI = _resumed_ui(real_ui, session.first - 1)
         try:
             return real_train(*bound.args, **bound.kwargs)
         finally:
             trainer_module.__dict__.pop("range", None)
-            trainer_module.TrainUI = real_ui
+            if real_ui is not None:
+                trainer_module.TrainUI = real_ui
             session.wait_saved()
 
     train.__wrapped__ = real_train
@@ -269,6 +271,7 @@ class _Session:
         self.restored: Optional[dict] = None  # state.json of the checkpoint resumed from
         self.sent = 0  # ranks that had no copy of it and got it from rank 0
         self.lost_track = False  # the data iterator did not behave as mlx-lm 0.32's: no more saves
+        self.start_at: Optional[_StartAt] = None  # resuming: the loop's range, which must have been taken
         self._writer: Optional[threading.Thread] = None  # rank 0: the save being written
         self._failed: Optional[str] = None
         self._umask = checkpoint._umask()  # read here: os.umask() in the writer thread would race the process
@@ -291,6 +294,10 @@ class _Session:
 
     def _training_batches(self, args, kwargs):
         import numpy as np
+
+        if self.start_at is not None and self.start_at.armed:  # the loop did not call range(1, iters + 1) first
+            raise RuntimeError(f"mlx-lm's training loop did not start at iteration {self.first} as orch expected "
+                               "(its code differs from the verified one); rerun with --env ORCH_MLX_LM_RESUME=0")
 
         done = self.first - 1  # iterations finished when the trainer asks for the next batch
         if self.restored is not None:
