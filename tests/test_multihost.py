@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import RECIPES, SCRIPTS, kill_tree, run_orch, start_orch, summary, wait_for_line
+from tests.orch_helpers import RECIPES, SCRIPTS, events, kill_tree, run_orch, start_orch, summary, wait_for_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -79,11 +79,7 @@ def assert_hosts_clean(c, timeout: float = 6.0) -> float:
 def wait_for_event(run_dir: Path, kind: str, count: int = 1, timeout: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines() if l.strip()]
-        except (OSError, ValueError):
-            events = []
-        hits = [e for e in events if e.get("kind") == kind]
+        hits = [e for e in events(run_dir) if e.get("kind") == kind]
         if len(hits) >= count:
             return hits
         time.sleep(0.01)
@@ -165,8 +161,7 @@ def test_four_host_ring_training_over_the_ring_links(c4, tmp_path):
     # --quiet-wait auto: each rank found itself alone on its host (told apart by ORCH_HOST, although the
     # namespaces share one hostname), so none of them waits on a loopback barrier.
     metric = {}
-    for line in (rd / "events.jsonl").read_text().splitlines():
-        e = json.loads(line)
+    for e in events(rd):
         if e.get("kind") == "metric":
             metric[e["rank"]] = e["values"]
     assert [metric[i]["quiet_wait_machine_ranks"] for i in range(4)] == [1, 1, 1, 1], metric
@@ -389,7 +384,7 @@ def test_restart_over_ssh_resumes_from_the_checkpoint_brought_home(c4, tmp_path)
     assert r.returncode == 0, r.stderr
     s = summary(rd)
     assert s["restarts"] == 1 and s["attempts"][0]["failed_rank"] == 2 and s["attempts"][1]["resumed"]
-    first_steps = [e["step"] for e in map(json.loads, (rd / "events.jsonl").read_text().split("\n")[:-1])
+    first_steps = [e["step"] for e in events(rd)
                    if e["kind"] == "step" and e["attempt"] == 1 and e["rank"] == 0]
     assert first_steps[0] == 11 and first_steps[-1] == 20  # continued after the step-10 checkpoint
     assert json.loads((rd / "checkpoints" / "latest.json").read_text())["step"] == 20

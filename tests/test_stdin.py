@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import ROOT, SCRIPTS, alive, kill_tree, orch_argv, summary, wait_for_line
+from tests.orch_helpers import ROOT, SCRIPTS, alive, events, kill_tree, orch_argv, summary, wait_for_line
 
 ECHO = SCRIPTS / "stdin_echo.py"
 DIGEST = SCRIPTS / "stdin_digest.py"
@@ -123,8 +123,7 @@ def test_controller_sigkill_still_stops_a_rank_blocked_on_its_stdin(tmp_path):
         p.stdin.flush()
         wait_for_line(p, "rank 0 got 'ping'", timeout=60)  # rank 0 is now blocked reading its stdin
         wait_for_line_in_log(rd / "events.jsonl", '"kind":"spawned"', count=2)
-        pids = [e["pid"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
-                if e.get("kind") == "spawned"]
+        pids = [e["pid"] for e in events(rd) if e.get("kind") == "spawned"]
         assert len(pids) == 2 and not set(pids) - set(alive(pids))
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
@@ -389,7 +388,7 @@ def test_a_rank_that_does_not_read_holds_orch_input_back_and_loses_nothing(tmp_p
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
         assert f"rank 0 read {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}" in out.decode()
-        kinds = [json.loads(l)["kind"] for l in (rd / "events.jsonl").read_text().splitlines()]
+        kinds = [e["kind"] for e in events(rd)]
         assert kinds.count("forged:stdin_read") == (script != DIGEST)
     finally:
         kill_tree(p.pid)
@@ -423,8 +422,7 @@ def test_mpi_over_ssh_rank0_on_a_remote_host_reads_orch_stdin(c2, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert rank_lines(r.stdout, 0) == ["rank 0 got 'via mpirun'", "rank 0 eof after 1 lines"]
     assert rank_lines(r.stdout, 1) == ["rank 1 eof after 0 lines"]
-    hosts = {e["rank"]: e["host"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
-             if e["kind"] == "spawned"}
+    hosts = {e["rank"]: e["host"] for e in events(rd) if e["kind"] == "spawned"}
     assert hosts == {0: "host0", 1: "host1"}
     assert not _hosts_clean(c2)
 
