@@ -9,7 +9,9 @@ wrapped through its public entry point ``mlx_lm.tuner.trainer.train`` (its
 
 * **Saving.** At each of mlx-lm's own saves (``--save-every``), right after it
   wrote ``NNNNNNN_adapters.safetensors``, rank 0 also writes an orch checkpoint
-  (``runtime/checkpoint.py``: temp directory, fsync, rename) into
+  (``runtime/checkpoint.py``'s format and steps: temp directory, fsync, rename;
+  its bytes are made on the training thread, a writer thread puts them on disk,
+  one save in flight, so training does not wait for fsync) into
   ``$ORCH_RUN_DIR/checkpoints/step-NNNNNNNN``: the adapter weights, the
   optimizer state (its ``step`` included, so a schedule continues), the
   iteration, MLX's random key, numpy's global random state, and where the
