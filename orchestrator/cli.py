@@ -231,7 +231,7 @@ def _is_number(token: str) -> bool:
 
 def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
     """``orch run``: the parsed options become a ``RunRequest`` by name (each option's dest is its field)."""
-    from orchestrator.job import RunRequest, run_job
+    from orchestrator.run import RunRequest, run_job
 
     kind, program, program_args = _program(args, after)
     options = {k: v for k, v in vars(args).items() if k in RunRequest.model_fields}

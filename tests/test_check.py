@@ -18,12 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.health import probes
+from orchestrator.probe import probes
 from orchestrator.health.collective import expected_speed_note
 from orchestrator.health.hosts import host_checks, mlx_agreement, mpi_check
 from orchestrator.health.links import Edge, evaluate_link, ring_edges
 from orchestrator.health.verdicts import HostResult, LinkResult, Report, render
-from orchestrator.health.runner import describe_probe_exit
+from orchestrator.probe.runner import describe_probe_exit
 from orchestrator.hostfile import Hostfile, Host
 from tests.orch_helpers import ROOT, orch_check
 

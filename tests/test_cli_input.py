@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.hostfile import ConfigError
-from orchestrator.job import RunRequest, run_job
+from orchestrator.run import RunRequest, run_job
 from orchestrator.rundir import LOCK_FILE, RunDir
 from tests.orch_helpers import ROOT, SCRIPTS, alive, finish, kill_tree, orch_argv, start_orch, wait_for_line
 
@@ -153,7 +153,7 @@ _INTERRUPT_AT = textwrap.dedent("""
 @pytest.mark.parametrize("module, name", [
     ("orchestrator.launch.prespawn", "start"),           # before parsing: ranks being pre-started
     ("orchestrator.hostfile", "load_hostfile"),           # loading the hostfile
-    ("orchestrator.job", "plan_job"),                     # planning, inside the event loop
+    ("orchestrator.run.resolve", "plan_job"),             # planning, inside the event loop
     ("orchestrator.launch.local.LocalLauncher", "prepare"),  # the launcher getting ready
 ])
 def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, module, name):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from orchestrator import cli, job
+from orchestrator import cli
+from orchestrator import run as job
 from orchestrator.rundir import RankSummary, RunSummary
 
 EVERY_OPTION = [

@@ -247,13 +247,15 @@ def test_the_launcher_takes_only_its_options_and_they_reach_the_mpirun_line(tmp_
     """--mpi-arg (split), --ssh-config and -i reach mpirun; the user and port come from the hostfile."""
     from types import SimpleNamespace
 
-    from orchestrator.job import RunRequest, make_launcher
+    from orchestrator.run import RunRequest
+    from orchestrator.run.resolve import make_launcher
 
     hf = parse_hostfile({"hosts": [{"ssh": "n1", "user": "u", "port": 2222}, {"ssh": "n2", "user": "u", "port": 2222}]})
     mpi = find_mpi(env_prefix=str(fake_install(tmp_path / "p", "pypi")), path="/x", version_of=lambda _: OPENMPI5)
     req = RunRequest(script="train.py", mpi_args=["--bind-to none", "--report-bindings"], ssh_config="/cfg",
                      identity=["/k1", "/k2"])
-    launcher = make_launcher(hf, req, SimpleNamespace(backend="mpi"), SimpleNamespace(path=tmp_path), mpi)
+    job = SimpleNamespace(hostfile=hf, req=req, rundir=SimpleNamespace(path=tmp_path), mpi=mpi)
+    launcher = make_launcher(job, SimpleNamespace(backend="mpi"))
     assert isinstance(launcher, MPILauncher) and not hasattr(launcher, "req")
     assert launcher.options == MPIOptions(mpi_args=("--bind-to", "none", "--report-bindings"), ssh_config="/cfg",
                                           identity=("/k1", "/k2"))

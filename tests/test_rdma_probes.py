@@ -1,5 +1,5 @@
 """The JACCL checks' parsers and verdicts against real recorded macOS output (tests/fixtures/macos/SOURCES.md),
-and the probe program (orchestrator/health/probe_host.py) run for real with its macOS branch forced on Linux.
+and the probe program (orchestrator/probe/probe_host.py) run for real with its macOS branch forced on Linux.
 
 Combining recordings of different Macs into one host (e.g. the M3 Ultra Studio's system_profiler with the
 MacBook Pro's networksetup) is SYNTHETIC; each output itself is a real recording, none is edited.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.health import probe_host, probes
+from orchestrator.probe import probe_host, probes
 from orchestrator.health.jaccl_checks import (Unreadable, build_agreement, device_names, jaccl_host_checks, link_gbps,
                                               parse_ibv_devices, parse_macos_version, parse_rdma_ctl_status, read_macos)
 from orchestrator.health.verdicts import HostResult

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.job import newest_match
+from orchestrator.run import newest_match
 from tests.netns import make_cluster_fixture
 from tests.orch_helpers import SCRIPTS, orch_argv, run_orch, summary
 

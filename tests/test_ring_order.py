@@ -216,7 +216,7 @@ def test_a_path_with_one_failed_direction_counts_as_no_link():
 
 
 def test_candidate_paths_one_per_shared_subnet_and_rounds_never_share_a_host():
-    from orchestrator.health.linkbw import candidate_paths, needs_measuring, rounds_of
+    from orchestrator.probe.linkbw import candidate_paths, needs_measuring, rounds_of
 
     hf, pairs = mesh_hostfile()
     paths = candidate_paths(hf.hosts)
@@ -247,8 +247,8 @@ def test_link_probe_measures_loopback_paths_and_names_an_address_it_cannot_liste
     import asyncio
     import sys
 
-    from orchestrator.health.linkbw import measure_links
-    from orchestrator.health.runner import Runner
+    from orchestrator.probe.linkbw import measure_links
+    from orchestrator.probe.runner import Runner
 
     hf = parse_hostfile({"hosts": [{"ssh": "a", "ips": ["127.0.0.1/8"]}, {"ssh": "b", "ips": ["127.0.0.2/8"]},
                                    {"ssh": "c", "ips": ["127.0.0.3/8"]}, {"ssh": "d", "ips": ["127.0.0.4/8"]}]}, "lo.json")
@@ -334,7 +334,7 @@ def test_unreachable_hosts_fail_the_run_before_it_starts_naming_them(tmp_path):
 
 
 def test_two_entries_of_one_machine_are_never_measured_nor_the_bottleneck():
-    from orchestrator.health.linkbw import candidate_paths, needs_measuring, same_machine_pairs
+    from orchestrator.probe.linkbw import candidate_paths, needs_measuring, same_machine_pairs
 
     hf = parse_hostfile({"hosts": [{"ssh": "m1", "ips": ["10.0.0.1/24"]}, {"ssh": "m2", "ips": ["10.0.0.2/24"]},
                                    {"ssh": "m1", "ips": ["10.0.0.11/24"]}, {"ssh": "m3", "ips": ["10.0.0.3/24"]}]}, "d.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.health.macos import (
+from orchestrator.probe.macos import (
     parse_hardware_ports,
     parse_ifconfig,
     parse_metal_device_info,

@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from orchestrator import backends
-from orchestrator.health import probes
+from orchestrator.probe import probes
 from orchestrator.health.collective import run_collective
 from orchestrator.health.jaccl_checks import build_agreement, device_names, jaccl_host_checks
 from orchestrator.health.hosts import STAGING_DIR, host_checks, mlx_agreement
 from orchestrator.health.links import check_links, ring_edges
 from orchestrator.health.options import CheckOptions
 from orchestrator.health.verdicts import HostResult, Report, render
-from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
+from orchestrator.probe.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
 from orchestrator.remote import add_ssh_arguments
 
 if TYPE_CHECKING:  # importing this module stays cheap (``orch --help`` builds its parser): pydantic loads on use
@@ -138,7 +138,7 @@ async def run_check(opts: CheckOptions, err=None) -> Report:
 async def link_bandwidth(hostfile: Hostfile, runners: dict, reports: dict, opts: CheckOptions, backend: str) -> dict:
     """``--link-bandwidth``: every link between the hosts measured (``linkbw.py``), and the fastest ring beside the
     hostfile's (``ringorder.py``). Informational: it never fails the check, a path that failed is named in it."""
-    from orchestrator.health.linkbw import measure_links, needs_measuring
+    from orchestrator.probe.linkbw import measure_links, needs_measuring
     from orchestrator.plan.ringorder import NoRingError, choose_ring
 
     if not backends.get(backend).ring:

@@ -21,7 +21,7 @@ PROBE_COLLECTIVE = Path(__file__).resolve().parent.parent / "runtime" / "probe_c
 async def run_collective(opts: CheckOptions, hostfile: Hostfile, backend: str, err) -> dict:
     """A real all_sum over every rank, started exactly like ``orch run`` starts a job."""
     from orchestrator.hostfile import ConfigError
-    from orchestrator.job import RunRequest, run_job_async
+    from orchestrator.run import RunRequest, run_job_async
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-check-"))
     run_dir = tmp / "run"

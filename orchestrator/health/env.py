@@ -43,7 +43,7 @@ def host_env(name: str, local: bool, rep: Optional[dict], problem: Optional[str]
         metal = rep.get("metal") or {}
         out["metal"] = dict(metal)
         try:
-            from orchestrator.health.macos import parse_metal_device_info
+            from orchestrator.probe.macos import parse_metal_device_info
 
             m = parse_metal_device_info(metal)
             out["metal"].update(memory_size=m.memory_size, max_recommended_working_set_size=m.max_recommended_working_set_size)

@@ -244,7 +244,7 @@ def measured_order(data, source: str, args) -> tuple[Any, str]:
     for entries with ``ips``, which address comes first (the one on the fastest path to the left
     neighbour, ``ringorder.apply_order``).
     """
-    from orchestrator.health.linkbw import measure_hostfile, needs_measuring
+    from orchestrator.probe.linkbw import measure_hostfile, needs_measuring
     from orchestrator.plan.ringorder import NoRingError, apply_order, choose_ring
 
     hostfile = parse_hostfile(data, source)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from orchestrator import backends
-from orchestrator.health import probes
+from orchestrator.probe import probes
 from orchestrator.health.verdicts import HostResult
 from orchestrator.remote import REMOTE_BASE
 from orchestrator.units import human_bytes
@@ -33,7 +33,7 @@ def host_checks(h: HostResult, rep: dict, samples: list[tuple[float, float, floa
     if rep.get("system") == "Darwin" and mlx.get("version"):
         metal = rep.get("metal") or {}
         try:
-            from orchestrator.health.macos import parse_metal_device_info
+            from orchestrator.probe.macos import parse_metal_device_info
 
             mem = parse_metal_device_info(metal)
             h.add("metal", "pass", f"Metal working set limit {human_bytes(mem.max_recommended_working_set_size)}"

@@ -151,7 +151,7 @@ def _command(raw: Optional[dict], what: str) -> str:
 
 def read_macos(raw: dict) -> MacFacts:
     """The probe's ``macos`` field -> MacFacts (never raises: unreadable parts land in ``errors``)."""
-    from orchestrator.health.macos import parse_ifconfig
+    from orchestrator.probe.macos import parse_ifconfig
     from orchestrator.health.thunderbolt import TopologyError
     from orchestrator.health.thunderbolt_host import parse_host
 

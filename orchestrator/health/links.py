@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator import errnos
-from orchestrator.health import probes
+from orchestrator.probe import probes
 from orchestrator.health.verdicts import LinkResult
-from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Proc, Runner, read_report
+from orchestrator.probe.runner import REMOTE_PYTHON, ProbeFailed, Proc, Runner, read_report
 
 if TYPE_CHECKING:
     from orchestrator.hostfile import Hostfile

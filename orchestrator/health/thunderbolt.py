@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 from pydantic import Field
 
-from .thunderbolt_host import TBHost, TBModel, TBPort, parse_host
+from orchestrator.health.thunderbolt_host import TBHost, TBModel, TBPort, parse_host
 
 NETMASK_30 = "255.255.255.252"
 DEFAULT_BASE = "192.168.0.0"  # mlx.distributed_config's first /30 is 192.168.0.1/.2

@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .macos import parse_hardware_ports, thunderbolt_devices
+from orchestrator.probe.macos import parse_hardware_ports, thunderbolt_devices
 
 
 class TBModel(BaseModel):

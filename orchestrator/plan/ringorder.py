@@ -7,7 +7,7 @@ degraded cable in it costs the whole job. Choosing the ring is the *bottleneck t
 salesman problem* on the measured link bandwidths: maximise the minimum edge weight of a
 Hamiltonian cycle.
 
-* ``LinkMatrix``: what ``orch`` measured between every pair of hosts (``health/linkbw.py``):
+* ``LinkMatrix``: what ``orch`` measured between every pair of hosts (``probe/linkbw.py``):
   per pair and per path (a shared subnet: one cable, or the Ethernet), the throughput in each
   direction. A pair's bandwidth is its fastest path, and a path's bandwidth is the slower of
   its two directions (the ring all_sum sends both ways).

@@ -90,6 +90,23 @@ def sum_scatter(x: mx.array, group: Optional[mx.distributed.Group] = None,
                 stream: Optional[mx.Stream] = None) -> mx.array:
     """``mx.distributed.sum_scatter``'s result (``all_sum(x)`` sliced to this rank's part of axis 0), built
     from the backend's ``all_gather`` (N = 2) or ``send``/``recv`` (a ring reduce-scatter)."""
+    return _sum_scatter(x, group, stream, after=None)
+
+
+def ordered_sum_scatter(x: mx.array, after: Optional[mx.array], group: Optional[mx.distributed.Group] = None
+                        ) -> mx.array:
+    """``sum_scatter`` left in the caller's graph (nothing is evaluated), starting only once ``after`` is
+    there: for a caller that puts *every* collective of its graph in one chain (``runtime/shard.py``),
+    so none can share the sockets with this one. The ring's own stand-in is used whatever the backend.
+
+    What that buys over ``sum_scatter``'s own ``eval``: inside ``value_and_grad`` arrays are tracers,
+    which MLX does not free after an ``eval``, so an ``eval`` there keeps the whole forward pass (every
+    layer's gathered weights) alive until the gradients are done.
+    """
+    return _sum_scatter(x, group, None, after=after)
+
+
+def _sum_scatter(x: mx.array, group, stream, after: Optional[mx.array]) -> mx.array:
     if group is None:
         group = mx.distributed.init()
     n = group.size()
@@ -100,11 +117,14 @@ def sum_scatter(x: mx.array, group: Optional[mx.distributed.Group] = None,
     out_shape = (x.shape[0] // n, *x.shape[1:])
     if x.size == 0:
         return mx.zeros(out_shape, dtype=x.dtype)
-    flat = _Flat(x.reshape(-1), n)
+    vector = x.reshape(-1)
+    if after is not None:
+        vector = mx.depends(vector, [after])
+    flat = _Flat(vector, n)
     if n == 2:
         return _pair(flat, r, group, stream).reshape(out_shape)
-    eager = _evaluated(flat.x)
-    if _state["backend"] == "ring":
+    eager = after is None and _evaluated(flat.x)
+    if (_state["backend"] or (os.environ.get(protocol.ENV_BACKEND) or "").strip().lower()) == "ring":
         mine = _ring_both_ways(flat, n, r, group)
     else:
         mine = _ring_one_stream(flat, n, r, group, stream)

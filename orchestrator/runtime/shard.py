@@ -36,11 +36,12 @@ are, plus what only this stage needs: ``gather_params`` for the model file,
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import FullyShardedModule
+from mlx.nn.layers.distributed import FullyShardedModule, _maybe_shard
 from mlx.utils import tree_flatten, tree_unflatten
 
 from orchestrator.runtime import collectives
@@ -48,15 +49,64 @@ from orchestrator.runtime import collectives
 STAGES = ("none", "optimizer", "full")
 
 
-class CheckpointedShard(FullyShardedModule):
-    """``nn.FullyShardedModule`` whose call is recomputed in the backward pass (``mx.checkpoint``).
+class Chain:
+    """One order for every collective of the sharded model's graph: each starts after the previous one.
 
-    Without it the forward pass's gathered weights of every layer stay alive
-    until the backward pass used them: the whole model at once on every rank.
+    The ring stand-in's sends and receives run on streams of their own, so in a graph that also holds
+    ``all_gather`` s (the next layer's, recomputed in the backward pass) or another layer's reduce-scatter,
+    nothing else would keep two of them off the same sockets at once. Each collective here takes the
+    previous one's output as a dependency (``mx.depends``) and becomes ``token``; the order is the order
+    the graph was built in, the same on every rank.
     """
 
-    def __init__(self, module: nn.Module, group: mx.distributed.Group) -> None:
+    def __init__(self) -> None:
+        self.token: Optional[mx.array] = None
+
+    def after(self, x: mx.array) -> mx.array:
+        return x if self.token is None else mx.depends(x, [self.token])
+
+    def done(self, out: mx.array) -> mx.array:
+        self.token = out
+        return out
+
+
+def _chained_gather_fn(group: mx.distributed.Group, chain: Chain, full_shapes: list, shard_sizes: list) -> Callable:
+    """MLX's ``_make_gather_fn`` (one all_gather of the layer's shards; the gradient reduce-scattered and
+    divided by N), with both collectives in ``chain`` and the reduce-scatter left in the graph."""
+    n = group.size()
+    split_at = list(itertools.accumulate(shard_sizes))[:-1]
+    shard_shapes = [(shape[0] // n, *shape[1:]) for shape in full_shapes]
+
+    @mx.custom_function
+    def gather(shards):
+        flat = mx.concatenate([s.reshape(1, -1) for s in shards], axis=1)
+        full = chain.done(mx.distributed.all_gather(chain.after(flat), group=group))
+        return [p.reshape(shape) for p, shape in zip(mx.split(full, split_at, axis=1), full_shapes)]
+
+    @gather.vjp
+    def gather_vjp(shards, cotangents, _):
+        local_full = mx.concatenate([c.reshape(n, -1) for c in cotangents], axis=1)
+        mine = chain.done(collectives.ordered_sum_scatter(local_full, chain.token, group=group)) / n
+        return [p.reshape(shape).astype(s.dtype)
+                for p, shape, s in zip(mx.split(mine, split_at, axis=1), shard_shapes, shards)]
+
+    return gather
+
+
+class CheckpointedShard(FullyShardedModule):
+    """``nn.FullyShardedModule`` whose call is recomputed in the backward pass (``mx.checkpoint``), with its
+    collectives in the model's ``Chain``.
+
+    Without the recompute the forward pass's gathered weights of every layer stay alive until the
+    backward pass used them: the whole model at once on every rank.
+    """
+
+    def __init__(self, module: nn.Module, group: mx.distributed.Group, chain: Chain) -> None:
         super().__init__(module, group=group)
+        flat = tree_flatten(self.module.filter_and_map(_maybe_shard))
+        n = group.size()
+        self._gather_fn = _chained_gather_fn(group, chain, [(a.shape[0] * n, *a.shape[1:]) for _, a in flat],
+                                             [a.size for _, a in flat])
 
         def call(params: dict, *args: Any, **kwargs: Any) -> Any:
             self.update(params)
@@ -100,13 +150,14 @@ class FullShard:
                  say: Callable[[str], None] = lambda _: None) -> None:
         self.model, self.optimizer, self.group = model, optimizer, group
         self.rank, self.world = group.rank(), group.size()
+        self.chain = Chain()
         self.wrapped: list[str] = []  # paths of the sharded leaves
         replicated: list[str] = []
         if self.world > 1:
             collectives.install(group)  # under orch the bootstrap did it; this covers mlx.launch & co.
             for path, leaf in _leaves(model):
                 if _divides(leaf, self.world):
-                    _replace(model, path, CheckpointedShard(leaf, group))
+                    _replace(model, path, CheckpointedShard(leaf, group, self.chain))
                     self.wrapped.append(path)
                 else:
                     replicated.extend(f"{path}.{k}" for k, _ in tree_flatten(leaf.parameters()))
@@ -150,9 +201,11 @@ class FullShard:
         if self.world == 1:
             return grads, loss
         flat = tree_flatten(grads)
-        whole = [(k, g) for k, g in flat if not self._is_shard(k)]
+        whole = [(k, self.chain.after(g)) for k, g in flat if not self._is_shard(k)]
+        loss = self.chain.after(loss)  # after every reduce-scatter of the step (the Chain's doc)
         averaged = nn.average_gradients({"g": tree_unflatten(whole), "loss": loss}, group=self.group) \
             if whole else {"g": {}, "loss": mx.distributed.all_sum(loss, group=self.group) / self.world}
+        self.chain.done(averaged["loss"])
         merged = [(k, g) for k, g in flat if self._is_shard(k)] + tree_flatten(averaged["g"])
         return tree_unflatten(merged), averaged["loss"]
 

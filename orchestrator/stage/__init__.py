@@ -11,6 +11,7 @@ some host lacks travels, and an interrupted stage continues from the partial fil
 * ``relay.py``: the program every host runs (standard library only);
 * ``chain.py``: the controller: connects, starts the relays, runs passes, closes the chain
   around a host that vanishes;
+* ``unchanged.py``: whether a host already holds everything, asked over SFTP (no relay needed then);
 * ``progress.py``: per-host progress bars / plain lines, and the end summary;
 * ``command.py``: the command line (cheap to import) and its entry point.
 """

@@ -39,6 +39,7 @@ from orchestrator.hostfile import Hostfile
 from orchestrator.stage import plan
 from orchestrator.stage.progress import HostResult, Progress, StageSummary
 from orchestrator.stage.source import Source, hash_source
+from orchestrator.stage.unchanged import unchanged_over_sftp
 
 RELAY_SOURCE = (Path(__file__).resolve().parent / "relay.py").read_text()
 MARK = "ORCHSTAGE "
@@ -154,42 +155,10 @@ class Stage:
             h.addr = peer[0] if peer else h.name
 
     async def already_complete(self, h: RelayHost) -> bool:
-        """True when, seen over SFTP (no shell, no Python on the host), every file is the one the host's relay last
-        verified and nothing has written to it since: then the host needs no relay at all.
-
-        The record (``DEST/.orch-stage/verified.json``) holds each file's SHA-256, size, mtime and ctime as the
-        relay saw them. A file counts only if its record's mtime lies in an earlier second than its ctime (the
-        relay stamps what it writes so), and it still has that size and that mtime: any write since would have
-        moved its mtime to a later second. Anything else (no record, another digest, a changed file, no SFTP):
-        False, and the relay scans as usual. ``--verify`` never takes this path."""
+        """Every file of ``h`` as its relay last verified it, seen over SFTP (``unchanged.py``): no relay needed."""
         if self.req.verify or h.stop.host.is_local or h.conn is None:
             return False
-        sftp = None
-        try:
-            sftp = await asyncio.wait_for(h.conn.conn.start_sftp_client(), 10)
-            dest = self.req.dest
-            dest = "." if dest == "~" else dest[2:] if dest.startswith("~/") else dest
-            async with sftp.open(f"{dest}/.orch-stage/verified.json", "rb") as f:
-                records = json.loads(await asyncio.wait_for(f.read(4 << 20), 10))
-            source = await self.hashed
-            names = [f"{dest}/{f.rel}" for f in source.files] + [f"{dest}/{d}" for d in source.dirs]
-            attrs = await asyncio.wait_for(asyncio.gather(*(sftp.lstat(n) for n in names)), 30)
-        except Exception:  # noqa: BLE001 - no SFTP, no record, a file missing: the relay decides
-            return False
-        finally:
-            if sftp is not None:
-                sftp.exit()
-        from orchestrator.remote.ssh import asyncssh
-
-        regular, directory = asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_DIRECTORY
-        for f, a in zip(source.files, attrs):
-            rec = records.get(f.rel) if isinstance(records, dict) else None
-            if not (isinstance(rec, list) and len(rec) == 5 and rec[0] == f.sha and rec[1] == f.size):
-                return False
-            mtime_s, ctime_s = rec[2] // 10**9, rec[3] // 10**9
-            if not (a.type == regular and a.size == f.size and a.mtime == mtime_s and mtime_s < ctime_s):
-                return False
-        if any(a.type != directory for a in attrs[len(source.files):]):
+        if not await unchanged_over_sftp(h.conn.conn, self.req.dest, self.hashed):
             return False
         h.have = set(range(len(self.files)))
         h.skipped = len(self.files)

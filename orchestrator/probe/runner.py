@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Optional
 
-from orchestrator.health import probes
+from orchestrator.probe import probes
 
 REMOTE_PYTHON = "python3"
 

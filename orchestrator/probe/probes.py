@@ -18,8 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from orchestrator.health.macos import parse_ifconfig
-from orchestrator.health.probe_host import MARKER
+from orchestrator.probe.macos import parse_ifconfig
+from orchestrator.probe.probe_host import MARKER
 
 PROBE_PATH = Path(__file__).with_name("probe_host.py")
 
@@ -90,7 +90,7 @@ def parse_linux_addrs(text: str) -> list[Iface]:
 
 
 def parse_macos_addrs(text: str) -> list[Iface]:
-    """macOS ``ifconfig`` -> interfaces (via ``orchestrator.health.macos.parse_ifconfig``)."""
+    """macOS ``ifconfig`` -> interfaces (via ``orchestrator.probe.macos.parse_ifconfig``)."""
     out = []
     for name, i in parse_ifconfig(text).items():
         active = i.status in (None, "active")

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
-from orchestrator.health.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
+from orchestrator.probe.runner import REMOTE_PYTHON, ProbeFailed, Runner, read_report
 from orchestrator.plan.ringorder import LinkMatrix, PathMeasurement
 
 if TYPE_CHECKING:
