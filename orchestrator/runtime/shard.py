@@ -69,6 +69,13 @@ class Chain:
         self.token = out
         return out
 
+    def wait_for(self, arrays: list) -> None:
+        """The next collective also waits for ``arrays`` (a layer's input: see ``CheckpointedShard``)."""
+        arrays = [a for a in arrays if isinstance(a, mx.array)]
+        if arrays:
+            self.token = mx.depends(self.token, arrays) if self.token is not None else \
+                mx.depends(arrays[0], arrays[1:]) if len(arrays) > 1 else arrays[0]
+
 
 def _chained_gather_fn(group: mx.distributed.Group, chain: Chain, full_shapes: list, shard_sizes: list) -> Callable:
     """MLX's ``_make_gather_fn`` (one all_gather of the layer's shards; the gradient reduce-scattered and
@@ -113,9 +120,16 @@ class CheckpointedShard(FullyShardedModule):
             return FullyShardedModule.__call__(self, *args, **kwargs)
 
         object.__setattr__(self, "_checkpointed", mx.checkpoint(call))
+        object.__setattr__(self, "_chain", chain)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._checkpointed(self.trainable_parameters(), *args, **kwargs)
+
+    def _gathered_call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        # The gather waits for the layer's input: the gathers depend on nothing the forward pass computes,
+        # so MLX would otherwise run every layer's all_gather first and hold all their weights at once.
+        self._chain.wait_for(list(args))
+        return super()._gathered_call(fn, *args, **kwargs)
 
 
 def _child(parent: Any, seg: str) -> Any:
