@@ -24,7 +24,7 @@ from orchestrator.backends.base import Backend
 from orchestrator.hostfile import ConfigError, Host
 
 if TYPE_CHECKING:
-    from orchestrator.backends.base import PlanLike, RankLike
+    from orchestrator.backends.base import PlanLike
 
 
 def _subnet(ip: str) -> Optional[ipaddress.IPv4Network | ipaddress.IPv6Network]:
