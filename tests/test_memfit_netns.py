@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import netns_cluster  # noqa: F401 (fixture)
-from tests.orch_helpers import RECIPES, run_orch, summary
+from tests.orch_helpers import RECIPES, events, run_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -69,8 +69,7 @@ def test_a_host_with_little_memory_is_oom_killed_unplanned_and_fits_when_planned
     # Unconstrained: where the run must end, and each rank's plan (the numbers to size host1's "RAM" from).
     r, free_dir = _orch(c, tmp_path, "free", _hostfile(c, tmp_path / "hosts-free.json"), [])
     assert r.returncode == 0, r.stderr[-3000:]
-    events = [json.loads(x) for x in (free_dir / "events.jsonl").read_text().splitlines()]
-    (e,) = [x for x in events if x.get("kind") == "memory_plan" and x.get("rank") == 1]
+    (e,) = [x for x in events(free_dir) if x.get("kind") == "memory_plan" and x.get("rank") == 1]
     activations = e["per_sample_bytes"] * e["batch"]
     fixed = e["planned_peak_bytes"] - activations
     rank_budget = int(fixed + 0.45 * activations)  # what host1 can give the rank: under half of its batch
