@@ -16,7 +16,7 @@ import functools
 
 def install(kind: str, target: str, argv: list[str]) -> bool:
     """Wrap ``mlx_lm.tuner.trainer.evaluate`` when the rank runs mlx-lm's LoRA trainer; True if it did."""
-    from orchestrator.integrations.mlx_lm_resume import is_lora
+    from orchestrator.integrations.mlx_lm_program import is_lora
     from orchestrator.runtime import events
 
     if not events.enabled() or not is_lora(kind, target, argv):
