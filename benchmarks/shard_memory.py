@@ -36,8 +36,7 @@ def run_stage(stage: str, a: argparse.Namespace, tmp: Path) -> dict:
     steps = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
              if '"kind": "step"' in line or '"kind":"step"' in line]
     times = sorted(e["step_time_s"] for e in steps if e.get("rank") == 0)
-    metrics = summary.get("metrics") or {}
-    rank0 = metrics.get("0", metrics.get(0, {})) if isinstance(metrics, dict) else {}
+    rank0 = summary.get("metrics") or {}  # rank 0's end-of-run metrics
     return {"stage": stage, "peaks": peaks, "max_peak": max(peaks), "step_s": times[len(times) // 2] if times else None,
             "bytes_sent_per_step": rank0.get("bytes_sent_per_step"),
             "optimizer_state_bytes": rank0.get("optimizer_state_bytes")}

@@ -66,7 +66,9 @@ class Chain:
         return x if self.token is None else mx.depends(x, [self.token])
 
     def done(self, out: mx.array) -> mx.array:
-        self.token = out
+        # The token is one new element computed from ``out``, not ``out`` (or a view of it): a view would
+        # keep a layer's whole gathered buffer alive until the next collective ran.
+        self.token = mx.multiply(out.reshape(-1)[:1], 0)
         return out
 
     def wait_for(self, arrays: list) -> None:
