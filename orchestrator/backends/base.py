@@ -5,7 +5,7 @@ As ``mlx.launch`` keeps each backend in one function and DeepSpeed gives each ru
 on its ``Backend``: what it needs from the hostfile (``validate``), what each rank is
 handed (``rank_env``, ``files``), how its ranks start (``started_by_mpirun``), whether
 it has a ring to order and start (``ring``), a coordinator (``coordinator``) or an RDMA
-matrix (``rdma``), what its ranks lack (``sum_scatter_standin``), what its failures mean
+matrix (``rdma``), what its failures mean
 (``classify``, ``init_failures``) and what a person must hear after a kill
 (``kill_warning``). Code outside ``orchestrator/backends/`` asks these; it never compares
 a backend's name.
@@ -43,7 +43,6 @@ class Backend:
     ring = False  # MLX's TCP ring: listen addresses, the ring start (gate, hold), link checks, a ring order
     coordinator = False  # rank 0's address as a bootstrap every rank reaches (JACCL, NCCL)
     rdma = False  # an RDMA matrix (MLX_IBV_DEVICES), macOS RDMA checks, JACCL's failure modes
-    sum_scatter_standin = False  # the ranks get orch's reduce-scatter (runtime/collectives.py): MLX has none here
     stdin_to_all = True  # --stdin all (mpirun forwards stdin to one rank only)
     stages_files = True  # remote hosts can be handed files (mpirun stages nothing)
 

@@ -17,7 +17,6 @@ class Mpi(Backend):
 
     name = "mpi"
     started_by_mpirun = True
-    sum_scatter_standin = True
     stdin_to_all = False  # mpirun forwards stdin to one rank; Open MPI 5's --stdin all fails
     stages_files = False  # mpirun stages nothing: the code must be at the same path on every host
 

@@ -76,7 +76,6 @@ class Ring(Backend):
 
     name = "ring"
     ring = True
-    sum_scatter_standin = True
 
     def files(self, plan: "PlanLike") -> dict[str, str]:
         """``MLX_HOSTFILE``; a single rank gets none (MLX then runs as a singleton group)."""

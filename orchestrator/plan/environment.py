@@ -37,10 +37,6 @@ def rank_environment(hostfile: Hostfile, plan: JobPlan, rank: RankPlan, paths: d
         protocol.ENV_GUARD_RSS: "1",  # the guard samples every rank's memory, whatever the program
         protocol.ENV_HOST: rank.host,  # which ranks share a machine (runtime/quiet_wait.py); hostnames may repeat
     })
-    if kind.started_by_mpirun:
-        env[protocol.ENV_MPIRUN] = "1"  # the rank initialises MLX's MPI group itself (runtime/bootstrap.py)
-    if kind.sum_scatter_standin:
-        env[protocol.ENV_SUM_SCATTER_STANDIN] = "1"  # MLX has no sum_scatter here: orch's (runtime/collectives.py)
     if bind:
         index = sum(1 for r in plan.ranks[:rank.rank] if r.host_index == rank.host_index)  # among its entry's slots
         env[protocol.ENV_BIND] = f"{index}/{host.slots}"
