@@ -53,6 +53,16 @@ this fixes every stream's order to the step order on every rank, which is
 what keeps the ring deadlock-free (the lowest unfinished step can always
 proceed on both of its ends).
 
+Nor may anything else use the sockets (or MPI) meanwhile: another collective
+of the caller's graph (``fully_shard``'s ``all_gather`` s, an ``all_sum`` of the
+loss, another layer's reduce-scatter) would interleave its bytes with these.
+So ``sum_scatter`` evaluates ``x`` and then its own steps in an ``eval`` of
+their own (``_evaluated``). Inside ``value_and_grad`` that keeps the forward
+pass alive (tracers are not freed after an ``eval``), so the runtime's
+``--shard full`` instead calls ``ordered_sum_scatter``, which stays in the
+graph and starts after a token: it puts every collective of its graph in one
+chain itself (``runtime/shard.py``).
+
 ``ORCH_SUM_SCATTER=off`` (``protocol.ENV_SUM_SCATTER``) leaves MLX's op alone.
 """
 
@@ -103,6 +113,9 @@ def ordered_sum_scatter(x: mx.array, after: Optional[mx.array], group: Optional[
     which MLX does not free after an ``eval``, so an ``eval`` there keeps the whole forward pass (every
     layer's gathered weights) alive until the gradients are done.
     """
+    backend = _state["backend"] or (os.environ.get(protocol.ENV_BACKEND) or "").strip().lower()
+    if backend in NATIVE and _native is not None:  # NCCL, JACCL: their own op, in the same order
+        return _native(x if after is None else mx.depends(x, [after]), group=group)
     return _sum_scatter(x, group, None, after=after)
 
 
