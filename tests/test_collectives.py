@@ -120,12 +120,16 @@ def test_backends_with_their_own_keep_it(monkeypatch, restore_sum_scatter, backe
     assert mx.distributed.sum_scatter is collectives._native
 
 
-def test_ring_gets_the_stand_in_and_rank_0_says_so_once(monkeypatch, capsys, restore_sum_scatter):
+def test_ring_gets_the_stand_in_and_rank_0_says_so_once_at_first_use(monkeypatch, capsys, restore_sum_scatter):
     monkeypatch.setenv(protocol.ENV_BACKEND, "ring")
     monkeypatch.delenv(protocol.ENV_SUM_SCATTER, raising=False)
+    collectives._state["said"] = False
     assert collectives.install(FakeGroup(4, rank=0)) is True
     assert mx.distributed.sum_scatter is collectives.sum_scatter
-    assert collectives.install(FakeGroup(4, rank=0)) is True  # a second init changes nothing, says nothing
+    assert collectives.install(FakeGroup(4, rank=0)) is True  # a second init changes nothing
+    assert capsys.readouterr().err == ""  # a program that never reduce-scatters hears nothing
+    collectives._say_once(FakeGroup(4, rank=0))
+    collectives._say_once(FakeGroup(4, rank=0))
     assert capsys.readouterr().err.splitlines() == [NOTICE.format("ring")]
 
 
@@ -136,6 +140,8 @@ def test_other_ranks_say_nothing_and_off_means_off(monkeypatch, capsys, restore_
     assert mx.distributed.sum_scatter is collectives._native
     monkeypatch.delenv(protocol.ENV_SUM_SCATTER)
     assert collectives.install(FakeGroup(2, rank=1)) is True
+    collectives._state["said"] = False
+    collectives._say_once(FakeGroup(2, rank=1))
     assert capsys.readouterr().err == ""
 
 

@@ -86,7 +86,7 @@ MAX_PIECES = 4
 BOTH_WAYS_MIN_BYTES = 64 << 10
 
 _native = getattr(mx.distributed, "sum_scatter", None)
-_state: dict = {"backend": None, "streams": None}
+_state: dict = {"backend": None, "streams": None, "said": False}
 
 
 def _refuse_shape(x: mx.array, n: int) -> None:
@@ -125,6 +125,7 @@ def _sum_scatter(x: mx.array, group, stream, after: Optional[mx.array]) -> mx.ar
     n = group.size()
     if n == 1:
         return x
+    _say_once(group)
     _refuse_shape(x, n)
     r = group.rank()
     out_shape = (x.shape[0] // n, *x.shape[1:])
@@ -273,10 +274,22 @@ def _lacks_native(group, backend: str) -> bool:
         return True
 
 
+def _say_once(group) -> None:
+    """Rank 0's one line, at the first use (not at install: most programs never reduce-scatter)."""
+    if _state["said"] or group.rank() != 0:
+        return
+    _state["said"] = True
+    backend = _state["backend"] if _state["backend"] not in (None, "unknown") else \
+        (os.environ.get(protocol.ENV_BACKEND) or "this")
+    print(f"orch: sum_scatter: using orch's ring reduce-scatter (the {backend} backend has none)",
+          file=sys.stderr, flush=True)
+
+
 def install(group) -> bool:
     """Make ``mx.distributed.sum_scatter`` this module's where ``group``'s backend lacks one; True if it did.
 
-    Rank 0 says so in one line. ``ORCH_SUM_SCATTER=off`` leaves MLX's op (and its error) alone.
+    Rank 0 says so in one line when it is first used. ``ORCH_SUM_SCATTER=off`` leaves MLX's op (and its
+    error) alone.
     """
     if group.size() < 2 or mx.distributed.sum_scatter is sum_scatter:
         return mx.distributed.sum_scatter is sum_scatter
@@ -287,7 +300,4 @@ def install(group) -> bool:
         return False
     _state["backend"] = backend or "unknown"
     mx.distributed.sum_scatter = sum_scatter
-    if group.rank() == 0:
-        print(f"orch: sum_scatter: using orch's ring reduce-scatter (the {backend or 'this'} backend has none)",
-              file=sys.stderr, flush=True)
     return True
