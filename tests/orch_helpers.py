@@ -160,3 +160,12 @@ def orch_check(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``orch check ARGS`` on this machine, from the repository root, bounded (its process tree killed on timeout)."""
     return finish(subprocess.Popen(orch_argv("check", *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, start_new_session=True), timeout)
+
+
+def ring_hostfile(cluster, path: Path) -> Path:
+    """mlx.launch's format for namespace hosts: both ring addresses of each with their /30 (orch picks the left
+    one), and this interpreter as every host's python."""
+    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"], "python": sys.executable}
+             for h in cluster.hosts]
+    path.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    return path

@@ -11,34 +11,26 @@ promises one line, exactly one.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import RECIPES, ROOT, kill_tree, orch_argv
+from tests.orch_helpers import RECIPES, finish, orch_argv, ring_hostfile
 from tests.test_hostfile_gen import MBP, NS, STUDIO, save
 
 FOREIGN = re.compile(r"\b\w+(Warning|Error|Exception):|\.py:\d+|site-packages|^Traceback|^\s+File \"|warnings\.warn")
 
 
 def orch(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``orch ARGS`` as a user runs it: the default warning filters (no PYTHONWARNINGS, no dev mode)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "PYTHONDEVMODE")}
-    p = subprocess.Popen(orch_argv(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(p.pid)
-        out, err = p.communicate(timeout=10)
-        raise AssertionError(f"orch {' '.join(args)} did not finish in {timeout}s\n{out}\n{err}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return finish(subprocess.Popen(orch_argv(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True), timeout)
 
 
 def assert_only_orch(p: subprocess.CompletedProcess, what: str) -> None:
@@ -125,9 +117,7 @@ c2 = make_cluster_fixture(2, scope="module", name="c2")
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ssh_commands_print_only_orch_lines(c2, tmp_path):
-    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"], "python": sys.executable} for h in c2.hosts]
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    hostfile = ring_hostfile(c2, tmp_path / "hosts.json")
     ssh = ["--ssh-config", c2.ssh_config_path, "--known-hosts", c2.known_hosts_path]
     p = orch("run", str(RECIPES / "mlp_regression.py"), "--hostfile", str(hostfile), *ssh,
              "--run-dir", str(tmp_path / "run"), "--", "--steps", "3", cwd=tmp_path, timeout=120)

@@ -8,8 +8,6 @@ deadlock (every rank spinning in MLX's ring, waiting for a peer that never sends
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,7 +17,7 @@ import pytest
 from orchestrator.records import RankPhase
 from orchestrator.watchdog import CADENCE_K, Watchdog
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import RECIPES, SCRIPTS, run_orch, summary
+from tests.orch_helpers import RECIPES, SCRIPTS, ring_hostfile, run_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
 DEADLOCK = SCRIPTS / "deadlock_once.py"
@@ -198,9 +196,7 @@ c4 = make_cluster_fixture(4, scope="module", name="c4")
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_deadlock_over_ssh_on_4_hosts(c4, tmp_path):
-    hosts = [{"ssh": h.name, "ips": [f"{h.left_ip}/30", f"{h.right_ip}/30"], "python": sys.executable} for h in c4.hosts]
-    hf = tmp_path / "hosts.json"
-    hf.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
+    hf = ring_hostfile(c4, tmp_path / "hosts.json")
     rd = tmp_path / "run"
     r = run_orch("run", str(DEADLOCK), "--hostfile", str(hf), "--ssh-config", c4.ssh_config_path,
                  "--known-hosts", c4.known_hosts_path, "--run-dir", str(rd), "--max-restarts", "1",

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests import mlxlm_fixture
-from tests.orch_helpers import finish, kill_tree, orch_argv, summary
+from tests.orch_helpers import events, finish, kill_tree, orch_argv, summary
 
 ITERS, SAVE_EVERY, KILL_AFTER = 160, 40, 100
 SCRIPT = Path(sysconfig.get_path("scripts")) / "mlx_lm.lora"  # the console script itself (not a pyenv shim)
@@ -61,19 +61,11 @@ def _start(argv: list[str], cwd: Path, out: Path, env: dict | None = None) -> su
                                 start_new_session=True)
 
 
-def _events(rd: Path) -> list[dict]:
-    try:
-        text = (rd / "events.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
-
 def _wait_step(rd: Path, step: int, proc: subprocess.Popen, timeout: float) -> list[dict]:
     """Until rank 0 reported ``step`` (mlx-lm's own report line, as orch reads it); the events then."""
     deadline = time.monotonic() + timeout
     while True:
-        ev = _events(rd)
+        ev = events(rd)
         if any(e["kind"] == "step" and e["step"] >= step for e in ev):
             return ev
         if proc.poll() is not None:
@@ -141,7 +133,7 @@ def test_a_sigkilled_rank_restarts_from_the_last_save_bit_identically(fx, refere
     assert first["status"] == "failed" and first["failed_rank"] == 1, first
     assert second["status"] == "succeeded" and second["resumed"] is True, second
     saved = _saved_at(second["note"], rd)
-    steps = [e["step"] for e in _events(rd) if e["kind"] == "step" and e["attempt"] == 1]
+    steps = [e["step"] for e in events(rd) if e["kind"] == "step" and e["attempt"] == 1]
     assert steps == list(range(saved + 1, ITERS + 1)), steps[:5]  # the restart's first row is past the last save
     said = next(line for line in (rd / "logs" / "attempt-1" / "rank-0.log").read_text().splitlines()
                 if "mlx-lm resumes at iteration" in line)
@@ -163,7 +155,7 @@ def test_ctrl_c_then_orch_run_resume_ends_bit_identically(fx, reference, tmp_pat
         kill_tree(orch.pid)
     assert r.returncode == 130, (tmp_path / "orch.err").read_text()[-3000:]
     assert summary(rd)["status"] == "interrupted"
-    before = len(_events(rd))
+    before = len(events(rd))
     again = _start(orch_argv("run", "--resume", *argv), tmp_path, tmp_path / "resume")
     try:
         r = finish(again, timeout=400)
@@ -175,7 +167,7 @@ def test_ctrl_c_then_orch_run_resume_ends_bit_identically(fx, reference, tmp_pat
     assert s["status"] == "succeeded" and s["attempts"][0]["resumed"] is True
     saved = _saved_at(s["attempts"][0]["note"], rd)
     assert f"orch: --resume: resumed from iteration {saved} (" in err
-    steps = [e["step"] for e in _events(rd)[before:] if e["kind"] == "step"]
+    steps = [e["step"] for e in events(rd)[before:] if e["kind"] == "step"]
     assert steps == list(range(saved + 1, ITERS + 1)), steps[:5]
     assert _same(rd / "adapters", reference), "the resumed run's adapters differ from the uninterrupted run's"
 
@@ -201,7 +193,7 @@ def test_a_smaller_world_continues_and_says_what_is_not_exact(fx, reference, tmp
         "saved by 2 ranks, resumed on 1: iteration, optimizer, schedule and batch order continue, but not "
         "bit-identical (each batch is split over a different number of ranks, so gradients are summed in another "
         "order)"), said
-    steps = [e["step"] for e in _events(rd) if e["kind"] == "step"]
+    steps = [e["step"] for e in events(rd) if e["kind"] == "step"]
     assert steps == list(range(121, ITERS + 1)), steps[:5]
 
 
@@ -226,7 +218,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_not_loaded(fx, reference, t
     log = (rd / "logs" / "rank-0.log").read_text()
     assert f"orch: --resume: {rd / 'checkpoints' / 'step-00000120'} does not fit this model (" in log, log[-2000:]
     assert "parameter names differ" in log and "training starts at iteration 1" in log
-    steps = [e["step"] for e in _events(rd) if e["kind"] == "step"]
+    steps = [e["step"] for e in events(rd) if e["kind"] == "step"]
     assert steps == list(range(1, ITERS + 1)), steps[:5]
 
 
@@ -308,7 +300,7 @@ def test_over_ssh_the_state_comes_home_and_goes_back_bit_identically(c2m, fx, re
     first, second = summary(rd)["attempts"]
     assert first["status"] == "failed" and second["status"] == "succeeded" and second["resumed"] is True
     saved = _saved_at(second["note"], rd)  # the collected copy, in the local run directory
-    steps = [e["step"] for e in _events(rd) if e["kind"] == "step" and e["attempt"] == 1]
+    steps = [e["step"] for e in events(rd) if e["kind"] == "step" and e["attempt"] == 1]
     assert steps == list(range(saved + 1, ITERS + 1)), steps[:5]
     log0 = (rd / "logs" / "attempt-1" / "rank-0.log").read_text()
     said = next(line for line in log0.splitlines() if "mlx-lm resumes at iteration" in line)
