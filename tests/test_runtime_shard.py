@@ -105,3 +105,14 @@ def test_full_sharding_under_mpi_trains_like_data_parallelism(tmp_path):
         arrays[stage] = load_arrays(latest_checkpoint(tmp_path / stage))
     assert max_abs_diff(arrays["none"], arrays["full"]) < 1e-4
     assert max_abs_diff(arrays["none"], arrays["full"], prefix="optimizer.") < 1e-4
+
+
+@pytest.mark.slow
+def test_rank_0_evaluates_the_whole_model_while_sharded(tmp_path):
+    """The recipe's evaluate runs on rank 0 alone: every rank gathers the layers for it, then sharding resumes."""
+    args = ["--steps", "20", "--eval-every", "10", "--stats-every", "0"]
+    evals = {}
+    for stage in ("none", "full"):
+        ranks = launch(RECIPES / "digits_classifier.py", 2, tmp_path / stage, args + ["--shard", stage], timeout=180)
+        evals[stage] = [line for line in ranks[0].text.splitlines() if "eval step" in line]
+    assert len(evals["none"]) == 2 and evals["full"] == evals["none"]

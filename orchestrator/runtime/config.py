@@ -196,6 +196,9 @@ def validate(hp: Hparams) -> None:
         hp.shard_optimizer = True
     elif hp.shard == "full" and hp.shard_optimizer:
         problems.append("--shard full already shards the optimizer state: drop --shard-optimizer")
+    if hp.shard == "full" and hp.balance != "none":
+        problems.append("--shard full reduces gradients inside the backward pass, before --balance could weight "
+                        "them: drop --balance")
     if hp.shard == "full" and hp.grad_dtype != "float32":
         problems.append("--shard full reduce-scatters gradients in their own dtype: drop --grad-dtype")
     if problems:
