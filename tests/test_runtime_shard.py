@@ -86,6 +86,8 @@ def test_shard_flag_names_the_stages_and_refuses_mixing():
         parse_hparams(Hparams, ["--shard", "full", "--shard-optimizer"])
     with pytest.raises(SystemExit, match="drop --grad-dtype"):
         parse_hparams(Hparams, ["--shard", "full", "--grad-dtype", "bfloat16"])
+    with pytest.raises(SystemExit, match="drop --balance"):
+        parse_hparams(Hparams, ["--shard", "full", "--balance", "speed"])
 
 
 real_mpi = pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "mpirun").exists() and not shutil.which("mpirun"),
