@@ -31,7 +31,7 @@ BALANCE_MODES = ("none", "speed")
 QUIET_WAIT_MODES = ("auto", "on", "off")
 
 # --shard: what each rank keeps 1/N of (runtime/shard.py); "optimizer" is --shard-optimizer (ZeRO-1).
-SHARD_STAGES = ("none", "optimizer", "full")
+SHARD_STAGES = ("none", "optimizer", "full", "auto")
 
 # Value of --resume given without a path: the newest complete checkpoint.
 RESUME_LATEST = "latest"
@@ -82,7 +82,8 @@ class Hparams:
     shard: str = field(
         default="none",
         metadata={"help": "full: parameters, gradients and optimizer state 1/N per rank (FSDP through "
-                          "nn.fully_shard, layer by layer); optimizer: the same as --shard-optimizer",
+                          "nn.fully_shard, layer by layer); optimizer: the same as --shard-optimizer; auto: "
+                          "the least of none/optimizer/full whose predicted peak fits every rank's budget",
                   "choices": SHARD_STAGES},
     )
     balance: str = field(
@@ -194,13 +195,14 @@ def validate(hp: Hparams) -> None:
             problems.append(f"{flag_name(name)} must be >= 0")
     if hp.shard == "optimizer":
         hp.shard_optimizer = True
-    elif hp.shard == "full" and hp.shard_optimizer:
-        problems.append("--shard full already shards the optimizer state: drop --shard-optimizer")
-    if hp.shard == "full" and hp.balance != "none":
-        problems.append("--shard full reduces gradients inside the backward pass, before --balance could weight "
-                        "them: drop --balance")
-    if hp.shard == "full" and hp.grad_dtype != "float32":
-        problems.append("--shard full reduce-scatters gradients in their own dtype: drop --grad-dtype")
+    elif hp.shard in ("full", "auto") and hp.shard_optimizer:
+        problems.append(f"--shard {hp.shard} already shards the optimizer state (or may): drop --shard-optimizer")
+    if hp.shard in ("full", "auto") and hp.balance != "none":
+        problems.append(f"--shard {hp.shard}: full sharding reduces gradients inside the backward pass, before "
+                        "--balance could weight them: drop --balance")
+    if hp.shard in ("full", "auto") and hp.grad_dtype != "float32":
+        problems.append(f"--shard {hp.shard}: full sharding reduce-scatters gradients in their own dtype: "
+                        "drop --grad-dtype")
     if problems:
         raise SystemExit("invalid hyper-parameters: " + "; ".join(problems))
 

@@ -71,7 +71,7 @@ class RankSync:
             try:
                 model_arrays, opt_arrays = ckpt.load(cand)
                 self.model.load_weights(list(model_arrays.items()), strict=True)
-                if self.hp.shard_optimizer or self.hp.shard == "full":  # sliced later (_load_sharded_state)
+                if self.hp.shard_optimizer or self.hp.shard in ("full", "auto"):  # sliced later
                     self._resume_optimizer = opt_arrays
                 else:
                     self.optimizer.state = tree_unflatten(list(opt_arrays.items()))

@@ -44,7 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
@@ -219,6 +219,15 @@ class Trainer(RankSync, TrainStep):
             except ckpt.CheckpointError as e:
                 resume_problem = str(e)
         self._stop_together(resume_problem)
+        if hp.shard == "auto":  # runtime/shard.py: the least sharding whose predicted peak fits every rank
+            budget = memfit.budget(MemorySampler().sample(0)["rss_bytes"], MemorySampler().metal_max_working_set,
+                                   int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+            hp.shard = shard.choose_stage(self.model, self.optimizer, self.world, self._gather, self.say,
+                                          MemorySampler().sample(0), budget)
+            hp.shard_optimizer = hp.shard == "optimizer"
+            if hp.shard == "none" and self._resume_optimizer is not None:  # kept for slicing: not needed
+                self.optimizer.state = tree_unflatten(list(self._resume_optimizer.items()))
+                self._resume_optimizer = None
         if hp.shard_optimizer or hp.shard == "full":
             self._sync_from_rank0(with_optimizer=False)
             if hp.shard == "full":  # runtime/shard.py: the model's leaves sharded in place
