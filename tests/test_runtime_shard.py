@@ -118,3 +118,39 @@ def test_rank_0_evaluates_the_whole_model_while_sharded(tmp_path):
         ranks = launch(RECIPES / "digits_classifier.py", 2, tmp_path / stage, args + ["--shard", stage], timeout=180)
         evals[stage] = [line for line in ranks[0].text.splitlines() if "eval step" in line]
     assert len(evals["none"]) == 2 and evals["full"] == evals["none"]
+
+
+def test_auto_picks_the_least_sharding_that_fits_the_tightest_rank():
+    from types import SimpleNamespace
+
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    p = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    peaks = shard.predicted_peaks(p, p, 2 * p, p // 8, 4)
+    assert peaks["none"] == 7 * p and peaks["optimizer"] == 3 * p + p and peaks["full"] < peaks["optimizer"]
+    assert shard.state_ratio(optim.Adam(learning_rate=1e-3)) == 2.0
+    sample = {"rss_bytes": 10_000, "mlx_active_bytes": 0, "mlx_cache_bytes": 0}
+    said = []
+
+    def pick(limit, other_ranks_need=0, world=4):
+        budget = SimpleNamespace(bytes=10_000 + limit)
+        gather = lambda v: [v, float(other_ranks_need) if v < 10 else v]  # noqa: E731 - a 2-rank all-gather
+        return shard.choose_stage(model, optim.Adam(learning_rate=1e-3), world, gather, said.append, sample, budget)
+
+    assert pick(peaks["none"]) == "none"
+    assert pick(peaks["none"] - 1) == "optimizer"
+    assert pick(peaks["optimizer"] - 1) == "full"
+    assert pick(peaks["none"], other_ranks_need=2) == "full"  # the tightest rank decides for all
+    assert pick(0) == "full" and "nothing fits" in said[-1]
+    assert said[0].startswith("--shard auto: none (the least sharding that fits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("budget", "stage"), [(10**11, "none"), (1, "full")])
+def test_auto_trains_like_data_parallelism_whatever_it_picks(tmp_path, budget, stage):
+    args = COMMON + ["--steps", "12", "--batch-size", "8", "--no-memory-check"]
+    plain, _ = train(tmp_path, "plain", 2, args)
+    auto, ranks = launch(MLP, 2, tmp_path / "auto", SMALL + args + ["--shard", "auto"], timeout=180,
+                         extra_env={"ORCH_MEMORY_BUDGET_BYTES": str(budget)}), None
+    assert f"--shard auto: {stage} (" in auto[0].text
+    resumed = load_arrays(latest_checkpoint(tmp_path / "auto"))
+    assert max_abs_diff(plain, resumed) < 1e-4 and max_abs_diff(plain, resumed, prefix="optimizer.") < 1e-4
