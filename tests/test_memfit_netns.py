@@ -26,7 +26,7 @@ from tests.netns import netns_cluster  # noqa: F401 (fixture)
 from tests.orch_helpers import RECIPES, events, run_orch, summary
 from tests.runtime_helpers import latest_checkpoint, load_arrays, max_abs_diff
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]  # two bounded runs of up to 240 s each under load
 
 MLP = RECIPES / "mlp_regression.py"
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
