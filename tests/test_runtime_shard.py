@@ -126,7 +126,7 @@ def test_auto_picks_the_least_sharding_that_fits_the_tightest_rank():
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
     p = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
     peaks = shard.predicted_peaks(p, p, 2 * p, p // 8, 4)
-    assert peaks["none"] == 7 * p and peaks["optimizer"] == 3 * p + p and peaks["full"] < peaks["optimizer"]
+    assert peaks["none"] == 7 * p and peaks["optimizer"] == 5 * p and peaks["full"] < peaks["optimizer"]
     assert shard.state_ratio(optim.Adam(learning_rate=1e-3)) == 2.0
     sample = {"rss_bytes": 10_000, "mlx_active_bytes": 0, "mlx_cache_bytes": 0}
     said = []

@@ -338,13 +338,14 @@ GATHERED_LAYERS = 4  # a sharded layer's full weights, its gradient and their co
 def predicted_peaks(params_bytes: int, trainable_bytes: int, state_bytes: int, largest_leaf_bytes: int,
                     world: int) -> dict[str, int]:
     """Each stage's MLX peak per rank before activations: parameters, gradients, optimizer state, and the
-    update's new parameters and state while the old are alive (measured: 821 MiB predicted 786 for data
+    update's new parameters and state while the old are alive (ZeRO-1: plus the flat all_gather of the
+    updated slices); measured: 821 MiB predicted 786 for data
     parallelism on a 112 MiB MLP with Adam; 286 vs 262 for ``full`` at N=4). The memory check's probes
     measure the activations afterwards."""
     n = max(1, world)
     p, t, s = params_bytes, trainable_bytes, state_bytes
     return {"none": p + 2 * t + 2 * s,
-            "optimizer": p + 2 * t + 2 * s // n,
+            "optimizer": p + 3 * t + 2 * s // n,  # + the all_gather of the updated slices, flat
             "full": (p + 2 * t + 2 * s) // n + (GATHERED_LAYERS * largest_leaf_bytes if n > 1 else 0)}
 
 
