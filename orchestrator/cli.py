@@ -96,6 +96,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
                         "(one word that starts with '-' is written --resume-arg=--checkpoint={latest})")
     ssh = add_ssh_arguments(p)  # the same SSH options as orch check, env and hostfile (remote/ssh.py: SSHOptions)
     ssh.add_argument("--stage", action="append", default=[], metavar="PATH", help="also upload PATH to every host (the script's directory always is)")
+    ssh.add_argument("--stage-to", action="append", default=[], metavar="SRC:DEST",
+                     help="before the ranks start, put SRC (a model folder) at DEST on every host, host to host along the "
+                          "ring, as orch stage does (repeatable)")
     mpi = p.add_argument_group("MPI (--backend mpi)")
     mpi.add_argument("--mpirun", help="the Open MPI mpirun to use (default: this environment's, then PATH)")
     mpi.add_argument("--mpi-arg", action="append", default=[], dest="mpi_args", metavar="ARGS", help="extra arguments for mpirun (repeatable)")

@@ -26,11 +26,11 @@ LAYERS = [
     ("model", ["orchestrator.hostfile", "orchestrator.backends", "orchestrator.plan", "orchestrator.rundir",
                "orchestrator.records", "orchestrator.programs", "orchestrator.diagnose", "orchestrator.events"]),
     ("reach", ["orchestrator.probe", "orchestrator.remote"]),
-    ("launch", ["orchestrator.launch"]),
+    ("launch", ["orchestrator.launch", "orchestrator.stage"]),  # orch stage launches relays
     ("supervise", ["orchestrator.supervisor", "orchestrator.supervisor_state", "orchestrator.output",
                    "orchestrator.watchdog", "orchestrator.live", "orchestrator.stdin_relay", "orchestrator.stdin_forward"]),
     ("run", ["orchestrator.run"]),
-    ("commands", ["orchestrator.health", "orchestrator.report", "orchestrator.stage"]),
+    ("commands", ["orchestrator.health", "orchestrator.report"]),
     ("cli", ["orchestrator.cli", "orchestrator.__main__"]),
 ]
 RANK = 1

@@ -443,3 +443,33 @@ def test_one_stop_per_machine_in_hostfile_order():
     hf = parse_hostfile({"hosts": [{"ssh": "mac1", "slots": 2}, {"ssh": "mac2"}, {"ssh": "mac1"},
                                    {"ssh": "mac2", "port": 2222}, {"ssh": "localhost"}, {"ssh": "127.0.0.1"}]})
     assert [(s.index, s.name) for s in stops(hf)] == [(0, "mac1"), (1, "mac2"), (3, "mac2"), (4, "localhost")]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_orch_run_stage_to_puts_the_files_on_every_host_before_the_ranks_start(c4, tmp_path):
+    """``orch run --stage-to SRC:DEST``: the stage is the run's first step; a rank finds the files on its host."""
+    src = tmp_path / "model"
+    want = make_model(src, {"weights.safetensors": 800_000, "config.json": 42}, seed=11)
+    dest = f"{c4.disk}/run-model"
+    script = tmp_path / "needs_model.py"
+    script.write_text(
+        "import hashlib, os, sys\n"
+        f"p = os.path.join({dest!r}, 'weights.safetensors')\n"
+        "digest = hashlib.sha256(open(p, 'rb').read()).hexdigest()\n"
+        "print('weights', digest, flush=True)\n")
+    hf = write_hostfile(c4, tmp_path / "hosts.json")
+    rd = tmp_path / "run"
+    r = run_orch("run", str(script), "--hostfile", str(hf), "--ssh-config", c4.ssh_config_path,
+                 "--known-hosts", c4.known_hosts_path, "--python", sys.executable, "--run-dir", str(rd),
+                 "--stage-to", f"{src}:{dest}", cwd=tmp_path, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--stage-to: 2 files -> " in r.stderr, r.stderr[-2000:]
+    for i in range(4):
+        assert c4.sha256s(i, dest) == want, f"host{i}"
+        assert f"weights {want['weights.safetensors']}" in (rd / "logs" / f"rank-{i}.log").read_text()
+    wait_hosts_clean(c4)
+
+    bad = run_orch("run", str(script), "--hostfile", str(hf), "--stage-to", f"{src}:relative/path", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--stage-to" in bad.stderr, bad.stderr

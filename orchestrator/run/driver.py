@@ -1,7 +1,8 @@
 """The run, top to bottom: resolve the request into a ``Job``, order the ring if asked, then
 attempts until one ends or the restart policy gives up; the summary is written last.
 
-    resolve (run/resolve.py) -> order_ring (run/ring_order.py) -> run_attempt (run/attempt.py)
+    resolve (run/resolve.py) -> stage_inputs (run/stage_inputs.py: --stage-to) -> order_ring
+        (run/ring_order.py) -> run_attempt (run/attempt.py)
         -> restart policy (run/restart.py) -> ... -> summary.json
 """
 
@@ -18,6 +19,7 @@ from orchestrator.run.attempt import run_attempt
 from orchestrator.run.request import RunRequest
 from orchestrator.run.resolve import Job, resolve
 from orchestrator.run.ring_order import order_ring
+from orchestrator.run.stage_inputs import stage_inputs
 from orchestrator.stdin_relay import StdinRelay
 
 
@@ -30,6 +32,10 @@ async def run_job_async(req: RunRequest) -> RunSummary:
     """Run the job; with --max-restarts, start it again from the last checkpoint after a failure."""
     job = resolve(req)
     try:
+        if req.stage_to:
+            failed = await stage_inputs(job)
+            if failed is not None:
+                return failed
         if req.ring_order == "measured":
             ordered = await order_ring(job)
             if isinstance(ordered, RunSummary):  # could not measure: the run failed before it started

@@ -63,6 +63,7 @@ class RunRequest(BaseModel):
     connect_timeout: float = 10.0
     keepalive_s: float = 1.0
     stage: list[str] = Field(default_factory=list)
+    stage_to: list[str] = Field(default_factory=list)  # --stage-to SRC:DEST: orch stage before the ranks start
     # MPI
     mpirun: Optional[str] = None
     mpi_args: list[str] = Field(default_factory=list)
@@ -88,6 +89,23 @@ def check_values(req: RunRequest) -> None:
         raise ConfigError(f"--resume: {'no run directory at ' + req.run_dir if req.run_dir else 'no --run-dir'}; give "
                           "--run-dir DIR, the run directory of the run to continue")
     resume_words(req)
+    for pair in req.stage_to:
+        stage_pair(pair)
+
+
+def stage_pair(pair: str) -> tuple[str, str]:
+    """``--stage-to SRC:DEST`` -> (SRC, DEST), checked as ``orch stage`` checks them (one line, exit 2)."""
+    from orchestrator.stage.command import StageUsageError, check_dest
+
+    src, sep, dest = pair.rpartition(":")
+    if not sep or not src or not dest:
+        raise ConfigError(f"--stage-to {pair!r}: give SRC:DEST, e.g. --stage-to ./my-model:~/models/my-model")
+    if not os.path.exists(os.path.expanduser(src)):
+        raise ConfigError(f"--stage-to {pair!r}: {src}: no such file or folder")
+    try:
+        return src, check_dest(dest)
+    except StageUsageError as e:
+        raise ConfigError(f"--stage-to {pair!r}: {e}") from None
 
 
 def resume_words(req: RunRequest) -> list[str]:
