@@ -371,7 +371,7 @@ class Trainer(RankSync, TrainStep):
             nbytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
             nbytes += state_bytes(self.optimizer.state)
             if self.sharded is not None:
-                self.say(f"stopping at step {self.step}: no final checkpoint with --shard-optimizer "
+                self.say(f"stopping at step {self.step}: no final checkpoint when sharded (--shard) "
                          f"(the last is step {max(self.last_checkpoint_step, 0)})")
             elif self.stop.final_checkpoint_fits(nbytes, self.last_checkpoint_s):
                 self.save_checkpoint()
