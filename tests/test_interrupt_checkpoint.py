@@ -51,9 +51,10 @@ def interrupt_after(p, rd: Path, step: int, timeout: float = 60) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_a_final_checkpoint_and_resume_continues_from_it(tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ctrl_c_writes_a_final_checkpoint_and_resume_continues_from_it(tmp_path, ranks):
     rd = tmp_path / "run"
-    p = start_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--grace", "5", "--",
+    p = start_orch("run", str(RECIPES / "mlp_regression.py"), "-n", str(ranks), "--run-dir", str(rd), "--grace", "5", "--",
                    *SMALL, "--steps", "100000", "--checkpoint-every", "1000000", cwd=tmp_path)
     interrupt_after(p, rd, 20)
     r = finish(p, 60)
@@ -63,7 +64,7 @@ def test_ctrl_c_writes_a_final_checkpoint_and_resume_continues_from_it(tmp_path)
     assert step >= 20, step
     assert "final checkpoint written" in (rd / "logs" / "rank-0.log").read_text()
 
-    r = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--",
+    r = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", str(ranks), "--run-dir", str(rd), "--",
                  *SMALL, "--steps", str(step + 5), "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"steps {step}->{step + 5}" in r.stdout, r.stdout[-2000:]  # trained on from the final checkpoint

@@ -364,9 +364,20 @@ class Trainer(RankSync, TrainStep):
         """orch is stopping the run (SIGTERM): a final checkpoint if it ends before the SIGKILL, then end.
 
         Only unsharded: rank 0 then saves alone, from parameters every rank agrees on after
-        this step. With ``--shard-optimizer`` the save is a collective that a rank which saw the
+        this step. With ``--shard`` the save is a collective that a rank which saw the
         signal one step later would not join, so the last periodic checkpoint stays the latest.
+
+        The other ranks must not leave rank 0 alone inside a step: it may see the signal one
+        boundary later than they do (it entered the next step's all-reduce just before the
+        signal came). So they train one more step after the signal (rank 0 is never more than
+        one boundary behind a peer in a synchronous step), and end at the second boundary, or
+        as soon as a collective fails because rank 0 has ended (``fit`` catches that).
         """
+        if self.rank != 0 and not self.sharded:
+            self.stop.boundaries += 1
+            if self.stop.boundaries < 2:
+                return
+            self.stop.end()
         if self.rank == 0 and self.ckpt_root is not None and self.step != self.last_checkpoint_step:
             nbytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
             nbytes += state_bytes(self.optimizer.state)
@@ -413,7 +424,12 @@ class Trainer(RankSync, TrainStep):
         self.stop.arm()
         while self.step < hp.steps:
             started = time.perf_counter()
-            loss, epoch = self.train_step()
+            try:
+                loss, epoch = self.train_step()
+            except Exception:
+                if self.stop.pending:  # a peer ended at its stop boundary while this rank was in a collective
+                    self.stop.end()
+                raise
             step_time = time.perf_counter() - started
             if self.balancer is not None and self.step < hp.steps:
                 decision = self.balancer.check(self.step)
