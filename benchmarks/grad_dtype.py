@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import ranks_on_hosts, tc_burst_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 WIRES = ("float32", "bfloat16")
 
@@ -136,26 +138,15 @@ def worker(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- shaped links
 
 
-def tc_burst_bytes(rate: str) -> int:
-    """A tbf bucket of ~4 ms at ``rate`` (at least 256 KiB, enough for GSO-sized veth packets)."""
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
-    for suffix, mult in units.items():
-        if rate.endswith(suffix):
-            bits = float(rate[: -len(suffix)]) * mult
-            return max(256 * 1024, int(bits / 8 * 0.004))
-    raise SystemExit(f"--netns {rate!r}: give rates like 1gbit or 500mbit")
-
-
 def shaped_run(a: argparse.Namespace, rate: str) -> dict:
     """Both ranks in two namespaces over one tbf-shaped veth link; returns rank 0's JSON."""
     sys.path.insert(0, str(ROOT))
     from tests.netns import NetnsCluster
 
-    burst = tc_burst_bytes(rate)
+    burst = tc_burst_bytes(rate, "--netns")
     with NetnsCluster(2, sshd=False) as cluster, tempfile.TemporaryDirectory(prefix="grad-dtype-") as tmp:
         (h0, if0), (h1, if1) = cluster.link_ends(0)
         ends = [(cluster.namespaces[h0], if0), (cluster.namespaces[h1], if1)]
-        procs: list[subprocess.Popen] = []
         try:
             for ns, iface in ends:
                 subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", iface, "root", "tbf", "rate", rate,
@@ -167,37 +158,15 @@ def shaped_run(a: argparse.Namespace, rate: str) -> dict:
                     str(a.depth), "--batch-size", str(a.batch_size), "--iters", str(a.iters), "--warmup",
                     str(a.warmup)] + ([] if a.keep_freed_memory else ["--no-keep-freed-memory"]) \
                 + (["--shard-optimizer"] if a.shard_optimizer else [])
-            logs = []
-            for rank in range(2):
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}
-                env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "ORCH_BACKEND": "ring",
-                            "ORCH_RUN_DIR": tmp, "GRAD_DTYPE_LINK": f"veth shaped to {rate} (tc tbf)",
-                            "PYTHONPATH": str(ROOT)})
-                log = open(Path(tmp) / f"rank-{rank}.log", "w+")
-                logs.append(log)
-                procs.append(cluster.popen(rank, argv, env=env, cwd=str(ROOT), stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-            deadline = time.monotonic() + a.timeout
-            while any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.2)
-            outputs = []
-            for log in logs:
-                log.seek(0)
-                outputs.append(log.read())
-                log.close()
-            if any(p.poll() != 0 for p in procs):
-                raise SystemExit(f"shaped run at {rate} failed or timed out:\n" + "\n".join(o[-3000:] for o in outputs))
+            outputs = ranks_on_hosts(cluster, argv, [{
+                "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "ORCH_BACKEND": "ring", "ORCH_RUN_DIR": tmp,
+                "GRAD_DTYPE_LINK": f"veth shaped to {rate} (tc tbf)", "PYTHONPATH": str(ROOT)}
+                for rank in range(2)], tmp, a.timeout, f"shaped run at {rate}", tail=3000)
             print("\n".join(line for line in outputs[0].splitlines() if not line.startswith("GRAD_DTYPE_JSON")),
                   flush=True)
             (line,) = [x for x in outputs[0].splitlines() if x.startswith("GRAD_DTYPE_JSON ")]
             return json.loads(line.split(" ", 1)[1])
         finally:
-            for p in procs:  # ours, by pid; the cluster's teardown kills anything else left in its namespaces
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=10)
             for ns, iface in ends:
                 subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
                                capture_output=True, timeout=20)

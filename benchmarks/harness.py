@@ -228,3 +228,50 @@ def result_line(name: str, **fields) -> str:
     line = "RESULT " + json.dumps({"benchmark": name, **fields})
     print(line, flush=True)
     return line
+
+
+def tc_burst_bytes(rate: str, option: str = "--rate") -> int:
+    """A ``tc tbf`` bucket of ~4 ms at ``rate`` (at least 256 KiB, enough for GSO-sized veth packets)."""
+    for suffix, mult in {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}.items():
+        if rate.endswith(suffix):
+            return max(256 * 1024, int(float(rate[: -len(suffix)]) * mult / 8 * 0.004))
+    raise SystemExit(f"{option} {rate!r}: give a rate like 1gbit or 500mbit")
+
+
+def ranks_on_hosts(cluster, argv: Sequence[str], envs: Sequence[Mapping[str, str]], tmp: Union[Path, str],
+                   timeout: float, what: str, tail: int = 2000) -> list[str]:
+    """One rank per namespace host of ``cluster`` (``tests/netns.py``), rank r with ``envs[r]`` on top of this
+    environment (without any MLX_/ORCH_/OMPI_/PMI variable of ours); every rank's output once all ended.
+
+    Bounded: past ``timeout``, or as soon as one rank fails, the rest are killed (ours, by pid) and the run
+    fails naming ``what`` with each rank's last ``tail`` characters.
+    """
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for rank, extra in enumerate(envs):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}
+            env.update(extra)
+            log = open(Path(tmp) / f"rank-{rank}.log", "w+")
+            logs.append(log)
+            procs.append(cluster.popen(rank, list(argv), env=env, cwd=str(ROOT), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+        if any(p.poll() != 0 for p in procs):
+            raise SystemExit(f"{what}: failed or timed out:\n" + "\n".join(o[-tail:] for o in outputs))
+        return outputs
+    finally:
+        for p in procs:  # ours, by pid; the cluster's teardown kills anything else left in its namespaces
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        for log in logs:
+            log.close()

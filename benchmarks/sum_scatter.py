@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import ranks_on_hosts, tc_burst_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.6
 
@@ -83,14 +85,6 @@ def worker(a: argparse.Namespace) -> None:
                                             "times_s": times}), flush=True)
 
 
-def tc_burst_bytes(rate: str) -> int:
-    """A tbf bucket of ~4 ms at ``rate`` (at least 256 KiB, enough for GSO-sized veth packets)."""
-    for suffix, mult in {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}.items():
-        if rate.endswith(suffix):
-            return max(256 * 1024, int(float(rate[: -len(suffix)]) * mult / 8 * 0.004))
-    raise SystemExit(f"--rate {rate!r}: give a rate like 1gbit or 500mbit")
-
-
 def shaped_run(a: argparse.Namespace, n: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from tests.netns import NetnsCluster
@@ -98,7 +92,6 @@ def shaped_run(a: argparse.Namespace, n: int) -> dict:
     burst = tc_burst_bytes(a.rate)
     with NetnsCluster(n, sshd=False) as cluster, tempfile.TemporaryDirectory(prefix="sum-scatter-") as tmp:
         ends = [(h.namespace, iface) for h in cluster.hosts for iface in (h.left_iface, h.right_iface)]
-        procs: list[subprocess.Popen] = []
         try:
             for ns, iface in ends:
                 subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", iface, "root", "tbf", "rate", a.rate,
@@ -107,38 +100,15 @@ def shaped_run(a: argparse.Namespace, n: int) -> dict:
             hostfile.write_text(json.dumps([[f"{h.left_ip}:{47100 + h.index}"] for h in cluster.hosts]))
             argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mib", str(a.mib),
                     "--iters", str(a.iters), "--warmup", str(a.warmup)]
-            logs = []
-            for rank in range(n):
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "ORCH_", "OMPI_", "PMI"))}
-                env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "ORCH_BACKEND": "ring",
-                            "SUM_SCATTER_LINK": f"ring cables shaped to {a.rate} each way (tc tbf)",
-                            "PYTHONPATH": str(ROOT)})
-                log = open(Path(tmp) / f"rank-{rank}.log", "w+")
-                logs.append(log)
-                procs.append(cluster.popen(rank, argv, env=env, cwd=str(ROOT), stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-            deadline = time.monotonic() + a.timeout
-            while any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.2)
-            outputs = []
-            for log in logs:
-                log.seek(0)
-                outputs.append(log.read())
-                log.close()
-            if any(p.poll() != 0 for p in procs):
-                raise SystemExit(f"{n} hosts at {a.rate}: failed or timed out:\n"
-                                 + "\n".join(o[-2000:] for o in outputs))
+            outputs = ranks_on_hosts(cluster, argv, [{
+                "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "ORCH_BACKEND": "ring",
+                "SUM_SCATTER_LINK": f"ring cables shaped to {a.rate} each way (tc tbf)", "PYTHONPATH": str(ROOT)}
+                for rank in range(n)], tmp, a.timeout, f"{n} hosts at {a.rate}")
             print("\n".join(line for line in outputs[0].splitlines() if not line.startswith("SUM_SCATTER_JSON")),
                   flush=True)
             (line,) = [x for x in outputs[0].splitlines() if x.startswith("SUM_SCATTER_JSON ")]
             return json.loads(line.split(" ", 1)[1])
         finally:
-            for p in procs:  # ours, by pid; the cluster's teardown kills anything else left in its namespaces
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=10)
             for ns, iface in ends:
                 subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
                                capture_output=True, timeout=20)
