@@ -473,3 +473,32 @@ def test_orch_run_stage_to_puts_the_files_on_every_host_before_the_ranks_start(c
 
     bad = run_orch("run", str(script), "--hostfile", str(hf), "--stage-to", f"{src}:relative/path", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--stage-to" in bad.stderr, bad.stderr
+
+
+def test_a_written_file_keeps_its_mtime_a_second_below_its_ctime_whatever_the_wall_clock_says(tmp_path, monkeypatch):
+    """The controller's SFTP fast path (unchanged.py) trusts a file only if its mtime lies in an earlier second
+    than its ctime. The kernel stamps ctime from a coarse clock that can lag ``time.time()`` across a second
+    boundary (CI once saw one host of four fail the check that way); a wall clock a second ahead of the
+    kernel's must not matter."""
+    import hashlib
+    import time as _time
+
+    from orchestrator.stage import relay as relay_mod
+    from orchestrator.stage.relay_parts import FileState
+
+    data = os.urandom(10_000)
+    sha = hashlib.sha256(data).hexdigest()
+    r = relay_mod.Relay({"dest": str(tmp_path / "dest"), "files": [{"rel": "w.bin", "size": len(data), "sha": sha}]})
+    os.makedirs(r.state)
+    fs = FileState(r, 0, r.files[0])
+    fs.seed()
+    fs.open()
+    os.write(fs.fd, data)
+    fs.hash.update(data)
+    fs.offset = len(data)
+    real = _time.time
+    monkeypatch.setattr(relay_mod.time, "time", lambda: real() + 1.0)
+    assert r.finish(fs)
+    st = os.lstat(tmp_path / "dest" / "w.bin")
+    assert st.st_mtime_ns // 10**9 < st.st_ctime_ns // 10**9
+    assert r.verified["w.bin"][2] // 10**9 < r.verified["w.bin"][3] // 10**9

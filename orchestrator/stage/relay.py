@@ -148,9 +148,11 @@ class Relay:
         os.fchmod(fs.fd, spec.get("mode", 0o644))
         os.fsync(fs.fd)
         fs.close()
-        # mtime one whole second before now: any later write moves it to another second, which is what a
-        # check at SFTP's one-second resolution can see (the controller's fast path, chain.py)
-        stamp = (int(time.time()) - 1) * 1000000000
+        # mtime one whole second before the file's own ctime: any later write moves it to another second,
+        # which is what a check at SFTP's one-second resolution can see (the controller's fast path,
+        # unchanged.py). The kernel stamps ctime from its coarse clock, which can lag time.time() across a
+        # second boundary; counting from the ctime it wrote keeps mtime's second below every later ctime.
+        stamp = (os.lstat(fs.part).st_ctime_ns // 1000000000 - 1) * 1000000000
         os.utime(fs.part, ns=(stamp, stamp))
         final = self.dest + "/" + spec["rel"]
         parent = os.path.dirname(final)
