@@ -1,0 +1,272 @@
+"""Fine-tune a language model that mlx-lm loads, under orch's runtime, with any sharding stage.
+
+    orch run recipes/lm_finetune.py -n 2 -- --model ./model --data ./data --num-layers -1
+    orch run recipes/lm_finetune.py --hostfile H -- --model ./model --data ./data --shard auto
+    orch run recipes/lm_finetune.py -n 4 -- --model ./model --data ./data --fine-tune-type full --shard full
+
+Everything model- and data-specific is mlx-lm's own code, called, not copied:
+
+* the model and tokenizer come from ``mlx_lm.utils.load`` (any architecture mlx-lm loads, from a local
+  directory: ranks on other hosts need the same path, e.g. through ``orch stage``);
+* the data from ``mlx_lm.tuner.datasets.load_dataset``: ``train.jsonl`` (and ``valid.jsonl`` if there)
+  of text, chat or prompt/completion lines, as ``mlx_lm.lora`` reads them, tokenized lazily by its
+  ``CacheDataset``; ``--mask-prompt`` trains on the completion only;
+* LoRA / DoRA through ``mlx_lm.tuner.utils.linear_to_lora_layers`` on the last ``--num-layers`` blocks
+  (-1: all), and ``--fine-tune-type full`` unfreezes those blocks, as ``mlx_lm.lora`` does (DoRA not
+  with ``--shard full|auto``: it reads its base layer's weight outside the layer's call, and
+  ``--shard full`` keeps a layer whole only inside its call);
+* what is saved is what ``mlx_lm generate`` loads: LoRA/DoRA adapters (``adapters.safetensors`` +
+  ``adapter_config.json``, for ``--adapter-path``), or, for full fine-tuning, a whole model directory
+  written by ``mlx_lm.utils.save`` (for ``--model``). Default place: ``RUN_DIR/adapters`` or
+  ``RUN_DIR/model``; ``--save-path`` elsewhere.
+
+The training itself is the runtime's (``orchestrator.runtime.Trainer``): data sharded by rank, the
+gradient all-reduce, checkpoints, ``--resume``, and ``--shard none|optimizer|full|auto``. Sharded runs
+save the same files: with ``--shard full`` rank 0 saves inside the trainer's ``unsharded()`` (every
+rank gathers the layers for it), as it evaluates.
+
+The loss is the mean over samples of each sample's mean token cross-entropy, not mlx-lm's mean over
+all of a batch's tokens: the runtime averages the ranks' losses with equal weights, and only a
+per-sample mean makes N ranks x batch b train exactly like 1 rank x batch N*b, whatever the lengths
+of each rank's samples. A batch is padded to its longest sample (at most ``--max-seq-length``); the
+padding is masked out and, the attention being causal, changes nothing before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from orchestrator.runtime import Hparams, Recipe, Trainer, init_group, optimizer_from, parse_hparams
+from orchestrator.runtime.checkpoint import run_dir
+from orchestrator.runtime.shard import FullShard
+
+NAME = "lm_finetune"
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+
+
+@dataclass
+class Config(Hparams):
+    """Fine-tune an mlx-lm model directory on mlx-lm jsonl data (see recipes/lm_finetune.py)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-5
+    model: str = field(default="", metadata={"help": "a local model directory that mlx_lm.utils.load reads"})
+    data: str = field(default="", metadata={
+        "help": "a local directory with train.jsonl (valid.jsonl optional): text, chat or completions lines"})
+    fine_tune_type: str = field(default="lora", metadata={
+        "help": "lora | dora: adapters; full: the blocks' own weights", "choices": FINE_TUNE_TYPES})
+    num_layers: int = field(default=16, metadata={"help": "blocks trained, counted from the last (-1: all)"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA/DoRA rank"})
+    lora_scale: float = field(default=20.0, metadata={"help": "LoRA/DoRA scale"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA/DoRA dropout"})
+    mask_prompt: bool = field(default=False, metadata={
+        "help": "chat/completions data: no loss on the prompt, only on the last (assistant) message"})
+    max_seq_length: int = field(default=2048, metadata={"help": "longer samples are truncated"})
+    save_path: str = field(default="", metadata={
+        "help": "where the adapters (or, --fine-tune-type full, the model directory) go; "
+                "default RUN_DIR/adapters or RUN_DIR/model"})
+
+
+class BadInput(Exception):
+    """A problem with the command line or the files it names: one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class TokenBatches:
+    """mlx-lm's processed samples as the runtime's dataset: ``batch[indices] -> (tokens, lengths)``.
+
+    ``tokens`` is ``(B, L)`` int32, padded with zeros to the batch's longest sample (truncated at
+    ``max_len``); ``lengths`` is ``(B, 2)``: mlx-lm's ``(offset, length)``, where ``offset`` is the
+    number of prompt tokens that are not trained on.
+    """
+
+    def __init__(self, dataset: Any, max_len: int) -> None:
+        from mlx_lm.tuner.datasets import CacheDataset
+
+        self.items, self.max_len = CacheDataset(dataset), max_len
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        samples = [self.items[int(i)] for i in np.asarray(indices).reshape(-1)]
+        lengths = [min(len(tokens), self.max_len) for tokens, _ in samples]
+        tokens = np.zeros((len(samples), max(2, *lengths)), dtype=np.int32)
+        for row, ((seq, _), n) in enumerate(zip(samples, lengths)):
+            tokens[row, :n] = seq[:n]
+        return tokens, np.array([[offset, n] for (_, offset), n in zip(samples, lengths)], dtype=np.int32)
+
+
+def loss_fn(model: nn.Module, tokens: mx.array, lengths: mx.array) -> mx.array:
+    """Mean over samples of the mean cross-entropy of each sample's trained tokens (module doc: why).
+
+    Target ``i`` is token ``i + 1`` of its sample; it is trained on if ``offset <= i + 1 < length``.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs).astype(mx.float32)
+    position = mx.arange(1, targets.shape[1] + 1)
+    mask = (position >= lengths[:, :1]) & (position < lengths[:, 1:])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    return (ce.sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)).mean()
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+class FineTune:
+    """The loaded model, tokenizer and data of one run, and the recipe's parts that use them."""
+
+    def __init__(self, hp: Config) -> None:
+        check_paths(hp)
+        from mlx_lm.tuner.datasets import load_dataset
+        from mlx_lm.utils import load
+
+        try:
+            self.model, self.tokenizer, self.config = load(hp.model, return_config=True)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise BadInput(f"--model {hp.model}: mlx-lm cannot load it: {_one_line(e)}") from None
+        layers = len(self.model.layers)
+        if hp.num_layers > layers or hp.num_layers < -1 or hp.num_layers == 0:
+            raise BadInput(f"--num-layers {hp.num_layers}: the model has {layers} block(s); give 1..{layers} "
+                           "or -1 for all")
+        args = SimpleNamespace(data=hp.data, train=True, test=False, mask_prompt=hp.mask_prompt)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's notes (no valid.jsonl) stay off stdout
+                train, valid, _ = load_dataset(args, self.tokenizer)
+            self.train = TokenBatches(train, hp.max_seq_length)
+            self.valid = TokenBatches(valid, hp.max_seq_length) if len(valid) else None
+            if len(self.train):
+                self.train[np.array([0])]  # tokenizes one sample now: a format problem is bad input
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise BadInput(f"--data {hp.data}: {_one_line(e)}") from None
+        self.hp = hp
+
+    def build(self, hp: Config):
+        """Freeze the model, then LoRA/DoRA layers (seeded by the trainer: the same on every rank) or the
+        last blocks unfrozen, exactly as ``mlx_lm.lora`` does it."""
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        model = self.model
+        model.freeze()
+        if hp.fine_tune_type == "full":
+            for block in model.layers[-max(hp.num_layers, 0):]:
+                block.unfreeze()
+        else:
+            linear_to_lora_layers(model, hp.num_layers, self.lora_parameters(),
+                                  use_dora=hp.fine_tune_type == "dora")
+        model.train()
+        return model, optimizer_from(hp)
+
+    def lora_parameters(self) -> dict:
+        return {"rank": self.hp.lora_rank, "scale": self.hp.lora_scale, "dropout": self.hp.lora_dropout}
+
+    def data(self, hp: Config) -> TokenBatches:
+        return self.train
+
+    def evaluate(self, model: nn.Module, hp: Config) -> dict:
+        """Rank 0: the loss on valid.jsonl (the training loss's definition), if there is one."""
+        if self.valid is None:
+            return {}
+        model.eval()
+        total, n = 0.0, len(self.valid)
+        for start in range(0, n, hp.batch_size):
+            idx = np.arange(start, min(start + hp.batch_size, n))
+            tokens, lengths = self.valid[idx]
+            total += loss_fn(model, mx.array(tokens), mx.array(lengths)).item() * len(idx)
+        model.train()
+        loss = total / n
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self, trainer: Trainer) -> Optional[Path]:
+        """What ``mlx_lm generate`` loads, written by rank 0 from the whole model (a collective when
+        ``--shard full``: every rank gathers the layers for it)."""
+        hp = self.hp
+        path = Path(hp.save_path) if hp.save_path else run_dir() / ("model" if hp.fine_tune_type == "full"
+                                                                  else "adapters")
+        whole = trainer.sharded.unsharded() if isinstance(trainer.sharded, FullShard) else contextlib.nullcontext()
+        with whole:
+            if trainer.rank != 0:
+                return None
+            model = trainer.model
+            if hp.fine_tune_type == "full":
+                from mlx_lm.utils import save
+
+                save(path, hp.model, model, self.tokenizer, dict(self.config), donate_model=False)
+                how = f"mlx_lm generate --model {path}"
+            else:
+                from mlx_lm.utils import save_config
+
+                path.mkdir(parents=True, exist_ok=True)
+                mx.save_safetensors(str(path / "adapters.safetensors"),
+                                    dict(tree_flatten(model.trainable_parameters())), metadata={"format": "mlx"})
+                save_config({"model": hp.model, "data": hp.data, "fine_tune_type": hp.fine_tune_type,
+                             "num_layers": hp.num_layers, "lora_parameters": self.lora_parameters(),
+                             "steps": hp.steps, "batch_size": hp.batch_size, "lr": hp.lr, "seed": hp.seed,
+                             "max_seq_length": hp.max_seq_length, "mask_prompt": hp.mask_prompt},
+                            path / "adapter_config.json")
+                how = f"mlx_lm generate --model {hp.model} --adapter-path {path}"
+        print(f"[{NAME}] saved {path} (load it with: {how})", flush=True)
+        return path
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def check_paths(hp: Config) -> None:
+    """The local directories mlx-lm will read; mlx-lm itself would try the Hugging Face Hub instead."""
+    model, data = Path(hp.model).expanduser(), Path(hp.data).expanduser()
+    if not hp.model:
+        raise BadInput("--model is required: a local mlx-lm model directory")
+    if not (model / "config.json").is_file():
+        raise BadInput(f"--model {hp.model}: " + ("no config.json in it" if model.is_dir() else
+                                                  "no such directory") + " (a local mlx-lm model directory)")
+    if not hp.data:
+        raise BadInput("--data is required: a directory with train.jsonl (valid.jsonl optional)")
+    if not (data / "train.jsonl").is_file():
+        raise BadInput(f"--data {hp.data}: " + ("no train.jsonl in it" if data.is_dir() else "no such directory"))
+    if hp.max_seq_length < 2:
+        raise BadInput("--max-seq-length must be >= 2")
+    if hp.fine_tune_type == "dora" and hp.shard in ("full", "auto"):
+        raise BadInput(f"--fine-tune-type dora with --shard {hp.shard}: DoRA reads its base layer's weight outside the "
+                       "layer's call, where --shard full keeps it sharded; use --shard none or optimizer, or lora")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    hp = parse_hparams(Config, argv, prog=NAME)
+    try:
+        job = FineTune(hp)
+    except BadInput as e:
+        print(f"{NAME}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    group = init_group()
+    needed = group.size() * hp.batch_size * hp.grad_accum
+    if len(job.train) < needed:  # every rank sees the same: all stop, none waits in a collective
+        print(f"{NAME}: --data {hp.data}: train.jsonl has {len(job.train)} sample(s), one step needs {needed} "
+              f"({group.size()} rank(s) x --batch-size {hp.batch_size} x --grad-accum {hp.grad_accum})",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    recipe = Recipe(hparams=Config, build=job.build, loss=loss_fn, data=job.data, evaluate=job.evaluate, name=NAME)
+    trainer = Trainer(recipe, hp, group, NAME)
+    trainer.fit()
+    job.save(trainer)
+
+
+if __name__ == "__main__":
+    main()
