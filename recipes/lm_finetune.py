@@ -35,6 +35,7 @@ padding is masked out and, the attention being causal, changes nothing before it
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import sys
@@ -115,7 +116,8 @@ class TokenBatches:
 def loss_fn(model: nn.Module, tokens: mx.array, lengths: mx.array) -> mx.array:
     """Mean over samples of the mean cross-entropy of each sample's trained tokens (module doc: why).
 
-    Target ``i`` is token ``i + 1`` of its sample; it is trained on if ``offset <= i + 1 < length``.
+    Target ``i`` is token ``i + 1`` of its sample; it is trained on if ``offset <= i + 1 < length``
+    (mlx-lm's ``default_loss`` also counts ``i + 1 == length``, a padding token after the sample's end).
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits = model(inputs).astype(mx.float32)
@@ -146,8 +148,10 @@ class FineTune:
                            "or -1 for all")
         args = SimpleNamespace(data=hp.data, train=True, test=False, mask_prompt=hp.mask_prompt)
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's notes (no valid.jsonl) stay off stdout
+            # mlx-lm's notes ("no validation set") are said after the checks, by rank 0 only (``main``).
+            with contextlib.redirect_stdout(io.StringIO()) as notes:
                 train, valid, _ = load_dataset(args, self.tokenizer)
+            self.notes = notes.getvalue().strip()
             self.train = TokenBatches(train, hp.max_seq_length)
             self.valid = TokenBatches(valid, hp.max_seq_length) if len(valid) else None
             if len(self.train):
@@ -179,9 +183,8 @@ class FineTune:
         return self.train
 
     def evaluate(self, model: nn.Module, hp: Config) -> dict:
-        """Rank 0: the loss on valid.jsonl (the training loss's definition), if there is one."""
-        if self.valid is None:
-            return {}
+        """Rank 0: the loss on valid.jsonl (the training loss's definition); only where there is one."""
+        assert self.valid is not None
         model.eval()
         total, n = 0.0, len(self.valid)
         for start in range(0, n, hp.batch_size):
@@ -262,7 +265,10 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"({group.size()} rank(s) x --batch-size {hp.batch_size} x --grad-accum {hp.grad_accum})",
               file=sys.stderr, flush=True)
         raise SystemExit(2)
-    recipe = Recipe(hparams=Config, build=job.build, loss=loss_fn, data=job.data, evaluate=job.evaluate, name=NAME)
+    if job.notes and group.rank() == 0:
+        print(f"[{NAME}] mlx-lm: {job.notes}", flush=True)
+    recipe = Recipe(hparams=Config, build=job.build, loss=loss_fn, data=job.data, name=NAME,
+                    evaluate=job.evaluate if job.valid is not None else None)
     trainer = Trainer(recipe, hp, group, NAME)
     trainer.fit()
     job.save(trainer)
