@@ -7,8 +7,8 @@ real step every rank
 * reads its **budget** (:func:`budget`): ``ORCH_MEMORY_BUDGET_BYTES`` (the
   hostfile's ``memory_gb`` for that host, divided among its ranks), else on
   macOS Metal's recommended working set, else on Linux the memory cgroup's limit
-  (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) less what the rest of the
-  cgroup uses now, else ``MemAvailable`` shared among the host's ranks;
+  (v2 ``memory.max``, v1 ``memory.limit_in_bytes``; the tightest of the rank's
+  cgroup and its ancestors) less what the rest of that cgroup uses now, else ``MemAvailable`` shared among the host's ranks;
 * **predicts its peak** at its planned micro-batch from two small probe steps
   (forward + backward at about 1/8 and 1/4 of it, no update; the data order and
   the per-step seeds are untouched): MLX's peak grows linearly with the batch
@@ -67,7 +67,16 @@ def _read_int(path: Path) -> Optional[int]:
 
 
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[tuple[int, int]]:
-    """``(limit, usage)`` of this process's memory cgroup, v2 or v1; None without a finite limit."""
+    """``(limit, usage)`` of the tightest memory limit over this process's cgroup and its ancestors, v2 or v1;
+    None without a finite limit.
+
+    A parent's limit binds every cgroup below it, and a rank seldom sits where the limit was set: sshd
+    starts sessions in child cgroups (systemd's ``session-N.scope`` under a ``user-UID.slice`` with
+    ``MemoryMax``), so the rank's own ``memory.max`` says ``max``. Of the levels with a limit, the one with
+    the least room (limit less usage) is the one that will kill. On a hybrid host (v1 controllers under
+    ``root/memory``, an empty cgroup2 at ``root/unified``) the v2 line finds no ``memory.max`` and the
+    v1 ``memory`` line decides.
+    """
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
@@ -77,17 +86,23 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
         if len(parts) != 3:
             continue
         _, controllers, rel = parts
-        rel = rel.lstrip("/")
         if controllers == "":  # v2 unified
-            d = Path(root) / rel
-            limit = _read_int(d / "memory.max")
-            if limit is not None:
-                return limit, _read_int(d / "memory.current") or 0
+            base, limit_file, usage_file = Path(root), "memory.max", "memory.current"
         elif "memory" in controllers.split(","):
-            d = Path(root) / "memory" / rel
-            limit = _read_int(d / "memory.limit_in_bytes")
-            if limit is not None:
-                return limit, _read_int(d / "memory.usage_in_bytes") or 0
+            base, limit_file, usage_file = Path(root) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        tightest: Optional[tuple[int, int]] = None
+        level = Path(rel.lstrip("/"))
+        for d in [level, *level.parents]:  # this cgroup, then each parent up to the hierarchy's root
+            limit = _read_int(base / d / limit_file)
+            if limit is None:
+                continue
+            usage = _read_int(base / d / usage_file) or 0
+            if tightest is None or limit - usage < tightest[0] - tightest[1]:
+                tightest = (limit, usage)
+        if tightest is not None:
+            return tightest
     return None
 
 

@@ -148,6 +148,11 @@ class ShardedOptimizer:
         new = self.optimizer.apply_gradients(
             self._slices(dict(tree_flatten(grads))), self._slices(dict(tree_flatten(model.trainable_parameters())))
         )
+        if self.world > 1:
+            # The slices first: in one graph with the all_gather, the slicing's transients (a whole copy of
+            # each column-major gradient) were alive beside the gathered vector (118 MB MLP with Adam at
+            # N=4: MLX peak 739 -> 595 MiB, what shard.predicted_peaks counts).
+            mx.eval(new)
         rebuilt = []
         for name, g in self.groups.items():
             vector = mx.distributed.all_gather(new[name], group=self.group) if self.world > 1 else new[name]
