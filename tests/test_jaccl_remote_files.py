@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.launch.base import RankSpec
-from orchestrator.launch.ssh import remote_env, staged_files
+from orchestrator.launch.ssh_commands import remote_env, staged_files
 from tests.netns import make_cluster_fixture
 from tests.orch_helpers import SCRIPTS, events, run_orch
 

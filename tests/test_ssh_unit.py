@@ -19,10 +19,11 @@ import pytest
 
 from orchestrator.hostfile import Host, Hostfile
 from orchestrator.launch.base import ExitStatus, LaunchError, RankSpec
-from orchestrator.launch.ssh import (
-    SSHLauncher,
-    SSHRank,
+from orchestrator.launch.ssh import SSHLauncher, SSHRank
+from orchestrator.launch.ssh_commands import (
+    RELEASE,
     build_command,
+    config_line,
     exit_signal_status,
     kill_group_command,
     rank_command,
@@ -71,8 +72,12 @@ print(json.dumps({
 """
 
 
-def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypatch):
-    """Build the remote line for hostile args/env/cwd and run it with `sh -c` here: everything arrives intact."""
+@pytest.mark.parametrize("deferred", [False, True], ids=["plain", "deferred"])
+def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypatch, deferred):
+    """Build the remote line for hostile args/env/cwd and run it with `sh -c` here: everything arrives intact.
+
+    Deferred (how ``prepare`` opens a first attempt's sessions): the released guard starts its rank at once,
+    and the program and its arguments arrive later in the configuration line, as ``start`` sends it."""
     code_dir = tmp_path / "co de's \"dir\" $(x) `y`"
     code_dir.mkdir()
     (code_dir / "dump.py").write_text(DUMP)
@@ -83,16 +88,23 @@ def test_command_survives_hostile_values_through_a_real_shell(tmp_path, monkeypa
     hostfile_json = json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5001 $(boom)"]])
     spec = RankSpec(rank=3, host="remote1", script="/local/path/dump.py", script_args=list(HOSTILE),
                     python=sys.executable, env=env, mlx_hostfile_json=hostfile_json)
-    cmd = rank_command(spec, _site(tmp_path, code_dir, run_dir))
+    site = _site(tmp_path, code_dir, run_dir)
+    cmd = rank_command(spec, site, deferred=deferred)
 
     assert "ORCH_TEST_LOCAL_ONLY" not in cmd and "/local/only/hostfile.json" not in cmd
     assert cmd.startswith("read -r orch_go && cd ") and " && exec env " in cmd
+    assert ("--deferred" in cmd) == deferred and ("dump.py" in cmd) != deferred
     # stdin stays open while the rank runs, as an SSH session's does (EOF would tell the guard to stop it).
     p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=tmp_path)
     try:
         # What start() sends: the shell's release line, then the guard's token line; the rank sees neither.
-        p.stdin.write(release_lines("ab" * 16).decode())
+        if deferred:
+            p.stdin.write(RELEASE.decode())
+            p.stdin.flush()
+            p.stdin.write(config_line(spec, site, "ab" * 16).decode())
+        else:
+            p.stdin.write(release_lines("ab" * 16).decode())
         p.stdin.flush()
         stdout, stderr = p.stdout.read(), p.stderr.read()
         assert p.wait(timeout=30) == 0, stderr

@@ -4,20 +4,28 @@
 (``remote/ssh.py``; a failure names every host that could not be reached, and
 why, in one line), open one SSH session per rank, and stage the runtime and
 the script's directory over SFTP (``remote/staging.py``, into the layout of
-``remote/sites.py``). Each session runs::
+``remote/sites.py``). Each session runs the line ``launch/ssh_commands.py``
+builds::
 
-    read -r orch_go && cd DIR && exec env K=V ... PYTHON -m orchestrator.runtime.guard --token-line -- \
-        PYTHON -m orchestrator.runtime.bootstrap SCRIPT ARGS
+    read -r orch_go && cd DIR && exec env K=V ... PYTHON -S -m orchestrator.runtime.guard --deferred -- \
+        PYTHON -m orchestrator.runtime.bootstrap
 
-built only from ``shlex.quote``'d pieces: the remote login shell (and its rc
-files, ~0.4 s with pyenv in bash's .bashrc) starts while we stage, then waits
-for one line that ``start`` sends. A host's first rank session first runs the
-staging helper (``rank_command(helper_python=...)``), so a host with one rank
-pays for one login shell, not two. If the launch fails first, the sessions are
-closed and the shells exit at ``read`` without starting anything. Right after
-the release line ``start`` sends the guard's ``token <hex>`` line (fresh per
-rank and attempt, never on a command line): only events carrying it are the
-guard's, so only its ``spawned`` pid is ever signalled (``kill_group_command``).
+The remote login shell (and its rc files, ~0.4 s with pyenv in bash's
+.bashrc) starts while we stage, then waits for one line. As soon as its own
+host is staged, ``prepare`` sends ``start``: the guard starts, its rank starts
+Python and imports MLX while the other hosts are still staging, then waits.
+``start`` sends each rank its configuration line (program, arguments and the
+guard's token, fresh per rank and attempt, never on a command line) once every
+host is ready, so no user code runs anywhere before every host could be
+reached and staged. A host's first rank session first runs the staging helper
+(``rank_command(helper_python=...)``), so a host with one rank pays for one
+login shell, not two. If the launch fails first, the sessions are closed: the
+shells exit at ``read``, the guards at end-of-file, stopping their ranks before
+any user code ran. A restart (and a ``--stdin`` rank, whose guard must feed its
+stdin) uses the plain line instead, ``... guard --token-line -- ... bootstrap
+SCRIPT ARGS``, released by ``start`` with the token line. Only events carrying
+the token are the guard's, so only its ``spawned`` pid is ever signalled
+(``kill_group_command``).
 
 No pty: the guard is what stops a rank, because sshd does not signal a command
 when its session ends. The guard stops the rank's process group when its
@@ -36,10 +44,6 @@ later run deletes them in the background); ``aclose`` closes the connections.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -47,9 +51,8 @@ from typing import Optional, Sequence
 
 from orchestrator.remote.ssh import asyncssh  # imported there without find_library's slow fallbacks
 from orchestrator import protocol
-from orchestrator.plan import FILE_NAMES, file_name
+from orchestrator.plan import file_name
 from orchestrator.launch.base import (
-    TOKEN_LINE_FLAG,
     ExitStatus,
     LaunchError,
     ControlChannel,
@@ -57,128 +60,24 @@ from orchestrator.launch.base import (
     RankHandle,
     RankSpec,
     new_token,
-    token_line,
+)
+from orchestrator.launch.ssh_commands import (
+    DEFAULT_PYTHON,
+    RELEASE,
+    staged_files,
+    prestarts,
+    config_line,
+    rank_command,
+    exit_signal_status,
+    kill_group_command,
+    release_lines,
 )
 from orchestrator.remote import collect, manifest, sites as layout, stager, staging
 from orchestrator.remote.sites import HostLink, Site
 from orchestrator.remote.ssh import Connection, SSHOptions, connect
 
-DEFAULT_PYTHON = "python3"
 LOST_EXIT_CODE = 255  # what ssh(1) exits with when the connection fails
 PURGE_WAIT_S = 2.0  # at the end, how long an unfinished purge of earlier runs' trash may still run
-RELEASE = b"start\n"  # the line a pre-opened session waits for before it execs the guard
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-# ----------------------------------------------------------------------------- pure helpers
-
-
-def staged_files(spec: RankSpec) -> dict[str, str]:
-    """``{env var: local path}``: the per-job files (``plan.write_files``, e.g. ``MLX_IBV_DEVICES``) this rank's
-    environment names, which must exist on its host. ``prepare`` copies each into the host's remote run
-    directory under the same name and ``remote_env`` points the variable there. ``MLX_HOSTFILE`` is not
-    among them: its content travels in ``ORCH_MLX_HOSTFILE_JSON`` and the bootstrap writes it."""
-    return {var: spec.env[var] for var in FILE_NAMES if var != "MLX_HOSTFILE" and spec.env.get(var)}
-
-
-def remote_env(spec: RankSpec, *, run_dir: str, pythonpath: str, files_dir: Optional[str] = None) -> dict[str, str]:
-    """Exactly what the rank gets on top of the remote login environment: ``spec.env``, adapted to the host.
-
-    ``files_dir``: where ``prepare`` staged the ``staged_files`` on that host (default ``run_dir``).
-    """
-    env = dict(spec.env)
-    env.pop("MLX_HOSTFILE", None)  # a local path; the bootstrap writes the remote copy
-    if spec.mlx_hostfile_json is not None:
-        env[protocol.ENV_MLX_HOSTFILE_JSON] = spec.mlx_hostfile_json
-    for var in staged_files(spec):  # a local path too: the staged copy on that host instead
-        env[var] = f"{(files_dir or run_dir).rstrip('/')}/{file_name(var)}"
-    env[protocol.ENV_RUN_DIR] = run_dir
-    env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def build_command(argv: list[str], env: dict[str, str], cwd: str) -> str:
-    """The remote shell line: ``cd CWD && exec env K=V ... ARGV``, every piece ``shlex.quote``'d."""
-    for key in env:
-        if not _ENV_KEY.match(key):
-            raise LaunchError(f"environment variable name {key!r} cannot be passed to a remote host")
-    parts = ["cd", shlex.quote(cwd), "&&", "exec", "env"]
-    parts += [shlex.quote(f"{k}={v}") for k, v in env.items()]
-    parts += [shlex.quote(a) for a in argv]
-    return " ".join(parts)
-
-
-def rank_command(spec: RankSpec, site: Site, *, helper_python: Optional[str] = None) -> str:
-    """``read -r orch_go && cd DIR && exec env ... guard -- bootstrap SCRIPT ARGS``: waits for one release line.
-
-    A script runs from the site's staged copy of its directory (unless --cwd, or the site stages no code);
-    its environment points at the site's run directory and staged runtime.
-
-    ``helper_python``: the host's first rank session runs the staging helper first (``stager.helper_command``,
-    fed a framed request on the same stdin): every session pays for the login shell and its rc files
-    (``pyenv init`` in .bashrc: ~0.3 s of CPU), so the host pays for one shell instead of two. The release line
-    must then read ``start``: if the helper never ran, what it did not read must not release the rank.
-    """
-    python = spec.python or DEFAULT_PYTHON
-    if spec.cwd or not site.stage_code:
-        cwd, script = spec.cwd or site.link.home, spec.script
-    else:
-        cwd, script = site.code_dir, f"{site.code_dir}/{Path(spec.script).name}"
-    env = remote_env(spec, run_dir=site.run_dir, pythonpath=site.link.runtime_dir, files_dir=site.run_root)
-    argv = spec.rank_argv(python, script, guard_flags=(TOKEN_LINE_FLAG,),
-                          resume_path=layout.resume_path(site, spec.resume_file))
-    if helper_python:
-        return (stager.helper_command(helper_python) + '; read -r orch_go && [ "$orch_go" = ' + RELEASE.decode().strip()
-                + " ] && " + build_command(argv, env, cwd))
-    return "read -r orch_go && " + build_command(argv, env, cwd)
-
-
-UNKNOWN_SIGNAL = 99  # the number for a signal name this platform does not have (its words stay readable)
-_RFC4254_SIGNALS = {"ABRT": 6, "ALRM": 14, "FPE": 8, "HUP": 1, "ILL": 4, "INT": 2, "KILL": 9, "PIPE": 13,
-                    "QUIT": 3, "SEGV": 11, "TERM": 15, "USR1": 10, "USR2": 12}
-
-
-def signal_number(name: str) -> int:
-    """SSH exit-signal name ("KILL", "TERM", ...) to this platform's number; ``UNKNOWN_SIGNAL`` if it has none.
-
-    OpenSSH names only the signals of RFC 4254 and reports every other one
-    (SIGTRAP, SIGBUS, ...) as "SIG@openssh.com"; such a number must never be
-    fed to ``signal.Signals`` (``base.signal_name`` words any number).
-    """
-    bare = str(name).upper().removeprefix("SIG")
-    try:
-        return int(signal.Signals["SIG" + bare])
-    except KeyError:
-        return _RFC4254_SIGNALS.get(bare, UNKNOWN_SIGNAL)
-
-
-def exit_signal_status(name: str) -> ExitStatus:
-    """The status of a session that ended by the signal SSH reports as ``name``."""
-    number = signal_number(name)
-    known = number != UNKNOWN_SIGNAL
-    return ExitStatus(code=None, signal=number, signal_label=None if known else str(name))
-
-
-def kill_group_command(pid: int) -> Optional[str]:
-    """The remote line that SIGKILLs a rank's process group, or None for a pid that must never be signalled.
-
-    ``pid`` comes only from the guard's authenticated ``spawned`` event. Even
-    so, the group is killed only while it is still the guard's: its leader
-    leads its own group and its parent runs ``orchestrator.runtime.guard``
-    (``ps`` fields that both procps and BSD ps have). A pid of 0 or 1
-    (``kill -KILL -1`` as root is every process on the host) is refused outright. No ``--``:
-    dash, a common /bin/sh, rejects it.
-    """
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
-        return None
-    return (f"p={pid}; g=$(ps -o pgid= -p $p 2>/dev/null | tr -d ' '); [ \"$g\" = $p ] || exit 0; "
-            f"pp=$(ps -o ppid= -p $p 2>/dev/null | tr -d ' '); [ -n \"$pp\" ] && [ \"$pp\" -gt 1 ] || exit 0; "
-            f"ps -o args= -p $pp 2>/dev/null | grep -q orchestrator.runtime.guard && kill -KILL -$p 2>/dev/null; exit 0")
-
-
-def release_lines(token: str) -> bytes:
-    """What ``start`` writes to a waiting session: the shell's release line, then the guard's token line."""
-    return RELEASE + (token_line(token) + "\n").encode()
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -282,7 +181,9 @@ class SSHLauncher(Launcher):
         self.stats: dict = {}                     # what staging.json says
         self._local_run_dir: Optional[Path] = None
         self._code_tree: Optional[manifest.Tree] = None
-        self._pending: dict[int, asyncssh.SSHClientProcess] = {}  # rank -> session opened in prepare, not yet released
+        self._pending: dict[int, asyncssh.SSHClientProcess] = {}  # rank -> session opened in prepare, not yet started
+        self._deferred: set[int] = set()          # ranks whose pending session starts a --deferred guard
+        self._released: set[int] = set()          # ... and whose shell got its release line (its rank is importing)
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._collected = False
@@ -346,6 +247,7 @@ class SSHLauncher(Launcher):
                 self._pending.pop(first.rank, None)
                 carrier.proc.close()
                 self._pending[first.rank] = await self._new_session(link, first)
+            self._release_prestarts(link)
 
         results = await asyncio.gather(*(bring_up(l) for l in links), return_exceptions=True)
         if not trees.done():
@@ -398,10 +300,31 @@ class SSHLauncher(Launcher):
             if self.sites[spec.host_index].link is link and spec.rank not in self._pending:
                 self._pending[spec.rank] = await self._new_session(link, spec)
 
-    async def _new_session(self, link: HostLink, spec: RankSpec, helper_python: Optional[str] = None) -> asyncssh.SSHClientProcess:
+    def _release_prestarts(self, link: HostLink) -> None:
+        """The host is staged: its deferred sessions may start their guards (each rank imports MLX now and
+        waits for its configuration line, which ``start`` sends once every host is ready)."""
+        for spec in self.specs:
+            proc = self._pending.get(spec.rank)
+            if (proc is None or spec.rank not in self._deferred or spec.rank in self._released
+                    or self.sites[spec.host_index].link is not link):
+                continue
+            try:
+                proc.stdin.write(RELEASE)
+                self._released.add(spec.rank)
+            except (asyncssh.Error, OSError, BrokenPipeError):
+                pass  # the session is gone: start() opens a plain one
+
+    async def _new_session(self, link: HostLink, spec: RankSpec, helper_python: Optional[str] = None,
+                           deferred: Optional[bool] = None) -> asyncssh.SSHClientProcess:
+        """One rank's session; ``deferred`` (default: ``prestarts(spec)``) makes it start a --deferred guard
+        once released (``rank_command``). Restarts pass False: their start is released at once."""
+        deferred = prestarts(spec) if deferred is None else deferred
         try:
-            command = rank_command(spec, self.sites[spec.host_index], helper_python=helper_python)
-            return await link.ssh.conn.create_process(command, encoding=None)
+            command = rank_command(spec, self.sites[spec.host_index], helper_python=helper_python, deferred=deferred)
+            proc = await link.ssh.conn.create_process(command, encoding=None)
+            (self._deferred.add if deferred else self._deferred.discard)(spec.rank)
+            self._released.discard(spec.rank)
+            return proc
         except asyncssh.ChannelOpenError as e:
             mine = [s.rank for s in self.specs if self.sites[s.host_index].link is link]
             opened = sum(1 for r in mine if r in self._pending)
@@ -436,13 +359,18 @@ class SSHLauncher(Launcher):
             self._purge = asyncio.ensure_future(layout.purge_trash(self.links.values()))
         proc = self._pending.pop(spec.rank, None)
         if proc is None or proc.is_closing():  # a restart, or the session went away: a new one
-            proc = await self._new_session(link, spec)
+            proc = await self._new_session(link, spec, deferred=False)
         handle = SSHRank(spec, link.ssh, proc, self._background)
         handle.token = new_token()
         # One write, two lines: the shell's ``read`` takes the release line (it reads a pipe
         # byte by byte, never past its newline), the guard it execs then reads the token
-        # line, first thing, from the same channel. The token never appears on a command line.
-        proc.stdin.write(release_lines(handle.token))
+        # line (a deferred guard: its configuration line, token inside), first thing, from the
+        # same channel. The token never appears on a command line.
+        if spec.rank in self._deferred:
+            released = spec.rank in self._released
+            proc.stdin.write((b"" if released else RELEASE) + config_line(spec, site, handle.token))
+        else:
+            proc.stdin.write(release_lines(handle.token))
         return handle
 
     # -- the end ----------------------------------------------------------------
