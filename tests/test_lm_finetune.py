@@ -125,6 +125,8 @@ def test_every_sharding_stage_trains_like_one_rank_and_saves_what_mlx_lm_generat
         assert state["full"] < state["none"] and runs["full"]["metrics"]["shard_gather_bytes_per_step"] > 0
     else:  # LoRA: the frozen base layers are sharded; the adapters stay whole on every rank (rank 0 says so)
         assert "stay whole on every rank" in runs["full"]["stdout"] and "lora_a" in runs["full"]["stdout"]
+        metrics = runs["full"]["metrics"]  # the frozen shards are gathered every step, and counted
+        assert metrics["shard_gather_bytes_per_step"] > 0 and metrics["shard_scatter_bytes_per_step"] == 0
     saved = runs["full"]["saved"]
     if kind == "full":
         assert json.loads((saved / "config.json").read_text())["model_type"] == "llama"
