@@ -16,14 +16,16 @@ in the host so the rank reads it itself; no hostfile ``memory_gb``). The model i
 
 Why 640 MiB: ``--shard full``'s process peak here is ~600 MiB (the whole model is built, and synced
 from rank 0, before it is sharded), and ``--shard auto`` would pick ``optimizer`` once a rank has about
-563 MiB for MLX beside its ~90 MiB of interpreter and libraries (a cgroup of ~670 MiB). ZeRO-1 itself
-needs ~880 MiB of process here (its RSS grows beyond MLX's peak), so between those two numbers
-``--shard auto`` would pick a stage that is OOM-killed: the window where the prediction is right is
-600-670 MiB on this model (see the report of issue #25).
+563 MiB for MLX beside its ~90 MiB of interpreter and libraries (a cgroup of ~670 MiB). The window is
+narrow because the prediction undercounts the process: with the runtime's default ``keep_freed_memory``
+(``runtime/allocator.py``: glibc keeps freed blocks up to 32 MiB in the heap) a rank's resident memory
+grows past MLX's peak, ZeRO-1's to 850-880 MiB (MLX peak 611-627; 592-603 MiB with
+``--no-keep-freed-memory``). So with 670-880 MiB per host ``--shard auto`` picks ``optimizer`` and a rank
+can be OOM-killed; that is not what this test pins down.
 
 Why lr 1e-4: Adam's first steps are about ``lr * sign(g)``, and many gradients of this deep MLP are ~1e-8,
 Adam's eps, where the last-bit difference between a reduce-scatter and an all-reduce of the same sum
-changes the step by up to a third of ``lr`` (at 1e-3 a handful of the 7.4 M weights ended 2.8e-4 apart).
+changes the step by up to a third of ``lr`` (at 1e-3 a handful of the 29.5 M weights ended 2.8e-4 apart).
 At 1e-4 two steps move a weight ~2e-4, so a sharded run that did not train would still fail the 1e-4.
 """
 
