@@ -57,8 +57,8 @@ def host_memory_limits(cluster, limit: int) -> Iterator[list[Path]]:
             home = MEMCG_ROOT / _memory_cgroup_of(h.sshd_pid).lstrip("/") if v1 else \
                 V2_ROOT / _v2_cgroup_of(h.sshd_pid).lstrip("/")
             child = cg / "sshd"
+            made.append((cg, child, home))  # before anything can fail: the finally removes it
             child.mkdir()
-            made.append((cg, child, home))
             (child / "cgroup.procs").write_text(str(h.sshd_pid))
             _mount_cgroups_in(h.sshd_pid, v1)
         yield [cg for cg, _, _ in made]
