@@ -314,6 +314,38 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def entry() -> None:
+    """The ``orch`` command (and ``python -m orchestrator``): ``main``, then a quick exit.
+
+    The interpreter's own teardown (unloading pydantic, asyncssh and cryptography module by module) costs a
+    launch ~50 ms after everything is done. Once ``main`` has returned, no thread of ours is left and every
+    file is closed; the buffers of any file object still open are flushed here, which is all the teardown
+    would still have done for the user, and the process ends with ``main``'s code. In-process callers (tests)
+    call ``main`` and keep the normal teardown.
+    """
+    code = main()
+    import gc
+    import io
+    import threading
+
+    if threading.active_count() > 1:  # never cut a thread short: the normal exit joins it
+        sys.exit(code)
+    for obj in gc.get_objects():
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed and obj.writable():
+                    obj.flush()
+            except (OSError, ValueError):
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            if stream is sys.stdout:
+                code = code or EXIT_BROKEN_PIPE
+    os._exit(code)
+
+
 def _stdout_to_devnull() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -259,3 +259,33 @@ def test_the_controller_raises_its_open_file_limit_for_itself_and_its_ranks(tmp_
     assert r.returncode == 0, r.stderr
     limits = {line.split()[-1] for line in r.stdout.splitlines() if "nofile" in line}
     assert limits == {str(expected)}, r.stdout
+
+
+@pytest.mark.parametrize("with_thread", [False, True])
+def test_the_quick_exit_keeps_every_byte_and_the_code(tmp_path, with_thread):
+    """``orch`` ends with os._exit after ``main`` (no interpreter teardown): a file object left open with
+    bytes in its buffer still gets them on disk, stdout's last line is printed, the code is main's; with a
+    thread still running, the normal exit (which joins it) is kept."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "left-open.txt"
+    prog = f"""
+import sys, threading, time
+import orchestrator.cli as cli
+def fake_main():
+    f = open({str(out)!r}, "w", buffering=1 << 20)
+    f.write("every byte")
+    sys.stdout.write("last words")
+    if {with_thread}:
+        threading.Thread(target=lambda: (time.sleep(0.5), open({str(out)!r} + ".thread", "w").write("joined"))).start()
+    fake_main.keep = f
+    return 3
+cli.main = fake_main
+cli.entry()
+"""
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "last words"
+    assert out.read_text() == "every byte"
+    assert (tmp_path / "left-open.txt.thread").exists() == with_thread
