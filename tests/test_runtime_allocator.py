@@ -129,3 +129,50 @@ def test_real_glibc_gives_kept_blocks_back():
     assert int(kept) > int(full) - (8 << 20), out.stdout  # freed but kept
     assert int(trimmed) < int(kept) - (48 << 20), out.stdout  # given back
     assert back == "True"
+
+
+class FakeTrimLibc(FakeLibc):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trimmed = 0
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trimmed += 1
+        return 1
+
+
+def test_stopping_puts_glibcs_values_back_and_trims(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    libc = FakeTrimLibc()
+    assert allocator.stop_keeping_freed_memory(libc) == "freed memory goes back to the system"
+    assert libc.calls == list(allocator.DEFAULTS) and libc.trimmed == 1
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux-without-glibc"])
+def test_stopping_elsewhere_does_nothing(monkeypatch, platform):
+    monkeypatch.setattr(sys, "platform", platform.split("-")[0])
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.stop_keeping_freed_memory() == "nothing to undo here"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_real_glibc_gives_a_freed_block_back_after_stopping():
+    """In a fresh process: kept, a freed 8 MiB block stays in the heap; after stopping, glibc serves it by
+    mmap again (and returns it on free)."""
+    probe = (
+        "import ctypes\n"
+        "from orchestrator.runtime.allocator import keep_freed_memory, stop_keeping_freed_memory\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def in_heap(n):\n"
+        "    p = libc.malloc(n); maps = open('/proc/self/maps').read().splitlines(); libc.free(p)\n"
+        "    heap = [l for l in maps if l.endswith('[heap]')]\n"
+        "    lo, hi = (int(x, 16) for x in heap[0].split()[0].split('-')) if heap else (0, 0)\n"
+        "    return lo <= p < hi\n"
+        "keep_freed_memory(); kept = in_heap(8 << 20)\n"
+        "note = stop_keeping_freed_memory()\n"
+        "print(kept, in_heap(8 << 20), note)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    kept, after, note = out.stdout.split(" ", 2)
+    assert (kept, after) == ("True", "False"), out.stdout
+    assert "goes back" in note

@@ -131,10 +131,13 @@ def test_auto_picks_the_least_sharding_that_fits_the_tightest_rank():
     sample = {"rss_bytes": 10_000, "mlx_active_bytes": 0, "mlx_cache_bytes": 0}
     said = []
 
-    def pick(limit, other_ranks_need=0, world=4):
+    def pick(limit, other_ranks_need=0, world=4, kept_freed=0, keeps=True):
         budget = SimpleNamespace(bytes=10_000 + limit)
         gather = lambda v: [v, float(other_ranks_need) if v < 10 else v]  # noqa: E731 - a 2-rank all-gather
-        return shard.choose_stage(model, optim.Adam(learning_rate=1e-3), world, gather, said.append, sample, budget)
+        stage, keep = shard.choose_stage(model, optim.Adam(learning_rate=1e-3), world, gather, said.append, sample,
+                                         budget, kept_freed=kept_freed)
+        assert keep == keeps, said[-1]
+        return stage
 
     assert pick(peaks["none"]) == "none"
     assert pick(peaks["none"] - 1) == "optimizer"
@@ -142,6 +145,10 @@ def test_auto_picks_the_least_sharding_that_fits_the_tightest_rank():
     assert pick(peaks["none"], other_ranks_need=2) == "full"  # the tightest rank decides for all
     assert pick(0) == "full" and "nothing fits" in said[-1]
     assert said[0].startswith("--shard auto: none (the least sharding that fits")
+    # Keeping freed memory needs room beyond the chosen stage's peak on the tightest rank, else it stops.
+    assert pick(peaks["none"] - 1, kept_freed=peaks["none"] - 1 - peaks["optimizer"]) == "optimizer"
+    assert pick(peaks["none"] - 1, kept_freed=peaks["none"] - peaks["optimizer"], keeps=False) == "optimizer"
+    assert "freed memory goes back to the system" in said[-1]
 
 
 @pytest.mark.slow

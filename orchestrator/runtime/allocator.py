@@ -31,6 +31,12 @@ M_MMAP_THRESHOLD = -3
 # What the settings are: blocks up to 32 MiB (glibc's largest mmap threshold on 64-bit) come from the
 # heap; up to 2 GB of free heap top is kept; the heap grows 256 MiB at a time.
 SETTINGS = ((M_MMAP_THRESHOLD, 32 * 1024 * 1024), (M_TRIM_THRESHOLD, 2_000_000_000), (M_TOP_PAD, 256 * 1024 * 1024))
+# glibc's own starting values: what ``stop_keeping_freed_memory`` puts back.
+DEFAULTS = ((M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024), (M_TOP_PAD, 0))
+# How far a process keeping freed memory may sit above MLX's peak: the heap's 256 MiB top pad plus a block
+# below the mmap threshold. Measured: ZeRO-1 on the 118 MB MLP at 4 ranks, 777-878 MiB resident for an MLX
+# peak of 611-627 MiB kept, 592-603 MiB not kept (benchmarks/RESULTS.md).
+KEPT_FREED_BYTES = (256 + 32) * 1024 * 1024
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -59,6 +65,21 @@ def keep_freed_memory(libc: Optional[object] = None) -> str:
     if failed:
         return f"glibc refused mallopt parameters {failed}"
     return "glibc keeps freed blocks up to 32 MiB for reuse"
+
+
+def stop_keeping_freed_memory(libc: Optional[object] = None) -> str:
+    """Undo ``keep_freed_memory`` (glibc's starting values, then the free heap handed back once); what was
+    done, in words. For a rank whose memory budget leaves less room than a kept heap can take
+    (``KEPT_FREED_BYTES``): a few page faults a step cost less than the kernel's OOM killer."""
+    if not sys.platform.startswith("linux"):
+        return "nothing to undo here"
+    lib = libc if libc is not None else _glibc()
+    if lib is None:
+        return "nothing to undo here"
+    for param, value in DEFAULTS:
+        lib.mallopt(param, value)
+    return_freed_memory(lib)
+    return "freed memory goes back to the system"
 
 
 def return_freed_memory(libc: Optional[object] = None) -> bool:

@@ -362,11 +362,16 @@ def state_ratio(optimizer: Any) -> float:
 
 
 def choose_stage(model: nn.Module, optimizer: Any, world: int, gather: Callable[[float], list],
-                 say: Callable[[str], None], sample: dict, budget: Any) -> str:
-    """``--shard auto``: the least sharding whose predicted peak fits every rank's budget, said in one line.
+                 say: Callable[[str], None], sample: dict, budget: Any, kept_freed: int = 0) -> tuple[str, bool]:
+    """``--shard auto``: the least sharding whose predicted peak fits every rank's budget, said in one line;
+    and whether freed memory may still be kept (``runtime/allocator.py``).
 
     ``sample``: this rank's memory now (``MemorySampler.sample``); ``budget``: ``memfit.budget``'s (None:
-    unknown, counts as fitting). Every rank calls it (two collectives, through ``gather``).
+    unknown, counts as fitting). ``kept_freed``: how far above MLX's peak a process keeping freed memory may
+    sit (0: it does not keep it). When the tightest rank has less than that to spare beyond the chosen
+    stage's peak, keeping would turn a stage that fits into an OOM kill (measured: ZeRO-1 picked under
+    760-850 MiB cgroups was killed), so every rank stops keeping it. Every rank calls it (two collectives,
+    through ``gather``).
     """
     params = tree_flatten(model.parameters())
     p = sum(a.nbytes for _, a in params)
@@ -386,5 +391,8 @@ def choose_stage(model: nn.Module, optimizer: Any, world: int, gather: Callable[
         why = f"the least sharding that fits the tightest rank's {format_bytes(int(tightest))} for MLX"
     else:
         why = f"nothing fits the tightest rank's {format_bytes(int(max(tightest, 0)))} for MLX: the most sharding"
-    say(f"--shard auto: {stage} ({why}; predicted MLX peak per rank before activations: {shown})")
-    return stage
+    keep = kept_freed <= 0 or tightest == float("inf") or tightest - peaks[stage] >= kept_freed
+    spare = "" if keep else (f"; freed memory goes back to the system: {format_bytes(int(max(tightest - peaks[stage], 0)))}"
+                             f" to spare is less than the {format_bytes(kept_freed)} a kept heap can hold")
+    say(f"--shard auto: {stage} ({why}; predicted MLX peak per rank before activations: {shown}){spare}")
+    return stage, keep

@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from orchestrator import protocol
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime import memfit, quiet_wait, shard
-from orchestrator.runtime.allocator import keep_freed_memory
+from orchestrator.runtime.allocator import KEPT_FREED_BYTES, keep_freed_memory, stop_keeping_freed_memory
 from orchestrator.runtime.balance import BalancedSampler, Balancer
 from orchestrator.runtime.config import Hparams, parse_hparams, to_dict
 from orchestrator.runtime.data import DataPosition, ShardedSampler, as_dataset
@@ -222,8 +222,11 @@ class Trainer(RankSync, TrainStep):
         if hp.shard == "auto":  # runtime/shard.py: the least sharding whose predicted peak fits every rank
             budget = memfit.budget(MemorySampler().sample(0)["rss_bytes"], MemorySampler().metal_max_working_set,
                                    int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-            hp.shard = shard.choose_stage(self.model, self.optimizer, self.world, self._gather, self.say,
-                                          MemorySampler().sample(0), budget)
+            hp.shard, keep = shard.choose_stage(self.model, self.optimizer, self.world, self._gather, self.say,
+                                                MemorySampler().sample(0), budget,
+                                                kept_freed=KEPT_FREED_BYTES if hp.keep_freed_memory else 0)
+            if not keep:
+                stop_keeping_freed_memory()
             hp.shard_optimizer = hp.shard == "optimizer"
             if hp.shard == "none" and self._resume_optimizer is not None:  # kept for slicing: not needed
                 self.optimizer.state = tree_unflatten(list(self._resume_optimizer.items()))
