@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ranks_on_hosts, tc_burst_bytes
+from harness import clear_qdiscs, ranks_on_hosts, tagged_json, tc_burst_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 WIRES = ("float32", "bfloat16")
@@ -164,12 +164,9 @@ def shaped_run(a: argparse.Namespace, rate: str) -> dict:
                 for rank in range(2)], tmp, a.timeout, f"shaped run at {rate}", tail=3000)
             print("\n".join(line for line in outputs[0].splitlines() if not line.startswith("GRAD_DTYPE_JSON")),
                   flush=True)
-            (line,) = [x for x in outputs[0].splitlines() if x.startswith("GRAD_DTYPE_JSON ")]
-            return json.loads(line.split(" ", 1)[1])
+            return tagged_json(outputs[0], "GRAD_DTYPE_JSON")
         finally:
-            for ns, iface in ends:
-                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
-                               capture_output=True, timeout=20)
+            clear_qdiscs(ends)
 
 
 def main() -> None:

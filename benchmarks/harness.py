@@ -275,3 +275,17 @@ def ranks_on_hosts(cluster, argv: Sequence[str], envs: Sequence[Mapping[str, str
                 p.wait(timeout=10)
         for log in logs:
             log.close()
+
+
+def tagged_json(output: str, tag: str) -> dict:
+    """The one ``TAG {json}`` line a worker printed (e.g. rank 0's ``SUM_SCATTER_JSON {...}``), parsed."""
+    (line,) = [x for x in output.splitlines() if x.startswith(tag + " ")]
+    return json.loads(line.split(" ", 1)[1])
+
+
+def clear_qdiscs(ends: Sequence[tuple[str, str]]) -> None:
+    """Remove the root qdisc this benchmark put on each (namespace, interface): the shaping ends with it."""
+    for ns, iface in ends:
+        subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
+                       capture_output=True, timeout=20)
+

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ranks_on_hosts, result_line, tc_burst_bytes
+from harness import clear_qdiscs, ranks_on_hosts, result_line, tagged_json, tc_burst_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.5  # --shard full / data parallel step time at 10 Gbit/s
@@ -144,12 +144,9 @@ def shaped_run(a: argparse.Namespace, rate: str) -> dict:
                 "SHARD_STEP_LINK": f"ring cables shaped to {rate} each way (tc tbf)", "PYTHONPATH": str(ROOT)}
                 for rank in range(N)], tmp, a.timeout, f"{N} hosts at {rate}", tail=3000)
             print("\n".join(line for line in outputs[0].splitlines() if line.startswith("# ")), flush=True)
-            (line,) = [x for x in outputs[0].splitlines() if x.startswith("SHARD_STEP_JSON ")]
-            return json.loads(line.split(" ", 1)[1])
+            return tagged_json(outputs[0], "SHARD_STEP_JSON")
         finally:
-            for ns, iface in ends:
-                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
-                               capture_output=True, timeout=20)
+            clear_qdiscs(ends)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ranks_on_hosts, tc_burst_bytes
+from harness import clear_qdiscs, ranks_on_hosts, tagged_json, tc_burst_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.6
@@ -106,12 +106,9 @@ def shaped_run(a: argparse.Namespace, n: int) -> dict:
                 for rank in range(n)], tmp, a.timeout, f"{n} hosts at {a.rate}")
             print("\n".join(line for line in outputs[0].splitlines() if not line.startswith("SUM_SCATTER_JSON")),
                   flush=True)
-            (line,) = [x for x in outputs[0].splitlines() if x.startswith("SUM_SCATTER_JSON ")]
-            return json.loads(line.split(" ", 1)[1])
+            return tagged_json(outputs[0], "SUM_SCATTER_JSON")
         finally:
-            for ns, iface in ends:
-                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
-                               capture_output=True, timeout=20)
+            clear_qdiscs(ends)
 
 
 def main() -> None:
