@@ -289,3 +289,14 @@ def clear_qdiscs(ends: Sequence[tuple[str, str]]) -> None:
         subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False,
                        capture_output=True, timeout=20)
 
+
+def parse_rank_args(ap, argv: Sequence[str], *, iters: int, per: str):
+    """The options every namespace-host benchmark shares (``--iters``, ``--warmup``, ``--timeout`` per
+    ``per``, ``--worker``), added to ``ap``, then ``argv`` parsed (a leading ``--`` dropped)."""
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=600, help=f"seconds per {per} before its ranks are killed")
+    ap.add_argument("--worker", action="store_true", help="be one rank (the script starts these itself)")
+    argv = list(argv)
+    return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import clear_qdiscs, ranks_on_hosts, result_line, tagged_json, tc_burst_bytes
+from harness import clear_qdiscs, parse_rank_args, ranks_on_hosts, result_line, tagged_json, tc_burst_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.5  # --shard full / data parallel step time at 10 Gbit/s
@@ -41,11 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per rate before its ranks are killed")
-    ap.add_argument("--worker", action="store_true", help="be one rank (the script starts these itself)")
-    return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    return parse_rank_args(ap, argv, iters=6, per="rate")
 
 
 # ----------------------------------------------------------------------------- one rank

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import clear_qdiscs, ranks_on_hosts, tagged_json, tc_burst_bytes
+from harness import clear_qdiscs, parse_rank_args, ranks_on_hosts, tagged_json, tc_burst_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.6
@@ -38,11 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--hosts", default="2,3,4", help="comma-separated host counts (default 2,3,4)")
     ap.add_argument("--rate", default="1gbit", help="tc tbf rate of every ring interface (default 1gbit)")
     ap.add_argument("--mib", type=float, default=32.0, help="buffer size in MiB of float32 (default 32)")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per host count before its ranks are killed")
-    ap.add_argument("--worker", action="store_true", help="be one rank (the script starts these itself)")
-    return ap.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    return parse_rank_args(ap, argv, iters=5, per="host count")
 
 
 def worker(a: argparse.Namespace) -> None:

@@ -10,6 +10,17 @@ import pytest
 from orchestrator.runtime import allocator
 
 
+IN_HEAP = (
+    "import ctypes\n"
+    "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+    "def in_heap(n):\n"
+    "    p = libc.malloc(n); maps = open('/proc/self/maps').read().splitlines(); libc.free(p)\n"
+    "    heap = [l for l in maps if l.endswith('[heap]')]\n"
+    "    lo, hi = (int(x, 16) for x in heap[0].split()[0].split('-')) if heap else (0, 0)\n"
+    "    return lo <= p < hi\n"
+)  # a fresh process's probe: does glibc serve a block of n bytes from the heap (kept), or by mmap?
+
+
 class FakeLibc:
     """Records mallopt calls; answers ``result`` (glibc returns 1 on success, 0 on error)."""
 
@@ -59,15 +70,8 @@ def test_linux_without_glibc(monkeypatch):
 def test_real_glibc_keeps_a_freed_block():
     """In a fresh process: after the call, a freed 8 MiB block comes back at the same address (heap reuse);
     before it, glibc serves 8 MiB with mmap and returns it to the kernel on free."""
-    probe = (
-        "import ctypes, sys\n"
+    probe = IN_HEAP + (
         "from orchestrator.runtime.allocator import keep_freed_memory\n"
-        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
-        "def in_heap(n):\n"
-        "    p = libc.malloc(n); maps = open('/proc/self/maps').read().splitlines(); libc.free(p)\n"
-        "    heap = [l for l in maps if l.endswith('[heap]')]\n"
-        "    lo, hi = (int(x, 16) for x in heap[0].split()[0].split('-')) if heap else (0, 0)\n"
-        "    return lo <= p < hi\n"
         "before = in_heap(8 << 20)\n"
         "note = keep_freed_memory()\n"
         "print(before, in_heap(8 << 20), note)\n"
@@ -159,15 +163,8 @@ def test_stopping_elsewhere_does_nothing(monkeypatch, platform):
 def test_real_glibc_gives_a_freed_block_back_after_stopping():
     """In a fresh process: kept, a freed 8 MiB block stays in the heap; after stopping, glibc serves it by
     mmap again (and returns it on free)."""
-    probe = (
-        "import ctypes\n"
+    probe = IN_HEAP + (
         "from orchestrator.runtime.allocator import keep_freed_memory, stop_keeping_freed_memory\n"
-        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
-        "def in_heap(n):\n"
-        "    p = libc.malloc(n); maps = open('/proc/self/maps').read().splitlines(); libc.free(p)\n"
-        "    heap = [l for l in maps if l.endswith('[heap]')]\n"
-        "    lo, hi = (int(x, 16) for x in heap[0].split()[0].split('-')) if heap else (0, 0)\n"
-        "    return lo <= p < hi\n"
         "keep_freed_memory(); kept = in_heap(8 << 20)\n"
         "note = stop_keeping_freed_memory()\n"
         "print(kept, in_heap(8 << 20), note)\n"
