@@ -60,3 +60,22 @@ def test_under_mpirun_too(tmp_path):
     r = run_orch("run", "boom.py", "-n", "2", "--backend", "mpi", "--run-dir", str(rd), cwd=tmp_path, timeout=90)
     assert r.returncode == 1, r.stderr
     assert_user_frames_only((rd / "logs" / "rank-0.log").read_text(), "boom.py")
+
+
+def test_a_python_without_mlx_shows_the_programs_import_not_orchs(tmp_path):
+    """``-n`` ranks are started before the plan and import MLX early (launch/prespawn.py; over SSH, each host's
+    as soon as it is staged). Where MLX is missing, that early import must not fail in orch's own frames: the
+    program's import fails instead, with the program's frame and the missing-module diagnosis."""
+    shadow = tmp_path / "shadow"
+    (shadow / "mlx").mkdir(parents=True)
+    (shadow / "mlx" / "__init__.py").write_text("")  # an `mlx` without `mlx.core`, first on the path
+    (tmp_path / "needs_mlx.py").write_text("import mlx.core as mx\nprint(mx.array(1))\n")
+    rd = tmp_path / "run"
+    r = run_orch("run", "needs_mlx.py", "-n", "1", "--run-dir", str(rd), cwd=tmp_path,
+                 env={"PYTHONPATH": str(shadow)})
+    assert r.returncode == 1, r.stderr
+    log = (rd / "logs" / "rank-0.log").read_text()
+    assert "ModuleNotFoundError: No module named 'mlx.core'" in log, log
+    frames = [line.strip() for line in log.splitlines() if line.strip().startswith("File ")]
+    assert frames and "needs_mlx.py" in frames[0] and not [f for f in frames if "orchestrator" in f], frames
+    assert "has no module 'mlx.core'" in r.stderr, r.stderr
