@@ -227,10 +227,11 @@ def test_the_rank_with_the_real_error_is_named_not_the_one_that_stopped_with_it(
     rd = tmp_path / "run"
     r = run_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--",
                  "--resume", str(tmp_path / "nonexistent"), cwd=tmp_path)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr  # bad input: one line and exit 2, on every rank, no traceback
     s = summary(rd)
     assert s["failed_rank"] == 0, s["reason"]
     assert "no such file or directory" in r.stderr.split("last lines of rank 0")[1]
+    assert "Traceback" not in r.stderr and "Traceback" not in (rd / "logs" / "rank-0.log").read_text()
     assert not alive(rank_pids(rd), timeout=3)
 
 

@@ -17,6 +17,7 @@ balancer's view of every rank's speed.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,12 @@ def broadcast_from_rank0(arrays: list[mx.array], group: mx.distributed.Group) ->
     out = [mx.distributed.all_sum(a, group=group) for a in arrays]
     mx.eval(out)
     return out
+
+
+def _first_words(message: str, limit: int = 160) -> str:
+    """One line of a loader's message (MLX names every parameter that does not fit: 42 names in one line)."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 class RankSync:
@@ -76,7 +83,7 @@ class RankSync:
                 else:
                     self.optimizer.state = tree_unflatten(list(opt_arrays.items()))
             except (ckpt.CheckpointError, ValueError) as e:
-                errors.append(str(e))
+                errors.append(f"{cand.path}: {_first_words(str(e))}")
                 continue
             state = cand.state
             self._resume_shares = state.get("balance_shares")
@@ -147,15 +154,22 @@ class RankSync:
             "(a different recipe version or hyper-parameters on this host?)" if differs else None
         )
 
-    def _stop_together(self, problem: Optional[str]) -> None:
-        """Raise on *every* rank if any rank has a problem, so none is left waiting in a collective."""
-        if self.world == 1:
-            if problem:
-                raise RuntimeError(problem)
-            return
-        failed = mx.distributed.all_sum(mx.array(int(problem is not None)), group=self.group).item()
+    def _stop_together(self, problem: Optional[str], bad_input: bool = False) -> None:
+        """Raise on *every* rank if any rank has a problem, so none is left waiting in a collective.
+
+        ``bad_input``: the problem is the user's to fix (a ``--resume`` path that is not there, a checkpoint of
+        another model): the rank that found it says it in one line and every rank exits 2, no traceback."""
+        failed = 0
+        if self.world > 1:
+            failed = mx.distributed.all_sum(mx.array(int(problem is not None)), group=self.group).item()
+        if problem and bad_input:
+            print(f"orch: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         if problem:
             raise RuntimeError(problem)
+        if failed and bad_input:  # the rank that found it said why; this line marks us as its casualty (diagnose.py)
+            print(f"orch: stopping: {failed} other rank(s) failed to start (see their output)", file=sys.stderr, flush=True)
+            raise SystemExit(2)
         if failed:
             raise RuntimeError(f"stopping: {failed} other rank(s) failed to start (see their output)")
 

@@ -218,7 +218,7 @@ class Trainer(RankSync, TrainStep):
                 self._load_resume_checkpoint()
             except ckpt.CheckpointError as e:
                 resume_problem = str(e)
-        self._stop_together(resume_problem)
+        self._stop_together(resume_problem, bad_input=True)
         if hp.shard == "auto":  # runtime/shard.py: the least sharding whose predicted peak fits every rank
             budget = memfit.budget(MemorySampler().sample(0)["rss_bytes"], MemorySampler().metal_max_working_set,
                                    int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
