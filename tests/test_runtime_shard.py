@@ -143,7 +143,15 @@ def test_auto_picks_the_least_sharding_that_fits_the_tightest_rank():
     assert pick(peaks["none"] - 1) == "optimizer"
     assert pick(peaks["optimizer"] - 1) == "full"
     assert pick(peaks["none"], other_ranks_need=2) == "full"  # the tightest rank decides for all
-    assert pick(0) == "full" and "nothing fits" in said[-1]
+    assert pick(0) == "full" and "nothing fits" in said[-1] and "the least predicted peak" in said[-1]
+    # One big leaf: full's gathered copies of it outweigh what sharding saves; nothing fitting, the least peak wins.
+    one = nn.Sequential(nn.Linear(256, 256))
+    q = sum(a.nbytes for _, a in tree_flatten(one.parameters()))
+    one_peaks = shard.predicted_peaks(q, q, 2 * q, q, 2)
+    assert one_peaks["full"] > one_peaks["optimizer"]
+    stage, _ = shard.choose_stage(one, optim.Adam(learning_rate=1e-3), 2, lambda v: [v, v], said.append, sample,
+                                  SimpleNamespace(bytes=10_000))
+    assert stage == "optimizer" and "nothing fits" in said[-1]
     assert said[0].startswith("--shard auto: none (the least sharding that fits")
     # Keeping freed memory needs room beyond the chosen stage's peak on the tightest rank, else it stops.
     assert pick(peaks["none"] - 1, kept_freed=peaks["none"] - 1 - peaks["optimizer"]) == "optimizer"

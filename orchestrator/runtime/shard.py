@@ -381,7 +381,10 @@ def choose_stage(model: nn.Module, optimizer: Any, world: int, gather: Callable[
     other = max(0, sample["rss_bytes"] - sample["mlx_active_bytes"] - sample["mlx_cache_bytes"])
     # The model is already resident once (recipe.build): the prediction replaces it, not adds to it.
     limit = None if budget is None else budget.bytes - other
-    need = next((i for i, s in enumerate(STAGES[:3]) if limit is None or peaks[s] <= limit), 2)
+    # Nothing fits: the stage with the least predicted peak (on a small model, full's gathered layers can
+    # outweigh what sharding saves), still said as not fitting.
+    smallest = min(range(3), key=lambda i: (peaks[STAGES[i]], -i))
+    need = next((i for i, s in enumerate(STAGES[:3]) if limit is None or peaks[s] <= limit), smallest)
     stage = STAGES[int(max(gather(float(need))))]
     tightest = min(gather(float("inf") if limit is None else float(limit)))
     shown = ", ".join(f"{s} {format_bytes(peaks[s])}" for s in STAGES[:3])
@@ -390,7 +393,8 @@ def choose_stage(model: nn.Module, optimizer: Any, world: int, gather: Callable[
     elif peaks[stage] <= tightest:
         why = f"the least sharding that fits the tightest rank's {format_bytes(int(tightest))} for MLX"
     else:
-        why = f"nothing fits the tightest rank's {format_bytes(int(max(tightest, 0)))} for MLX: the most sharding"
+        why = (f"nothing fits the tightest rank's {format_bytes(int(max(tightest, 0)))} for MLX beside the process's "
+               "own memory: the least predicted peak")
     keep = kept_freed <= 0 or tightest == float("inf") or tightest - peaks[stage] >= kept_freed
     spare = "" if keep else (f"; freed memory goes back to the system: {format_bytes(int(max(tightest - peaks[stage], 0)))}"
                              f" to spare is less than the {format_bytes(kept_freed)} a kept heap can hold")
