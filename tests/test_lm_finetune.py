@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,7 +53,9 @@ def finetune(fx, run_dir: Path, n: int, kind: str, *args: str, env: dict | None 
     losses = [e["loss"] for e in ev if e["kind"] == "step"]
     assert len(losses) == STEPS, r.stdout[-2000:]
     saved = run_dir / SAVED[kind][0]
-    assert f"saved {saved} (load it with: mlx_lm generate" in r.stdout
+    # Named relative to the run directory: over SSH the rank's own copy is retired once collected home.
+    assert f"saved {SAVED[kind][0]}/ in the run directory (load it with: mlx_lm generate --model " in r.stdout
+    assert f" RUN_DIR/{SAVED[kind][0]}; RUN_DIR: the one orch names at the end)" in r.stdout
     return {"losses": losses, "metrics": [e for e in ev if e["kind"] == "metric"][-1]["values"],
             "stdout": r.stdout, "saved": saved, "weights": _load(saved / SAVED[kind][1])}
 
@@ -161,17 +164,118 @@ def test_bad_input_is_one_line_and_exit_2(fx, tmp_path):
     r = _recipe("--model", str(fx.data), "--data", str(fx.data), cwd=tmp_path)
     assert (r.returncode, r.stderr) == (2, f"lm_finetune: --model {fx.data}: no config.json in it "
                                            "(a local mlx-lm model directory)\n")
-    r = _recipe("--model", str(fx.model), "--data", str(fx.data), "--num-layers", "3", cwd=tmp_path)
-    assert (r.returncode, r.stderr) == (2, "lm_finetune: --num-layers 3: the model has 2 block(s); give 1..2 "
+    r = _recipe("--model", str(fx.model), "--data", str(fx.data), "--num-layers", "0", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (2, "lm_finetune: --num-layers 0: give a number of blocks >= 1, "
                                            "or -1 for all\n")
     r = _recipe("--model", str(fx.model), "--data", str(fx.data), "--fine-tune-type", "dora", "--shard", "full",
                 cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "use --shard none or optimizer" in r.stderr, r.stderr
-    # Under orch: every rank says it in one line and stops before joining the group; orch exits 2.
+    # Under orch: rank 0 says it in one line, every rank stops before joining the group; the others say
+    # nothing and wait to be stopped, so orch names rank 0 (its last line is the one) and exits 2.
     r = run_orch("run", str(RECIPE), "-n", "2", "--run-dir", str(tmp_path / "run"), "--", "--model", str(fx.model),
                  "--data", str(missing), cwd=tmp_path, env=_env(), timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"lm_finetune: --data {missing}: no such directory" in r.stderr
+    said = f"lm_finetune: --data {missing}: no such directory"
+    assert f"[0] {said}" in r.stderr and f"last lines of rank 0:\n    {said}\n" in r.stderr, r.stderr
+    assert "[1] " not in r.stdout + r.stderr and "rank 1 failed" not in r.stderr, r.stderr
+
+
+def _module():
+    sys.path.insert(0, str(RECIPES))
+    try:
+        import lm_finetune
+    finally:
+        sys.path.remove(str(RECIPES))
+    return lm_finetune
+
+
+def test_empty_data_files_are_one_line_naming_the_file(fx, tmp_path):
+    """mlx-lm fails on ``data[0]`` (IndexError) for an empty file: the recipe says which file, before loading."""
+    lm = _module()
+    for name, fix in (("train.jsonl", "put one JSON object per line in it"), ("valid.jsonl", "or remove it")):
+        data = tmp_path / name
+        data.mkdir()
+        (data / "train.jsonl").write_text("" if name == "train.jsonl" else (fx.data / "train.jsonl").read_text())
+        (data / name).write_text(" \n\n")
+        hp = lm.parse_hparams(lm.Config, ["--model", str(fx.model), "--data", str(data)])
+        with pytest.raises(lm.BadInput, match=f"^--data {data}: {name} is empty: .*{fix}"):
+            lm.check_paths(hp)
+
+
+def test_mlx_lm_lora_defaults_and_names_carry_over(fx, monkeypatch):
+    """--num-layers 16 (the default) on a 2-block model trains both, as mlx_lm.lora does; --iters is --steps."""
+    lm = _module()
+    hp = lm.parse_hparams(lm.Config, lm.argv_with_aliases(["--model", str(fx.model), "--data", str(fx.data),
+                                                           "--iters", "7"]))
+    assert hp.steps == 7 and hp.num_layers == 16
+    assert lm.parse_hparams(lm.Config, lm.argv_with_aliases(["--iters=5"])).steps == 5
+    job = lm.FineTune(hp)
+    assert job.trained_blocks() == 2
+    model, _ = job.build(hp)
+    assert all(any("lora_a" in k for k, _ in lm.tree_flatten(block.trainable_parameters())) for block in model.layers)
+
+
+def test_saved_path_is_named_relative_to_the_run_directory(tmp_path, monkeypatch):
+    lm = _module()
+    how = "mlx_lm generate --model m --adapter-path {path}"
+    monkeypatch.setenv("ORCH_RUN_DIR", str(tmp_path / "run"))
+    assert lm.saved_line(tmp_path / "run" / "adapters", how) == (
+        "saved adapters/ in the run directory (load it with: mlx_lm generate --model m --adapter-path "
+        "RUN_DIR/adapters; RUN_DIR: the one orch names at the end)")
+    assert lm.saved_line(tmp_path / "elsewhere", how) == (
+        f"saved {tmp_path / 'elsewhere'} (load it with: mlx_lm generate --model m --adapter-path {tmp_path}/elsewhere)")
+    monkeypatch.delenv("ORCH_RUN_DIR")
+    assert lm.saved_line(Path("runs/local/model"), "x {path}") == "saved runs/local/model (load it with: x runs/local/model)"
+
+
+def test_resume_from_another_configuration_is_one_line_before_loading(fx, tmp_path, monkeypatch, capsys):
+    """A checkpoint of LoRA rank 8 resumed at rank 4 or as full fine-tuning: one line saying what differs,
+    exit 2; a checkpoint of another recipe is compared by its arrays' names and shapes; the same
+    configuration passes."""
+    from orchestrator.runtime import checkpoint as ckpt
+    from orchestrator.runtime.config import to_dict
+
+    lm = _module()
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "ORCH_RUN_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    base = ["--model", str(fx.model), "--data", str(fx.data)]
+    hp = lm.parse_hparams(lm.Config, base)
+    model, _ = lm.FineTune(hp).build(hp)
+    arrays = dict(lm.tree_flatten(model.parameters()))
+    ours = ckpt.save(tmp_path / "ours", 2, arrays, {}, {"recipe": "lm_finetune", "hparams": to_dict(hp)})
+    other = ckpt.save(tmp_path / "other", 2, arrays, {}, {"recipe": "another", "hparams": {}})
+
+    def resumed(path, *args):
+        hp = lm.parse_hparams(lm.Config, [*base, "--resume", str(path), *args])
+        job = lm.FineTune(hp)
+        with pytest.raises(SystemExit) as stopped:
+            job.build(hp)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert resumed(ours, "--lora-rank", "4").endswith(
+        "the checkpoint holds LoRA adapters of rank 8; this run asks for rank 4\n")
+    assert resumed(ours, "--fine-tune-type", "full").endswith(
+        "the checkpoint holds LoRA adapters of rank 8; this run asks for the whole blocks' weights "
+        "(--fine-tune-type full)\n")
+    assert resumed(ours, "--num-layers", "1").endswith(
+        "the checkpoint trained the last 2 block(s) (--num-layers 16); this run asks for 1 (--num-layers 1)\n")
+    err = resumed(other, "--lora-rank", "4")
+    assert err.startswith(f"lm_finetune: --resume {other}: {other}: the checkpoint was written for another model "
+                          "or configuration: ") and "of another shape (e.g. " in err and "lora_a: [" in err, err
+    hp = lm.parse_hparams(lm.Config, [*base, "--resume", str(ours), "--batch-size", "3"])
+    job = lm.FineTune(hp)
+    job.build(hp)  # the same configuration: nothing to say
+    assert capsys.readouterr().err == ""
+    # Resumed at another world size / batch: rank 0 says the global batch changed, once.
+    world = ckpt.save(tmp_path / "world", 2, arrays, {}, {"recipe": "lm_finetune", "world_size": 2,
+                                                           "hparams": {**to_dict(hp), "batch_size": 4}})
+    for rank, resumed_from, out in ((0, world, "[lm_finetune] resumed at 3 rank(s): global batch 9 samples/step, "
+                                               "was 8 (2 rank(s) x --batch-size 4 x --grad-accum 1)\n"),
+                                    (1, world, ""), (0, None, "")):
+        job.say_resumed_batch(SimpleNamespace(rank=rank, world=3, resumed_from=resumed_from))
+        assert capsys.readouterr().out == out
 
 
 def test_completions_with_mask_prompt_train_only_on_the_completion(fx, tmp_path):
@@ -181,11 +285,7 @@ def test_completions_with_mask_prompt_train_only_on_the_completion(fx, tmp_path)
     import mlx.core as mx
     import mlx.nn as nn
 
-    sys.path.insert(0, str(RECIPES))
-    try:
-        import lm_finetune
-    finally:
-        sys.path.remove(str(RECIPES))
+    lm_finetune = _module()
     model = tmp_path / "model"
     shutil.copytree(fx.model, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
