@@ -105,8 +105,8 @@ class Supervisor:
 
     # ---- the run -------------------------------------------------------
     async def run(self) -> RunSummary:
-        t0 = time.monotonic()
-        started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        t0 = self.opts.started if self.opts.started is not None else time.monotonic()
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t0)))
         loop = asyncio.get_running_loop()
         if self.opts.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):

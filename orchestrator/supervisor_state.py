@@ -67,6 +67,8 @@ class SupervisorOptions:
     # While no rank has reported a step: a hang is no output and no CPU progress on any rank
     # for hang_timeout. Off for runs where silence is expected (a rank waiting for typed input).
     idle_watchdog: bool = True
+    # When the attempt began (time.monotonic(): connecting and staging count), for its duration; None: now.
+    started: Optional[float] = None
 
 
 @dataclass

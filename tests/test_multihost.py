@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
 from tests.netns import make_cluster_fixture
-from tests.orch_helpers import RECIPES, SCRIPTS, events, kill_tree, run_orch, start_orch, summary, wait_for_line
+from tests.orch_helpers import RECIPES, SCRIPTS, events, finish, kill_tree, run_orch, start_orch, summary, wait_for_line
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -244,6 +244,47 @@ def test_controller_killed_with_sigkill_leaves_no_rank_behind(c4, tmp_path):
     # What the dead controller left on the hosts' disk is the only trace (nobody could collect it).
     for d in remote_dirs_of(rd).values():
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_ctrl_c_while_a_host_is_still_staging_runs_nothing_says_so_and_leaves_nothing(c4, tmp_path):
+    """host1's python is slow to start (a wrapper that sleeps before it execs Python), so the launch is still
+    staging when Ctrl-C comes; the other hosts' ranks may already be importing MLX. orch exits 130 with one
+    line, writes the summary, retires every host's run directory, and no rank of it is left anywhere."""
+    c = c4
+    marker = tmp_path / "slow-python.pid"
+    wrapper = tmp_path / "slow-python"
+    wrapper.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {marker}\nwait $!\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    hostfile = write_hostfile(c, tmp_path / "hosts.json", {i: {"python": str(wrapper) if i == 1 else sys.executable}
+                                                           for i in range(4)})
+    rd = tmp_path / "run"
+    before = {d.name for d in REMOTE_RUNS.iterdir()} if REMOTE_RUNS.exists() else set()
+    p = start_orch("run", str(RECIPES / "allsum_check.py"), "--hostfile", str(hostfile), "--ssh-config",
+                   c.ssh_config_path, "--known-hosts", c.known_hosts_path, "--run-dir", str(rd), cwd=tmp_path)
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text().strip()):
+            assert p.poll() is None and time.monotonic() < deadline, "host1's staging never started"
+            time.sleep(0.1)
+        sleeper = int(marker.read_text())
+        os.kill(p.pid, signal.SIGINT)
+        r = finish(p, timeout=30)
+    finally:
+        kill_tree(p.pid)
+        if sleeper is not None:  # ours (the wrapper's sleep): it outlives the closed session
+            try:
+                os.kill(sleeper, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert r.returncode == 130, r.stderr
+    assert "interrupted while starting" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    s = summary(rd)
+    assert s["status"] == "interrupted" and s["exit_code"] == 130
+    assert not [e for e in events(rd) if e["kind"] in ("spawned", "init_start")]  # no rank ran anything
+    assert_hosts_clean(c, timeout=10)
+    left = {d.name for d in REMOTE_RUNS.iterdir()} - before
+    assert not [d for d in left if not d.startswith(".trash")], left  # every site retired
 
 
 def test_host_keys_are_verified_and_accept_new_records_them(c4, tmp_path):

@@ -78,6 +78,7 @@ from orchestrator.remote.ssh import Connection, SSHOptions, connect
 
 LOST_EXIT_CODE = 255  # what ssh(1) exits with when the connection fails
 PURGE_WAIT_S = 2.0  # at the end, how long an unfinished purge of earlier runs' trash may still run
+PENDING_END_S = 5.0  # a launch that never started: how long its sessions may take to end before the retire
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -184,6 +185,7 @@ class SSHLauncher(Launcher):
         self._pending: dict[int, asyncssh.SSHClientProcess] = {}  # rank -> session opened in prepare, not yet started
         self._deferred: set[int] = set()          # ranks whose pending session starts a --deferred guard
         self._released: set[int] = set()          # ... and whose shell got its release line (its rank is importing)
+        self._ending: list[asyncssh.SSHClientProcess] = []  # sessions told to end (EOF), not yet closed
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._collected = False
@@ -334,12 +336,31 @@ class SSHLauncher(Launcher):
                 "that host's sshd_config (default 10) or run fewer ranks there") from None
 
     def _close_pending(self) -> None:
+        """End-of-file to every session prepare opened that started no rank: a shell at ``read`` exits, a
+        released ``--deferred`` guard stops its rank, a staging helper finishes what it is placing, then exits.
+        ``aclose`` waits for them (bounded) before it retires the hosts' run directories: a helper still
+        writing there after the rename would bring the directory back."""
         for proc in self._pending.values():
             try:
-                proc.close()  # EOF at the shell's read: it exits without starting anything
+                proc.stdin.write_eof()
+            except (asyncssh.Error, OSError, BrokenPipeError):
+                pass
+        self._ending.extend(self._pending.values())
+        self._pending.clear()
+
+    async def _end_sessions(self, timeout: float = PENDING_END_S) -> None:
+        self._close_pending()
+        procs, self._ending = self._ending, []
+        waits = {asyncio.ensure_future(p.wait_closed()) for p in procs}
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for w in late:
+                w.cancel()
+        for proc in procs:
+            try:
+                proc.close()
             except (asyncssh.Error, OSError):
                 pass
-        self._pending.clear()
 
     # -- start ------------------------------------------------------------------
 
@@ -410,6 +431,7 @@ class SSHLauncher(Launcher):
         try:
             if not self._collected:
                 self._collected = True  # nothing ran that could have results: retire only
+                await self._end_sessions()
                 if self._tasks:
                     await asyncio.wait(list(self._tasks), timeout=3.0)
                 await asyncio.gather(*(layout.retire(l, [s.run_root for s in self.sites.values() if s.link is l and s.run_root])

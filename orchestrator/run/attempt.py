@@ -6,6 +6,7 @@ and results come home (SSH) before it is.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -59,11 +60,15 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         for spec in specs:
             spec.resume_words, spec.resume_file = resume.words, resume.file
     job.rundir.write_json(PLAN, plan.model_dump(mode="json"))
+    started = time.monotonic()
     try:
         await launcher.prepare(specs)
     except LaunchError as e:
         await launcher.aclose()
         return failed_before_start(job, plan, str(e))
+    except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
+        await _close_quietly(launcher)
+        return interrupted_before_start(job, plan, time.monotonic() - started)
     sup = Supervisor(plan, specs, launcher, job.rundir, job.script, out=job.sink.out, err=job.sink.err,
                      options=SupervisorOptions(
         init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
@@ -73,12 +78,33 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         stop_timeout=max(3.0, req.grace + 2.0),
         stdin_relay=stdin_relay, stdin_ranks=stdin_ranks(req.stdin, plan.world_size),
         # A rank waiting for typed input prints nothing and uses no CPU: not a hang.
-        idle_watchdog=req.stdin == "none"))
+        idle_watchdog=req.stdin == "none", started=started))
     try:
         return await sup.run()
     finally:
         await launcher.collect(job.rundir.path)  # results home (SSH), whatever the outcome
         await launcher.aclose()
+
+
+async def _close_quietly(launcher, timeout: float = 10.0) -> None:
+    """Close what prepare opened (over SSH: the sessions end at their ``read``, the hosts' run directories
+    are retired), bounded: a second Ctrl-C, or a host that stopped answering, does not hold the exit."""
+    try:
+        await asyncio.wait_for(launcher.aclose(), timeout)
+    except (asyncio.TimeoutError, asyncio.CancelledError, OSError):
+        pass
+
+
+def interrupted_before_start(job: Job, plan: JobPlan, duration: float) -> RunSummary:
+    """Ctrl-C before any rank was released: say so, exit 130."""
+    reason = "interrupted while starting (connecting, staging): no rank ran"
+    job.say(f"{reason}; run directory {job.rundir.path}")
+    return RunSummary(
+        status="interrupted", exit_code=130, failed_rank=None, reason=reason, duration_s=round(duration, 3),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=job.script, backend=plan.backend,
+        world_size=plan.world_size, run_dir=str(job.rundir.path),
+        ranks=[RankSummary(rank=r.rank, host=r.host) for r in plan.ranks],
+    )
 
 
 def failed_before_start(job: Job, plan: JobPlan, reason: str) -> RunSummary:
