@@ -198,8 +198,23 @@ def test_a_damaged_upload_is_refused(tmp_path, project, monkeypatch):
             return str(e.value)
 
     msg = asyncio.run(go())
-    assert "arrived damaged" in msg
+    assert "does not match its SHA-256" in msg
     assert not _objects(base)  # nothing damaged was committed
+
+
+def test_a_file_written_during_the_launch_is_named_as_changed_not_damaged(tmp_path):
+    src = tmp_path / "grow.log"
+    src.write_bytes(b"x" * 10)
+    assert stager._changed_while_staged("grow.log", src, 10, 10) == "the upload of grow.log arrived with 10 bytes where 10 were sent"
+    src.write_bytes(b"x" * 25)  # a log line appended after hashing
+    assert stager._changed_while_staged("grow.log", src, 10, 25) == (
+        "grow.log changed while it was being staged (10 bytes when hashed, 25 now): stop writing it during the "
+        "launch, or move it out of the script's folder")
+
+
+@pytest.mark.parametrize("exc", [BrokenPipeError(32, "Broken pipe"), OSError("Connection not open")])
+def test_a_connection_lost_while_staging_is_said_in_words(exc):
+    assert stager.describe_sftp_error(exc).startswith("the SSH connection was lost while staging")
 
 
 def test_without_a_remote_python_staging_still_gives_copies(tmp_path, project):

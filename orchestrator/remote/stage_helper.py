@@ -143,7 +143,8 @@ class Request:
             return  # already committed by another staging call on this host
         if digest != c["sha"]:
             discard(c["tmp"], st)
-            self.out["errors"].append("the upload of %s arrived damaged" % c["rel"])
+            self.out["errors"].append("the upload of %s does not match its SHA-256: did it change while it was being "
+                                      "staged (a file being written, e.g. a log, in the script's folder)?" % c["rel"])
             return
         self.seal(c["tmp"], c["name"], st)
         os.replace(c["tmp"], self.objects + "/" + c["name"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import secrets
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -327,7 +328,7 @@ class RemoteStager:
             await self.sftp.put(f.src, tmp)
             a = await self.sftp.stat(tmp)
             if a.size != f.size:
-                raise StagingError(f"the upload of {f.rel} arrived with {a.size} of {f.size} bytes")
+                raise StagingError(_changed_while_staged(f.rel, f.src, f.size, a.size))
             await self.sftp.chmod(tmp, _shared_mode(f))
             await self.sftp.utime(tmp, (OBJECT_MTIME, OBJECT_MTIME))
             try:
@@ -425,6 +426,22 @@ def describe_sftp_error(exc: BaseException) -> str:
         return reason
     if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
         return f"local file vanished while staging: {exc.filename}"
+    lost = (BrokenPipeError, ConnectionError, asyncssh.ConnectionLost, asyncssh.DisconnectError)
+    if isinstance(exc, lost) or "connection not open" in str(exc).lower() or "connection lost" in str(exc).lower():
+        return f"the SSH connection was lost while staging ({type(exc).__name__}: {exc})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _changed_while_staged(rel: str, src, hashed_size: int, arrived: int) -> str:
+    """An upload whose size is not the hashed one: nearly always a file written to during the launch (a log in
+    the script's folder), not the network."""
+    try:
+        now = os.stat(src).st_size
+    except OSError:
+        now = None
+    if now is not None and now != hashed_size:
+        return (f"{rel} changed while it was being staged ({hashed_size} bytes when hashed, {now} now): stop "
+                "writing it during the launch, or move it out of the script's folder")
+    return f"the upload of {rel} arrived with {arrived} bytes where {hashed_size} were sent"
 
 
