@@ -185,7 +185,8 @@ class FullShard:
         if self.world > 1 and self.replicated:
             shown = ", ".join(self.replicated[:4]) + (" ..." if len(self.replicated) > 4 else "")
             say(f"--shard full: {len(self.replicated)} parameter(s) stay whole on every rank (axis 0 does not "
-                f"divide by {self.world}, or not in a leaf module): {shown}")
+                f"divide by {self.world}, or held by a module with sub-modules, as LoRA's adapters beside their "
+                f"base layer are): {shown}")
         self.optimizer.init(model.trainable_parameters())
 
     # -- names: the unsharded model's ("layers.0.weight") <-> the wrapped one's ("layers.0.module.weight")
@@ -311,6 +312,11 @@ class FullShard:
         return node
 
     # -- what a step puts on the wire --------------------------------------------
+
+    def shards_state(self) -> bool:
+        """Whether any trainable parameter (so any optimizer state) is sharded: with LoRA, or where no axis 0
+        divides by N, the optimizer state stays whole on every rank."""
+        return any(self._is_shard(k) for k, _ in tree_flatten(self.model.trainable_parameters()))
 
     def wire_metrics(self) -> dict:
         """Per rank and step: the shards' all_gather twice (forward, and again in the recomputed backward),

@@ -463,7 +463,10 @@ class Trainer(RankSync, TrainStep):
         self.save_checkpoint()
         self.evaluate(final=True)
         mem = self.sample_memory()
-        sharded = f" (1/{self.world} shard)" if self.sharded is not None else ""
+        sharded = ""
+        if self.sharded is not None:
+            whole = isinstance(self.sharded, shard.FullShard) and not self.sharded.shards_state()
+            sharded = " (whole on every rank: no trainable parameter is sharded)" if whole else f" (1/{self.world} shard)"
         self.say(f"done at step {self.step}; peak MLX memory {format_bytes(mem['mlx_peak_bytes'])}, "
                  f"RSS {format_bytes(mem['rss_bytes'])}, "
                  f"optimizer state {format_bytes(self.optimizer_state_bytes())}{sharded}")
