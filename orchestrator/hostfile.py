@@ -40,10 +40,11 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.backends.names import NAMES as BACKENDS  # the one list of backends
 from orchestrator.protocol import MEMORY_BUDGET_ENV
+from orchestrator.schema import Model
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
 # Hostfiles are small; anything bigger is the wrong file, and reading it whole would cost memory for nothing.
@@ -79,7 +80,7 @@ def _check_ipv4(ip: str) -> str:
     return ip
 
 
-class Link(BaseModel):
+class Link(Model):
     model_config = ConfigDict(extra="forbid")
     peer: str
     iface: Optional[str] = None
@@ -91,7 +92,7 @@ class Link(BaseModel):
         return _check_ipv4(ip)
 
 
-class Host(BaseModel):
+class Host(Model):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
@@ -203,7 +204,7 @@ class Host(BaseModel):
         return self.name == socket.gethostname() and all(ipaddress.ip_address(i).is_loopback for i in self.bare_ips)
 
 
-class Hostfile(BaseModel):
+class Hostfile(Model):
     model_config = ConfigDict(extra="forbid")
 
     backend: Optional[str] = None  # one of backends.NAMES (checked below, in one line)

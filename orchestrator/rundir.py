@@ -35,9 +35,10 @@ import uuid
 from pathlib import Path
 from typing import IO, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from orchestrator.hostfile import ConfigError
+from orchestrator.schema import Model
 
 SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
@@ -68,7 +69,7 @@ def is_run_dir(path: Path) -> bool:
     return (path / SUMMARY).is_file() or (path / EVENTS).is_file()
 
 
-class MemorySummary(BaseModel):
+class MemorySummary(Model):
     mlx_peak_bytes: int = 0
     mlx_active_bytes: int = 0
     mlx_cache_bytes: int = 0
@@ -77,7 +78,7 @@ class MemorySummary(BaseModel):
     metal_max_recommended_working_set_size: Optional[int] = None
 
 
-class PhaseSummary(BaseModel):
+class PhaseSummary(Model):
     """One ``with report.phase(name):`` block of a rank: time, and memory before/after."""
 
     name: str
@@ -91,7 +92,7 @@ class PhaseSummary(BaseModel):
     mlx_peak_bytes: Optional[int] = None
 
 
-class RankSummary(BaseModel):
+class RankSummary(Model):
     rank: int
     host: str
     pid: Optional[int] = None
@@ -106,7 +107,7 @@ class RankSummary(BaseModel):
     memory_plan: Optional[MemoryPlanSummary] = None  # predicted before the first step (runtime/memfit.py)
 
 
-class MemoryPlanSummary(BaseModel):
+class MemoryPlanSummary(Model):
     """A rank's memory plan (``memory_plan`` event): its budget, and the peak predicted before the first step.
 
     The measured peaks are next to it in ``RankSummary.memory`` (``rss_peak_bytes``
@@ -124,7 +125,7 @@ class MemoryPlanSummary(BaseModel):
     fits: bool = True
 
 
-class RebalanceSummary(BaseModel):
+class RebalanceSummary(Model):
     """One change of the per-rank batches under ``--balance speed`` (``rebalance`` events, rank 0's copy)."""
 
     step: int
@@ -136,7 +137,7 @@ class RebalanceSummary(BaseModel):
     previous_step_s: Optional[float] = None
 
 
-class AttemptSummary(BaseModel):
+class AttemptSummary(Model):
     attempt: int
     cause: Optional[str] = None  # why this attempt was started (the previous one's failure)
     status: str
@@ -152,7 +153,7 @@ class AttemptSummary(BaseModel):
     diagnosis_cause: Optional[str] = None  # the diagnosis' key (e.g. "jaccl_queue_pair")
 
 
-class RunSummary(BaseModel):
+class RunSummary(Model):
     status: Literal["succeeded", "failed", "interrupted"]
     exit_code: int
     failed_rank: Optional[int] = None

@@ -282,9 +282,10 @@ def test_the_guard_gets_a_fresh_token_and_signs_its_events_with_it(tmp_path, how
             assert isinstance(handle, _local.LocalRank)
         elif how == "prestarted":
             _prespawn.start(1)
-            proc = _prespawn.take()
-            assert proc is not None
-            handle = await _local._adopt(_spec(tmp_path), proc)
+            launcher = _local.LocalLauncher()
+            await launcher.prepare([_spec(tmp_path)])  # the configuration goes out here, before start
+            assert _prespawn.take() is None  # the pre-started guard was taken
+            handle = await launcher.start(_spec(tmp_path))
             assert isinstance(handle, _local.PrestartedRank)
         else:
             handle = await _local.LocalLauncher().start(_spec(tmp_path, python=_sys.executable))
@@ -300,6 +301,43 @@ def test_the_guard_gets_a_fresh_token_and_signs_its_events_with_it(tmp_path, how
     guard_events = [e for e in events if e["kind"] in _protocol.GUARD_KINDS]
     assert {e["kind"] for e in guard_events} >= {"spawned", "exited"}
     assert all(e.get(_protocol.TOKEN_FIELD) == handle.token for e in guard_events)
+
+
+def test_a_configured_guard_never_adopted_stops_its_rank_on_aclose(tmp_path):
+    """``prepare`` hands a pre-started guard its configuration, so its program runs before the
+    supervisor exists; if the attempt ends before ``start`` (an error, Ctrl-C), ``aclose`` must still
+    end that guard and its rank."""
+    import psutil
+
+    if not _prespawn.supported():
+        pytest.skip("no pidfd_open here")
+    spec = _spec(tmp_path)
+    spec.script = str(SCRIPTS / "sleeper.py")
+    spec.script_args = ["120"]
+
+    async def go():
+        _prespawn.start(1)
+        proc = _prespawn._pool[0]
+        launcher = _local.LocalLauncher()
+        await launcher.prepare([spec])
+        rank_pid = None
+        while rank_pid is None:  # the guard's spawned event: the program is running, unsupervised
+            line = await _asyncio.wait_for(_asyncio.to_thread(proc.stdout.readline), 60)
+            assert line, "the guard ended before spawning its rank"
+            _, payload = _protocol.split_line(line.decode())
+            if payload and payload["kind"] == "spawned":
+                rank_pid = payload["pid"]
+        await _asyncio.wait_for(launcher.aclose(), 60)
+        return proc, rank_pid
+
+    proc, rank_pid = _asyncio.run(go())
+    assert proc.returncode is not None
+    try:
+        rank = psutil.Process(rank_pid)
+        rank.wait(timeout=30)  # the guard stops it on EOF (SIGTERM); bounded
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(rank_pid) or psutil.Process(rank_pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_last_resort_kill_reaches_only_the_guards_own_groups(tmp_path):

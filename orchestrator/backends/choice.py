@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel
-
 from orchestrator.backends.registry import get
 from orchestrator.hostfile import Hostfile
+from orchestrator.schema import Model
 
 
-class BackendChoice(BaseModel):
+class BackendChoice(Model):
     name: str
     reason: str  # one line the CLI prints: why this backend
 

@@ -26,12 +26,13 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from orchestrator.probe.macos import parse_hardware_ports, thunderbolt_devices
+from orchestrator.schema import Model
 
 
-class TBModel(BaseModel):
+class TBModel(Model):
     """Frozen, no unknown fields: the Thunderbolt models here and in ``thunderbolt.py``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -124,7 +124,23 @@ class PrestartedRank(RankHandle, ControlChannel):
         return ExitStatus.from_returncode(await self._exited)
 
 
-async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
+def _configure(spec: RankSpec, proc: subprocess.Popen) -> Optional[str]:
+    """Send a pre-started guard its rank's configuration; the token, or None if that guard is gone.
+
+    A ``--deferred`` guard reads its token from this line (not a separate token line).
+    """
+    token = new_token()
+    config = {"env": spec.env, "argv": spec.program_argv(), "cwd": spec.cwd, "token": token}
+    try:
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
+        proc.stdin.flush()
+    except (OSError, ValueError):  # it exited (or was closed): this rank starts fresh
+        prespawn.close(proc)
+        return None
+    return token
+
+
+async def _adopt(spec: RankSpec, proc: subprocess.Popen, token: str) -> PrestartedRank:
     loop = asyncio.get_running_loop()
     readers = []
     for pipe in (proc.stdout, proc.stderr):
@@ -132,21 +148,38 @@ async def _adopt(spec: RankSpec, proc: subprocess.Popen) -> PrestartedRank:
         await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
         readers.append(reader)
     stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
-    token = new_token()
-    # A --deferred guard reads its token from the configuration line (not a separate token line).
-    config = {"env": spec.env, "argv": spec.program_argv(), "cwd": spec.cwd, "token": token}
-    stdin.write(json.dumps(config).encode() + b"\n")
     return PrestartedRank(spec, proc, stdin, *readers, token=token)
 
 
 class LocalLauncher(Launcher):
     name = "local"
 
+    def __init__(self) -> None:
+        self._configured: dict[int, tuple[subprocess.Popen, str]] = {}  # rank -> its pre-started guard, token
+
+    async def prepare(self, specs: list[RankSpec]) -> None:
+        """Hand every pre-started rank its configuration now, before the supervisor exists.
+
+        Its program then runs while the controller is still loading the supervisor's modules
+        (~60 ms of a trivial launch); what it prints waits in its pipes, which the supervisor
+        adopts in ``start``. A guard whose controller goes away before that sees EOF and stops
+        its rank (``aclose`` does the same on purpose).
+        """
+        for spec in specs:
+            # A pre-started guard started its rank with /dev/null as stdin: --stdin ranks start fresh.
+            if spec.python is not None or protocol.ENV_STDIN in spec.env:
+                continue
+            proc = prespawn.take()
+            if proc is None:
+                return
+            token = _configure(spec, proc)
+            if token is not None:
+                self._configured[spec.rank] = (proc, token)
+
     async def start(self, spec: RankSpec) -> RankHandle:
-        # A pre-started guard started its rank with /dev/null as stdin: --stdin ranks start fresh.
-        proc = prespawn.take() if spec.python is None and protocol.ENV_STDIN not in spec.env else None
-        if proc is not None:
-            return await _adopt(spec, proc)
+        configured = self._configured.pop(spec.rank, None)
+        if configured is not None:
+            return await _adopt(spec, *configured)
         env = dict(os.environ)
         env.pop("MLX_HOSTFILE", None)
         env.update(spec.env)
@@ -164,3 +197,9 @@ class LocalLauncher(Launcher):
         token = new_token()
         proc.stdin.write((token_line(token) + "\n").encode())  # the guard's first line, before any other
         return LocalRank(spec, proc, token)
+
+    async def aclose(self) -> None:
+        """Configured guards never adopted (the run ended before the supervisor started them) stop their ranks."""
+        while self._configured:
+            _, (proc, _) = self._configured.popitem()
+            await asyncio.get_running_loop().run_in_executor(None, prespawn.close, proc)

@@ -52,15 +52,20 @@ def take() -> Optional[subprocess.Popen]:
 
 
 def discard() -> None:
-    """Stop what was started but not used (their guards stop the ranks on EOF)."""
+    """Stop what was started but not used."""
     while _pool:
-        p = _pool.pop()
-        for f in (p.stdin, p.stdout, p.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
+        close(_pool.pop())
+
+
+def close(p: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End a pre-started guard nobody adopted: EOF on its stdin makes it stop its rank; a bounded wait, then SIGKILL."""
+    for f in (p.stdin, p.stdout, p.stderr):
         try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
+            f.close()
+        except (OSError, ValueError):
+            pass
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=timeout)

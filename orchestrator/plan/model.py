@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from pydantic import BaseModel
+from orchestrator.schema import Model
 
 # Where the controller writes each per-job file mlx.launch hands the ranks (env var -> file name in the run dir).
 FILE_NAMES = {"MLX_HOSTFILE": "mlx-hostfile.json", "MLX_IBV_DEVICES": "mlx-ibv-devices.json"}
 
 
-class RankPlan(BaseModel):
+class RankPlan(Model):
     rank: int
     host_index: int
     host: str
@@ -28,7 +28,7 @@ class RankPlan(BaseModel):
     local_size: int = 1  # ranks on that machine (LOCAL_WORLD_SIZE)
 
 
-class JobPlan(BaseModel):
+class JobPlan(Model):
     backend: str
     world_size: int
     ranks: list[RankPlan]

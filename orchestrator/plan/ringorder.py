@@ -30,7 +30,9 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from orchestrator.schema import Model
 
 if TYPE_CHECKING:
     from orchestrator.hostfile import Hostfile
@@ -40,7 +42,7 @@ DEFAULT_TOLERANCE = 0.10  # bandwidths within 10% of each other are a tie (measu
 SAME_MACHINE_GBIT_S = 1000.0  # two hostfile entries on one machine: memory, never the ring's bottleneck
 
 
-class PathMeasurement(BaseModel):
+class PathMeasurement(Model):
     """One path between two hosts (a shared subnet, or their plain addresses), measured both ways."""
 
     a: int  # host index (a < b)
@@ -59,7 +61,7 @@ class PathMeasurement(BaseModel):
         return min(self.a_to_b_gbit_s, self.b_to_a_gbit_s)
 
 
-class LinkMatrix(BaseModel):
+class LinkMatrix(Model):
     """Every measured path between the hosts of a hostfile (host order = the hostfile's)."""
 
     hosts: list[str]
@@ -84,7 +86,7 @@ class LinkMatrix(BaseModel):
         return [[0.0 if i == j else self.bandwidth(i, j) for j in range(n)] for i in range(n)]
 
 
-class RingChoice(BaseModel):
+class RingChoice(Model):
     """The chosen ring and why, as printed and kept in plan.json."""
 
     order: list[int]  # host indices in ring order (the new hostfile order)

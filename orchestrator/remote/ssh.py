@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from orchestrator.remote import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.schema import Model
 
 
 def _quiet_known_warnings() -> None:
@@ -87,7 +88,7 @@ asyncssh = _import_asyncssh()
 KEEPALIVE_COUNT_MAX = 3
 
 
-class SSHOptions(BaseModel):
+class SSHOptions(Model):
     """How to reach hosts: what the SSH options of every command line say."""
 
     model_config = {"frozen": True}

@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from orchestrator.launch.base import LaunchError, RankSpec
+from orchestrator.launch.base import Launcher, LaunchError, RankSpec
 from orchestrator.plan import JobPlan, write_files
 from orchestrator.plan.environment import rank_environment
 from orchestrator.rundir import PLAN, RankSummary, RunSummary
 from orchestrator.run.resolve import Job, make_launcher
 from orchestrator.run.request import RunRequest
 from orchestrator.stdin_relay import StdinRelay, stdin_ranks
-from orchestrator.supervisor import Supervisor, SupervisorOptions
+
+if TYPE_CHECKING:
+    from orchestrator.supervisor import Supervisor
 
 
 @dataclass
@@ -69,8 +71,22 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
     except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
         await _close_quietly(launcher)
         return interrupted_before_start(job, plan, time.monotonic() - started)
-    sup = Supervisor(plan, specs, launcher, job.rundir, job.script, out=job.sink.out, err=job.sink.err,
-                     options=SupervisorOptions(
+    try:
+        sup = _supervisor(job, plan, specs, launcher, req, attempt, stdin_relay, started)
+        return await sup.run()
+    finally:
+        await launcher.collect(job.rundir.path)  # results home (SSH), whatever the outcome
+        await launcher.aclose()
+
+
+def _supervisor(job: Job, plan: JobPlan, specs: list[RankSpec], launcher: Launcher, req: RunRequest, attempt: int,
+                stdin_relay: Optional[StdinRelay], started: float) -> "Supervisor":
+    """The attempt's supervisor, its module loaded only now: pre-started local ranks got their
+    configuration in ``prepare`` and run their program while the supervisor's ~20 modules load."""
+    from orchestrator.supervisor import Supervisor, SupervisorOptions
+
+    return Supervisor(plan, specs, launcher, job.rundir, job.script, out=job.sink.out, err=job.sink.err,
+                      options=SupervisorOptions(
         init_timeout=req.init_timeout, echo=req.echo, hang_timeout=req.hang_timeout,
         hang_floor=req.hang_floor, first_step_timeout=req.first_step_timeout, attempt=attempt,
         # The guard SIGKILLs a rank that ignores SIGTERM after --grace; the controller's own
@@ -79,11 +95,6 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         stdin_relay=stdin_relay, stdin_ranks=stdin_ranks(req.stdin, plan.world_size),
         # A rank waiting for typed input prints nothing and uses no CPU: not a hang.
         idle_watchdog=req.stdin == "none", started=started))
-    try:
-        return await sup.run()
-    finally:
-        await launcher.collect(job.rundir.path)  # results home (SSH), whatever the outcome
-        await launcher.aclose()
 
 
 async def _close_quietly(launcher, timeout: float = 10.0) -> None:

@@ -14,12 +14,13 @@ import stat
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from orchestrator.hostfile import ConfigError
+from orchestrator.schema import Model
 
 
-class RunRequest(BaseModel):
+class RunRequest(Model):
     script: str  # the program: a file path (script), a module name (module), or an executable (command)
     program: Literal["script", "module", "command"] = "script"
     script_args: list[str] = Field(default_factory=list)

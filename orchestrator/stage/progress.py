@@ -12,8 +12,9 @@ import time
 from collections import deque
 from typing import Optional, TextIO
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from orchestrator.schema import Model
 from orchestrator.units import human_bytes as fmt_bytes
 
 PLAIN_EVERY_S = 5.0
@@ -21,7 +22,7 @@ REDRAW_S = 0.2
 BAR = 24
 
 
-class HostResult(BaseModel):
+class HostResult(Model):
     """One host's part in a stage."""
 
     host: str
@@ -40,7 +41,7 @@ class HostResult(BaseModel):
                                         # no relay started), "relay" (its records, else hashed), "verify" (hashed)
 
 
-class StageSummary(BaseModel):
+class StageSummary(Model):
     status: str                         # ok | partial (some host failed) | failed
     src: str
     dest: str
