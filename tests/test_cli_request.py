@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from orchestrator import cli
 from orchestrator import run as job
 from orchestrator.rundir import RankSummary, RunSummary
@@ -57,6 +59,22 @@ def test_every_run_option_reaches_its_request_field(monkeypatch, tmp_path, capsy
     assert {k: getattr(req, k) for k in expected} == expected
     ssh = dict(ssh_config="/c", known_hosts="/k", identity=["/id1", "/id2"], ssh_accept_new=True, connect_timeout=4.0)
     assert {k: getattr(req, k) for k in ssh} == ssh
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [EVERY_OPTION, ["run", "train.py"], ["run", "-m", "mlx_lm", "-n", "2"],
+                                  ["run", "--hostfile", "h.json", "--", "echo", "hi"]])
+def test_the_parsed_request_is_what_validation_gives(monkeypatch, tmp_path, capsys, argv):
+    """cmd_run builds the request without validating (model_construct: argparse typed every value);
+    validating the same values must change nothing, or the shortcut let a wrong type through."""
+    seen = _capture(monkeypatch, tmp_path)
+    own, after = cli._split_script_args(argv)
+    assert cli._main(own, after) == 0
+    (req,) = seen
+    fields = {k: getattr(req, k) for k in job.RunRequest.model_fields}
+    validated = job.RunRequest.model_validate(fields)
+    assert validated.model_dump() == fields
+    assert all(type(getattr(validated, k)) is type(v) for k, v in fields.items())
     capsys.readouterr()
 
 
