@@ -109,7 +109,7 @@ def main() -> int:
         wrapper = bindir / "ssh"
         wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {c.ssh_config_path} \"$@\"\n")
         wrapper.chmod(0o755)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # bytecode caches, as a user has
         mlx_env = {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}"}
 
         marks: dict[str, list[float]] = {}

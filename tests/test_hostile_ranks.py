@@ -449,7 +449,7 @@ def test_forged_spawned_lines_cannot_make_orch_kill_anything(tmp_path, target):
     try:
         rd = tmp_path / "run"
         pid = 1 if target == "pid1" else victim.pid
-        r = run_orch("run", str(HOSTILE), "-n", "2", "--run-dir", str(rd), "--grace", "30", cwd=tmp_path,
+        r = run_orch("run", str(HOSTILE), "-n", "2", "--run-dir", str(rd), "--grace", "3", cwd=tmp_path,
                      env={"HOSTILE": "forge", "FORGE_PID": str(pid)}, timeout=120)
         assert r.returncode == 3, r.stderr
         assert victim.poll() is None, "orch killed a process the rank named"
