@@ -112,6 +112,7 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._interrupt, sig)
         self.watchdog.activity()
+        self._build_models()
         try:
             async with TaskGroup() as ranks:  # every pump and exit watcher of this attempt
                 try:
@@ -135,6 +136,14 @@ class Supervisor:
         summary = self._summary(time.monotonic() - t0, started_at)
         self._report(summary)
         return summary
+
+    @staticmethod
+    def _build_models() -> None:
+        """Build the event validator and the summary's model (pydantic builds them on first use, ~15 ms)
+        now: pre-started ranks already have their configuration and are starting, so this overlaps
+        them, instead of delaying the first event's answer (the ring's gate) and the end of the run."""
+        event_validation.prepare()
+        RunSummary.model_rebuild()
 
     def _interrupt(self, sig: int) -> None:
         if self.interrupted is None:

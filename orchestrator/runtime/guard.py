@@ -447,5 +447,20 @@ def main(argv: list[str]) -> int:
     return _mirror(status)
 
 
+def _exit(code: int) -> None:
+    """End at once with ``code``, once what the guard wrote is out.
+
+    The guard holds no state of the user's (its rank has exited and been reaped, its tree
+    killed); the interpreter's teardown would only delay, by ~6 ms, the moment the controller
+    sees this rank's end, which is on the critical path of every short run.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    _exit(main(sys.argv[1:]))
