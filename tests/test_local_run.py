@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import subprocess as _subprocess
+import sys as _sys
 import time
 
 import pytest
@@ -191,6 +193,30 @@ def test_prestarted_ranks_get_env_cwd_and_args(tmp_path):
         assert rep["env"]["MLX_RANK"] == str(rank) and rep["env"]["FROM_CLI"] == "x y"
 
 
+def test_a_whole_run_without_pidfd_open_prestarts_and_supervises(tmp_path):
+    """The macOS branch, forced here: no os.pidfd_open, so each pre-started guard is waited on by a
+    thread in waitpid. The ranks still start before the plan, and every exit is seen."""
+    rd = tmp_path / "r"
+    code = "\n".join([
+        "import os, sys",
+        "del os.pidfd_open",
+        "from orchestrator.launch import local",
+        "prepare = local.LocalLauncher.prepare",
+        "async def counting(self, specs):",
+        "    await prepare(self, specs)",
+        "    sys.stderr.write(f'configured {sorted(self._configured)}\\n')",
+        "local.LocalLauncher.prepare = counting",
+        "from orchestrator.cli import entry",
+        "entry()"])
+    r = _subprocess.run([_sys.executable, "-c", code, "run", str(RECIPES / "allsum_check.py"), "-n", "3",
+                         "--run-dir", str(rd)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "configured [0, 1, 2]" in r.stderr  # every rank was pre-started and configured before supervision
+    assert r.stdout.count(" OK") == 3
+    s = summary(rd)
+    assert s["status"] == "succeeded" and [x["exit_code"] for x in s["ranks"]] == [0, 0, 0]
+
+
 def test_prestarted_ranks_are_stopped_when_the_run_never_starts(tmp_path):
     import psutil
 
@@ -238,8 +264,6 @@ def test_the_rank_with_the_real_error_is_named_not_the_one_that_stopped_with_it(
 # ---- the launcher's own parts, in-process (real guards, real ranks) ----------
 
 import asyncio as _asyncio
-import subprocess as _subprocess
-import sys as _sys
 
 from orchestrator import protocol as _protocol
 from orchestrator.launch import local as _local
@@ -264,29 +288,30 @@ async def _events_until_exit(handle) -> tuple[list[dict], object]:
     return events, await _asyncio.wait_for(handle.wait(), 60)
 
 
-@pytest.mark.parametrize("how", ["prestarted", "started", "no-pidfd"])
+@pytest.mark.parametrize("how", ["prestarted", "prestarted-no-pidfd", "started", "prespawn-off"])
 def test_the_guard_gets_a_fresh_token_and_signs_its_events_with_it(tmp_path, how, monkeypatch):
-    """Every local path: a pre-started --deferred guard (Linux: pidfd wait, token in its configuration
-    line), a guard started now (token as its first stdin line), and the platform without pidfd_open
-    (macOS: nothing is pre-started, the launcher starts the guard itself)."""
-    if how == "prestarted" and not _prespawn.supported():
-        pytest.skip("no pidfd_open here")
-    if how == "no-pidfd":
+    """Every local path: a pre-started --deferred guard (token in its configuration line) waited on
+    through a pidfd (Linux) or, where there is no pidfd_open (macOS), by a thread in waitpid; a guard
+    started now (token as its first stdin line); and ORCH_PRESPAWN=0, where nothing is pre-started."""
+    if how == "prestarted-no-pidfd":
         monkeypatch.delattr(os, "pidfd_open", raising=False)
+    if how == "prespawn-off":
+        monkeypatch.setenv("ORCH_PRESPAWN", "0")
 
     async def go():
-        if how == "no-pidfd":
+        if how == "prespawn-off":
             _prespawn.start(1)
-            assert _prespawn.take() is None  # nothing pre-started without pidfd_open
+            assert _prespawn.take() is None  # nothing pre-started
             handle = await _local.LocalLauncher().start(_spec(tmp_path))
             assert isinstance(handle, _local.LocalRank)
-        elif how == "prestarted":
+        elif how.startswith("prestarted"):
             _prespawn.start(1)
             launcher = _local.LocalLauncher()
             await launcher.prepare([_spec(tmp_path)])  # the configuration goes out here, before start
             assert _prespawn.take() is None  # the pre-started guard was taken
             handle = await launcher.start(_spec(tmp_path))
             assert isinstance(handle, _local.PrestartedRank)
+            assert hasattr(handle, "_pidfd") == (how == "prestarted")
         else:
             handle = await _local.LocalLauncher().start(_spec(tmp_path, python=_sys.executable))
             assert isinstance(handle, _local.LocalRank)
@@ -309,8 +334,6 @@ def test_a_configured_guard_never_adopted_stops_its_rank_on_aclose(tmp_path):
     end that guard and its rank."""
     import psutil
 
-    if not _prespawn.supported():
-        pytest.skip("no pidfd_open here")
     spec = _spec(tmp_path)
     spec.script = str(SCRIPTS / "sleeper.py")
     spec.script_args = ["120"]

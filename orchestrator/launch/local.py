@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Optional
 
 from orchestrator import protocol
@@ -97,15 +98,29 @@ class PrestartedRank(RankHandle, ControlChannel):
         self._stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self._exited: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pidfd = os.pidfd_open(proc.pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future = loop.create_future()
+        if hasattr(os, "pidfd_open"):  # Linux: the event loop wakes when the guard exits
+            self._pidfd = os.pidfd_open(proc.pid)
+            loop.add_reader(self._pidfd, self._on_exit)
+        else:  # macOS: a thread blocks in waitpid for it (as asyncio's ThreadedChildWatcher does)
+            threading.Thread(target=self._wait_in_thread, args=(loop,), name=f"orch-wait-{proc.pid}",
+                             daemon=True).start()
 
     def _on_exit(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
+        self._settle(self.proc.wait())
+
+    def _wait_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         rc = self.proc.wait()
+        try:
+            loop.call_soon_threadsafe(self._settle, rc)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _settle(self, rc: int) -> None:
         if not self._exited.done():
             self._exited.set_result(rc)
 

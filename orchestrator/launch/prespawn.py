@@ -9,7 +9,7 @@ the plan is ready, the local launcher ``take()``s one per rank and sends its
 configuration as one JSON line; if the run never starts, closing their stdin
 (or this process exiting) makes the guards stop their ranks.
 
-Linux only: the launcher waits on these processes through a pidfd.
+The launcher waits on these processes through a pidfd (Linux) or a thread in waitpid (macOS).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _pool: list[subprocess.Popen] = []
 
 
 def supported() -> bool:
-    return hasattr(os, "pidfd_open") and os.environ.get(protocol.ENV_PRESPAWN, "1") != "0"
+    return os.environ.get(protocol.ENV_PRESPAWN, "1") != "0"
 
 
 def start(n: int, python: str = sys.executable) -> None:
