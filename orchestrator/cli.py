@@ -108,7 +108,7 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 def build_parser(with_check_options: bool = True) -> argparse.ArgumentParser:
     """``with_check_options=False`` skips importing the checks (asyncio & co, ~0.15 s) on the run path."""
     parser = _Parser(prog="orch", description="Launch and supervise distributed MLX training.")
-    parser.add_argument("--version", action="version", version=f"orch {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"orch {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _run_parser(sub)
     chk = sub.add_parser("check", help="check hosts, software and every ring link before a run",

@@ -289,3 +289,13 @@ cli.entry()
     assert r.stdout == "last words"
     assert out.read_text() == "every byte"
     assert (tmp_path / "left-open.txt.thread").exists() == with_thread
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_flags_print_the_version(flag, capsys):
+    from orchestrator import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([flag])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"orch {__version__}"
