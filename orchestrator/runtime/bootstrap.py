@@ -32,6 +32,7 @@ import traceback
 
 from orchestrator import protocol
 from orchestrator.runtime import events, ringstart
+from orchestrator.runtime.hard_exit import hard_exit
 
 ENV_INIT_FD = protocol.ENV_INIT_FD  # the guard's name for it too (guard.ENV_INIT_FD)
 
@@ -209,10 +210,10 @@ def main() -> None:
             raise
         if not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
-        _hard_exit(e.code if isinstance(e.code, int) else 1)
+        hard_exit(e.code if isinstance(e.code, int) else 1)
     except BaseException as e:
         _print_exception(type(e), e, e.__traceback__)
-        _hard_exit(1)
+        hard_exit(1)
 
 
 def _register_stack_dump() -> None:
@@ -282,15 +283,6 @@ def _run(kind: str, target: str) -> None:
         runpy.run_module(target, run_name="__main__", alter_sys=True)
     else:
         runpy.run_path(target, run_name="__main__")
-
-
-def _hard_exit(code: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
 
 
 if __name__ == "__main__":

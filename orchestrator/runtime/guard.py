@@ -91,6 +91,7 @@ from orchestrator import protocol
 # Stdlib-only siblings, imported under -S like protocol (orchestrator.runtime's __init__ imports nothing heavy).
 from orchestrator.runtime import proctree, rank_sampling
 from orchestrator.runtime.control_channel import RankInput, parse_config_line, parse_token_line, read_line
+from orchestrator.runtime.hard_exit import hard_exit
 from orchestrator.runtime.proctree import TREE_EVERY_S, Tree
 from orchestrator.runtime.rank_sampling import RSS_EVERY_S, is_stopped
 # The ring start's half in the rank (gate, init byte, listening watch, hold).
@@ -447,20 +448,5 @@ def main(argv: list[str]) -> int:
     return _mirror(status)
 
 
-def _exit(code: int) -> None:
-    """End at once with ``code``, once what the guard wrote is out.
-
-    The guard holds no state of the user's (its rank has exited and been reaped, its tree
-    killed); the interpreter's teardown would only delay, by ~6 ms, the moment the controller
-    sees this rank's end, which is on the critical path of every short run.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main(sys.argv[1:]))
+    hard_exit(main(sys.argv[1:]))  # the rank is reaped: skip the interpreter's teardown (runtime/hard_exit.py)
