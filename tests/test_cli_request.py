@@ -27,6 +27,12 @@ EVERY_OPTION = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _no_prestarted_ranks(monkeypatch):
+    """These tests never run ranks: ``-n N`` must not leave pre-started guards in this process's pool."""
+    monkeypatch.setenv("ORCH_PRESPAWN", "0")
+
+
 def _summary(run_dir: str) -> RunSummary:
     return RunSummary(status="succeeded", exit_code=0, failed_rank=None, reason=None, duration_s=1.5,
                       started_at="2026-01-01T00:00:00Z", script="train.py", backend="ring", world_size=1,

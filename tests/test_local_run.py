@@ -300,11 +300,13 @@ def test_the_guard_gets_a_fresh_token_and_signs_its_events_with_it(tmp_path, how
 
     async def go():
         if how == "prespawn-off":
+            _prespawn.discard()
             _prespawn.start(1)
             assert _prespawn.take() is None  # nothing pre-started
             handle = await _local.LocalLauncher().start(_spec(tmp_path))
             assert isinstance(handle, _local.LocalRank)
         elif how.startswith("prestarted"):
+            _prespawn.discard()  # only this test's guard in the pool
             _prespawn.start(1)
             launcher = _local.LocalLauncher()
             await launcher.prepare([_spec(tmp_path)])  # the configuration goes out here, before start
@@ -339,6 +341,7 @@ def test_a_configured_guard_never_adopted_stops_its_rank_on_aclose(tmp_path):
     spec.script_args = ["120"]
 
     async def go():
+        _prespawn.discard()  # only this test's guard in the pool
         _prespawn.start(1)
         proc = _prespawn._pool[0]
         launcher = _local.LocalLauncher()
