@@ -204,3 +204,17 @@ def test_run_and_check_refuse_the_same_bad_hostfiles(tmp_path, command, case):
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith(f"orch: error: {p}: "), r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 64])
+def test_the_local_hostfile_is_what_validation_gives(n):
+    """``-n N``'s hostfile is built without validating (model_construct, for launch speed): validating the
+    same values must give the same hostfile, field by field and type by type."""
+    from orchestrator.hostfile import Hostfile, local_hostfile
+
+    built = local_hostfile(n)
+    validated = Hostfile.model_validate(built.model_dump())
+    assert validated == built and validated.model_dump() == built.model_dump()
+    assert [(type(getattr(h, k)), k) for h in validated.hosts for k in type(h).model_fields] == \
+        [(type(getattr(h, k)), k) for h in built.hosts for k in type(h).model_fields]
+    assert built.hosts[0].is_local and built.hosts[0].slots == n

@@ -107,3 +107,29 @@ def test_single_rank_ring_gets_no_hostfile(tmp_path):
 
     plan = plan_job(local_hostfile(1), "ring")
     assert write_files(plan, tmp_path) == {} and "MLX_HOSTFILE" not in plan.rank_env(plan.ranks[0], {})
+
+
+@pytest.mark.parametrize("hostfile, backend", [
+    ("local-2", None), ("local-4", "ring"), ("thunderbolt-ring-4mac", "ring"), ("mpi-cluster", "mpi"),
+    ("rdma-mesh", None), ("local-2", "nccl")])
+def test_the_plan_is_what_validation_gives(tmp_path, hostfile, backend):
+    """plan_job constructs its plan without validating (launch speed): validating the same values must give
+    the same plan, field by field and type by type (a wrong type from the planner would show here)."""
+    from orchestrator.plan import JobPlan
+    from tests.test_backends import mesh
+
+    path = ROOT / "hostfiles" / f"{hostfile}.json"
+    if hostfile == "rdma-mesh":  # a full RDMA mesh: jaccl, with its coordinator and matrix in the plan
+        path = tmp_path / "mesh.json"
+        path.write_text(json.dumps(mesh(3)))
+    plan = plan_job(load_hostfile(path), backend, connections_per_ip=2 if hostfile == "local-2" else 1,
+                    starting_port=41000)
+    if hostfile == "rdma-mesh":
+        assert plan.backend == "jaccl" and plan.rdma and plan.coordinator
+    validated = JobPlan.model_validate(plan.model_dump())
+    assert validated == plan and validated.model_dump() == plan.model_dump()
+
+    def types(p):
+        return ([type(getattr(p, k)) for k in type(p).model_fields],
+                [[type(getattr(r, k)) for k in type(r).model_fields] for r in p.ranks])
+    assert types(validated) == types(plan)

@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.backends.registry import get
 from orchestrator.hostfile import Hostfile
-from orchestrator.schema import Model
 
 
-class BackendChoice(Model):
+@dataclass(frozen=True)
+class BackendChoice:
+    """Internal, never read from or written to a file: a plain dataclass (no validator to build on the launch path)."""
+
     name: str
     reason: str  # one line the CLI prints: why this backend
 

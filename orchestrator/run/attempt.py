@@ -61,7 +61,6 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
     if resume.file is not None:
         for spec in specs:
             spec.resume_words, spec.resume_file = resume.words, resume.file
-    job.rundir.write_json(PLAN, plan.model_dump(mode="json"))
     started = time.monotonic()
     try:
         await launcher.prepare(specs)
@@ -71,6 +70,8 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
     except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
         await _close_quietly(launcher)
         return interrupted_before_start(job, plan, time.monotonic() - started)
+    finally:  # after prepare: pre-started local ranks got their configuration first (dumping builds the model)
+        job.rundir.write_json(PLAN, plan.model_dump(mode="json"))
     try:
         sup = _supervisor(job, plan, specs, launcher, req, attempt, stdin_relay, started)
         return await sup.run()
