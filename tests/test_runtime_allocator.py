@@ -70,16 +70,21 @@ def test_linux_without_glibc(monkeypatch):
 def test_real_glibc_keeps_a_freed_block():
     """In a fresh process: after the call, a freed 8 MiB block comes back at the same address (heap reuse);
     before it, glibc serves 8 MiB with mmap and returns it to the kernel on free."""
-    probe = IN_HEAP + (
+    before, after, note = _in_heap_before_and_after(
         "from orchestrator.runtime.allocator import keep_freed_memory\n"
         "before = in_heap(8 << 20)\n"
-        "note = keep_freed_memory()\n"
-        "print(before, in_heap(8 << 20), note)\n"
-    )
+        "note = keep_freed_memory()\n")
+    assert (before, after) == ("False", "True"), (before, after, note)
+    assert "keeps freed" in note
+
+
+def _in_heap_before_and_after(setup: str) -> tuple[str, str, str]:
+    """Run ``setup`` (which leaves ``before`` and ``note``) in a fresh process; then whether a freed 8 MiB
+    block comes back from the heap, as the words ("True"/"False") the probe printed, and the note."""
+    probe = IN_HEAP + setup + "print(before, in_heap(8 << 20), note)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     before, after, note = out.stdout.split(" ", 2)
-    assert (before, after) == ("False", "True"), out.stdout
-    assert "keeps freed" in note
+    return before, after, note
 
 
 class TrimLibc:
@@ -163,13 +168,9 @@ def test_stopping_elsewhere_does_nothing(monkeypatch, platform):
 def test_real_glibc_gives_a_freed_block_back_after_stopping():
     """In a fresh process: kept, a freed 8 MiB block stays in the heap; after stopping, glibc serves it by
     mmap again (and returns it on free)."""
-    probe = IN_HEAP + (
+    kept, after, note = _in_heap_before_and_after(
         "from orchestrator.runtime.allocator import keep_freed_memory, stop_keeping_freed_memory\n"
-        "keep_freed_memory(); kept = in_heap(8 << 20)\n"
-        "note = stop_keeping_freed_memory()\n"
-        "print(kept, in_heap(8 << 20), note)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    kept, after, note = out.stdout.split(" ", 2)
-    assert (kept, after) == ("True", "False"), out.stdout
+        "keep_freed_memory(); before = in_heap(8 << 20)\n"
+        "note = stop_keeping_freed_memory()\n")
+    assert (kept, after) == ("True", "False"), (kept, after, note)
     assert "goes back" in note
