@@ -66,18 +66,25 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         await launcher.prepare(specs)
     except LaunchError as e:
         await launcher.aclose()
+        _write_plan(job, plan)
         return failed_before_start(job, plan, str(e))
     except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
         await _close_quietly(launcher)
+        _write_plan(job, plan)
         return interrupted_before_start(job, plan, time.monotonic() - started)
-    finally:  # after prepare: pre-started local ranks got their configuration first (dumping builds the model)
-        job.rundir.write_json(PLAN, plan.model_dump(mode="json"))
-    try:
+    try:  # whatever fails from here on, the launcher is closed (configured local ranks stop)
+        _write_plan(job, plan)
         sup = _supervisor(job, plan, specs, launcher, req, attempt, stdin_relay, started)
         return await sup.run()
     finally:
         await launcher.collect(job.rundir.path)  # results home (SSH), whatever the outcome
         await launcher.aclose()
+
+
+def _write_plan(job: Job, plan: JobPlan) -> None:
+    """plan.json, written after prepare: pre-started local ranks get their configuration first (dumping the
+    plan builds its model)."""
+    job.rundir.write_json(PLAN, plan.model_dump(mode="json"))
 
 
 def _supervisor(job: Job, plan: JobPlan, specs: list[RankSpec], launcher: Launcher, req: RunRequest, attempt: int,
