@@ -1,0 +1,3 @@
+"""Suite-wide: a SIGTERM cleans up like Ctrl-C (``tests/sigterm.py``)."""
+
+pytest_plugins = ["tests.sigterm"]
