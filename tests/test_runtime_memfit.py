@@ -64,15 +64,15 @@ def test_decide_fits_refuses_or_splits():
     tight = Budget(100 * MiB, "hostfile memory_gb")
     refused = decide(line, 1000, tight, "mac1", shrink=False)
     assert not refused.fits
-    msg = refused.refusal()
-    assert "\n" not in msg and "mac1" in msg and "150 MiB" in msg and "100 MiB (hostfile memory_gb)" in msg
+    msg = refused.refusal(3)
+    assert "\n" not in msg and msg.startswith("memory: rank 3 on mac1: ") and "150 MiB" in msg and "100 MiB (hostfile memory_gb)" in msg
     assert "--fit-memory" in msg
     split = decide(line, 1000, tight, "mac1", shrink=True)
     # 90 % of 100 MiB less 50 MiB fixed leaves room for 400 samples: 3 pieces of <= 334
     assert split.fits and split.pieces == 3 and split.micro_batch == 334
     assert split.predicted_peak_bytes <= memfit.MARGIN * tight.bytes < split.planned_peak_bytes
     hopeless = decide(line, 1000, Budget(40 * MiB, "cgroup memory limit"), "mac1", shrink=True)
-    assert not hopeless.fits and "even one sample per micro-batch does not fit" in hopeless.refusal()
+    assert not hopeless.fits and "even one sample per micro-batch does not fit" in hopeless.refusal(0)
     assert "shrink" not in hopeless.event_fields()
     unknown = decide(line, 1000, None, "mac1", shrink=False)
     assert unknown.fits and unknown.budget_bytes is None
@@ -155,7 +155,7 @@ def test_a_batch_over_budget_is_refused_in_one_line_on_every_rank(tmp_path):
     for r in results:
         assert "Traceback" not in r.stderr
         line = r.stderr.strip().splitlines()[-1]
-        assert re.fullmatch(r"orch: memory: rank on \S+: predicted peak [\d.]+ \w+ at batch 2048 > budget 120 MiB "
+        assert re.fullmatch(r"orch: memory: rank \d+ on \S+: predicted peak [\d.]+ \w+ at batch 2048 > budget 120 MiB "
                             r"\(hostfile memory_gb\); .*--fit-memory.*", line), line
         assert not r.of_kind("step")
 
@@ -240,7 +240,7 @@ def test_orch_run_with_a_small_memory_gb_refuses_before_the_first_step_and_names
     r = run_orch("run", str(MLP), "--hostfile", str(hosts), "--run-dir", str(run_dir), "--",
                  *BIG, "--steps", "3", cwd=tmp_path, timeout=120)
     assert r.returncode == 1, r.stderr
-    assert re.search(r"memory: rank on \S+: predicted peak [\d.]+ MiB at batch 2048 > budget 51 MiB "
+    assert re.search(r"memory: rank \d+ on \S+: predicted peak [\d.]+ MiB at batch 2048 > budget 51 MiB "
                      r"\(hostfile memory_gb\)", r.stderr), r.stderr
     s = summary(run_dir)
     plans = [rank["memory_plan"] for rank in s["ranks"]]

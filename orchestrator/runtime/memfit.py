@@ -212,8 +212,8 @@ class Plan:
         d["per_sample_bytes"] = round(self.per_sample_bytes, 1)
         return d
 
-    def refusal(self) -> str:
-        head = (f"memory: rank on {self.host}: predicted peak {_gib(self.planned_peak_bytes)} at batch {self.batch} "
+    def refusal(self, rank: int) -> str:
+        head = (f"memory: rank {rank} on {self.host}: predicted peak {_gib(self.planned_peak_bytes)} at batch {self.batch} "
                 f"> budget {_gib(self.budget_bytes)} ({self.budget_source}); ")
         if self.shrink:
             return head + ("even one sample per micro-batch does not fit (the model, its gradients and optimizer "

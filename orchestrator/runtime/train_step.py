@@ -109,7 +109,7 @@ class TrainStep:
         problem = None
         if all(self._mlx_memory_fn(f) for f in ("reset_peak_memory", "get_peak_memory", "clear_cache")):
             plan = self._make_memory_plan()
-            problem = None if plan.fits else plan.refusal()
+            problem = None if plan.fits else plan.refusal(self.rank)
         try:
             self._stop_together(problem)
         except RuntimeError as e:  # one line, no traceback: the controller shows it as this rank's last line
