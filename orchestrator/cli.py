@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -242,6 +243,7 @@ def cmd_run(args: argparse.Namespace, after: list[str]) -> int:
     """
     from orchestrator.run import RunRequest, run_job
 
+    interrupts_now()
     kind, program, program_args = _program(args, after)
     options = {k: v for k, v in vars(args).items() if k in RunRequest.model_fields}
     req = RunRequest.model_construct(**{**options, "script": program, "program": kind, "script_args": program_args})
@@ -314,6 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             prespawn.discard()
     except KeyboardInterrupt:
+        sys.stderr.write("orch: interrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         _stdout_to_devnull()
@@ -329,6 +332,7 @@ def entry() -> None:
     would still have done for the user, and the process ends with ``main``'s code. In-process callers (tests)
     call ``main`` and keep the normal teardown.
     """
+    defer_interrupts()
     code = main()
     import gc
     import io
@@ -350,6 +354,35 @@ def entry() -> None:
             if stream is sys.stdout:
                 code = code or EXIT_BROKEN_PIPE
     os._exit(code)
+
+
+_interrupted: list[int] = []  # Ctrl-Cs noted while orch loads itself
+
+
+def _note_interrupt(signum, frame) -> None:
+    _interrupted.append(signum)
+
+
+def defer_interrupts() -> None:
+    """From the ``orch`` command's first line until its command's modules are loaded, a Ctrl-C is noted, not raised.
+
+    A ``KeyboardInterrupt`` raised inside an import leaves a traceback through importlib, and inside
+    pydantic-core's or cryptography's Rust import it became a ``PanicException``: both were what a Ctrl-C
+    in a launch's first 0.2 s showed. ``interrupts_now`` raises the noted one where nothing is half-loaded.
+    Also set when the shell started orch with SIGINT ignored (a background job): from then on orch honours
+    SIGINT the same way throughout, as its supervisor does. Children do not inherit a handler (exec resets it).
+    """
+    signal.signal(signal.SIGINT, _note_interrupt)
+
+
+def interrupts_now() -> None:
+    """A command's modules are loaded: Ctrl-C raises ``KeyboardInterrupt`` again (asyncio.run turns it into a
+    cancellation), and one noted while loading is raised here, before the command starts anything."""
+    if signal.getsignal(signal.SIGINT) is _note_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupted:
+        _interrupted.clear()
+        raise KeyboardInterrupt
 
 
 def _stdout_to_devnull() -> None:
@@ -393,32 +426,36 @@ def _main(own: list[str], after: list[str]) -> int:
         if args.command == "check":
             from orchestrator.health.check import cmd_check
 
+            interrupts_now()
             return cmd_check(args)
         if args.command == "env":
             from orchestrator.health.env import cmd_env
 
+            interrupts_now()
             return cmd_env(args)
         if args.command == "hostfile":
             from orchestrator.health.hostfile_gen import cmd_hostfile
 
+            interrupts_now()
             return cmd_hostfile(args)
         if args.command == "stage":
             from orchestrator.stage.command import cmd_stage
 
+            interrupts_now()
             return cmd_stage(args)
         if args.command == "report":
             from orchestrator.report import cmd_report
 
+            interrupts_now()
             return cmd_report(args.run_dir)
         if args.command == "runs":
             from orchestrator.report.runs import cmd_runs
 
+            interrupts_now()
             return cmd_runs(args.root, args.limit)
     except ConfigError as e:
         sys.stderr.write(f"orch: error: {e}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     return EXIT_USAGE
 
 

@@ -89,6 +89,7 @@ class Supervisor:
         self.interrupted: Optional[int] = None
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
+        self._kill_now = asyncio.Event()  # a second Ctrl-C: no grace
         self.stdin = (StdinForward(self.opts.stdin_relay, [s for s in self.states if s.rank in self.opts.stdin_ranks])
                       if self.opts.stdin_relay is not None and self.opts.stdin_ranks else None)  # --stdin
         self._failed: list[RankState] = []  # ranks that failed on their own, in exit order (SETTLING)
@@ -146,9 +147,13 @@ class Supervisor:
         RunSummary.model_rebuild()
 
     def _interrupt(self, sig: int) -> None:
+        """The first signal stops every rank in order (SIGTERM, --grace, SIGKILL); a second one does not wait."""
         if self.interrupted is None:
             self.interrupted = sig
-            self.err.write(f"\norch: {signal_name(sig)} received; stopping all ranks\n")
+            self.err.write(f"\norch: {signal_name(sig)} received; stopping all ranks (again to kill them now)\n")
+        elif not self._kill_now.is_set():
+            self._kill_now.set()
+            self.err.write(f"orch: {signal_name(sig)} again; killing every rank now\n")
         self._wake.set()
 
     async def _start_all(self, ranks: TaskGroup) -> None:
@@ -250,12 +255,17 @@ class Supervisor:
             return
         for s in running:
             s.handle.stop()
+        all_exited = asyncio.ensure_future(asyncio.gather(*(s.exited.wait() for s in running)))
+        kill_now = asyncio.ensure_future(self._kill_now.wait())
         try:
-            await asyncio.wait_for(asyncio.gather(*(s.exited.wait() for s in running)), self.opts.stop_timeout)
-            return
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait({all_exited, kill_now}, timeout=self.opts.stop_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (all_exited, kill_now):
+                f.cancel()
         left = [s for s in running if not s.exited.is_set()]
+        if not left:
+            return
         for s in left:
             s.killed = True
             s.handle.kill()

@@ -145,26 +145,30 @@ _INTERRUPT_AT = textwrap.dedent("""
 
     import inspect
     setattr(target, {name!r}, interrupted_async if inspect.iscoroutinefunction(real) else interrupted)
-    from orchestrator.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from orchestrator import cli
+    if {defer!r}:
+        cli.defer_interrupts()  # what the orch command does first (cli.entry)
+    sys.exit(cli.main(sys.argv[1:]))
 """)
 
 
-@pytest.mark.parametrize("module, name", [
-    ("orchestrator.launch.prespawn", "start"),           # before parsing: ranks being pre-started
-    ("orchestrator.hostfile", "load_hostfile"),           # loading the hostfile
-    ("orchestrator.run.resolve", "plan_job"),             # planning, inside the event loop
-    ("orchestrator.launch.local.LocalLauncher", "prepare"),  # the launcher getting ready
+@pytest.mark.parametrize("module, name, local, defer", [
+    ("orchestrator.launch.prespawn", "start", True, False),       # before parsing: ranks being pre-started
+    ("orchestrator.launch.prespawn", "start", True, True),        # the same, as the orch command: noted, then raised
+    ("orchestrator.hostfile", "load_hostfile", False, False),     # loading the hostfile
+    ("orchestrator.run.resolve", "plan_job", False, False),       # planning, inside the event loop
+    ("orchestrator.launch.local.LocalLauncher", "prepare", False, False),  # the launcher getting ready
+    ("orchestrator.launch.local.LocalLauncher", "prepare", True, True),    # pre-started ranks being configured
 ])
-def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, module, name):
+def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, module, name, local, defer):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps({"hosts": [{"ssh": "localhost", "slots": 2}]}))
     mod, is_class, _ = module.partition(".LocalLauncher")
-    code = _INTERRUPT_AT.format(root=str(ROOT), module=mod, name=name)
+    code = _INTERRUPT_AT.format(root=str(ROOT), module=mod, name=name, defer=defer)
     if is_class:
         code = code.replace("import orchestrator.launch.local as target",
                             "from orchestrator.launch.local import LocalLauncher as target")
-    where = ["-n", "2"] if name == "start" else ["--hostfile", str(hostfile)]
+    where = ["-n", "2"] if local else ["--hostfile", str(hostfile)]
     p = subprocess.Popen([sys.executable, "-c", code, "run", str(SCRIPTS / "sleeper.py"), *where, "--run-dir",
                           str(tmp_path / "run")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
@@ -172,6 +176,11 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, module, na
         r = finish(p, 60)
         assert r.returncode == 130, (r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and "sleeping" not in r.stdout, r.stderr
+        if defer and name == "start":  # noted while loading, raised before anything was made
+            assert r.stderr.strip().splitlines()[-1] == "orch: interrupted" and not (tmp_path / "run").exists()
+        if local and name == "prepare":  # the ranks got their configuration, the supervisor never took them
+            assert "interrupted while starting: the ranks were stopped as they started" in r.stderr, r.stderr
+            assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
         left = [q.pid for q in _session(p.pid)]
         assert alive(left, timeout=15) == [], "nothing it started outlives it"
     finally:

@@ -79,6 +79,37 @@ def test_signal_to_orch_stops_every_rank(tmp_path, sig, code):
         kill_tree(p.pid)
 
 
+STUBBORN = """
+import os, signal, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, lambda *_: print(f"pid {os.getpid()} ignores SIGTERM", flush=True))
+print(f"pid {os.getpid()} sleeping", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_second_sigint_kills_every_rank_without_waiting_out_the_grace(tmp_path):
+    """Ranks that ignore SIGTERM under --grace 600: the second Ctrl-C ends them at once (else 600 s)."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    rd = tmp_path / "run"
+    p = start_orch("run", str(script), "-n", "2", "--grace", "600", "--run-dir", str(rd), cwd=tmp_path)
+    try:
+        pids = [int(m) for m in re.findall(r"pid (\d+) sleeping", "".join(wait_for_line(p, "sleeping", count=2)))]
+        p.send_signal(signal.SIGINT)
+        wait_for_line(p, "ignores SIGTERM", count=2)  # both are in their grace now
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert "stopping all ranks (again to kill them now)" in err and "SIGINT again; killing every rank now" in err
+        s = summary(rd)
+        assert s["status"] == "interrupted" and all(r["signal"] == signal.SIGKILL for r in s["ranks"]), s["ranks"]
+        assert not alive(pids, timeout=5)
+    finally:
+        kill_tree(p.pid)
+
+
 def test_controller_sigkill_leaves_no_rank(tmp_path):
     rd = tmp_path / "run"
     p = start_orch("run", str(SCRIPTS / "sleeper.py"), "-n", "2", "--run-dir", str(rd), "--", "120", cwd=tmp_path)

@@ -69,12 +69,19 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         _write_plan(job, plan)
         return failed_before_start(job, plan, str(e))
     except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
+        asyncio.current_task().uncancel()  # handled here: later timeouts must not take it for theirs
         await _close_quietly(launcher)
         _write_plan(job, plan)
         return interrupted_before_start(job, plan, time.monotonic() - started)
     try:  # whatever fails from here on, the launcher is closed (configured local ranks stop)
         _write_plan(job, plan)
         sup = _supervisor(job, plan, specs, launcher, req, attempt, stdin_relay, started)
+        try:  # a Ctrl-C since the run began that is not yet delivered (a local prepare never waits) lands
+            await asyncio.sleep(0)  # here, before the supervisor takes the signals over, not inside it
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            return interrupted_before_start(job, plan, time.monotonic() - started,
+                                            "interrupted while starting: the ranks were stopped as they started")
         return await sup.run()
     finally:
         await launcher.collect(job.rundir.path)  # results home (SSH), whatever the outcome
@@ -114,9 +121,9 @@ async def _close_quietly(launcher, timeout: float = 10.0) -> None:
         pass
 
 
-def interrupted_before_start(job: Job, plan: JobPlan, duration: float) -> RunSummary:
-    """Ctrl-C before any rank was released: say so, exit 130."""
-    reason = "interrupted while starting (connecting, staging): no rank ran"
+def interrupted_before_start(job: Job, plan: JobPlan, duration: float,
+                             reason: str = "interrupted while starting (connecting, staging): no rank ran") -> RunSummary:
+    """Ctrl-C before the supervisor took over: say so, exit 130."""
     job.say(f"{reason}; run directory {job.rundir.path}")
     return RunSummary(
         status="interrupted", exit_code=130, failed_rank=None, reason=reason, duration_s=round(duration, 3),
