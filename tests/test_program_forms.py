@@ -99,9 +99,17 @@ def test_console_script_on_path_runs_under_the_init_hook(tmp_path):
     (["-n", "2", "-m", "mypkg", "a.py"], "two programs"),
     (["-n", "2"], "no program"),
     (["-n", "2", "-m", "not a module", "--"], "not a module name"),
+    (["-n", "2", "--", "-u", "train.py"], "-- -u: after --, only -m MODULE goes to the rank's Python"),
+    (["-n", "2", "--", "-c", "print('RAN')"], "only -m MODULE goes to the rank's Python"),
+    (["-n", "2", "run.sh"], "run.sh: not a Python file (its first line is #!/bin/sh); run it as a program: "
+                            "orch run [OPTIONS] -- run.sh [ARGS]"),
+    (["-n", "2", "adir"], "adir: a directory, not a script"),
+    (["-n", "2", "--python", "no-such-python3", "train.py"], "--python no-such-python3: no such interpreter here"),
 ])
 def test_routing_errors_are_one_line_and_start_nothing(tmp_path, args, expected):
     (tmp_path / "train.py").write_text("print('RAN')\n")
+    (tmp_path / "run.sh").write_text("#!/bin/sh\necho RAN\n")
+    (tmp_path / "adir").mkdir()
     r = run_orch("run", *args, cwd=tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -125,3 +133,23 @@ def test_hosts_shortcut_and_include_exclude():
         select_hosts(hf, None, "mac9")
     with pytest.raises(ConfigError, match="leave no host"):
         select_hosts(hf, "mac1", "mac1")
+
+
+def test_a_missing_module_is_one_line_from_each_rank_not_a_traceback(tmp_path):
+    rd = tmp_path / "run"
+    r = run_orch("run", "-n", "2", "--run-dir", str(rd), "-m", "no_such_module_xyz", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    for rank in range(2):
+        log = (rd / "logs" / f"rank-{rank}.log").read_text().strip().splitlines()
+        assert len(log) == 1 and log[0].startswith("orch: no module named 'no_such_module_xyz' for this rank's Python"), log
+    assert "Traceback" not in r.stderr and "runpy" not in r.stderr
+
+
+def test_a_script_that_does_not_compile_shows_python_s_report_without_orch_s_frames(tmp_path):
+    (tmp_path / "bad.py").write_text("def f(:\n    pass\n")
+    rd = tmp_path / "run"
+    r = run_orch("run", "-n", "2", "--run-dir", str(rd), "bad.py", cwd=tmp_path, timeout=60)
+    assert r.returncode == 1, r.stderr
+    log = (rd / "logs" / "rank-0.log").read_text()
+    assert f'File "{tmp_path / "bad.py"}", line 1' in log and "SyntaxError" in log, log
+    assert "bootstrap" not in log and "runpy" not in log and "Traceback" not in log, log

@@ -108,16 +108,49 @@ def _check_script(req: RunRequest, hostfile: Hostfile) -> str:
         if not all(part.isidentifier() for part in req.script.split(".")):
             raise ConfigError(f"-m {req.script}: not a module name (use e.g. -m mlx_lm)")
         return req.script
+    local = all(h.is_local for h in hostfile.hosts)
+    if local and req.python and not _executable(req.python, req.cwd):
+        raise ConfigError(f"--python {req.python}: no such interpreter here (not on PATH, not an executable file); "
+                          "give the path of the Python the ranks should run")
     if req.program == "command":
-        if all(h.is_local for h in hostfile.hosts) and not _findable(req, hostfile):
+        if req.script.startswith("-"):  # "-- -m MODULE" became a module run in the CLI; any other option did not
+            raise ConfigError(f"-- {req.script}: after --, only -m MODULE goes to the rank's Python; set the "
+                              "interpreter's options in the environment (--env PYTHONDEVMODE=1, PYTHONWARNINGS=..., "
+                              "PYTHONOPTIMIZE=1; output is already unbuffered) or put code in a file")
+        if local and not _findable(req, hostfile):
             raise ConfigError(f"-- {req.script}: no such program here (not on PATH, not a file); check the name, or "
                               "give its path")
         return req.script
     path = Path(req.script)
+    if path.is_dir():
+        raise ConfigError(f"{req.script}: a directory, not a script; give the Python file to run on every rank "
+                          f"(e.g. {path / '__main__.py'}), or -m MODULE")
     if not path.is_file():
         raise ConfigError(f"{req.script}: no such script; give the path of the Python file to run on every rank "
                           "(or -m MODULE, or -- PROGRAM ARGS for any other program)")
+    interpreter = _shebang(path)
+    if interpreter and "python" not in interpreter:
+        raise ConfigError(f"{req.script}: not a Python file (its first line is #!{interpreter}); run it as a program: "
+                          f"orch run [OPTIONS] -- {req.script} [ARGS]")
     return str(path.resolve())
+
+
+def _shebang(path: Path) -> str:
+    """The interpreter a ``#!`` first line names ("" if none)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return ""
+    return first[2:].decode("utf-8", "replace").strip() if first.startswith(b"#!") else ""
+
+
+def _executable(program: str, cwd: Optional[str]) -> bool:
+    """Whether ``program`` runs here: a name on PATH, or a path (from ``cwd``) to an executable file."""
+    if os.sep not in program:
+        return shutil.which(program) is not None
+    path = Path(cwd or ".") / program
+    return path.is_file() and os.access(path, os.X_OK)
 
 
 def _findable(req: RunRequest, hostfile: Hostfile) -> bool:

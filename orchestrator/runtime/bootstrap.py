@@ -279,10 +279,39 @@ def _print_exception(exc_type, exc, tb) -> None:
 
 
 def _run(kind: str, target: str) -> None:
+    """Run the program as ``python -m MODULE`` / ``python SCRIPT`` would, and fail as they do: in one report.
+
+    A module that is not there, or a script that does not compile, has no frame of the program's
+    own to start a traceback from; what Python itself prints then (``No module named x``, the
+    ``SyntaxError`` with its line and caret) is what the rank prints, not a traceback through here.
+    """
     if kind == "module":
+        _check_module(target)
         runpy.run_module(target, run_name="__main__", alter_sys=True)
-    else:
+        return
+    try:
         runpy.run_path(target, run_name="__main__")
+    except SyntaxError as e:
+        if e.filename is None or os.path.abspath(e.filename) != os.path.abspath(target):
+            raise  # raised by the program's own code (an exec, an import): its traceback says where
+        traceback.print_exception(type(e), e, None)
+        sys.exit(1)
+
+
+def _check_module(name: str) -> None:
+    """``-m NAME`` where this Python has no ``NAME`` (or no package above it): one line, exit 2."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError as e:  # a package above it is missing (else: the package's own code failed)
+        if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+            raise
+        found = False
+    if not found:
+        print(f"orch: no module named {name!r} for this rank's Python ({sys.executable}, in {os.getcwd()}); "
+              "check the name, install it there, or give --cwd", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
