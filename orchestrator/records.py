@@ -17,6 +17,7 @@ status), which only the supervisor has.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,6 +54,7 @@ class RankRecord:
     steps: Optional[int] = None
     total_steps: Optional[int] = None
     last_loss: Optional[float] = None
+    nonfinite_loss_step: Optional[int] = None  # the first step whose loss was NaN or infinite
     samples_per_s: Optional[float] = None
     last_step_wall: Optional[float] = None  # the rank's wall clock at its last step
     memory: Optional[MemorySummary] = None
@@ -101,6 +103,9 @@ class RankRecord:
             self.steps = e.get("step")
             self.total_steps = e.get("total_steps")
             self.last_loss = e.get("loss")
+            if (self.nonfinite_loss_step is None and isinstance(self.last_loss, float)
+                    and not math.isfinite(self.last_loss)):
+                self.nonfinite_loss_step = e.get("step")
             self.samples_per_s = e.get("samples_per_s")
         elif kind == "memory":
             m = self.memory or MemorySummary()
@@ -143,6 +148,7 @@ class RankRecord:
         """This rank's row of summary.json; ``exit_code``/``signal``: the launcher's status, when there is one."""
         return RankSummary(rank=self.rank, host=self.host, pid=self.pid, exit_code=exit_code, signal=signal,
                            steps=self.steps, last_loss=self.last_loss, samples_per_s=self.samples_per_s,
+                           nonfinite_loss_step=self.nonfinite_loss_step,
                            memory=self.memory, phases=self.phases, batch_share=self.batch_share,
                            memory_plan=self.memory_plan)
 

@@ -30,6 +30,7 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -99,7 +100,8 @@ class RankSummary(Model):
     exit_code: Optional[int] = None
     signal: Optional[int] = None
     steps: Optional[int] = None
-    last_loss: Optional[float] = None
+    last_loss: Optional[float] = None  # null in the file when it was NaN or infinite
+    nonfinite_loss_step: Optional[int] = None  # the first step whose loss was NaN or infinite (the run diverged)
     samples_per_s: Optional[float] = None
     memory: Optional[MemorySummary] = None
     phases: list[PhaseSummary] = Field(default_factory=list)
@@ -178,6 +180,29 @@ def default_run_dir(script: str, root: str | os.PathLike = "runs") -> Path:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")[:-4] + "Z"
     stem = Path(script).stem
     return Path(root) / f"{stamp}-{stem}"
+
+
+def dumps(data, **kwargs) -> str:
+    """JSON that every reader can parse: a NaN or infinity (a diverged loss) is written as ``null``.
+
+    Python's ``json`` writes them as bare ``NaN``/``Infinity``, which JavaScript's ``JSON.parse``, ``jq``
+    and most other readers refuse; one diverged step made a run's events.jsonl and summary.json unreadable
+    to them. The summary says when a rank's loss stopped being finite (``nonfinite_loss_step``).
+    """
+    try:
+        return json.dumps(data, allow_nan=False, **kwargs)
+    except ValueError:  # rare: only then walk the data
+        return json.dumps(_finite(data), allow_nan=False, **kwargs)
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -275,11 +300,11 @@ class RunDir:
     def event(self, payload: dict) -> None:
         if self._events is None:
             self._events = open(self.events_path, "a", buffering=1)
-        self._events.write(json.dumps(payload, separators=(",", ":")) + "\n")
+        self._events.write(dumps(payload, separators=(",", ":")) + "\n")
 
     def write_json(self, name: str, data) -> Path:
         p = self.path / name
-        write_atomic(p, json.dumps(data, indent=2) + "\n")
+        write_atomic(p, dumps(data, indent=2) + "\n")
         return p
 
     def write_summary(self, summary: RunSummary) -> Path:

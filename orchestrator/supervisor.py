@@ -90,6 +90,7 @@ class Supervisor:
         self.init_deadline: Optional[float] = None
         self._wake = asyncio.Event()
         self._kill_now = asyncio.Event()  # a second Ctrl-C: no grace
+        self._diverged_said = False  # a NaN/inf loss was pointed out
         self.stdin = (StdinForward(self.opts.stdin_relay, [s for s in self.states if s.rank in self.opts.stdin_ranks])
                       if self.opts.stdin_relay is not None and self.opts.stdin_ranks else None)  # --stdin
         self._failed: list[RankState] = []  # ranks that failed on their own, in exit order (SETTLING)
@@ -355,6 +356,10 @@ class Supervisor:
             wake = wd.trainer_started()
         elif kind == "step":
             wake = wd.step(state.rank)
+            if rec.nonfinite_loss_step is not None and not self._diverged_said:
+                self._diverged_said = True  # once per attempt: every rank of an all-reduced loss says the same
+                self.note(f"orch: rank {state.rank} reported loss {payload.get('loss')} at step "
+                          f"{rec.nonfinite_loss_step}: training diverged (the run goes on; Ctrl-C stops it)\n")
         elif kind == "phase_start":
             wake = wd.phase_start(state.rank, str(payload.get("name")))
         elif kind == "rss" and type(payload.get("cpu_s")) in (int, float):
@@ -429,7 +434,16 @@ class Supervisor:
         )
 
     def _warnings(self) -> list[str]:
-        """What a person must know after the run; today: JACCL ranks that had to be SIGKILLed.
+        """What a person must know after the run: a loss that stopped being finite, and JACCL ranks SIGKILLed."""
+        diverged = [s.record for s in self.states if s.record.nonfinite_loss_step is not None]
+        out = [f"the loss of rank {r.rank} was NaN or infinite from step {r.nonfinite_loss_step} on: the run diverged"
+               for r in diverged[:1]]
+        if len(diverged) > 1:
+            out[0] += f" (and that of {len(diverged) - 1} more rank{'s' if len(diverged) > 2 else ''})"
+        return out + self._kill_warnings()
+
+    def _kill_warnings(self) -> list[str]:
+        """JACCL ranks that had to be SIGKILLed.
 
         JACCL survivors of a dead peer can spin and ignore SIGTERM (MLX #3910,
         #4278), so the grace-then-SIGKILL path is their normal end, and a

@@ -433,3 +433,36 @@ def test_last_resort_kill_reaches_only_the_guards_own_groups(tmp_path):
                 pass
         stranger.kill()
         stranger.wait()
+
+
+NAN_LOSS = """
+from orchestrator.runtime import report
+for i in range(1, 6):
+    report.step(i, loss=1.0 / i if i < 3 else float("nan"))
+"""
+
+
+def _strict_json(text: str):
+    """JSON as JavaScript's JSON.parse reads it: a bare NaN/Infinity is an error."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_loss_is_pointed_out_and_every_file_stays_strict_json(tmp_path):
+    (tmp_path / "nan.py").write_text(NAN_LOSS)
+    rd = tmp_path / "run"
+    r = run_orch("run", "-n", "2", "--json", "--run-dir", str(rd), "nan.py", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "orch: rank 0 reported loss nan at step 3: training diverged" in r.stderr or \
+        "orch: rank 1 reported loss nan at step 3: training diverged" in r.stderr, r.stderr
+    s = _strict_json((rd / "summary.json").read_text())
+    assert [x["nonfinite_loss_step"] for x in s["ranks"]] == [3, 3] and [x["last_loss"] for x in s["ranks"]] == [None, None]
+    assert s["warnings"] == ["the loss of rank 0 was NaN or infinite from step 3 on: the run diverged "
+                             "(and that of 1 more rank)"]
+    steps = [e for e in map(_strict_json, (rd / "events.jsonl").read_text().splitlines()) if e["kind"] == "step"]
+    assert sorted(e["loss"] for e in steps if e["step"] < 3) == [0.5, 0.5, 1.0, 1.0]
+    assert all(e["loss"] is None for e in steps if e["step"] >= 3) and len(steps) == 10
+    assert _strict_json(r.stdout)["diverged_at_step"] == 3  # --json: the final summary, strict too
+    report = run_orch("report", str(rd), cwd=tmp_path)
+    assert re.search(r"final loss \(mean\): NaN \(step 3\)", report.stdout), report.stdout

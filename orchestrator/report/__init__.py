@@ -49,7 +49,7 @@ def final_json(summary: "str | Path | RunSummary") -> str:
     out = dict(summary)
     for k, v in derived(summary).items():
         out.setdefault(k, v)
-    return json.dumps(out, separators=(",", ":"))
+    return rundir.dumps(out, separators=(",", ":"))
 
 
 def write_report(run_dir: str | Path) -> Path:

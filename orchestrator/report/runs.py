@@ -16,7 +16,7 @@ from typing import Optional
 
 from orchestrator import rundir
 from orchestrator.report.data import event_time, iso, parse_lines, read_events, read_json, summary_from_events, unfinished_status
-from orchestrator.report.tables import derived, human_duration, num, text_table
+from orchestrator.report.tables import derived, human_duration, loss_cell, num, text_table
 
 TAIL_BYTES = 256 * 1024  # how much of events.jsonl `orch runs` reads for a run without a summary
 
@@ -31,6 +31,7 @@ class RunRow:
     final_loss: Optional[float]
     script: Optional[str]
     started: Optional[float]  # UNIX time, for sorting and display
+    diverged_at_step: Optional[int] = None  # the first step a rank's loss was NaN/inf
 
 
 def _parse_started(s) -> Optional[float]:
@@ -76,7 +77,8 @@ def read_row(run_dir: Path) -> Optional[RunRow]:
     script = summary.get("script")
     return RunRow(path=run_dir, status=str(summary.get("status", "?")), world_size=summary.get("world_size"),
                   steps=d["steps"], duration_s=summary.get("duration_s"), final_loss=d["final_loss"],
-                  script=Path(script).name if isinstance(script, str) else None, started=started)
+                  script=Path(script).name if isinstance(script, str) else None, started=started,
+                  diverged_at_step=d["diverged_at_step"])
 
 
 def list_runs(root: str | Path = "runs") -> list[RunRow]:
@@ -100,7 +102,8 @@ def _display_path(p: Path) -> str:
 def format_runs(rows: list[RunRow]) -> str:
     headers = ["started", "status", "ranks", "steps", "duration", "loss", "script", "path"]
     table = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)) if r.started else "-", r.status,
-              num(r.world_size, "{}"), num(r.steps, "{}"), human_duration(r.duration_s), num(r.final_loss),
+              num(r.world_size, "{}"), num(r.steps, "{}"), human_duration(r.duration_s),
+              loss_cell(r.final_loss, r.diverged_at_step),
               r.script or "-", _display_path(r.path)] for r in rows]
     return text_table(headers, table)
 

@@ -7,6 +7,8 @@ rebuilt from events by report/data.py) and tolerates missing or odd fields.
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING
 
 from orchestrator.report.data import nums
@@ -28,8 +30,10 @@ def derived(summary: dict) -> dict:
     mlx = nums(m.get("mlx_peak_bytes") for m in mem)
     rss = nums(m.get("rss_peak_bytes") for m in mem)
     attempts = summary.get("attempts")
+    diverged = nums(r.get("nonfinite_loss_step") for r in ranks)
     return {
         "final_loss": sum(losses) / len(losses) if losses else None,
+        "diverged_at_step": int(min(diverged)) if diverged else None,  # the first step a loss was NaN/inf
         "steps": int(max(steps)) if steps else None,
         # every rank measures the job's global rate over its own step time; their mean is the job's
         "samples_per_s": sum(rates) / len(rates) if rates else None,
@@ -62,11 +66,18 @@ def human_duration(s) -> str:
     return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
+def loss_cell(loss, diverged_at) -> str:
+    """A loss for people; one that was NaN or infinite (``null`` in the files) says so, and since when."""
+    if diverged_at is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        return f"NaN (step {diverged_at})"
+    return num(loss)
+
+
 def rank_cells(r: dict) -> list[str]:
     mem = r.get("memory") or {}
     ended = f"signal {r['signal']}" if r.get("signal") else num(r.get("exit_code"), "{}")
     return [str(r.get("rank", "?")), str(r.get("host", "?")), ended, num(r.get("steps"), "{}"),
-            num(r.get("last_loss")), num(r.get("samples_per_s"), "{:,.1f}"),
+            loss_cell(r.get("last_loss"), r.get("nonfinite_loss_step")), num(r.get("samples_per_s"), "{:,.1f}"),
             human_bytes(mem.get("mlx_peak_bytes")), human_bytes(mem.get("rss_peak_bytes"))]
 
 
@@ -131,7 +142,7 @@ def overview(data: RunData) -> list[tuple[str, str]]:
         ("backend", str(s.get("backend") or "-")),
         ("ranks", num(s.get("world_size"), "{}")),
         ("steps", num(d["steps"], "{}")),
-        ("final loss (mean)", num(d["final_loss"])),
+        ("final loss (mean)", loss_cell(d["final_loss"], d["diverged_at_step"])),
         ("restarts", str(max(d["restarts"], len(data.restarts)))),
     ]
     if not data.has_summary:
