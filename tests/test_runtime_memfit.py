@@ -186,7 +186,7 @@ def _remove_cgroup(path: Path) -> None:
 def test_under_a_memory_limit_the_unplanned_rank_is_oom_killed_and_the_planned_one_ends_like_an_unlimited_run(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root for a memory cgroup")
-    args = BIG + ["--steps", "4", "--batch-size", "4096", "--samples", "16384"]
+    args = BIG + ["--steps", "2", "--batch-size", "4096", "--samples", "16384"]
     # Unconstrained, 2 ranks: where the run must end, and how much memory a rank needs.
     launch(MLP, 2, tmp_path / "free", args, timeout=240)
     free = load_arrays(latest_checkpoint(tmp_path / "free"))
