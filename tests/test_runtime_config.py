@@ -48,9 +48,19 @@ def test_resume_without_value_means_latest_and_with_value_a_path():
 
 @pytest.mark.parametrize("argv", [["--steps", "x"], ["--optimizer", "rmsprop"], ["--batch-size", "0"],
                                   ["--grad-accum", "0"], ["--no-such-flag"]])
-def test_bad_values_exit_with_a_message(argv, capsys):
+def test_bad_values_exit_2_with_one_line(argv, capsys):
+    """Every rank parses the same arguments: one line each, never argparse's usage text."""
+    with pytest.raises(SystemExit) as e:
+        parse_hparams(Config, argv, prog="recipe")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err, err
+
+
+def test_a_mistyped_option_gets_a_did_you_mean(capsys):
     with pytest.raises(SystemExit):
-        parse_hparams(Config, argv)
+        parse_hparams(Config, ["--stpes", "10"], prog="recipe")
+    assert capsys.readouterr().err == "recipe: error: unrecognized arguments: --stpes 10 (did you mean --steps?)\n"
 
 
 def test_importing_the_runtime_loads_neither_pydantic_nor_mlx():

@@ -139,8 +139,38 @@ def _scalar_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A recipe's bad argument is one line (with a did-you-mean) and exit 2, not the usage text.
+
+    Every rank parses the same arguments, so a typo after ``orch run recipe.py --`` printed argparse's
+    usage once per rank (80 lines at 3 ranks) before the error itself.
+    """
+
+    def error(self, message: str):
+        import difflib
+
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            wrong = [w.split("=", 1)[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+            close = [m for w in wrong for m in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+class BadHparams(SystemExit):
+    """Bad input: its one line on stderr, exit code 2 (like an unknown option), never a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def build_parser(cls: type[Hparams], prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip() or None)
+    parser = _OneLineParser(prog=prog, description=(cls.__doc__ or "").strip() or None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _optional = _scalar_type(hints[f.name])
@@ -204,7 +234,9 @@ def validate(hp: Hparams) -> None:
         problems.append(f"--shard {hp.shard}: full sharding reduce-scatters gradients in their own dtype: "
                         "drop --grad-dtype")
     if problems:
-        raise SystemExit("invalid hyper-parameters: " + "; ".join(problems))
+        message = "invalid hyper-parameters: " + "; ".join(problems)
+        print(message, file=sys.stderr, flush=True)  # SystemExit prints nothing for an int code
+        raise BadHparams(message)
 
 
 def to_dict(hp: Hparams) -> dict:
