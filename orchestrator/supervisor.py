@@ -210,8 +210,15 @@ class Supervisor:
                 await self._hung(idle=True)
 
     async def _hung(self, idle: bool) -> None:
-        """A watchdog fired: ask for the stacks, then fail naming where each rank is."""
-        await self.watchdog.dump_stacks()
+        """A watchdog fired: ask for the stacks, then fail naming where each rank is.
+
+        The stacks go to the rank logs and the diagnosis quotes their top frames; on the console
+        they were a dozen lines per rank above the one line that says what happened."""
+        echo, self.echo = self.echo, False
+        try:
+            await self.watchdog.dump_stacks()
+        finally:
+            self.echo = echo
         rank, reason = self.watchdog.hang(idle=idle)
         self._fail(rank, 1, reason)
 

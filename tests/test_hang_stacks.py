@@ -28,6 +28,7 @@ def test_hang_diagnosis_quotes_each_ranks_python_stack(tmp_path):
     assert "rank 0 is in main at hang_in_python.py:" in s["reason"], s["reason"]
     log1 = (rd / "logs" / "rank-1.log").read_text()
     assert "most recent call first" in log1 and "wait_here" in log1
+    assert "most recent call first" not in r.stderr + r.stdout  # the stacks are in the logs, not on the console
 
 
 def test_top_frames_reads_the_last_dump_and_the_main_thread():
