@@ -14,6 +14,8 @@
       hosts/<host>/       files remote ranks wrote, brought home (remote runs)
       workdir/            files a remote rank wrote in its working directory, brought home
       .orch.lock          flock()ed by the run using the directory; holds its pid
+      previous/<n>/       an earlier run's records (summary, events, plan, logs, report) when a new run,
+                          not a --resume, is given the same --run-dir; checkpoints and brought-home files stay
 
 Every one of those names is a constant here; no other module of the
 controller spells one (the runtime keeps its own: it never imports this).
@@ -54,6 +56,7 @@ REPORT_DIR = "report"
 HOSTS = "hosts"
 WORKDIR = "workdir"
 LOCK_FILE = ".orch.lock"
+PREVIOUS = "previous"
 
 
 def rank_log_name(rank: int) -> str:
@@ -233,6 +236,27 @@ class RunDir:
                               "give a writable directory") from None
         self._events: Optional[IO[str]] = None
         self._logs: dict[int, IO[str]] = {}
+
+    def set_aside_previous(self) -> Optional[Path]:
+        """A new run in a directory an earlier run used: move that run's records to ``previous/<n>/``.
+
+        Appending to its events.jsonl and logs mixed two runs (``orch report`` plotted both as one), and
+        its summary.json was overwritten. The checkpoints stay (``orch run ... -- --resume`` continues
+        from them), as do the files brought home from the hosts. Call with the lock held. Returns where
+        the records went, or None when there were none.
+        """
+        if not any((self.path / name).exists() for name in (SUMMARY, EVENTS)):
+            return None
+        n = 1
+        while (self.path / PREVIOUS / str(n)).exists():
+            n += 1
+        dest = self.path / PREVIOUS / str(n)
+        dest.mkdir(parents=True)
+        for name in (SUMMARY, EVENTS, PLAN, STAGING, REPORT_HTML, REPORT_DIR, LOGS):
+            if (self.path / name).exists():
+                os.replace(self.path / name, dest / name)
+        self.logs.mkdir(exist_ok=True)
+        return dest
 
     def lock(self) -> None:
         """Hold ``.orch.lock`` for this run's life; refuse (``ConfigError``) if another run holds it.

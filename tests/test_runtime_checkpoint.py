@@ -298,3 +298,12 @@ def test_a_continued_run_keeps_the_first_runs_checkpoints(tmp_path):
     assert list(writers) == ["step-00000012", "step-00000006"], writers
     assert len(set(writers.values())) == 2, "each orch run has its own id"
     assert ckpt.latest_complete(root).step == 12
+    # The first run's records were set aside, not appended to: each summary and events.jsonl is one run's.
+    earlier = run_dir / "previous" / "1"
+    assert f"--run-dir held an earlier run: its summary, events and logs are now in {earlier}" in second.stderr
+    assert json.loads((earlier / "summary.json").read_text())["ranks"][0]["steps"] == 6
+    assert json.loads((run_dir / "summary.json").read_text())["ranks"][0]["steps"] == 12
+    for d, last in ((earlier, 6), (run_dir, 12)):
+        steps = [e["step"] for e in map(json.loads, (d / "events.jsonl").read_text().splitlines()) if e["kind"] == "step"]
+        assert max(steps) == last and (d is earlier or min(steps) == 7), steps
+        assert (d / "logs" / "rank-0.log").exists()

@@ -232,6 +232,11 @@ def _prepare(req: RunRequest, sink: Sink) -> tuple[Hostfile, JobPlan, RunDir, st
         sink.say(f"backend {backend}: {choice.reason}")
     rundir = RunDir(req.run_dir or default_run_dir(script))
     rundir.lock()
+    if not req.resume:
+        moved = rundir.set_aside_previous()
+        if moved is not None:
+            sink.say(f"--run-dir held an earlier run: its summary, events and logs are now in {moved} "
+                     "(checkpoints stay; --resume continues a run instead)")
     return hostfile, plan, rundir, script, mpi
 
 
