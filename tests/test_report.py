@@ -275,6 +275,16 @@ def test_report_of_a_run_without_any_events(tmp_path, capsys):
     assert "no ranks recorded" in (rd / "report.html").read_text()
 
 
+def test_a_damaged_summary_is_said_to_be_damaged_not_missing(tmp_path, capsys):
+    rd = write_run(tmp_path / "damaged", summary_doc("succeeded", "2026-01-01T00:00:00Z", [rank_row(0)]),
+                   events=[spawned(0, 1.0)])
+    (rd / "summary.json").write_text('{"status": 5')  # cut short
+    assert report.cmd_report(str(rd)) == 0
+    out = capsys.readouterr().out
+    assert "summary.json cannot be read (not a JSON object): this report is built from events.jsonl" in out
+    assert "no summary.json" not in out
+
+
 def test_html_escapes_what_ranks_and_recipes_wrote(tmp_path):
     rd = write_run(tmp_path / "esc", summary_doc("failed", "2026-01-01T00:00:00Z", [rank_row(0, code=1)],
                                                  exit_code=1, reason='<img src="http://evil/x">'))

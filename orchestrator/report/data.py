@@ -41,6 +41,7 @@ class RunData:
     path: Path
     summary: dict                 # summary.json, or one rebuilt from events ("incomplete")
     has_summary: bool
+    summary_problem: Optional[str] = None  # summary.json is there but cannot be read (built from events instead)
     steps: dict[int, list[dict]] = field(default_factory=dict)    # rank -> step events, each with "attempt"
     memory: dict[int, list[dict]] = field(default_factory=dict)   # rank -> memory events, each with "attempt"
     restarts: list[Restart] = field(default_factory=list)
@@ -192,7 +193,9 @@ def load_run(run_dir: str | Path) -> RunData:
     has_summary = summary is not None
     if summary is None:
         summary = summary_from_events(events, read_json(path / rundir.PLAN), unfinished_status(events_path))
-    data = RunData(path=path, summary=summary, has_summary=has_summary)
+    problem = None if has_summary or not summary_path.exists() else \
+        "summary.json cannot be read (not a JSON object): this report is built from events.jsonl"
+    data = RunData(path=path, summary=summary, has_summary=has_summary, summary_problem=problem)
     for e in events:
         r = rank_of(e)
         if r is None:

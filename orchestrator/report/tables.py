@@ -146,7 +146,8 @@ def overview(data: RunData) -> list[tuple[str, str]]:
         ("restarts", str(max(d["restarts"], len(data.restarts)))),
     ]
     if not data.has_summary:
-        rows.insert(1, ("note", "no summary.json: the run is still going, or its controller was killed"))
+        rows.insert(1, ("note", data.summary_problem or
+                        "no summary.json: the run is still going, or its controller was killed"))
     return rows
 
 
