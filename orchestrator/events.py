@@ -29,7 +29,11 @@ def _pydantic_shapes(union: Any) -> Any:
         return union
     import typing_extensions
 
-    shapes = [typing_extensions.TypedDict(td.__name__, typing.get_type_hints(td)) for td in typing.get_args(union)]
+    def fields(td) -> dict:
+        optional = getattr(td, "__optional_keys__", frozenset())  # a total=False part (ExitedEvent's max_rss_bytes)
+        return {k: typing_extensions.NotRequired[v] if k in optional else v for k, v in typing.get_type_hints(td).items()}
+
+    shapes = [typing_extensions.TypedDict(td.__name__, fields(td)) for td in typing.get_args(union)]
     return Union[tuple(shapes)]
 
 

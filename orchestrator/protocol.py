@@ -153,12 +153,21 @@ class SpawnedEvent(_Base):
     host: str
 
 
-class ExitedEvent(_Base):
-    """The guard's last word: how the rank ended (for launchers that cannot see it, like mpirun)."""
-
+class _ExitedFields(_Base):
     kind: Literal["exited"]
     code: Optional[int]
     signal: Optional[int]
+
+
+class ExitedEvent(_ExitedFields, total=False):
+    """The guard's last word: how the rank ended (for launchers that cannot see it, like mpirun).
+
+    ``max_rss_bytes``: the rank process's peak resident memory as the kernel counted it (the rusage of
+    the reaped process). The guard's 2 s samples miss the peak of a short program, or see a process
+    mid-exec (16 KiB); this one does not.
+    """
+
+    max_rss_bytes: int
 
 
 class InitStartEvent(_Base):

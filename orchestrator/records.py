@@ -87,6 +87,10 @@ class RankRecord:
             if trusted:
                 self.exit_code = e.get("code") if type(e.get("code")) is int else None
                 self.exit_signal = e.get("signal") if type(e.get("signal")) is int else None
+                if type(e.get("max_rss_bytes")) is int:  # the kernel's peak: what the 2 s samples can miss
+                    m = self.memory or MemorySummary()
+                    m.rss_peak_bytes = max(m.rss_peak_bytes, e["max_rss_bytes"])
+                    self.memory = m
         elif kind == "init_start":
             self._advance(RankPhase.INIT)
         elif kind == "listening":

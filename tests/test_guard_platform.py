@@ -106,6 +106,23 @@ def test_rss_events_for_any_program(start_guard, platform):
     g.finish()
 
 
+def test_the_exited_event_carries_the_kernels_peak_of_a_program_too_short_to_sample(start_guard):
+    """200 MiB held for a moment: the 2 s samples (the first one at spawn) cannot see it, the kernel's count can."""
+    g = start_guard(sys.executable, "-c", "b = b'x' * (200 * 2**20)", env={"ORCH_EVENTS": "1", "ORCH_GUARD_RSS": "1"})
+    assert g.finish() == 0
+    (exited,) = [e for e in g.events() if e["kind"] == "exited"]
+    assert exited["max_rss_bytes"] > 200 * 2**20, exited
+    assert all(e["rss_bytes"] < 200 * 2**20 for e in g.events() if e["kind"] == "rss")
+
+
+@pytest.mark.parametrize("platform, unit", [("linux", 1024), ("darwin", 1)])
+def test_ru_maxrss_is_kib_on_linux_and_bytes_on_macos(monkeypatch, platform, unit):
+    from orchestrator.runtime import rank_sampling
+
+    monkeypatch.setattr(sys, "platform", platform)
+    assert rank_sampling.maxrss_bytes(51200) == 51200 * unit
+
+
 def test_no_rss_events_unless_asked(start_guard):
     g = start_guard(sys.executable, "-c", "import time; time.sleep(2.5)", env={"ORCH_EVENTS": "1"})
     assert g.finish() == 0

@@ -53,6 +53,17 @@ def test_a_ranks_phase_only_moves_forward_and_only_the_guards_word_names_a_pid()
     assert r.pid == 5151
 
 
+def test_the_guards_exit_word_raises_the_rss_peak_to_the_kernels_count():
+    r = RankRecord(rank=0)
+    r.apply(ev("rss", rss_bytes=1000, cpu_s=0.1, stopped=False))
+    r.apply(ev("exited", code=0, signal=None, max_rss_bytes=5000), trusted=False)
+    assert r.memory.rss_peak_bytes == 1000  # a line from the rank that claims to be its guard changes nothing
+    r.apply(ev("exited", code=0, signal=None, max_rss_bytes=5000))
+    assert r.memory.rss_peak_bytes == 5000
+    r.apply(ev("exited", code=0, signal=None, max_rss_bytes=3000))  # a peak never goes down
+    assert r.memory.rss_peak_bytes == 5000
+
+
 def test_a_summary_rebuilt_from_events_is_the_same_fold():
     events = [ev("spawned", 0, pid=77, host="h", recv_t=1.0),
               ev("step", 0, step=5, loss=0.25, samples_per_s=10.0, recv_t=2.0),

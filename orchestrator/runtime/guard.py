@@ -119,6 +119,7 @@ class Guard:
         self.token = token
         self.buf = early_input
         self.child: subprocess.Popen | None = None
+        self.max_rss_bytes: int | None = None  # the rank's peak, from the kernel once it is reaped
         self.tree: Tree | None = None
         self.stop_signal: list[int] = []
         self.grace = 1.0
@@ -144,7 +145,7 @@ class Guard:
         """Collect every exited child: the rank (its status) and re-parented orphans (Linux)."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             except InterruptedError:
@@ -153,6 +154,7 @@ class Guard:
                 return
             if self.child is not None and pid == self.child.pid and self.child.returncode is None:
                 self.child.returncode = os.waitstatus_to_exitcode(status)
+                self.max_rss_bytes = rank_sampling.maxrss_bytes(usage.ru_maxrss)
 
     def rank_done(self) -> bool:
         if self.child is None:
@@ -369,7 +371,8 @@ class Guard:
         self.finished = self.rank_done()
         status = self.child.returncode
         code, sig = (None, -status) if status is not None and status < 0 else (status, None)
-        self.emit("exited", code=code, signal=sig)
+        peak = {} if self.max_rss_bytes is None else {"max_rss_bytes": self.max_rss_bytes}
+        self.emit("exited", code=code, signal=sig, **peak)
         return status
 
     def sample_rss(self) -> None:

@@ -17,11 +17,17 @@ call time, so tests force the macOS branch on Linux (procps' ``ps`` answers).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from orchestrator.runtime.proctree import linux, run_tool
 
 RSS_EVERY_S = 2.0
+
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+    """``ru_maxrss`` of a reaped rank in bytes: Linux counts KiB, macOS bytes (getrusage(2) of each)."""
+    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
 
 
 def is_stopped(pid: int) -> bool:
