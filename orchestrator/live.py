@@ -172,8 +172,9 @@ class LiveView:
         return "\n".join(rows) + "\n"
 
     def end(self, summary, tail: list[str]) -> None:
-        """What a person reads when the run ends: warnings, the table, why it failed (with the
-        failed rank's last lines, ``tail``), and the outcome with the run directory."""
+        """What a person reads when an attempt ends: warnings, the table, why it failed (with the
+        failed rank's last lines, ``tail``). The run's last line, its outcome over every attempt and
+        its directory, is the driver's (``run/driver.py``)."""
         for w in summary.warnings:
             self.err.write(f"orch: warning: {w}\n")
         self.clear()
@@ -190,7 +191,6 @@ class LiveView:
                     self.err.write(f"    {line}\n")
         elif summary.status == "interrupted":
             self.err.write("orch: run interrupted; all ranks stopped\n")
-        self.err.write(f"orch: {summary.status} in {summary.duration_s:.2f}s; run directory {summary.run_dir}\n")
         self.err.flush()
 
 

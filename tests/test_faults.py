@@ -64,6 +64,9 @@ def test_restart_after_a_failure_ends_where_an_uninterrupted_run_ends(tmp_path, 
     assert r.returncode == 0, r.stderr
     s = summary(rd)
     assert s["status"] == "succeeded" and s["restarts"] == 1
+    # One last line for the run, over both attempts; the first attempt's end is not dressed as the run's.
+    ends = [l for l in r.stderr.splitlines() if "; run directory " in l]
+    assert ends == [f"orch: succeeded after 2 attempts in {s['duration_s']:.2f}s; run directory {rd}"], r.stderr
     first, second = s["attempts"]
     assert first["status"] == "failed" and first["failed_rank"] == 1 and second["resumed"]
     if how == "raise":

@@ -124,7 +124,7 @@ async def _close_quietly(launcher, timeout: float = 10.0) -> None:
 def interrupted_before_start(job: Job, plan: JobPlan, duration: float,
                              reason: str = "interrupted while starting (connecting, staging): no rank ran") -> RunSummary:
     """Ctrl-C before the supervisor took over: say so, exit 130."""
-    job.say(f"{reason}; run directory {job.rundir.path}")
+    job.say(reason)
     return RunSummary(
         status="interrupted", exit_code=130, failed_rank=None, reason=reason, duration_s=round(duration, 3),
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=job.script, backend=plan.backend,
@@ -136,7 +136,6 @@ def interrupted_before_start(job: Job, plan: JobPlan, duration: float,
 def failed_before_start(job: Job, plan: JobPlan, reason: str) -> RunSummary:
     """Nothing started: say why, exit 1."""
     job.say(f"could not start the run: {reason}")
-    job.say(f"failed; run directory {job.rundir.path}")
     return RunSummary(
         status="failed", exit_code=1, failed_rank=None, reason=reason, duration_s=0.0,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), script=job.script, backend=plan.backend,

@@ -35,13 +35,13 @@ async def run_job_async(req: RunRequest) -> RunSummary:
         if req.stage_to:
             failed = await stage_inputs(job)
             if failed is not None:
-                return failed
+                return _last_line(job, failed)
         if req.ring_order == "measured":
             ordered = await order_ring(job)
             if isinstance(ordered, RunSummary):  # could not measure: the run failed before it started
-                return ordered
+                return _last_line(job, ordered)
             job = ordered
-        return await _attempts(job)
+        return _last_line(job, await _attempts(job))
     finally:
         job.rundir.close()  # also releases the run directory's lock when interrupted
 
@@ -95,4 +95,11 @@ def _finish(job: Job, summary: RunSummary, attempts: list[AttemptSummary], t0: f
     except OSError as e:
         job.say(f"could not write {job.rundir.path / SUMMARY}: {e.strerror or e}")
     job.rundir.close()
+    return summary
+
+
+def _last_line(job: Job, summary: RunSummary) -> RunSummary:
+    """The run's outcome over all its attempts, and where it is: the last line, said once per run."""
+    tries = f" after {summary.restarts + 1} attempts" if summary.restarts else ""
+    job.say(f"{summary.status}{tries} in {summary.duration_s:.2f}s; run directory {summary.run_dir}")
     return summary
