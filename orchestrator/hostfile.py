@@ -130,7 +130,11 @@ class Host(Model):
                 raise ValueError(f"ips: expected a list of addresses like [\"10.0.0.1\"], got {_show(ips)}")
             data["ips"] = [ip] + [i for i in ips if i != ip]
         if "name" not in data:
-            raise ValueError("missing 'ssh' (or 'hostname'): the name to reach this host by")
+            import difflib
+
+            close = [k for k in data if isinstance(k, str) and difflib.get_close_matches(k, ["ssh", "hostname"], n=1)]
+            typo = f" (is '{close[0]}' a misspelling of it?)" if close else ""
+            raise ValueError(f"missing 'ssh' (or 'hostname'): the name to reach this host by{typo}")
         return data
 
     @field_validator("ips")
@@ -410,6 +414,9 @@ def load_hostfile(path: str | os.PathLike) -> Hostfile:
     """Read, decode, parse and validate a hostfile; every problem is one ``ConfigError`` line."""
     p = Path(path)
     text = _decode(p, _read_regular_file(p))
+    if not text.strip():
+        raise ConfigError(f"{p}: the file is empty; a hostfile is JSON like "
+                          '{"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}]} (orch hostfile writes one)')
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -197,7 +197,7 @@ def rdma_hostfile(plan, ibv: dict[str, Optional[str]], coordinator_ips: dict[str
 
 def ethernet_hostfile(hosts: list[str], ips: Optional[list[str]]) -> dict:
     if ips is not None and len(ips) != len(hosts):
-        raise ConfigError(f"--ips gives {len(ips)} addresses for {len(hosts)} hosts")
+        raise ConfigError(f"--ips gives {len(ips)} addresses for {len(hosts)} hosts; give one per host, in --hosts order")
     if ips is None:
         ips = []
         for h in hosts:
@@ -306,7 +306,7 @@ def cmd_hostfile(args) -> int:
         if args.ips:
             given = [ip.strip() for ip in args.ips.split(",")]
             if len(given) != len(hosts):
-                raise ConfigError(f"--ips gives {len(given)} addresses for {len(hosts)} hosts")
+                raise ConfigError(f"--ips gives {len(given)} addresses for {len(hosts)} hosts; give one per host, in --hosts order")
             addresses = dict(zip(hosts, given))
         plan, commands = thunderbolt_plan(outputs, args.base)
         data, reason = rdma_hostfile(plan, ibv, addresses)

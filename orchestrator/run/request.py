@@ -79,11 +79,13 @@ def check_values(req: RunRequest) -> None:
                 "--connect-timeout": req.connect_timeout}
     for flag, value in positive.items():
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{flag} {value:g}: must be a positive number of seconds")
+            raise ConfigError(f"{flag} {value:g}: must be a positive, finite number of seconds")
     if not (math.isfinite(req.restart_backoff) and req.restart_backoff >= 0):
         raise ConfigError(f"--restart-backoff {req.restart_backoff:g}: must be 0 or a positive number of seconds")
     if req.max_restarts < 0:
         raise ConfigError(f"--max-restarts {req.max_restarts}: must be 0 or more")
+    if req.run_dir is not None and not req.run_dir.strip():
+        raise ConfigError("--run-dir '': an empty path; give a directory (or leave --run-dir out for runs/<time>-<script>)")
     if req.n is not None and req.n < 1:
         raise ConfigError(f"-n {req.n}: the number of ranks must be at least 1")
     if req.resume and not (req.run_dir and Path(req.run_dir).is_dir()):
