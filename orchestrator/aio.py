@@ -80,3 +80,13 @@ class TaskGroup:
         if outside is not None:
             raise outside
         return False
+
+
+def handled_cancellation() -> None:
+    """A ``CancelledError`` the current task caught and handled (Ctrl-C as asyncio.run delivers it) is not
+    pending any more: a later ``asyncio.timeout`` must not take it for its own (Python 3.11+; 3.10 keeps no
+    count)."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()

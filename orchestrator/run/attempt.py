@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from orchestrator.aio import handled_cancellation
 from orchestrator.launch.base import Launcher, LaunchError, RankSpec
 from orchestrator.plan import JobPlan, write_files
 from orchestrator.plan.environment import rank_environment
@@ -69,7 +70,7 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         _write_plan(job, plan)
         return failed_before_start(job, plan, str(e))
     except asyncio.CancelledError:  # Ctrl-C while connecting or staging: asyncio.run cancels us once
-        asyncio.current_task().uncancel()  # handled here: later timeouts must not take it for theirs
+        handled_cancellation()
         await _close_quietly(launcher)
         _write_plan(job, plan)
         return interrupted_before_start(job, plan, time.monotonic() - started)
@@ -79,7 +80,7 @@ async def run_attempt(job: Job, plan: JobPlan, attempt: int, resume: Resume,
         try:  # a Ctrl-C since the run began that is not yet delivered (a local prepare never waits) lands
             await asyncio.sleep(0)  # here, before the supervisor takes the signals over, not inside it
         except asyncio.CancelledError:
-            asyncio.current_task().uncancel()
+            handled_cancellation()
             return interrupted_before_start(job, plan, time.monotonic() - started,
                                             "interrupted while starting: the ranks were stopped as they started")
         return await sup.run()
