@@ -9,6 +9,7 @@ grace gets no final checkpoint: the SIGKILL ends it and the last periodic one st
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -69,6 +70,32 @@ def test_ctrl_c_writes_a_final_checkpoint_and_resume_continues_from_it(tmp_path,
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"steps {step}->{step + 5}" in r.stdout, r.stdout[-2000:]  # trained on from the final checkpoint
     assert ckpt.validate(latest_checkpoint(rd)).step == step + 5
+
+
+@pytest.mark.slow
+def test_a_stop_that_reaches_one_rank_stops_every_rank_at_one_boundary_with_the_final_checkpoint(tmp_path):
+    """The ranks' SIGTERMs come at their own moments (one guard each; over SSH ms apart). Here only rank 1
+    gets one, ever: its flag rides the next all-reduce, every rank stops at that boundary, and rank 0 writes
+    the final checkpoint. (Before, rank 1 ended a step later on its own and rank 0 failed in the next
+    collective, with no checkpoint: the race behind a flaky Ctrl-C test under load.)"""
+    rd = tmp_path / "run"
+    p = start_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--grace", "30", "--",
+                   *SMALL, "--steps", "100000", "--checkpoint-every", "1000000", cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not any(s >= 20 for s in steps_seen(rd)):
+        assert p.poll() is None, finish(p, 10).stderr
+        assert time.monotonic() < deadline, "no step seen"
+        time.sleep(0.1)
+    (rank1,) = [e["pid"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
+                if e.get("kind") == "spawned" and e.get("from_rank") == 1]
+    os.kill(rank1, signal.SIGTERM)  # rank 1's process alone: rank 0 and the guards hear nothing from us
+    r = finish(p, 60)
+    assert r.returncode != 0  # orch did not ask for this stop: a rank ended by SIGTERM is a failure
+    step = ckpt.validate(latest_checkpoint(rd)).step
+    assert step >= 20, step
+    log0 = (rd / "logs" / "rank-0.log").read_text()
+    assert f"stopping at step {step}: final checkpoint written" in log0, log0[-2000:]
+    assert "Traceback" not in log0 + (rd / "logs" / "rank-1.log").read_text()
 
 
 @pytest.mark.slow

@@ -113,9 +113,9 @@ def test_float32_sends_gradients_and_loss_in_one_float32_buffer(collective):
 def test_payload_bytes_count_each_gradient_in_the_dtype_it_travels_in(wire, width):
     grads, _ = gradients()
     grads["step"] = mx.array([3], dtype=mx.int32)  # not a float: travels as it is, never narrowed
-    assert GradientAverager(TwoRanks(), wire).payload_bytes(grads) == (ROWS * COLS + COLS) * width + 4 + 4
+    assert GradientAverager(TwoRanks(), wire).payload_bytes(grads) == (ROWS * COLS + COLS) * width + 4 + 4 + 4
     small, _ = gradients(48, 32)  # latency-bound: float32 whatever the wire dtype
-    assert GradientAverager(TwoRanks(), wire).payload_bytes(small) == (48 * 32 + 32) * 4 + 4
+    assert GradientAverager(TwoRanks(), wire).payload_bytes(small) == (48 * 32 + 32) * 4 + 4 + 4
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
@@ -155,8 +155,8 @@ def test_two_ranks_training_with_bfloat16_gradients_stay_close_to_float32(tmp_pa
     # Each rank's end-of-run metrics say what a step put on the wire: bfloat16 halves the payload, and a
     # ring all-reduce of it sends 2(N-1)/N of it, here all of it.
     n_params = sum(a[k].size for k in a if k.startswith("model."))
-    assert wire_of["float32"]["allreduce_payload_bytes_per_step"] == 4 * n_params + 4
-    assert wire_of["bfloat16"]["allreduce_payload_bytes_per_step"] == 2 * n_params + 4
+    assert wire_of["float32"]["allreduce_payload_bytes_per_step"] == 4 * n_params + 4 + 4  # + the loss, the stop flag
+    assert wire_of["bfloat16"]["allreduce_payload_bytes_per_step"] == 2 * n_params + 4 + 4
     for m in wire_of.values():
         assert m["bytes_sent_per_step"] == m["allreduce_payload_bytes_per_step"]
 

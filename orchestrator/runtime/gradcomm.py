@@ -149,10 +149,10 @@ class GradientAverager:
 
     def payload_bytes(self, params: Any) -> int:
         """Bytes one rank contributes to a step's all-reduce: every gradient (shaped like ``params``)
-        in the dtype it travels in, plus the loss. What ``--grad-dtype`` halves."""
+        in the dtype it travels in, plus the loss and the stop flag. What ``--grad-dtype`` halves."""
         arrays = [p for _, p in tree_flatten(params)]
         narrow = self.narrows(arrays)
-        total = 4  # the float32 loss
+        total = 2 * 4  # the float32 loss and the stop flag beside it (runtime/train_step.py)
         for p in arrays:
             total += p.size * (self.wire.size if narrow and _narrows(p.dtype, self.wire) else p.dtype.size)
         return total

@@ -7,8 +7,10 @@ trainer then asks ``final_checkpoint_fits`` whether the checkpoint it would writ
 finished before the SIGKILL (its estimate: the last save's duration, else the bytes at a
 conservative disk rate). If it fits, rank 0 writes it (atomically, as every checkpoint),
 and it ends by the same SIGTERM it received, so the launcher sees what it always saw. The
-other ranks train one step more (rank 0 may be a boundary behind them and needs them to finish
-its step) and end the same way, or as soon as a collective fails because rank 0 has ended. If it does not fit, or the signal came while the rank was blocked where no
+ranks' signals come at different moments (one guard each; over SSH, milliseconds apart), so a
+rank does not stop on its own signal: its flag rides the next step's all-reduce beside the
+loss, and every rank stops at the boundary after the first step that carried one
+(``TrainStep.train_step``). The others end as rank 0 saves. If it does not fit, or the signal came while the rank was blocked where no
 boundary comes (a collective whose peer is gone), the last complete checkpoint stays the
 latest and the SIGKILL ends the rank as before. Outside orch (no ``ORCH_GRACE_S``) nothing
 is installed: SIGTERM keeps Python's default.
@@ -39,7 +41,6 @@ class StopRequest:
         self.grace_s = grace_s
         self.asked_at: Optional[float] = None
         self.installed = False
-        self.boundaries = 0  # step boundaries a rank other than 0 has passed since the signal
 
     def arm(self) -> None:
         """Take SIGTERM over (the training loop begins): only under orch, only from the main thread."""

@@ -68,6 +68,8 @@ class TrainStep:
     memory_line: Optional[memfit.Line]
     memory_budget: Optional[memfit.Budget]
     say: Any  # the rank-0 progress printer (its .name is the recipe's)
+    stop: Any  # runtime/stop_request.StopRequest: this rank's SIGTERM
+    stopping: bool  # some rank had been asked to stop when this step's all-reduce ran: every rank ends here
 
     def _rebalanced(self, decision: Decision) -> None:
         """Apply a check's outcome at this step boundary; report it if the shares changed."""
@@ -204,14 +206,19 @@ class TrainStep:
             # below only moves bytes instead of spinning on cores that rank needs.
             mx.eval(loss_sum, grad_sum)
             self.quiet.wait()
-        grads, loss = self._average(grad_sum, loss_sum)
+        # The stop flag travels with the loss: after the all-reduce every rank knows whether any rank had been
+        # asked to stop (orch's SIGTERM reaches each rank's guard at its own moment; over SSH ms apart), so
+        # all end at this same boundary and rank 0's final checkpoint never waits on a peer that has left.
+        flag = mx.array(1.0 if self.stop.pending else 0.0, dtype=loss_sum.dtype)
+        grads, loss_and_flag = self._average(grad_sum, mx.stack([loss_sum, flag]))
         if self.sharded is not None:
             self.sharded.update(self.model, grads)
         else:
             self.optimizer.update(self.model, grads)
-        mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        mx.eval(loss_and_flag, self.model.parameters(), self.optimizer.state)
+        self.stopping = loss_and_flag[1].item() > 0
         self.step += 1
-        return loss, epoch
+        return loss_and_flag[0], epoch
 
     def _average(self, grads: Any, loss: mx.array) -> tuple[Any, mx.array]:
         """Average gradients and loss over ranks (``gradcomm.GradientAverager``: one all-reduce,

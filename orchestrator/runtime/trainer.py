@@ -272,6 +272,7 @@ class Trainer(RankSync, TrainStep):
         self.last_checkpoint_step = self.step if self.step > 0 else -1
         self.last_checkpoint_s: Optional[float] = None  # how long the last save took (the final save's estimate)
         self.stop = StopRequest()  # SIGTERM from orch: stop at the next step boundary (runtime/stop_request.py)
+        self.stopping = False  # every rank's stop flag, as the last step's all-reduce summed them
         self.last_memory_step = -1
         self.metrics: dict = {}
         if self.rank == 0:
@@ -366,21 +367,12 @@ class Trainer(RankSync, TrainStep):
     def _stop_at_boundary(self) -> None:
         """orch is stopping the run (SIGTERM): a final checkpoint if it ends before the SIGKILL, then end.
 
-        Only unsharded: rank 0 then saves alone, from parameters every rank agrees on after
-        this step. With ``--shard`` the save is a collective that a rank which saw the
-        signal one step later would not join, so the last periodic checkpoint stays the latest.
-
-        The other ranks must not leave rank 0 alone inside a step: it may see the signal one
-        boundary later than they do (it entered the next step's all-reduce just before the
-        signal came). So they train one more step after the signal (rank 0 is never more than
-        one boundary behind a peer in a synchronous step), and end at the second boundary, or
-        as soon as a collective fails because rank 0 has ended (``fit`` catches that).
+        Every rank is here at the same boundary: the step's all-reduce carried each rank's stop flag
+        (``TrainStep.train_step``), so no rank leaves another inside a collective, however far apart
+        their guards' signals came. Only unsharded: rank 0 then saves alone, from parameters every
+        rank agrees on after this step, while the others end. With ``--shard`` the save is a
+        collective and the last periodic checkpoint stays the latest.
         """
-        if self.rank != 0 and not self.sharded:
-            self.stop.boundaries += 1
-            if self.stop.boundaries < 2:
-                return
-            self.stop.end()
         if self.rank == 0 and self.ckpt_root is not None and self.step != self.last_checkpoint_step:
             nbytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
             nbytes += state_bytes(self.optimizer.state)
@@ -456,7 +448,7 @@ class Trainer(RankSync, TrainStep):
                 self.save_checkpoint()
             if hp.eval_every and self.step % hp.eval_every == 0 and self.step < hp.steps:
                 self.evaluate()
-            if self.stop.pending:
+            if self.stopping:  # some rank was asked to stop before this step's all-reduce: all end here
                 self._stop_at_boundary()
 
         self.stop.release()
