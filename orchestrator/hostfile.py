@@ -137,6 +137,15 @@ class Host(Model):
             raise ValueError(f"missing 'ssh' (or 'hostname'): the name to reach this host by{typo}")
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        """One word: a name with a space or a control character reaches no host, and would break every line
+        that names it (ssh's command line, orch's messages)."""
+        if any(c.isspace() or not c.isprintable() for c in name):
+            raise ValueError(f"{_show(name)} is not a host name (it contains a space or a control character)")
+        return name
+
     @field_validator("ips")
     @classmethod
     def _check_ips(cls, ips: list[str]) -> list[str]:
@@ -277,8 +286,8 @@ def _format_loc(loc: tuple) -> str:
             out += f"[{part}]"
         elif part in ("function-after[_check_ips()]",) or str(part).startswith(("function-", "model")):
             continue
-        else:
-            out += ("." if out else "") + _name(part)
+        else:  # a host's "name" is what the file calls "ssh" (or "hostname")
+            out += ("." if out else "") + ("ssh" if part == "name" and out.startswith("hosts[") else _name(part))
     return out
 
 

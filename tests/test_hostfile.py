@@ -65,6 +65,8 @@ def test_every_shipped_example_loads(path):
     ({"hosts": [{"ssh": "a", "slots": -1}]}, "hosts[0].slots: slots is -1"),
     ({"backend": "gloo", "hosts": [{"ssh": "a"}]}, "backend: backend 'gloo' is not supported"),
     ({"hosts": [{"ips": ["10.0.0.1"]}]}, "hosts[0]: missing 'ssh'"),
+    ({"hosts": [{"ssh": "mac 1"}]}, "hosts[0].ssh: 'mac 1' is not a host name (it contains a space or a control character)"),
+    ({"hosts": [{"ssh": "\n"}]}, "hosts[0].ssh: '\\n' is not a host name"),
     ({"hosts": [{"shh": "a"}]}, "hosts[0]: missing 'ssh' (or 'hostname'): the name to reach this host by (is 'shh' a misspelling of it?)"),
     ({"hosts": [{"ssh": "a", "slot": 2}]}, "hosts[0].slot: unknown field 'slot'"),
     ({"envs": ["NOEQUALS"], "hosts": [{"ssh": "a"}]}, "envs: 'NOEQUALS' is not an environment assignment"),

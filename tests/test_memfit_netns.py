@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]  # 
 MLP = RECIPES / "mlp_regression.py"
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
 ARGS = ["--hidden", "1024", "--samples", "16384", "--batch-size", "4096", "--optimizer", "sgd", "--lr", "1e-2",
-        "--stats-every", "1", "--steps", "2"]
+        "--stats-every", "1", "--steps", "4"]
 MiB = 2**20
 
 
