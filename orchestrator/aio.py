@@ -16,7 +16,9 @@ ExceptionGroup, so callers read the same on every Python version).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine, Optional
+import contextlib
+import signal
+from typing import Any, Callable, Coroutine, Iterator, Optional
 
 
 class TaskGroup:
@@ -90,3 +92,24 @@ def handled_cancellation() -> None:
     uncancel = getattr(task, "uncancel", None)
     if uncancel is not None:
         uncancel()
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler: Callable[[int], Any], sigs: tuple = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """SIGINT/SIGTERM go to ``handler(sig)`` on the running loop for the ``with`` body; then back to what was there.
+
+    ``loop.remove_signal_handler`` alone resets a signal to Python's default, which drops whatever was
+    installed before: ``asyncio.run``'s own SIGINT handler (a Ctrl-C in a later attempt's connecting or
+    staging then was a bare ``KeyboardInterrupt`` in the loop), or a test runner's SIGTERM handler.
+    """
+    loop = asyncio.get_running_loop()
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    for sig in sigs:
+        loop.add_signal_handler(sig, handler, sig)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])

@@ -35,6 +35,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import signal
 import sys
@@ -43,7 +44,7 @@ from typing import IO, Optional
 
 from orchestrator import events as event_validation
 from orchestrator import protocol
-from orchestrator.aio import TaskGroup
+from orchestrator.aio import TaskGroup, signals_handled_by
 from orchestrator.diagnose import Diagnosis
 from orchestrator.launch.base import ControlChannel, ExitStatus, Launcher, RankSpec, signal_name
 from orchestrator.live import LiveView
@@ -109,13 +110,9 @@ class Supervisor:
     async def run(self) -> RunSummary:
         t0 = self.opts.started if self.opts.started is not None else time.monotonic()
         started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t0)))
-        loop = asyncio.get_running_loop()
-        if self.opts.handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._interrupt, sig)
         self.watchdog.activity()
         self._build_models()
-        try:
+        with signals_handled_by(self._interrupt) if self.opts.handle_signals else contextlib.nullcontext():
             async with TaskGroup() as ranks:  # every pump and exit watcher of this attempt
                 try:
                     await self._start_all(ranks)
@@ -130,10 +127,6 @@ class Supervisor:
                         self._enter(JobPhase.STOPPING)
                     await self._stop_all()
                     await ranks.drain(DRAIN_S)  # the launcher is its owner's to collect from and close (job.py)
-        finally:
-            if self.opts.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
         self._enter(JobPhase.DONE)
         summary = self._summary(time.monotonic() - t0, started_at)
         self._report(summary)

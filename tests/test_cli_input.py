@@ -106,6 +106,23 @@ def test_run_job_surfaces_a_busy_run_dir_before_anything_starts(script, tmp_path
     assert marker.exists(), "once the lock is released the directory is usable again"
 
 
+def test_a_run_gives_the_signal_handlers_it_found_back(tmp_path):
+    """The supervisor and the restart back-off take SIGINT/SIGTERM over; afterwards what was installed before
+    (asyncio.run's Ctrl-C handler for a later attempt, a test runner's SIGTERM cleanup) is there again."""
+    script = tmp_path / "crash.py"
+    script.write_text("import sys; sys.exit(3)\n")
+    mine = {sig: (lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.signal(sig, h) for sig, h in mine.items()}
+    try:
+        s = run_job(RunRequest(script=str(script), n=1, run_dir=str(tmp_path / "run"), echo=False, max_restarts=1,
+                               restart_backoff=0.01))
+        assert s.exit_code == 3 and s.restarts == 1  # two supervisors and one back-off took the signals over
+        assert all(signal.getsignal(sig) is h for sig, h in mine.items())
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+
+
 def test_a_second_run_in_the_same_run_dir_is_refused_naming_the_first(tmp_path):
     """Two real `orch run`s: the second exits 2 naming the first's pid; the first is untouched."""
     run_dir = tmp_path / "run"

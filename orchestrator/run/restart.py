@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from orchestrator import backends
+from orchestrator.aio import signals_handled_by
 from orchestrator.hostfile import Hostfile
 from orchestrator.plan import JobPlan
 from orchestrator.rundir import RunDir, RunSummary
@@ -141,17 +142,10 @@ def _exclude_twice_failed(hostfile: Hostfile, plan: JobPlan, failed_rank: int,
 
 async def backoff(seconds: float) -> bool:
     """Sleep before a restart; False if the user interrupted meanwhile."""
-    import signal
-
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-        return False
-    except asyncio.TimeoutError:
-        return True
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    with signals_handled_by(lambda sig: stop.set()):
+        try:
+            await asyncio.wait_for(stop.wait(), seconds)
+            return False
+        except asyncio.TimeoutError:
+            return True
