@@ -280,14 +280,12 @@ def _name(part: Any) -> str:
 
 
 def _format_loc(loc: tuple) -> str:
+    parts = [p for p in loc if not (isinstance(p, str) and p.startswith(("function-", "model")))]
+    if len(parts) == 3 and parts[0] == "hosts" and isinstance(parts[1], int) and parts[2] == "name":
+        parts[2] = "ssh"  # a host's "name" is what the file calls "ssh" (or "hostname")
     out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after[_check_ips()]",) or str(part).startswith(("function-", "model")):
-            continue
-        else:  # a host's "name" is what the file calls "ssh" (or "hostname")
-            out += ("." if out else "") + ("ssh" if part == "name" and out.startswith("hosts[") else _name(part))
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + _name(part)
     return out
 
 

@@ -245,7 +245,7 @@ class RunDir:
         from them), as do the files brought home from the hosts. Call with the lock held. Returns where
         the records went, or None when there were none.
         """
-        if not any((self.path / name).exists() for name in (SUMMARY, EVENTS)):
+        if not is_run_dir(self.path):
             return None
         n = 1
         while (self.path / PREVIOUS / str(n)).exists():

@@ -358,8 +358,9 @@ class Supervisor:
             wake = wd.step(state.rank)
             if rec.nonfinite_loss_step is not None and not self._diverged_said:
                 self._diverged_said = True  # once per attempt: every rank of an all-reduced loss says the same
-                self.note(f"orch: rank {state.rank} reported loss {payload.get('loss')} at step "
-                          f"{rec.nonfinite_loss_step}: training diverged (the run goes on; Ctrl-C stops it)\n")
+                with self.live.around_output():  # above the live block, which would otherwise redraw over it
+                    self.note(f"orch: rank {state.rank} reported loss {payload.get('loss')} at step "
+                              f"{rec.nonfinite_loss_step}: training diverged (the run goes on; Ctrl-C stops it)\n")
         elif kind == "phase_start":
             wake = wd.phase_start(state.rank, str(payload.get("name")))
         elif kind == "rss" and type(payload.get("cpu_s")) in (int, float):

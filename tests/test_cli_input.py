@@ -179,6 +179,8 @@ _INTERRUPT_AT = textwrap.dedent("""
     ("orchestrator.launch.local.LocalLauncher", "prepare", True, True),    # pre-started ranks being configured
 ])
 def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path, module, name, local, defer):
+    if local and name == "prepare" and sys.version_info < (3, 11):
+        pytest.skip("asyncio.run turns Ctrl-C into a cancellation from Python 3.11 on")
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps({"hosts": [{"ssh": "localhost", "slots": 2}]}))
     mod, is_class, _ = module.partition(".LocalLauncher")

@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.runtime import checkpoint as ckpt
 from orchestrator.runtime.stop_request import StopRequest
-from tests.orch_helpers import RECIPES, SCRIPTS, finish, run_orch, start_orch
+from tests.orch_helpers import RECIPES, SCRIPTS, finish, kill_tree, run_orch, start_orch
 from tests.runtime_helpers import latest_checkpoint
 
 SMALL = ["--samples", "512", "--hidden", "16", "--optimizer", "adam", "--lr", "1e-2", "--batch-size", "8"]
@@ -81,15 +81,18 @@ def test_a_stop_that_reaches_one_rank_stops_every_rank_at_one_boundary_with_the_
     rd = tmp_path / "run"
     p = start_orch("run", str(RECIPES / "mlp_regression.py"), "-n", "2", "--run-dir", str(rd), "--grace", "30", "--",
                    *SMALL, "--steps", "100000", "--checkpoint-every", "1000000", cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not any(s >= 20 for s in steps_seen(rd)):
-        assert p.poll() is None, finish(p, 10).stderr
-        assert time.monotonic() < deadline, "no step seen"
-        time.sleep(0.1)
-    (rank1,) = [e["pid"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
-                if e.get("kind") == "spawned" and e.get("from_rank") == 1]
-    os.kill(rank1, signal.SIGTERM)  # rank 1's process alone: rank 0 and the guards hear nothing from us
-    r = finish(p, 60)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(s >= 20 for s in steps_seen(rd)):
+            assert p.poll() is None, finish(p, 10).stderr
+            assert time.monotonic() < deadline, "no step seen"
+            time.sleep(0.1)
+        (rank1,) = [e["pid"] for e in map(json.loads, (rd / "events.jsonl").read_text().splitlines())
+                    if e.get("kind") == "spawned" and e.get("from_rank") == 1]
+        os.kill(rank1, signal.SIGTERM)  # rank 1's process alone: rank 0 and the guards hear nothing from us
+        r = finish(p, 60)
+    finally:
+        kill_tree(p.pid)
     assert r.returncode != 0  # orch did not ask for this stop: a rank ended by SIGTERM is a failure
     step = ckpt.validate(latest_checkpoint(rd)).step
     assert step >= 20, step

@@ -25,6 +25,7 @@ def child(tmp_path_factory):
 
 def test_runs_until_terminated(child):
     try:
+        pathlib.Path({out!r}, "started").write_text("in the test")
         time.sleep(120)
     finally:
         pathlib.Path({out!r}, "finally").write_text("test")
@@ -46,7 +47,7 @@ def test_sigterm_to_pytest_runs_the_fixture_teardown_and_the_tests_finally(tmp_p
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     child = None
     try:
-        assert _wait_for(tmp_path / "pid"), "the victim test never started"
+        assert _wait_for(tmp_path / "started"), "the victim test never started"
         child = int((tmp_path / "pid").read_text())
         p.send_signal(signal.SIGTERM)
         out = p.communicate(timeout=60)[0].decode(errors="replace")

@@ -65,6 +65,7 @@ WORKDIR = rundir.WORKDIR
 RESERVED = frozenset({
     rundir.SUMMARY, rundir.EVENTS, rundir.LOGS, rundir.CHECKPOINTS, rundir.PLAN, rundir.MLX_HOSTFILE,
     rundir.STAGING, rundir.HOSTS, rundir.REPORT_HTML, rundir.REPORT_DIR, rundir.LOCK_FILE, WORKDIR,
+    rundir.PREVIOUS,
 })
 
 

@@ -69,7 +69,7 @@ def human_duration(s) -> str:
 def loss_cell(loss, diverged_at) -> str:
     """A loss for people; one that was NaN or infinite (``null`` in the files) says so, and since when."""
     if diverged_at is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
-        return f"NaN (step {diverged_at})"
+        return f"NaN/inf (step {diverged_at})"
     return num(loss)
 
 

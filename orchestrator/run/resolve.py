@@ -109,7 +109,7 @@ def _check_script(req: RunRequest, hostfile: Hostfile) -> str:
             raise ConfigError(f"-m {req.script}: not a module name (use e.g. -m mlx_lm)")
         return req.script
     local = all(h.is_local for h in hostfile.hosts)
-    if local and req.python and not _executable(req.python, req.cwd):
+    if local and req.python and not _findable(req.python, req, hostfile):
         raise ConfigError(f"--python {req.python}: no such interpreter here (not on PATH, not an executable file); "
                           "give the path of the Python the ranks should run")
     if req.program == "command":
@@ -117,7 +117,7 @@ def _check_script(req: RunRequest, hostfile: Hostfile) -> str:
             raise ConfigError(f"-- {req.script}: after --, only -m MODULE goes to the rank's Python; set the "
                               "interpreter's options in the environment (--env PYTHONDEVMODE=1, PYTHONWARNINGS=..., "
                               "PYTHONOPTIMIZE=1; output is already unbuffered) or put code in a file")
-        if local and not _findable(req, hostfile):
+        if local and not _findable(req.script, req, hostfile):
             raise ConfigError(f"-- {req.script}: no such program here (not on PATH, not a file); check the name, or "
                               "give its path")
         return req.script
@@ -129,7 +129,7 @@ def _check_script(req: RunRequest, hostfile: Hostfile) -> str:
         raise ConfigError(f"{req.script}: no such script; give the path of the Python file to run on every rank "
                           "(or -m MODULE, or -- PROGRAM ARGS for any other program)")
     interpreter = _shebang(path)
-    if interpreter and "python" not in interpreter:
+    if interpreter and "python" not in interpreter and path.suffix != ".py":  # a .py file is Python whatever its #!
         raise ConfigError(f"{req.script}: not a Python file (its first line is #!{interpreter}); run it as a program: "
                           f"orch run [OPTIONS] -- {req.script} [ARGS]")
     return str(path.resolve())
@@ -145,20 +145,12 @@ def _shebang(path: Path) -> str:
     return first[2:].decode("utf-8", "replace").strip() if first.startswith(b"#!") else ""
 
 
-def _executable(program: str, cwd: Optional[str]) -> bool:
-    """Whether ``program`` runs here: a name on PATH, or a path (from ``cwd``) to an executable file."""
-    if os.sep not in program:
-        return shutil.which(program) is not None
-    path = Path(cwd or ".") / program
-    return path.is_file() and os.access(path, os.X_OK)
-
-
-def _findable(req: RunRequest, hostfile: Hostfile) -> bool:
-    """Whether a local rank can exec ``req.script`` (as ``execvp`` looks: PATH, or a path from its cwd)."""
+def _findable(program: str, req: RunRequest, hostfile: Hostfile) -> bool:
+    """Whether a local rank can exec ``program`` (the command, or ``--python``) as ``execvp`` looks: PATH, or a
+    path from its cwd."""
     env = dict(parse_env_assignment(e) for e in req.env) if req.env else {}
     if any("PATH" in h.env for h in hostfile.hosts) or any(e.split("=", 1)[0] == "PATH" for e in hostfile.envs):
         return True  # the hostfile changes the ranks' PATH: theirs to find
-    program = req.script
     if not req.cwd and any(h.cwd for h in hostfile.hosts):
         return True  # ranks start in their host's cwd: theirs to find
     if os.sep in program:

@@ -322,7 +322,7 @@ class FullShard:
         """Per rank and step: the shards' all_gather twice (forward, and again in the recomputed backward),
         frozen shards included (LoRA's base layers are gathered too), and the trainable shards'
         reduce-scatter, (N-1)/N of the sharded bytes each; the whole trainable parameters' all-reduce
-        2(N-1)/N of theirs, plus the loss."""
+        2(N-1)/N of theirs, plus the loss and the stop flag."""
         n = self.world
         if n == 1:
             return {"allreduce_payload_bytes_per_step": 0, "bytes_sent_per_step": 0,
@@ -330,7 +330,7 @@ class FullShard:
         flat = tree_flatten(self.model.trainable_parameters())
         gathered = sum(a.nbytes for k, a in tree_flatten(self.model.parameters()) if self._is_shard(k)) * n
         sharded = sum(a.nbytes for k, a in flat if self._is_shard(k)) * n
-        whole = sum(a.nbytes for k, a in flat if not self._is_shard(k)) + 4
+        whole = sum(a.nbytes for k, a in flat if not self._is_shard(k)) + 2 * 4  # + the loss and the stop flag
         gather = 2 * (n - 1) * gathered // n
         scatter = (n - 1) * sharded // n
         return {"allreduce_payload_bytes_per_step": whole,

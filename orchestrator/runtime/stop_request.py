@@ -60,6 +60,12 @@ class StopRequest:
         if self.asked_at is None:
             self.asked_at = time.monotonic()
 
+    def by_peer(self) -> None:
+        """Another rank was asked to stop first (its flag came with the all-reduce): this rank's own SIGTERM
+        and its grace are moments away, so the grace is counted from now, not from a signal not yet here."""
+        if self.asked_at is None:
+            self.asked_at = time.monotonic()
+
     @property
     def pending(self) -> bool:
         return self.asked_at is not None

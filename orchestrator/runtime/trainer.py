@@ -373,6 +373,7 @@ class Trainer(RankSync, TrainStep):
         rank agrees on after this step, while the others end. With ``--shard`` the save is a
         collective and the last periodic checkpoint stays the latest.
         """
+        self.stop.by_peer()
         if self.rank == 0 and self.ckpt_root is not None and self.step != self.last_checkpoint_step:
             nbytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
             nbytes += state_bytes(self.optimizer.state)
